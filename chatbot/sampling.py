@@ -1,0 +1,214 @@
+"""Paired sampling: two replies to one prompt from one batched `generate` call, streamed.
+
+The prompt is encoded once and expanded to a batch of two (`num_return_sequences=2`), so the
+pair costs about one reply's time on a GPU, and much less than two on a CPU. A streamer
+receives both rows' new tokens at each step and hands the partial texts to the caller.
+
+For every reply we keep its token ids (up to and including the end-of-turn token, which the
+learner must see to learn when to stop) and each token's log-probability under the model's
+own distribution at temperature 1 - log pi(w_t | w_<t, s) of the adapter that generated it.
+That is the behaviour log-prob of the design: a fresh forward pass of the same adapter over
+prompt + reply gives the same numbers. The sampling settings (temperature, top-p) are stored
+beside it, so the distribution the tokens were actually drawn from can be recomputed.
+
+Left out: batching the turns of different users together, speculative decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from chatbot.config import Config
+from chatbot.errors import InvalidInput
+from chatbot.model import LoadedModel
+
+
+@dataclass
+class Reply:
+    text: str
+    token_ids: list[int]
+    token_logprobs: list[float]
+    finish_reason: str  # "stop" (end-of-turn token) or "length" (hit max_new_tokens)
+
+    @property
+    def behaviour_logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+
+@dataclass
+class SampledPair:
+    prompt_token_ids: list[int]
+    replies: tuple[Reply, Reply]
+    adapter_version: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seconds: float
+    first_token_seconds: float | None
+
+
+@dataclass
+class PairStream:
+    """Iterate for (text_a, text_b) as they grow; `result` is set once iteration ends."""
+
+    _chunks: Iterator[tuple[str, str]]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    result: SampledPair | None = None
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return self._chunks
+
+
+class _PairStreamer(BaseStreamer):
+    """Receives the new token of each row at every generation step."""
+
+    def __init__(self) -> None:
+        self.steps: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first passes the prompt itself
+            self._prompt_seen = True
+            return
+        self.steps.put(value.view(-1).tolist())
+
+    def end(self) -> None:
+        self.steps.put(None)
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
+                          device=input_ids.device)
+
+
+def _null_adapter() -> contextlib.AbstractContextManager[int]:
+    return contextlib.nullcontext(0)
+
+
+class PairGenerator:
+    """Samples pairs of replies from a loaded model.
+
+    `adapter_context` is entered around each generate call and yields the adapter version in
+    use; the hot-swap module passes one that also keeps that version in place until the
+    pair is complete. Without one, every pair is from the base model (version 0).
+    """
+
+    def __init__(self, loaded: LoadedModel, config: Config,
+                 adapter_context: Callable[[], contextlib.AbstractContextManager[int]]
+                 = _null_adapter) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.config = config
+        self.adapter_context = adapter_context
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        self.stop_ids.discard(None)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Encode the conversation with the chat template, dropping the oldest turns to fit."""
+        limit = self.config.max_prompt_tokens
+        start = 0
+        while True:
+            ids = self.tokenizer.apply_chat_template(
+                messages[start:], add_generation_prompt=True, tokenize=True, return_dict=False)
+            if len(ids) <= limit:
+                return list(ids)
+            if start >= len(messages) - 1:
+                raise InvalidInput(f"the message is too long for the model: {len(ids)} tokens, "
+                                   f"at most {limit}")
+            start += 2 if len(messages) - start > 2 else 1  # drop a user+assistant turn
+
+    def stream(self, messages: list[dict]) -> PairStream:
+        """Start sampling two replies; iterate the returned stream for partial texts."""
+        prompt = self.prompt_ids(messages)
+        stream = PairStream(iter(()))
+        stream._chunks = self._run(prompt, stream)
+        return stream
+
+    def sample(self, messages: list[dict]) -> SampledPair:
+        stream = self.stream(messages)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def _run(self, prompt: list[int], stream: PairStream) -> Iterator[tuple[str, str]]:
+        streamer = _PairStreamer()
+        outcome: dict = {}
+        started = time.perf_counter()
+
+        def work() -> None:
+            try:
+                with self.adapter_context() as version, torch.inference_mode():
+                    outcome["version"] = version
+                    outcome["output"] = self._generate(prompt, streamer, stream.cancel)
+            except BaseException as exc:  # re-raised in the consuming thread
+                outcome["error"] = exc
+                streamer.end()
+
+        worker = threading.Thread(target=work, name="pair-sampler", daemon=True)
+        worker.start()
+        tokens: list[list[int]] = [[], []]
+        done = [False, False]
+        first_token = None
+        try:
+            while (step := streamer.steps.get()) is not None:
+                first_token = first_token or time.perf_counter() - started
+                for row, token in enumerate(step):
+                    if not done[row]:
+                        tokens[row].append(token)
+                        done[row] = token in self.stop_ids
+                yield (self._decode(tokens[0]), self._decode(tokens[1]))
+        finally:  # also reached when the consumer stops early: end generation with it
+            stream.cancel.set()
+            worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        replies = self._replies(prompt, outcome["output"])
+        stream.result = SampledPair(
+            prompt_token_ids=prompt, replies=replies, adapter_version=outcome["version"],
+            temperature=self.config.temperature, top_p=self.config.top_p,
+            max_new_tokens=self.config.max_new_tokens,
+            seconds=time.perf_counter() - started, first_token_seconds=first_token)
+
+    def _generate(self, prompt: list[int], streamer: _PairStreamer, cancel: threading.Event):
+        input_ids = torch.tensor([prompt], device=self.device)
+        return self.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+            do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p,
+            top_k=0, max_new_tokens=self.config.max_new_tokens, num_return_sequences=2,
+            streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+            output_logits=True, return_dict_in_generate=True,
+            pad_token_id=self.tokenizer.pad_token_id)
+
+    def _replies(self, prompt: list[int], output) -> tuple[Reply, Reply]:
+        new_tokens = output.sequences[:, len(prompt):]  # (2, T)
+        logits = torch.stack(output.logits, dim=1).float()  # (2, T, V), raw: temperature 1
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
+        replies = []
+        for row in range(2):
+            ids = new_tokens[row].tolist()
+            end = next((i + 1 for i, t in enumerate(ids) if t in self.stop_ids), None)
+            finish = "stop" if end is not None else "length"
+            ids = ids[:end] if end is not None else ids
+            replies.append(Reply(text=self._decode(ids), token_ids=ids,
+                                 token_logprobs=logprobs[row, :len(ids)].tolist(),
+                                 finish_reason=finish))
+        return replies[0], replies[1]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

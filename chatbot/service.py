@@ -1,0 +1,146 @@
+"""ChatService: the verbs the UI and the API call - ask, regenerate, vote, rate, status.
+
+It checks input, asks the generator for a pair, and stores what happened; it knows nothing
+of Gradio. Identity is a user id string that the caller has already authenticated.
+
+Left out: moderation of content, per-user quotas (see the reliability issue).
+"""
+
+from __future__ import annotations
+
+import logging
+import unicodedata
+from collections.abc import Callable, Iterator
+
+from chatbot.config import Config
+from chatbot.errors import Conflict, InvalidInput
+from chatbot.hotswap import LiveAdapter
+from chatbot.sampling import PairGenerator, SampledPair
+from chatbot.store import Store
+
+log = logging.getLogger(__name__)
+
+_ALLOWED_CONTROL = {"\n", "\r", "\t"}
+
+
+def clean_message(message: object, max_chars: int) -> str:
+    """Return the message stripped, or raise InvalidInput saying what is wrong with it."""
+    if not isinstance(message, str):
+        raise InvalidInput("the message must be text")
+    message = message.strip()
+    if not message:
+        raise InvalidInput("the message is empty")
+    if len(message) > max_chars:
+        raise InvalidInput(f"the message is {len(message)} characters long; at most "
+                           f"{max_chars} are accepted")
+    for char in message:
+        category = unicodedata.category(char)
+        if category == "Cs":
+            raise InvalidInput("the message contains invalid Unicode (a lone surrogate)")
+        if category == "Cc" and char not in _ALLOWED_CONTROL:
+            raise InvalidInput("the message contains control characters (e.g. NUL)")
+    return message
+
+
+def _pair_columns(pair: SampledPair) -> tuple[dict, list[dict]]:
+    columns = {"prompt_token_ids": pair.prompt_token_ids, "adapter_version": pair.adapter_version,
+               "temperature": pair.temperature, "top_p": pair.top_p,
+               "max_new_tokens": pair.max_new_tokens, "seconds": pair.seconds,
+               "first_token_seconds": pair.first_token_seconds}
+    replies = [{"text": r.text, "token_ids": r.token_ids, "token_logprobs": r.token_logprobs,
+                "behaviour_logprob": r.behaviour_logprob, "adapter_version": pair.adapter_version,
+                "finish_reason": r.finish_reason, "n_tokens": len(r.token_ids)}
+               for r in pair.replies]
+    return columns, replies
+
+
+class ChatService:
+    def __init__(self, config: Config, store: Store, generator: PairGenerator, *,
+                 model_id: str, live: LiveAdapter | None = None,
+                 learner_state: Callable[[], dict] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.generator = generator
+        self.model_id = model_id
+        self.live = live
+        self.learner_state = learner_state
+
+    # --- asking ------------------------------------------------------------------------
+
+    def ask_stream(self, user: str, message: str, conversation_id: str = "") -> Iterator[dict]:
+        """Yield the pair as it grows; the last item has `done: True` and the stored pair_id."""
+        message = clean_message(message, self.config.max_message_chars)
+        history = self._history(user, conversation_id)
+        stream = self.generator.stream(history + [{"role": "user", "content": message}])
+        for texts in stream:
+            yield self._progress(conversation_id, None, list(texts), None, done=False)
+        pair, replies = _pair_columns(stream.result)
+        conversation_id, pair_id = self.store.add_turn(
+            user, conversation_id or None, message, pair, replies)
+        yield self._progress(conversation_id, pair_id, [r["text"] for r in replies],
+                             stream.result.adapter_version, done=True)
+
+    def regenerate_stream(self, user: str, pair_id: str) -> Iterator[dict]:
+        """A new pair for the same user message, replacing the open pair `pair_id`."""
+        old = self.store.pair(user, pair_id)
+        if old["status"] != "open":
+            raise Conflict("only the latest pair, before it is voted on, can be regenerated")
+        messages = self.store.messages(old["conversation_id"])
+        stream = self.generator.stream([{"role": m["role"], "content": m["content"]}
+                                        for m in messages])
+        for texts in stream:
+            yield self._progress(old["conversation_id"], None, list(texts), None, done=False)
+        pair, replies = _pair_columns(stream.result)
+        new_id = self.store.add_regenerated_pair(user, pair_id, pair, replies)
+        yield self._progress(old["conversation_id"], new_id, [r["text"] for r in replies],
+                             stream.result.adapter_version, done=True)
+
+    def ask(self, user: str, message: str, conversation_id: str = "") -> dict:
+        """The API's /ask: the finished pair as one dict."""
+        result = None
+        for result in self.ask_stream(user, message, conversation_id):
+            pass
+        assert result is not None and result["done"]
+        return {k: result[k] for k in ("conversation_id", "pair_id", "replies", "adapter_version")}
+
+    def _history(self, user: str, conversation_id: str) -> list[dict]:
+        if not conversation_id:
+            return []
+        self.store.conversation(user, conversation_id)  # raises NotFound for other users
+        if self.store.open_pair(conversation_id):
+            raise Conflict("vote on the last pair of replies before sending a new message")
+        messages = self.store.messages(conversation_id)
+        if sum(m["role"] == "user" for m in messages) >= self.config.max_turns:
+            raise Conflict(f"this conversation has reached {self.config.max_turns} turns; "
+                           "start a new one")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    @staticmethod
+    def _progress(conversation_id: str, pair_id: str | None, replies: list[str],
+                  adapter_version: int | None, *, done: bool) -> dict:
+        return {"conversation_id": conversation_id, "pair_id": pair_id, "replies": replies,
+                "adapter_version": adapter_version, "done": done}
+
+    # --- feedback ----------------------------------------------------------------------
+
+    def vote(self, user: str, pair_id: str, choice: str) -> dict:
+        result = self.store.record_vote(user, str(pair_id), str(choice))
+        return {"ok": True, **result}
+
+    def rate(self, user: str, pair_id: str, side: str, thumb: str) -> dict:
+        result = self.store.record_rating(user, str(pair_id), str(side), str(thumb))
+        return {"ok": True, **result}
+
+    # --- reading -----------------------------------------------------------------------
+
+    def status(self) -> dict:
+        counts = self.store.pending_counts()
+        registry_version = self.store.live_adapter_version()
+        return {
+            "live_adapter_version": self.live.version if self.live else registry_version,
+            "registry_live_version": registry_version,
+            **counts,
+            "model": self.model_id,
+            "swap_error": self.live.last_error if self.live else None,
+            "learner": self.learner_state() if self.learner_state else {"state": "not started"},
+        }

@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny random Llama with the embedded model's real tokenizer (built once,
+offline, in seconds), a fake pair generator for store/UI tests, and per-test configs."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+
+from chatbot.config import Config  # noqa: E402
+from chatbot.sampling import PairStream, Reply, SampledPair  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-16 LlamaForCausalLM with SmolLM2's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from chatbot.model import EMBEDDED_GGUF, embedded_gguf_dir
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tmp_path) -> Config:
+    return Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", max_new_tokens=8,
+                  cache_dir=tmp_path / "cache", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    """The tiny model loaded once; tests must not leave adapters on it."""
+    from chatbot.model import load_model
+
+    return load_model(Config(model=str(tiny_model_dir), device="cpu"))
+
+
+class FakeGenerator:
+    """Stands in for PairGenerator: instant, deterministic replies, no torch weights."""
+
+    def __init__(self, replies: tuple[str, str] = ("reply A", "reply B"),
+                 adapter_version: int = 0) -> None:
+        self.replies = replies
+        self.adapter_version = adapter_version
+        self.prompts: list[list[dict]] = []
+        self.block = threading.Event()
+        self.block.set()
+
+    def stream(self, messages: list[dict]) -> PairStream:
+        self.prompts.append(messages)
+        stream = PairStream(iter(()))
+
+        def chunks():
+            a, b = self.replies
+            yield (a[: len(a) // 2], b[: len(b) // 2])
+            self.block.wait(10)
+            yield (a, b)
+            replies = tuple(Reply(text=t, token_ids=[10 + i, 2], token_logprobs=[-1.0, -0.5],
+                                  finish_reason="stop") for i, t in enumerate(self.replies))
+            stream.result = SampledPair(
+                prompt_token_ids=[1, 2, 3], replies=replies,
+                adapter_version=self.adapter_version, temperature=0.8, top_p=0.95,
+                max_new_tokens=8, seconds=0.01, first_token_seconds=0.001)
+
+        stream._chunks = chunks()
+        return stream
+
+    def sample(self, messages: list[dict]) -> SampledPair:
+        stream = self.stream(messages)
+        for _ in stream:
+            pass
+        return stream.result
+
+
+@pytest.fixture
+def fake_generator() -> FakeGenerator:
+    return FakeGenerator()
+
+
+@pytest.fixture
+def store(tmp_path):
+    from chatbot.store import Store
+
+    s = Store(tmp_path / "duet.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def service(store, fake_generator, tmp_path):
+    from chatbot.service import ChatService
+
+    config = Config(data_dir=tmp_path, max_message_chars=200, max_turns=3)
+    return ChatService(config, store, fake_generator, model_id="fake")
+

@@ -1,0 +1,102 @@
+"""Paired sampling on the tiny model: one batched generate call, faithful behaviour log-probs,
+streaming, and the end-of-turn token kept in the reply."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from chatbot.errors import InvalidInput
+from chatbot.sampling import PairGenerator
+
+MESSAGES = [{"role": "user", "content": "Say something nice."}]
+
+
+def sequence_logprobs(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + reply])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
+
+
+@pytest.fixture
+def generator(tiny_loaded, tiny_config):
+    return PairGenerator(tiny_loaded, dataclasses.replace(tiny_config, max_new_tokens=12))
+
+
+def test_both_replies_come_from_one_generate_call(generator, monkeypatch):
+    calls = []
+    original = generator.model.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generator.model, "generate", counting_generate)
+    pair = generator.sample(MESSAGES)
+    assert len(calls) == 1
+    assert calls[0]["num_return_sequences"] == 2
+    assert calls[0]["input_ids"].shape[0] == 1  # the prompt is encoded once
+    assert len(pair.replies) == 2
+    assert pair.adapter_version == 0
+    assert (pair.temperature, pair.top_p, pair.max_new_tokens) == (0.8, 0.95, 12)
+
+
+def test_behaviour_logprob_matches_a_fresh_forward_pass(generator, tiny_loaded):
+    torch.manual_seed(1)
+    pair = generator.sample(MESSAGES)
+    for reply in pair.replies:
+        fresh = sequence_logprobs(tiny_loaded.model, pair.prompt_token_ids, reply.token_ids)
+        assert len(reply.token_logprobs) == len(reply.token_ids) > 0
+        assert torch.allclose(torch.tensor(reply.token_logprobs), fresh, atol=1e-4)
+        assert reply.behaviour_logprob == pytest.approx(fresh.sum().item(), abs=1e-4)
+
+
+def test_stream_yields_growing_texts_then_the_result(generator):
+    stream = generator.stream(MESSAGES)
+    chunks = list(stream)
+    assert len(chunks) >= 2
+    final = stream.result
+    assert final is not None
+    assert chunks[-1] == (final.replies[0].text, final.replies[1].text)
+    assert final.first_token_seconds is not None and final.first_token_seconds <= final.seconds
+
+
+def test_a_reply_stops_at_the_end_of_turn_token_and_keeps_it(generator, tiny_loaded):
+    eos = tiny_loaded.tokenizer.eos_token_id
+    bias = torch.zeros(len(tiny_loaded.tokenizer))
+    bias[eos] = 50.0  # make the end-of-turn token all but certain from the first step
+    handle = tiny_loaded.model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
+    try:
+        pair = generator.sample(MESSAGES)
+    finally:
+        handle.remove()
+    for reply in pair.replies:
+        assert reply.token_ids == [eos]
+        assert reply.finish_reason == "stop"
+        assert reply.text == ""
+
+
+def test_long_history_drops_the_oldest_turns(generator, tiny_loaded):
+    config = dataclasses.replace(generator.config, max_prompt_tokens=80)
+    gen = PairGenerator(tiny_loaded, config)
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i} " * 5},
+                    {"role": "assistant", "content": f"answer {i} " * 5}]
+    ids = gen.prompt_ids(history + [{"role": "user", "content": "last one"}])
+    text = tiny_loaded.tokenizer.decode(ids)
+    assert len(ids) <= 80
+    assert "last one" in text and "question 0" not in text
+    with pytest.raises(InvalidInput, match="too long"):
+        gen.prompt_ids([{"role": "user", "content": "word " * 200}])
+
+
+def test_abandoned_stream_stops_generation(generator):
+    stream = generator.stream(MESSAGES)
+    next(iter(stream))
+    stream._chunks.close()  # what Gradio does when the browser goes away
+    assert stream.cancel.is_set()
+    assert stream.result is None

@@ -1,0 +1,96 @@
+"""ChatService with a fake generator: input checks, turn flow, regenerate, status."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatbot.errors import Conflict, InvalidInput, NotFound
+from chatbot.service import clean_message
+
+
+@pytest.mark.parametrize("message,problem", [
+    ("", "empty"), ("   \n\t ", "empty"), ("x" * 201, "201 characters"),
+    ("nul\x00byte", "control characters"), ("bad \ud800 surrogate", "invalid Unicode"),
+    (None, "must be text"),
+])
+def test_bad_messages_are_refused_with_a_reason(message, problem):
+    with pytest.raises(InvalidInput, match=problem):
+        clean_message(message, max_chars=200)
+
+
+def test_clean_message_keeps_newlines_and_strips_ends():
+    assert clean_message("  line one\nline two\t \n", 200) == "line one\nline two"
+
+
+def test_ask_returns_the_api_shape_and_stores_the_pair(service, store):
+    result = service.ask("ann", "Hello there", "")
+    assert set(result) == {"conversation_id", "pair_id", "replies", "adapter_version"}
+    assert result["replies"] == ["reply A", "reply B"]
+    assert result["adapter_version"] == 0
+    assert store.pair("ann", result["pair_id"])["status"] == "open"
+
+
+def test_stream_grows_and_ends_with_the_stored_pair(service):
+    updates = list(service.ask_stream("ann", "Hi", ""))
+    assert [u["done"] for u in updates] == [False, False, True]
+    assert updates[0]["replies"] == ["rep", "rep"]
+    assert updates[-1]["pair_id"]
+
+
+def test_a_conversation_goes_on_from_the_chosen_reply(service, fake_generator):
+    first = service.ask("ann", "Hi", "")
+    service.vote("ann", first["pair_id"], "B")
+    second = service.ask("ann", "And then?", first["conversation_id"])
+    assert second["conversation_id"] == first["conversation_id"]
+    assert fake_generator.prompts[-1] == [{"role": "user", "content": "Hi"},
+                                          {"role": "assistant", "content": "reply B"},
+                                          {"role": "user", "content": "And then?"}]
+
+
+def test_asking_again_before_voting_is_refused(service, store):
+    first = service.ask("ann", "Hi", "")
+    with pytest.raises(Conflict):
+        service.ask("ann", "again", first["conversation_id"])
+    assert len(store.messages(first["conversation_id"])) == 1
+
+
+def test_turn_limit(service):
+    conversation_id = ""
+    for i in range(3):
+        result = service.ask("ann", f"turn {i}", conversation_id)
+        conversation_id = result["conversation_id"]
+        service.vote("ann", result["pair_id"], "A")
+    with pytest.raises(Conflict, match="3 turns"):
+        service.ask("ann", "one more", conversation_id)
+
+
+def test_another_users_conversation_cannot_be_continued(service):
+    first = service.ask("ann", "Hi", "")
+    service.vote("ann", first["pair_id"], "A")
+    with pytest.raises(NotFound):
+        service.ask("bob", "let me in", first["conversation_id"])
+    with pytest.raises(NotFound):
+        service.rate("bob", first["pair_id"], "A", "up")
+
+
+def test_regenerate_replaces_the_open_pair(service, store, fake_generator):
+    first = service.ask("ann", "Hi", "")
+    fake_generator.replies = ("again A", "again B")
+    final = list(service.regenerate_stream("ann", first["pair_id"]))[-1]
+    assert final["replies"] == ["again A", "again B"]
+    assert fake_generator.prompts[-1] == [{"role": "user", "content": "Hi"}]
+    assert store.pair("ann", first["pair_id"])["status"] == "discarded"
+    service.vote("ann", final["pair_id"], "A")
+    with pytest.raises(Conflict):
+        list(service.regenerate_stream("ann", final["pair_id"]))
+
+
+def test_status_counts_votes(service):
+    result = service.ask("ann", "Hi", "")
+    before = service.status()
+    service.vote("ann", result["pair_id"], "tie")
+    after = service.status()
+    assert before["votes_total"] == 0 and after["votes_total"] == 1
+    assert after["votes_pending"] == 1
+    assert after["live_adapter_version"] == 0
+    assert after["model"] == "fake"

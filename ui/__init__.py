@@ -1,0 +1,1 @@
+"""The Gradio page and API of Duet: thin handlers over chatbot.ChatService."""
