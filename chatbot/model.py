@@ -156,7 +156,8 @@ def load_model(config: Config) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot use this model"
-        raise ModelLoadError(f"could not load the tokenizer of {config.model!r}: {_reason(exc)}") from None
+        raise ModelLoadError(
+            f"could not load the tokenizer of {config.model!r}: {_reason(exc)}") from None
     if not getattr(tokenizer, "chat_template", None):
         raise ModelLoadError(f"{config.model!r} has no chat template; Duet needs a chat model")
     if tokenizer.pad_token_id is None:

@@ -97,10 +97,8 @@ class ChatService:
 
     def ask(self, user: str, message: str, conversation_id: str = "") -> dict:
         """The API's /ask: the finished pair as one dict."""
-        result = None
-        for result in self.ask_stream(user, message, conversation_id):
-            pass
-        assert result is not None and result["done"]
+        *_, result = self.ask_stream(user, message, conversation_id)
+        assert result["done"]
         return {k: result[k] for k in ("conversation_id", "pair_id", "replies", "adapter_version")}
 
     def _history(self, user: str, conversation_id: str) -> list[dict]:

@@ -19,7 +19,7 @@ import json
 import sqlite3
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -101,7 +101,7 @@ def m001_initial(db: Database) -> None:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _loads(row: dict, *keys: str) -> dict:
@@ -385,14 +385,23 @@ class Store:
         row = self._one("select max(version) as v from adapters")
         return (row["v"] or 0) + 1
 
-    def finish_round(self, round_id: str, adapter: dict, step: dict) -> None:
+    def finish_round(self, round_id: str, adapter: dict, step: dict) -> str:
         """Register a published adapter, use the round's feedback, and log the step: one commit.
 
-        `adapter["status"]` is `live` (promoted: the previous live one is retired) or
-        `rejected`. Either way the round's claimed feedback is now used by this version.
+        `adapter["status"]` is `live` (promote: the previous live one is retired) or
+        `rejected`. A promotion only happens if the live version is still the adapter's parent;
+        if someone rolled back meanwhile, the candidate is stored as rejected instead. Either
+        way the round's claimed feedback is now used by this version. Returns the status.
         """
         with self._write() as db:
             stamp = now()
+            adapter = dict(adapter)
+            live = db.execute("select version from adapters where status = 'live'").fetchone()
+            live_version = live[0] if live else 0
+            if adapter["status"] == "live" and live_version != adapter["parent_version"]:
+                adapter["status"] = "rejected"
+                adapter["reason"] = "the live version changed while this candidate trained"
+                step = {**step, "status": "rejected"}
             if adapter["status"] == "live":
                 db.execute("update adapters set status = 'retired', updated_at = ? "
                            "where status = 'live'", (stamp,))
@@ -403,6 +412,7 @@ class Store:
                            "where claimed_by = ? and used_by_version is null",
                            (adapter["version"], stamp, round_id))
             db["learner_steps"].insert({**step, "round_id": round_id, "created_at": stamp})
+        return adapter["status"]
 
     def log_failed_round(self, round_id: str, step: dict) -> None:
         with self._write() as db:

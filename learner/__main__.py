@@ -1,0 +1,79 @@
+"""`python -m learner`: run the learner on a data folder, forever or for one round (--once).
+
+Only one learner may run per data folder (a file lock says so). On start it gives back
+claims a killed learner left behind and deletes adapter folders the registry does not know
+(a crash between writing a folder and registering it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import sys
+
+from chatbot import adapters
+from chatbot.config import Config, learner_parser
+from chatbot.errors import DuetError
+
+log = logging.getLogger("learner")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = learner_parser().parse_args(argv)
+    config = Config.from_args(args)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(config.data_dir / "learner.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"error: another learner is already running on {config.data_dir}", file=sys.stderr)
+        return 2
+    # SIGTERM ends the process through SystemExit, so a round in progress gives its claims back.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    from chatbot.store import Store
+
+    store = Store(config.db_path)
+    pid = os.getpid()
+    store.set_learner_status(pid, "starting")
+    try:
+        import torch
+
+        from chatbot.model import load_model
+        from learner.worker import Learner
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        released = store.release_claims()
+        registered = {a["version"] for a in store.adapters() if a["path"]}
+        removed = adapters.remove_stale(config.adapters_dir, registered)
+        if released or removed:
+            log.info("recovered: %d claims released, %d stale folders removed",
+                     released, len(removed))
+        learner = Learner(config, store, load_model(config), seed=None)
+        if args.once:
+            step = learner.round()
+            print("nothing pending" if step is None else
+                  f"v{step['adapter_version']} {step['status']}: {step['note']}")
+        else:
+            learner.run_forever()
+    except DuetError as exc:
+        store.set_learner_status(pid, "stopped", last_error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit):
+        store.set_learner_status(pid, "stopped")
+        return 0
+    except Exception as exc:
+        store.set_learner_status(pid, "stopped", last_error=f"{type(exc).__name__}: {exc}")
+        raise
+    store.set_learner_status(pid, "stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

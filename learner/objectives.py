@@ -1,0 +1,132 @@
+"""The learning rule as pure functions over tensors: advantages, the clipped policy-gradient
+loss with a KL penalty, DPO, and the adaptive KL coefficient.
+
+The seed objective is J(theta) = E[R(s, a)] with gradient E[grad log pi(a|s) * R(s, a)], where
+log pi(a|s) = sum_t log p(w_t | w_<t, s). Everything here is that estimator plus the standard
+guards around it:
+
+* Advantages. A pair vote A > B gives rewards (1, 0); with k = 2 samples the leave-one-out
+  (RLOO) baseline of each is the other's reward, so the advantages are exactly (+1, -1)
+  (Ahmadian et al. 2024, "Back to Basics"; TRL's RLOOTrainer computes r_i - mean_{j!=i} r_j).
+  A tie gives (0, 0): no policy-gradient term. Absolute feedback (thumbs, "both bad") has no
+  sibling to compare with, so it uses reward +-1 minus a running baseline of earlier absolute
+  rewards, shrunk toward 0 so that "both bad" still teaches while the baseline is young.
+* Off-policy correction. Votes arrive after the adapter has moved on, and old votes are
+  replayed, so each token's ratio rho = pi_theta / pi_behaviour is PPO-clipped to
+  [1 - eps, 1 + eps] (Schulman et al. 2017). At rho = 1 the gradient is exactly the seed's.
+* KL penalty to the reference (the base model), per token, with the k3 estimator
+  exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"), weighted
+  by beta, which a proportional controller steers toward a target KL (Ziegler et al. 2019).
+* Token sums are divided by a constant (sequences x longest reply), not by each reply's own
+  length, so long and short replies are not re-weighted (Liu et al. 2025, "Dr. GRPO").
+* DPO (Rafailov et al. 2023) on the same pairs, as a second objective for comparison.
+
+Left out on purpose: a value network (RLOO needs none), entropy bonuses, reward models (the
+reward is the person's vote), and per-token rewards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out advantages: r_i minus the mean of the other samples' rewards.
+
+    rewards: (G, k) rewards of k samples for each of G prompts, k >= 2.
+    """
+    k = rewards.shape[-1]
+    assert k >= 2, "leave-one-out needs at least two samples"
+    baseline = (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+    return rewards - baseline
+
+
+def pair_rewards(choice: str) -> tuple[float, float] | None:
+    """Rewards of replies (A, B) for a pairwise vote; None when the vote is not pairwise."""
+    return {"A": (1.0, 0.0), "B": (0.0, 1.0), "tie": (0.5, 0.5)}.get(choice)
+
+
+def running_baseline_advantages(rewards: list[float], window: int = 64,
+                                prior_count: float = 4.0) -> list[float]:
+    """Advantage of each absolute reward: itself minus the mean of the ones before it.
+
+    The mean covers the last `window` earlier rewards and counts `prior_count` extra rewards
+    of 0, so the first "both bad" still gets -1 and a run of them fades rather than vanishes.
+    """
+    advantages = []
+    for i, reward in enumerate(rewards):
+        recent = rewards[max(0, i - window):i]
+        baseline = sum(recent) / (len(recent) + prior_count)
+        advantages.append(reward - baseline)
+    return advantages
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref); >= 0, differentiable through logp."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1.0
+
+
+def policy_gradient_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor,
+                         ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+                         mask: torch.Tensor, *, beta: float = 0.0, clip_eps: float = 0.2,
+                         normalizer: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Clipped policy-gradient loss with a per-token KL penalty. Minimise it.
+
+    logp, behaviour_logp, ref_logp, mask: (B, T) per-token values for B replies (mask 1 on
+    reply tokens); advantages: (B,). Returns the loss and detached stats: kl, and clip_fraction
+    (the share of tokens where the clip binds and passes no gradient).
+    The loss is sum over replies and tokens of -min(rho A, clip(rho) A) + beta k3, divided by
+    `normalizer`; at rho = 1 and beta = 0 its gradient is -sum_b A_b grad log pi(a_b)/normalizer.
+    """
+    assert logp.shape == behaviour_logp.shape == mask.shape and advantages.shape == logp.shape[:1]
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - behaviour_logp)  # (B, T)
+    adv = advantages[:, None]  # (B, 1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    per_token = -torch.minimum(unclipped, clipped)  # (B, T)
+    stopped = (clipped < unclipped).to(mask.dtype)  # the clip is binding: no gradient there
+    stats = {"clip_fraction": (stopped * mask).sum().item() / max(mask.sum().item(), 1.0)}
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp)
+        per_token = per_token + beta * kl
+        stats["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
+    loss = (per_token * mask).sum() / normalizer
+    return loss, stats
+
+
+def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor,
+             chosen_ref_logp: torch.Tensor, rejected_ref_logp: torch.Tensor,
+             beta: float = 0.1) -> torch.Tensor:
+    """Mean DPO loss -log sigmoid(beta * delta) over pairs of summed sequence log-probs (P,).
+
+    delta = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected)); at
+    delta = 0 the loss is ln 2.
+    """
+    delta = (chosen_logp - chosen_ref_logp) - (rejected_logp - rejected_ref_logp)
+    return -F.logsigmoid(beta * delta).mean()
+
+
+class AdaptiveKLController:
+    """Proportional control of beta toward a target KL (Ziegler et al. 2019, section 2.2).
+
+    beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)
+    """
+
+    def __init__(self, beta: float, target: float, horizon: float = 10.0,
+                 bounds: tuple[float, float] = (1e-4, 10.0)) -> None:
+        self.beta = beta
+        self.target = target
+        self.horizon = horizon
+        self.bounds = bounds
+
+    def update(self, kl: float, n_steps: int = 1) -> float:
+        if self.target > 0 and math.isfinite(kl):
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.beta *= 1.0 + error * n_steps / self.horizon
+            self.beta = min(max(self.beta, self.bounds[0]), self.bounds[1])
+        return self.beta

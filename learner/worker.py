@@ -1,0 +1,324 @@
+"""The learner: rounds of claim -> train the LoRA adapter -> gate -> publish, forever.
+
+A round claims the pending feedback, starts from the live adapter's weights (so a rejected
+candidate or a rollback never leaks into the next one), takes `steps_per_round` optimizer
+steps over the new and replayed samples, judges the result on held-out votes, publishes it as
+`adapters/v{N}` and registers it as live or rejected - and only then marks the feedback used,
+in the same commit. If anything fails before that commit, the claims are released and the
+feedback stays pending; a crash at any moment loses no vote.
+
+Guards: gradient norm clipped to 1.0; a step whose loss or gradient is not finite is skipped
+(no parameter or optimizer change), and `max_bad_steps` such steps in a round fail the round
+with nothing published; the KL tripwire and the held-out gate stop a collapsing candidate.
+
+The learner keeps no state of its own between rounds except the KL coefficient (which it
+reads back from the last learner_steps row) and a fresh optimizer per round: kill it at any
+time and restart it, and it carries on from the DB and the adapters folder.
+
+Left out: multi-GPU training, optimizer state across rounds, gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+
+import torch
+
+from chatbot import adapters
+from chatbot.config import Config
+from chatbot.errors import AdapterError, DuetError
+from chatbot.model import LoadedModel
+from chatbot.store import Store
+from learner import gate
+from learner.batch import Sample, collate, ref_to_tensor, token_logprobs
+from learner.data import PreferencePair, RoundBuilder, RoundData
+from learner.objectives import AdaptiveKLController, dpo_loss, k3_kl, policy_gradient_loss
+
+log = logging.getLogger(__name__)
+
+MICRO_BATCH = 8  # replies per forward/backward; gradients are accumulated across them
+
+
+class RoundFailed(DuetError):
+    """Too many non-finite steps, or another reason to publish nothing this round."""
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class Learner:
+    def __init__(self, config: Config, store: Store, loaded: LoadedModel, *,
+                 max_bad_steps: int = 3, seed: int | None = None) -> None:
+        from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+        self.config = config
+        self.store = store
+        self.loaded = loaded
+        self.max_bad_steps = max_bad_steps
+        model = loaded.model
+        if loaded.quantize != "none":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        self.model = get_peft_model(model, lora)
+        self.model.train()
+        self.initial_lora = {k: v.detach().clone()
+                             for k, v in get_peft_model_state_dict(self.model).items()}
+        self.adapter_version: int | None = None  # whose weights the trainable adapter holds
+        steps = store.learner_steps(limit=1)
+        beta = steps[-1]["beta"] if steps and steps[-1].get("beta") else config.beta
+        self.kl_control = AdaptiveKLController(beta, config.target_kl)
+        self.builder = RoundBuilder(store, config.holdout, config.replay,
+                                    rng=random.Random(seed))
+        self.pad_id = loaded.tokenizer.pad_token_id
+
+    # --- weights -----------------------------------------------------------------------
+
+    def sync_to_live(self) -> None:
+        """Load the live adapter's weights into the trainable adapter (v0: fresh LoRA)."""
+        from peft import set_peft_model_state_dict
+
+        live = self.store.live_adapter()
+        version = live["version"] if live else 0
+        if version == self.adapter_version:
+            return
+        if version == 0:
+            state = self.initial_lora
+        else:
+            verified = adapters.read_verified(
+                self.config.adapters_dir / (live["path"] or f"v{version}"),
+                base_model=self.loaded.model_id, manifest_sha256=live["sha256"])
+            if verified.config.get("r") != self.config.lora_r:
+                raise AdapterError(f"the live adapter v{version} has rank "
+                                   f"{verified.config.get('r')}, the learner was started with "
+                                   f"--lora-r {self.config.lora_r}")
+            state = adapters.load_state_dict(verified)
+        result = set_peft_model_state_dict(self.model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise AdapterError(f"v{version} has weights this model lacks: "
+                               f"{result.unexpected_keys[:3]}")
+        self.adapter_version = version
+
+    def _lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # --- scoring -----------------------------------------------------------------------
+
+    def fill_reference(self, samples: list[Sample]) -> None:
+        """Compute (once, then cached in the DB) each reply's log-probs under the base model."""
+        missing = [s for s in samples if s.ref is None]
+        by_reply: dict[int, list[float]] = {}
+        with torch.no_grad(), self.model.disable_adapter():
+            for micro in chunks(list({s.reply_id: s for s in missing}.values()), MICRO_BATCH):
+                batch = collate(micro, self.pad_id, self.loaded.device)
+                logp = token_logprobs(self.model, batch)
+                for row, sample in enumerate(micro):
+                    by_reply[sample.reply_id] = logp[row, -len(sample.reply):].tolist()
+        for reply_id, values in by_reply.items():
+            self.store.cache_ref_logprobs(reply_id, values)
+        for sample in missing:
+            sample.ref = by_reply[sample.reply_id]
+
+    def score(self, samples: list[Sample]) -> tuple[list[float], float, int]:
+        """Summed log-prob of each sample now, plus the k3 KL sum and token count."""
+        totals, kl_sum, tokens = [], 0.0, 0
+        with torch.no_grad():
+            for micro in chunks(samples, MICRO_BATCH):
+                batch = collate(micro, self.pad_id, self.loaded.device)
+                logp = token_logprobs(self.model, batch)
+                ref = ref_to_tensor(micro, batch.reply_width, self.loaded.device)
+                kl_sum += (k3_kl(logp, ref) * batch.mask).sum().item()
+                tokens += int(batch.mask.sum().item())
+                totals += logp.sum(-1).tolist()
+        return totals, kl_sum, tokens
+
+    def heldout_margins(self, pairs: list[PreferencePair]) -> torch.Tensor:
+        """(P,) chosen log-ratio to the reference minus the rejected one, per held-out pair."""
+        if not pairs:
+            return torch.zeros(0)
+        chosen, _, _ = self.score([p.chosen for p in pairs])
+        rejected, _, _ = self.score([p.rejected for p in pairs])
+        ref_c = torch.tensor([sum(p.chosen.ref) for p in pairs])
+        ref_r = torch.tensor([sum(p.rejected.ref) for p in pairs])
+        return (torch.tensor(chosen) - ref_c) - (torch.tensor(rejected) - ref_r)
+
+    # --- training ----------------------------------------------------------------------
+
+    def _accumulate_pg(self, samples: list[Sample]) -> tuple[float, float]:
+        width = max(len(s.reply) for s in samples)
+        normalizer = float(len(samples) * width)  # a constant, not each reply's length
+        loss_sum, kl_weighted = 0.0, 0.0
+        for micro in chunks(samples, MICRO_BATCH):
+            batch = collate(micro, self.pad_id, self.loaded.device)
+            logp = token_logprobs(self.model, batch)
+            ref = ref_to_tensor(micro, batch.reply_width, self.loaded.device)
+            loss, stats = policy_gradient_loss(
+                logp, batch.behaviour, ref, batch.advantages, batch.mask,
+                beta=self.kl_control.beta, clip_eps=self.config.clip_eps, normalizer=normalizer)
+            loss.backward()
+            loss_sum += loss.item()
+            kl_weighted += stats["kl"] * batch.mask.sum().item()
+        tokens = sum(len(s.reply) for s in samples)
+        return loss_sum, kl_weighted / max(tokens, 1)
+
+    def _accumulate_dpo(self, pairs: list[PreferencePair]) -> tuple[float, float]:
+        loss_sum, kl_sum, tokens = 0.0, 0.0, 0
+        for micro in chunks(pairs, MICRO_BATCH // 2):
+            samples = [p.chosen for p in micro] + [p.rejected for p in micro]
+            batch = collate(samples, self.pad_id, self.loaded.device)
+            logp = token_logprobs(self.model, batch)
+            ref = ref_to_tensor(samples, batch.reply_width, self.loaded.device)
+            seq, seq_ref = logp.sum(-1), (ref * batch.mask).sum(-1)
+            n = len(micro)
+            loss = dpo_loss(seq[:n], seq[n:], seq_ref[:n], seq_ref[n:],
+                            beta=self.config.dpo_beta) * n / len(pairs)
+            loss.backward()
+            loss_sum += loss.item()
+            kl_sum += (k3_kl(logp.detach(), ref) * batch.mask).sum().item()
+            tokens += int(batch.mask.sum().item())
+        return loss_sum, kl_sum / max(tokens, 1)
+
+    def train(self, data: RoundData) -> dict:
+        """`steps_per_round` optimizer steps over the round's samples. Returns step stats."""
+        params = self._lora_parameters()
+        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
+        use_dpo = self.config.objective == "dpo"
+        if (use_dpo and not data.pairs) or (not use_dpo and not data.samples):
+            return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0}
+        losses, kls, skipped, bad_in_a_row = [], [], 0, 0
+        for _ in range(self.config.steps_per_round):
+            optimizer.zero_grad(set_to_none=True)
+            loss, kl = (self._accumulate_dpo(data.pairs) if use_dpo
+                        else self._accumulate_pg(data.samples))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+                skipped += 1
+                bad_in_a_row += 1
+                log.warning("skipped a step: loss %s, grad norm %s", loss, grad_norm.item())
+                optimizer.zero_grad(set_to_none=True)
+                if bad_in_a_row >= self.max_bad_steps:
+                    raise RoundFailed(f"{bad_in_a_row} steps in a row had a non-finite loss or "
+                                      "gradient; nothing was published")
+                continue
+            bad_in_a_row = 0
+            optimizer.step()
+            losses.append(loss)
+            kls.append(kl)
+            if not use_dpo:
+                self.kl_control.update(kl)
+        return {"loss": sum(losses) / len(losses) if losses else None,
+                "kl": kls[-1] if kls else None, "skipped_steps": skipped, "steps": len(losses)}
+
+    # --- one round ---------------------------------------------------------------------
+
+    def pending(self) -> int:
+        counts = self.store.pending_counts()
+        return counts["votes_pending"] + counts["ratings_pending"]
+
+    def round(self) -> dict | None:
+        """Run one round over the feedback pending now. Returns the learner_steps row."""
+        round_id = uuid.uuid4().hex
+        claimed = self.store.claim_feedback(round_id, self.config.max_batch_votes)
+        if not claimed["votes"] and not claimed["ratings"]:
+            return None
+        started = time.perf_counter()
+        try:
+            return self._round(round_id, claimed, started)
+        except BaseException as exc:
+            self.store.release_claims(round_id)
+            self.adapter_version = None  # weights may be half-trained: reload the live ones
+            if isinstance(exc, Exception):
+                self.store.log_failed_round(round_id, {
+                    "objective": self.config.objective, "note": str(exc)[:500],
+                    "seconds": time.perf_counter() - started})
+            raise
+
+    def _round(self, round_id: str, claimed: dict, started: float) -> dict:
+        self.sync_to_live()
+        parent = self.adapter_version
+        data = self.builder.build(claimed)
+        self.fill_reference(data.samples + [s for p in data.heldout for s in (p.chosen,
+                                                                             p.rejected)])
+        live_acc = gate.preference_accuracy(self.heldout_margins(data.heldout))
+        stats = self.train(data)
+        candidate_acc = gate.preference_accuracy(self.heldout_margins(data.heldout))
+        judged = data.new_samples + [s for p in data.heldout for s in (p.chosen, p.rejected)]
+        _, kl_sum, tokens = self.score(judged) if judged else ([], 0.0, 0)
+        kl = kl_sum / tokens if tokens else (stats["kl"] or 0.0)
+        decision = gate.decide(candidate_acc, live_acc, len(data.heldout), kl,
+                               self.config.kl_tripwire, self.config.gate_tolerance)
+        version = self.store.next_adapter_version()
+        metrics = {"loss": stats["loss"], "kl": kl, "train_kl": stats["kl"],
+                   "heldout_acc": candidate_acc, "live_heldout_acc": live_acc,
+                   "heldout_pairs": len(data.heldout), "beta": self.kl_control.beta,
+                   "objective": self.config.objective, "steps": stats["steps"]}
+        folder, sha = adapters.publish(
+            self.config.adapters_dir, version, self.model.save_pretrained,
+            base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)
+        reward = sum(data.rewards) / len(data.rewards) if data.rewards else None
+        step = {"adapter_version": version, "parent_version": parent,
+                "objective": self.config.objective,
+                "status": "promoted" if decision.promote else "rejected",
+                "loss": stats["loss"], "kl": kl, "reward": reward, "beta": self.kl_control.beta,
+                "votes_used": len(claimed["votes"]) + len(claimed["ratings"]),
+                "new_votes": len(data.rewards), "replayed_votes": data.replayed_items,
+                "skipped_steps": stats["skipped_steps"], "heldout_acc": candidate_acc,
+                "live_heldout_acc": live_acc, "seconds": time.perf_counter() - started,
+                "note": decision.reason}
+        status = self.store.finish_round(
+            round_id, {"version": version, "path": folder.name, "parent_version": parent,
+                       "base_model": self.loaded.model_id, "sha256": sha,
+                       "status": "live" if decision.promote else "rejected",
+                       "metrics": metrics, "reason": decision.reason}, step)
+        step["status"] = "promoted" if status == "live" else "rejected"
+        self.adapter_version = version if status == "live" else None
+        log.info("round %s: v%d %s (%s) in %.1f s, loss %s, KL %.4f, %d new + %d replayed",
+                 round_id[:8], version, step["status"], decision.reason, step["seconds"],
+                 stats["loss"], kl, step["new_votes"], step["replayed_votes"])
+        self.retire_old_versions()
+        return step
+
+    def retire_old_versions(self) -> None:
+        """Keep the newest `keep_versions` adapter folders (and always the live one)."""
+        on_disk = [a for a in self.store.adapters() if a["path"]]
+        keep = {a["version"] for a in on_disk[-self.config.keep_versions:]}
+        for row in on_disk:
+            if row["version"] not in keep and row["status"] != "live":
+                shutil.rmtree(self.config.adapters_dir / row["path"], ignore_errors=True)
+                self.store.set_adapter_path(row["version"], None)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run_forever(self, stop=None) -> None:
+        """Poll for feedback; start a round whenever `learn_every` items are pending."""
+        pid = os.getpid()
+        failures, last_beat = 0, 0.0
+        self.store.set_learner_status(pid, "idle")
+        while stop is None or not stop.is_set():
+            if self.pending() >= self.config.learn_every:
+                self.store.set_learner_status(pid, "training")
+                try:
+                    self.round()
+                    failures = 0
+                    self.store.set_learner_status(pid, "idle")
+                except Exception as exc:  # noqa: BLE001 - one bad round must not end learning
+                    failures += 1
+                    log.exception("round failed")
+                    self.store.set_learner_status(pid, "idle", last_error=str(exc)[:500])
+                    time.sleep(min(60.0, 2.0 ** failures))
+                continue
+            if time.monotonic() - last_beat > 10:
+                self.store.set_learner_status(pid, "idle")
+                last_beat = time.monotonic()
+            time.sleep(self.config.learner_poll_seconds)

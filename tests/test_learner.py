@@ -1,0 +1,205 @@
+"""A learner round on the tiny model: what moves, what is published, what is kept safe."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from chatbot import adapters
+from chatbot.model import load_model
+from chatbot.sampling import PairGenerator
+from chatbot.service import ChatService
+from chatbot.store import Store
+from learner.worker import Learner, RoundFailed
+
+PROMPTS = ["Tell me a joke.", "What is rain?", "Name a colour.", "How are you?",
+           "Give me a word.", "Count to three.", "Say hi.", "What is two plus two?"]
+
+
+def collect_votes(config, store, choices) -> list[str]:
+    """Chat through the real service and the tiny model, voting `choices` in turn."""
+    torch.manual_seed(len(store.votes()))
+    loaded = load_model(config)
+    service = ChatService(config, store, PairGenerator(loaded, config), model_id=loaded.model_id)
+    pair_ids = []
+    for i, choice in enumerate(choices):
+        result = service.ask("ann", PROMPTS[i % len(PROMPTS)], "")
+        service.vote("ann", result["pair_id"], choice)
+        pair_ids.append(result["pair_id"])
+    return pair_ids
+
+
+@pytest.fixture
+def learner_config(tiny_config):
+    return dataclasses.replace(tiny_config, lr=3e-3, steps_per_round=3, holdout=0.0, replay=0,
+                               kl_tripwire=100.0)
+
+
+def make_learner(config, store, **kwargs):
+    return Learner(config, store, load_model(config), seed=0, **kwargs)
+
+
+def reply_logprob(learner, store, pair_id, side) -> float:
+    pair = store.pair(None, pair_id)
+    reply = pair["replies"][0 if side == "A" else 1]
+    from learner.batch import Sample
+
+    sample = Sample(reply["id"], pair["prompt_token_ids"], reply["token_ids"],
+                    reply["token_logprobs"])
+    return learner.score([sample])[0][0]
+
+
+def test_one_round_moves_lora_not_base_and_prefers_the_chosen(learner_config):
+    store = Store(learner_config.db_path)
+    pair_ids = collect_votes(learner_config, store, ["A", "B", "A", "B"])
+    learner = make_learner(learner_config, store)
+    lora_before = {n: p.detach().clone() for n, p in learner.model.named_parameters()
+                   if "lora_" in n}
+    base_before = {n: p.detach().clone() for n, p in learner.model.named_parameters()
+                   if "lora_" not in n}
+    chosen = [("A", "B"), ("B", "A"), ("A", "B"), ("B", "A")]
+    before = [(reply_logprob(learner, store, p, c), reply_logprob(learner, store, p, r))
+              for p, (c, r) in zip(pair_ids, chosen)]
+
+    step = learner.round()
+
+    assert step["status"] == "promoted" and step["adapter_version"] == 1
+    moved = [n for n, p in learner.model.named_parameters()
+             if "lora_" in n and not torch.equal(p, lora_before[n])]
+    assert moved, "no LoRA weight changed"
+    assert all(torch.equal(p, base_before[n]) for n, p in learner.model.named_parameters()
+               if "lora_" not in n)
+    after = [(reply_logprob(learner, store, p, c), reply_logprob(learner, store, p, r))
+             for p, (c, r) in zip(pair_ids, chosen)]
+    for (chosen_before, rejected_before), (chosen_after, rejected_after) in zip(before, after):
+        assert chosen_after > chosen_before
+        assert rejected_after < rejected_before
+    assert store.pending_counts()["votes_pending"] == 0
+    assert {v["used_by_version"] for v in store.votes()} == {1}
+    assert store.live_adapter_version() == 1
+
+
+def test_published_adapter_is_peft_format_with_a_matching_manifest(learner_config):
+    from peft import PeftModel
+
+    store = Store(learner_config.db_path)
+    collect_votes(learner_config, store, ["A", "B"])
+    learner = make_learner(learner_config, store)
+    learner.round()
+    row = store.adapter(1)
+    folder = learner_config.adapters_dir / row["path"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["base_model"] == learner.loaded.model_id
+    assert manifest["parent_version"] == 0
+    assert set(manifest["files"]) >= {"adapter_config.json", "adapter_model.safetensors"}
+    verified = adapters.read_verified(folder, base_model=learner.loaded.model_id,
+                                      manifest_sha256=row["sha256"])
+    assert verified.config["r"] == learner_config.lora_r
+    fresh = load_model(learner_config).model
+    peft_model = PeftModel.from_pretrained(fresh, folder)  # loads unchanged
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(peft_model(ids).logits, learner.model(ids).logits, atol=1e-5)
+
+
+def test_non_finite_steps_change_nothing_and_fail_the_round(learner_config):
+    store = Store(learner_config.db_path)
+    collect_votes(learner_config, store, ["A", "B"])
+    learner = make_learner(learner_config, store, max_bad_steps=2)
+    lora_before = {n: p.detach().clone() for n, p in learner.model.named_parameters()
+                   if "lora_" in n}
+    layer = learner.model.base_model.model.model.layers[0]
+    hook = layer.register_forward_hook(lambda m, i, out: out * float("nan")
+                                       if torch.is_grad_enabled() else out)
+    try:
+        with pytest.raises(RoundFailed, match="non-finite"):
+            learner.round()
+    finally:
+        hook.remove()
+    assert all(torch.equal(p, lora_before[n]) for n, p in learner.model.named_parameters()
+               if "lora_" in n)
+    assert store.adapters() == []
+    assert store.pending_counts()["votes_pending"] == 2
+    assert [v["claimed_by"] for v in store.votes()] == [None, None]
+    assert store.learner_steps()[-1]["status"] == "failed"
+
+
+def test_kl_tripwire_rejects_and_the_live_version_stays(learner_config):
+    store = Store(learner_config.db_path)
+    collect_votes(learner_config, store, ["A", "B", "A"])
+    config = dataclasses.replace(learner_config, lr=1.0, kl_tripwire=1e-6, beta=0.0)
+    learner = make_learner(config, store)
+    step = learner.round()
+    assert step["status"] == "rejected"
+    assert "tripwire" in step["note"]
+    assert store.live_adapter_version() == 0
+    assert store.adapter(1)["status"] == "rejected"
+    assert store.pending_counts()["votes_pending"] == 0  # used by the rejected version
+    learner.sync_to_live()  # the next round starts again from the live weights
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(learner.model)
+    assert all(torch.equal(state[k], learner.initial_lora[k]) for k in state)
+
+
+def test_rollback_during_a_round_is_not_overridden(learner_config):
+    store = Store(learner_config.db_path)
+    collect_votes(learner_config, store, ["A", "B"])
+    learner = make_learner(learner_config, store)
+    learner.round()  # v1 live
+    collect_votes(learner_config, store, ["B"])
+    original = learner.train
+
+    def train_then_rollback(data):
+        stats = original(data)
+        store.set_live(0)  # someone runs `app.py rollback` meanwhile
+        return stats
+
+    learner.train = train_then_rollback
+    step = learner.round()
+    assert step["status"] == "rejected"
+    assert store.live_adapter_version() == 0
+
+
+def test_replay_and_heldout(learner_config):
+    config = dataclasses.replace(learner_config, holdout=0.5, replay=8)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "A", "B"])
+    learner = make_learner(config, store)
+    first = learner.round()
+    splits = [v["split"] for v in store.votes()]
+    assert set(splits) <= {"train", "heldout"} and None not in splits
+    collect_votes(config, store, ["A", "B"])
+    second = learner.round()
+    assert second["replayed_votes"] == splits.count("train")
+    if splits.count("heldout"):
+        assert first["live_heldout_acc"] == 0.5  # the base model: every margin is exactly 0
+        assert first["heldout_acc"] is not None
+    else:
+        assert first["heldout_acc"] is None and first["live_heldout_acc"] is None
+    assert store.pending_counts()["votes_pending"] == 0
+
+
+def test_dpo_objective_runs_a_round(learner_config):
+    config = dataclasses.replace(learner_config, objective="dpo")
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "tie", "both_bad"])
+    step = make_learner(config, store).round()
+    assert step["objective"] == "dpo"
+    assert step["loss"] is not None and step["loss"] < torch.log(torch.tensor(2.0)).item()
+
+
+def test_thumbs_and_both_bad_become_samples(learner_config):
+    store = Store(learner_config.db_path)
+    pair_ids = collect_votes(learner_config, store, ["both_bad", "tie"])
+    store.record_rating("ann", pair_ids[1], "A", "up")
+    learner = make_learner(learner_config, store)
+    claimed = store.claim_feedback("r", 10)
+    data = learner.builder.build(claimed)
+    advantages = sorted(s.advantage for s in data.new_samples)
+    assert len(data.new_samples) == 3  # two from both_bad, one from the thumb; none from the tie
+    assert advantages[0] < 0 and advantages[1] < 0 and advantages[2] > 0
+    assert data.rewards == [-1.0, 0.0, 1.0]

@@ -1,0 +1,108 @@
+"""The learning rule on hand-made tensors, against the seed's worked example and reference
+numbers (TRL's RLOO advantage formula, the DPO loss)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learner.objectives import (
+    AdaptiveKLController,
+    dpo_loss,
+    k3_kl,
+    pair_rewards,
+    policy_gradient_loss,
+    rloo_advantages,
+    running_baseline_advantages,
+)
+
+
+def test_seed_worked_example_two_answer_softmax():
+    """p = (0.4, 0.6), rewards (1, 2): the estimator is grad log pi(a1)*1 + grad log pi(a2)*2,
+    which is (-0.2, +0.2) with respect to the logits."""
+    logits = torch.log(torch.tensor([0.4, 0.6])).requires_grad_()
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all[[0, 1]][:, None]  # (B=2 answers, T=1 token each)
+    loss, _ = policy_gradient_loss(logp, logp.detach(), None, torch.tensor([1.0, 2.0]),
+                                   torch.ones(2, 1), clip_eps=0.2, normalizer=1.0)
+    loss.backward()
+    ascent = -logits.grad
+    assert torch.allclose(ascent, torch.tensor([-0.2, 0.2]), atol=1e-6)
+
+
+def test_rloo_advantages_for_two_samples_are_plus_minus_one():
+    rewards = torch.tensor([pair_rewards("A"), pair_rewards("B"), pair_rewards("tie")])
+    assert rloo_advantages(rewards).tolist() == [[1.0, -1.0], [-1.0, 1.0], [0.0, 0.0]]
+
+
+def test_rloo_matches_trl_formula_for_four_samples():
+    # TRL: baseline = (sum of the group - r_i) / (k - 1); advantage = r_i - baseline
+    rewards = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
+    expected = torch.tensor([[-2 / 3, 2 / 3, -2 / 3, 2 / 3]])
+    assert torch.allclose(rloo_advantages(rewards), expected)
+
+
+def test_dpo_loss_is_ln2_at_zero_margin_and_matches_a_hand_value():
+    zeros = torch.zeros(3)
+    assert dpo_loss(zeros, zeros, zeros, zeros).item() == pytest.approx(math.log(2))
+    loss = dpo_loss(torch.tensor([-5.0]), torch.tensor([-7.0]), torch.tensor([-6.0]),
+                    torch.tensor([-6.0]), beta=0.1)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.2)), rel=1e-6)
+
+
+def test_ppo_clip_stops_pushing_past_the_trust_region():
+    behaviour = torch.zeros(1, 1)
+    advantages = torch.tensor([1.0])
+    for log_ratio, expect_grad in [(0.5, False), (0.1, True), (-0.5, True)]:
+        logp = torch.full((1, 1), log_ratio, requires_grad=True)
+        loss, stats = policy_gradient_loss(logp, behaviour, None, advantages, torch.ones(1, 1))
+        loss.backward()
+        assert (logp.grad.abs().item() > 0) == expect_grad, log_ratio
+        assert stats["clip_fraction"] == (1.0 if log_ratio == 0.5 else 0.0)
+
+
+def test_masked_tokens_carry_no_loss():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    loss, _ = policy_gradient_loss(logp, logp.detach(), logp.detach() - 0.1, torch.tensor([1.0]),
+                                   mask, beta=0.5)
+    loss.backward()
+    assert logp.grad[0, 0].item() == 0.0
+    assert logp.grad[0, 1].item() != 0.0
+
+
+def test_k3_is_nonnegative_zero_at_equality_and_close_to_kl():
+    p = torch.tensor([0.2, 0.5, 0.3])
+    q = torch.tensor([0.25, 0.45, 0.3])
+    assert k3_kl(p.log(), p.log()).abs().max().item() == 0.0
+    assert (k3_kl(p.log(), q.log()) >= 0).all()
+    exact = (p * (p.log() - q.log())).sum()  # KL(p || q), tokens drawn from p
+    estimate = (p * k3_kl(p.log(), q.log())).sum()
+    assert estimate.item() == pytest.approx(exact.item(), abs=1e-3)
+
+
+def test_kl_penalty_pulls_toward_the_reference():
+    logp = torch.tensor([[-0.5]], requires_grad=True)
+    loss, stats = policy_gradient_loss(logp, logp.detach(), torch.tensor([[-1.0]]),
+                                       torch.tensor([0.0]), torch.ones(1, 1), beta=1.0)
+    loss.backward()
+    assert stats["kl"] > 0
+    assert logp.grad.item() > 0  # descending lowers logp toward the reference's -1.0
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    control = AdaptiveKLController(beta=0.05, target=0.1, horizon=10)
+    assert control.update(1.0) == pytest.approx(0.05 * 1.02)  # error clipped to +0.2
+    control = AdaptiveKLController(beta=0.05, target=0.1, horizon=10)
+    assert control.update(0.0) == pytest.approx(0.05 * 0.98)
+    assert control.update(float("nan")) == pytest.approx(0.05 * 0.98)
+
+
+def test_running_baseline_lets_both_bad_teach():
+    advantages = running_baseline_advantages([-1.0] * 5 + [1.0])
+    assert advantages[0] == -1.0
+    assert all(a < 0 for a in advantages[:5])
+    assert advantages[1] > advantages[0]  # the baseline learns that -1 is common
+    assert advantages[5] > 1.0  # a thumbs up after a run of bad ones stands out
