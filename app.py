@@ -45,7 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(config: Config) -> None:
+def read_credentials(pairs: list[str] | None, path: str | None) -> list[tuple[str, str]]:
+    """USER:PASSWORD entries from --auth and --auth-file, checked for shape."""
+    from chatbot.errors import InvalidInput
+
+    entries = list(pairs or [])
+    if path:
+        try:
+            lines = open(path, encoding="utf-8").read().splitlines()
+        except OSError as exc:
+            raise InvalidInput(f"cannot read --auth-file {path}: {exc.strerror}") from None
+        entries += [line.strip() for line in lines
+                    if line.strip() and not line.lstrip().startswith("#")]
+    credentials = []
+    for entry in entries:
+        user, sep, password = entry.partition(":")
+        if not sep or not user.strip() or not password:
+            raise InvalidInput(f"a login must look like USER:PASSWORD, got {user.strip()!r}:...")
+        credentials.append((user.strip(), password))
+    return credentials
+
+
+def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     import torch
 
     from chatbot.hotswap import LiveAdapter
@@ -55,6 +76,7 @@ def serve(config: Config) -> None:
     from chatbot.service import ChatService
     from chatbot.store import Store
     from ui.app import build_ui
+    from ui.common import LOCAL_USER
 
     if config.seed is not None:
         torch.manual_seed(config.seed)
@@ -70,14 +92,17 @@ def serve(config: Config) -> None:
     generator = PairGenerator(loaded, config, adapter_context=live.reading)
     service = ChatService(config, store, generator, model_id=loaded.model_id, live=live,
                           learner_state=learner.state if learner else None)
-    demo = build_ui(service)
+    admins = frozenset(config.admins) if credentials else frozenset({LOCAL_USER})
+    demo = build_ui(service, admins=admins)
     demo.queue(default_concurrency_limit=config.concurrency, max_size=config.queue_size)
-    if config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach this address can chat and vote",
-                    config.host)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not credentials:
+        log.warning("listening on %s without --auth: anyone who can reach this address can "
+                    "chat, vote and read every conversation of the local user", config.host)
     try:
         demo.launch(server_name=config.host, server_port=config.port,
-                    blocked_paths=[str(config.data_dir.resolve())], share=False)
+                    auth=credentials or None, auth_message="Duet: sign in to chat",
+                    blocked_paths=[str(config.data_dir), str(config.cache_dir)],
+                    share=config.share)
     finally:
         live.stop()
         if learner:
@@ -93,28 +118,12 @@ def export(config: Config, out: str) -> None:
 
 
 def rollback(config: Config, to: int | None) -> None:
-    from chatbot import adapters
-    from chatbot.errors import Conflict, NotFound
+    from chatbot.service import rollback as make_live
     from chatbot.store import Store
 
-    store = Store(config.db_path)
-    live = store.live_adapter()
-    if to is None:
-        if live is None:
-            raise Conflict("the base model (v0) is live; there is nothing to roll back")
-        to = live["parent_version"] or 0
-    if to:
-        row = store.adapter(to)
-        if row is None:
-            raise NotFound(f"no adapter version {to}")
-        if not row["path"]:
-            raise Conflict(f"v{to} was deleted from disk (only the last {config.keep_versions} "
-                           "versions are kept)")
-        adapters.read_verified(config.adapters_dir / row["path"], base_model=row["base_model"],
-                               manifest_sha256=row["sha256"])
-    store.set_live(to)
-    print(f"v{to} is live (was v{live['version'] if live else 0}); the server switches to it "
-          "within a few seconds")
+    result = make_live(Store(config.db_path), config, to)
+    print(f"v{result['live_adapter_version']} is live (was v{result['previous_version']}); "
+          "a running server switches to it within a few seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "rollback":
             rollback(config, args.to)
         else:
-            serve(config)
+            serve(config, read_credentials(args.auth, args.auth_file))
     except DuetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,8 @@ class Config:
     queue_size: int = 32
     swap_poll_seconds: float = 2.0
     start_learner: bool = True
+    admins: tuple[str, ...] = ()  # user names that may roll back (passwords never live here)
+    share: bool = False
     # learner
     objective: str = "pg"
     learn_every: int = 4
@@ -88,6 +90,8 @@ class Config:
         for key in ("data_dir", "cache_dir"):  # absolute: the learner runs in another cwd
             if key in values:
                 values[key] = Path(values[key]).expanduser().resolve()
+        if "admins" in values:
+            values["admins"] = tuple(values["admins"])
         return cls(**values)
 
 
@@ -165,6 +169,17 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                             f"(default: {d.swap_poll_seconds})")
     group.add_argument("--no-learner", dest="start_learner", action="store_false",
                        help="do not start the learner as a child process")
+    group.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
+                       help="require a login; repeat for each user (prefer --auth-file: "
+                            "command lines are visible to other local users)")
+    group.add_argument("--auth-file", default=None,
+                       help="file with one USER:PASSWORD per line (# comments allowed); keep it "
+                            "private: chmod 600")
+    group.add_argument("--admin", dest="admins", action="append", default=None, metavar="USER",
+                       help="a logged-in user who may roll back adapters (repeatable); without "
+                            "--auth the single local user is the admin")
+    group.add_argument("--share", action="store_true",
+                       help="also open a public gradio.live link (off by default)")
 
 
 def add_learner_args(parser: argparse.ArgumentParser) -> None:

@@ -12,8 +12,9 @@ import logging
 import unicodedata
 from collections.abc import Callable, Iterator
 
+from chatbot import adapters
 from chatbot.config import Config
-from chatbot.errors import Conflict, InvalidInput
+from chatbot.errors import Conflict, InvalidInput, NotFound
 from chatbot.hotswap import LiveAdapter
 from chatbot.sampling import PairGenerator, SampledPair
 from chatbot.store import Store
@@ -131,6 +132,31 @@ class ChatService:
 
     # --- reading -----------------------------------------------------------------------
 
+    def conversations(self, user: str) -> list[dict]:
+        """The user's own conversations, newest first."""
+        return self.store.conversations(user)
+
+    def conversation(self, user: str, conversation_id: str) -> dict:
+        """Messages so far and the open pair awaiting a vote (or None), for reopening."""
+        self.store.conversation(user, conversation_id)
+        messages = [{"role": m["role"], "content": m["content"]}
+                    for m in self.store.messages(conversation_id)]
+        open_pair = self.store.open_pair(conversation_id)
+        pair = None
+        if open_pair:
+            full = self.store.pair(user, open_pair["id"])
+            pair = {"pair_id": full["id"], "replies": [r["text"] for r in full["replies"]],
+                    "adapter_version": full["adapter_version"]}
+        return {"conversation_id": conversation_id, "messages": messages, "open_pair": pair}
+
+    def dashboard(self) -> dict:
+        """Everything the learning tab shows: status, learner steps, adapter versions."""
+        return {"status": self.status(), "steps": self.store.learner_steps(),
+                "adapters": self.store.adapters()}
+
+    def rollback(self, to: int | None = None) -> dict:
+        return rollback(self.store, self.config, to)
+
     def status(self) -> dict:
         counts = self.store.pending_counts()
         registry_version = self.store.live_adapter_version()
@@ -142,3 +168,28 @@ class ChatService:
             "swap_error": self.live.last_error if self.live else None,
             "learner": self.learner_state() if self.learner_state else {"state": "not started"},
         }
+
+
+def rollback(store: Store, config: Config, to: int | None = None) -> dict:
+    """Make an earlier adapter version live (default: the live version's parent; 0 = base).
+
+    The target's files are checked against its manifest first, so a rollback never points
+    the server at an adapter it would refuse to load.
+    """
+    live = store.live_adapter()
+    before = live["version"] if live else 0
+    if to is None:
+        if live is None:
+            raise Conflict("the base model (v0) is live; there is nothing to roll back")
+        to = live["parent_version"] or 0
+    if to:
+        row = store.adapter(to)
+        if row is None:
+            raise NotFound(f"no adapter version {to}")
+        if not row["path"]:
+            raise Conflict(f"v{to} was deleted from disk (only the last {config.keep_versions} "
+                           "versions are kept)")
+        adapters.read_verified(config.adapters_dir / row["path"], base_model=row["base_model"],
+                               manifest_sha256=row["sha256"])
+    store.set_live(to)
+    return {"ok": True, "live_adapter_version": to, "previous_version": before}

@@ -38,6 +38,10 @@ class PreferencePair:
     chosen: Sample
     rejected: Sample
 
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.chosen.reply_id, self.rejected.reply_id)
+
 
 # What one new feedback item says about the replies, for the round's "reward" metric: +1 for a
 # preferred reply or a thumbs up, 0 for a tie, -1 for "both bad" or a thumbs down.
@@ -62,7 +66,7 @@ class RoundData:
 class RoundBuilder:
     """Reads the store and assembles one round's RoundData."""
 
-    def __init__(self, store: Store, holdout: float, replay: int, max_heldout: int = 64,
+    def __init__(self, store: Store, holdout: float, replay: int, max_heldout: int = 32,
                  rng: random.Random | None = None) -> None:
         self.store = store
         self.holdout = holdout

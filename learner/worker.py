@@ -82,6 +82,7 @@ class Learner:
         self.builder = RoundBuilder(store, config.holdout, config.replay,
                                     rng=random.Random(seed))
         self.pad_id = loaded.tokenizer.pad_token_id
+        self._margins: dict[int, dict] = {}  # adapter version -> held-out pair key -> margin
 
     # --- weights -----------------------------------------------------------------------
 
@@ -143,15 +144,32 @@ class Learner:
                 totals += logp.sum(-1).tolist()
         return totals, kl_sum, tokens
 
-    def heldout_margins(self, pairs: list[PreferencePair]) -> torch.Tensor:
-        """(P,) chosen log-ratio to the reference minus the rejected one, per held-out pair."""
-        if not pairs:
-            return torch.zeros(0)
-        chosen, _, _ = self.score([p.chosen for p in pairs])
-        rejected, _, _ = self.score([p.rejected for p in pairs])
-        ref_c = torch.tensor([sum(p.chosen.ref) for p in pairs])
-        ref_r = torch.tensor([sum(p.rejected.ref) for p in pairs])
-        return (torch.tensor(chosen) - ref_c) - (torch.tensor(rejected) - ref_r)
+    def heldout_margins(self, pairs: list[PreferencePair], cached_version: int | None = None
+                        ) -> tuple[dict, float, int]:
+        """Margin per held-out pair under the weights as they are now: the chosen reply's
+        log-ratio to the reference minus the rejected one's. Also the k3 KL sum and token
+        count over the replies scored.
+
+        With `cached_version` (the version the weights are), margins already known for it are
+        reused: the live version was judged on most held-out pairs when it was a candidate.
+        """
+        known = self._margins.get(cached_version, {}) if cached_version is not None else {}
+        todo = [p for p in pairs if p.key not in known]
+        computed, kl_sum, tokens = {}, 0.0, 0
+        if todo:
+            chosen, kl_c, tok_c = self.score([p.chosen for p in todo])
+            rejected, kl_r, tok_r = self.score([p.rejected for p in todo])
+            kl_sum, tokens = kl_c + kl_r, tok_c + tok_r
+            for pair, c, r in zip(todo, chosen, rejected):
+                computed[pair.key] = (c - sum(pair.chosen.ref)) - (r - sum(pair.rejected.ref))
+        if cached_version is not None:
+            self._margins.setdefault(cached_version, {}).update(computed)
+        return {**known, **computed}, kl_sum, tokens
+
+    @staticmethod
+    def accuracy(margins: dict, pairs: list[PreferencePair]) -> float | None:
+        return gate.preference_accuracy(torch.tensor([margins[p.key] for p in pairs],
+                                                     dtype=torch.float32))
 
     # --- training ----------------------------------------------------------------------
 
@@ -250,12 +268,15 @@ class Learner:
         data = self.builder.build(claimed)
         self.fill_reference(data.samples + [s for p in data.heldout for s in (p.chosen,
                                                                              p.rejected)])
-        live_acc = gate.preference_accuracy(self.heldout_margins(data.heldout))
+        live_margins, _, _ = self.heldout_margins(data.heldout, cached_version=parent)
         stats = self.train(data)
-        candidate_acc = gate.preference_accuracy(self.heldout_margins(data.heldout))
-        judged = data.new_samples + [s for p in data.heldout for s in (p.chosen, p.rejected)]
-        _, kl_sum, tokens = self.score(judged) if judged else ([], 0.0, 0)
+        margins, kl_sum, tokens = self.heldout_margins(data.heldout)
+        if data.new_samples:  # the KL tripwire also looks at this round's own replies
+            _, new_kl, new_tokens = self.score(data.new_samples)
+            kl_sum, tokens = kl_sum + new_kl, tokens + new_tokens
         kl = kl_sum / tokens if tokens else (stats["kl"] or 0.0)
+        live_acc = self.accuracy(live_margins, data.heldout)
+        candidate_acc = self.accuracy(margins, data.heldout)
         decision = gate.decide(candidate_acc, live_acc, len(data.heldout), kl,
                                self.config.kl_tripwire, self.config.gate_tolerance)
         version = self.store.next_adapter_version()
@@ -282,7 +303,11 @@ class Learner:
                        "status": "live" if decision.promote else "rejected",
                        "metrics": metrics, "reason": decision.reason}, step)
         step["status"] = "promoted" if status == "live" else "rejected"
-        self.adapter_version = version if status == "live" else None
+        if status == "live":
+            self.adapter_version = version
+            self._margins[version] = margins
+        else:
+            self.adapter_version = None  # the weights are the rejected candidate's
         log.info("round %s: v%d %s (%s) in %.1f s, loss %s, KL %.4f, %d new + %d replayed",
                  round_id[:8], version, step["status"], decision.reason, step["seconds"],
                  stats["loss"], kl, step["new_votes"], step["replayed_votes"])

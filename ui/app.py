@@ -1,66 +1,41 @@
-"""build_ui(service) -> gr.Blocks: the chat page and the public API (/ask /vote /rate /status).
+"""build_ui(service) -> gr.Blocks: the chat page, history, learning dashboard, and the public
+API (/ask /vote /rate /status).
 
 Handlers are thin: they find out who is asking (Gradio's authenticated request, never a form
-field), call ChatService, and turn DuetError into gr.Error. All state a user owns lives in
-gr.State or the DB; nothing here is shared between users.
+field), call ChatService, and turn DuetError into gr.Error. What a user owns lives in gr.State
+or the DB; nothing here is shared between users. Every text from a user or the model is shown
+as text: HTML is escaped and Markdown is not rendered, so nothing in a message can run.
+
+Left out: editing or deleting messages, file uploads, themes.
 """
 
 from __future__ import annotations
 
-import functools
+import html
 import logging
 
 import gradio as gr
 
-from chatbot.errors import DuetError
 from chatbot.service import ChatService
 from chatbot.store import CHOICES
+from ui import dashboard
+from ui.common import LOCAL_USER, as_text, user_errors, user_of
 
 log = logging.getLogger(__name__)
 
-LOCAL_USER = "local"
 CHOICE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+CSS = """
+.reply textarea { font-size: 0.95rem; }
+footer { display: none !important; }
+"""
 
 
-def user_of(request: gr.Request | None) -> str:
-    """The authenticated user name, or the single local user when auth is off."""
-    return (request.username if request is not None else None) or LOCAL_USER
+def chat_messages(messages: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": as_text(m["content"])} for m in messages]
 
 
-def user_errors(fn):
-    """Show DuetError to the user as a clear message; hide anything else behind a short one."""
-
-    def convert(exc: Exception) -> Exception:
-        if isinstance(exc, DuetError):
-            return gr.Error(str(exc), print_exception=False)
-        if isinstance(exc, gr.Error):
-            return exc
-        log.exception("unexpected error in %s", fn.__name__)
-        return gr.Error("something went wrong on the server; it has been logged",
-                        print_exception=False)
-
-    if _is_generator(fn):
-        @functools.wraps(fn)
-        def gen_wrapper(*args, **kwargs):
-            try:
-                yield from fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - converted, not swallowed
-                raise convert(exc) from None
-        return gen_wrapper
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            raise convert(exc) from None
-    return wrapper
-
-
-def _is_generator(fn) -> bool:
-    import inspect
-
-    return inspect.isgeneratorfunction(fn)
+def reply_view(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": as_text(text)}] if text else []
 
 
 def add_api(service: ChatService) -> None:
@@ -82,7 +57,7 @@ def add_api(service: ChatService) -> None:
         return service.rate(user_of(request), pair_id, side, thumb)
 
     @user_errors
-    def status() -> dict:
+    def status(request: gr.Request) -> dict:
         """Live adapter version, vote counts, model, learner state."""
         return service.status()
 
@@ -92,39 +67,87 @@ def add_api(service: ChatService) -> None:
     gr.api(status, api_name="status")
 
 
-def build_ui(service: ChatService) -> gr.Blocks:
+def build_ui(service: ChatService, admins: frozenset[str] = frozenset({LOCAL_USER})
+             ) -> gr.Blocks:
+    def is_admin(request: gr.Request) -> bool:
+        return user_of(request) in admins
+
     with gr.Blocks(title="Duet") as demo:
         conversation_id = gr.State("")
         pair_id = gr.State("")
-        gr.Markdown("## Duet\nEvery message gets two replies. Pick the better one: "
-                    "the model learns from your choices.")
-        history = gr.Chatbot(label="Conversation", height=360)
-        with gr.Row(equal_height=True):
-            reply_a = gr.Textbox(label="Reply A", lines=6, interactive=False)
-            reply_b = gr.Textbox(label="Reply B", lines=6, interactive=False)
         with gr.Row():
-            vote_buttons = [gr.Button(CHOICE_LABELS[c], interactive=False) for c in CHOICES]
-        with gr.Row():
-            message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
-                                 scale=5)
-            send = gr.Button("Send", variant="primary", scale=1)
-            new = gr.Button("New conversation", scale=1)
+            gr.Markdown("## Duet\nEvery message gets two replies. Pick the better one: the "
+                        "model learns from your choices.")
+            whoami = gr.Markdown(elem_id="whoami")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Chat", id="chat"):
+                history = gr.Chatbot(label="Conversation", height=320, render_markdown=False,
+                                     elem_id="history", feedback_options=None,
+                                     placeholder="Say something to start.")
+                with gr.Row(equal_height=True):
+                    reply_a = gr.Chatbot(label="Reply A", height=240, render_markdown=False,
+                                         elem_id="reply-a", elem_classes=["reply"])
+                    reply_b = gr.Chatbot(label="Reply B", height=240, render_markdown=False,
+                                         elem_id="reply-b", elem_classes=["reply"])
+                with gr.Row():
+                    vote_buttons = [gr.Button(CHOICE_LABELS[c], interactive=False,
+                                              elem_id=f"vote-{c}") for c in CHOICES]
+                with gr.Row():
+                    message = gr.Textbox(placeholder="Type a message and press Enter",
+                                         show_label=False, scale=6, elem_id="message",
+                                         max_length=service.config.max_message_chars + 1)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    regenerate = gr.Button("New pair for this message", interactive=False,
+                                           size="sm", elem_id="regenerate")
+                    new = gr.Button("New conversation", size="sm", elem_id="new")
+                gr.Markdown("Thumbs up or down on a reply tell the learner about that reply "
+                            "alone. On a tie or 'both are bad' the conversation goes on from "
+                            "reply A.")
+            with gr.Tab("History", id="history-tab") as history_tab:
+                conversation_list = gr.Dropdown(label="Your conversations", choices=[],
+                                                elem_id="conversation-list")
+                with gr.Row():
+                    open_button = gr.Button("Open", variant="primary", elem_id="open")
+                    refresh = gr.Button("Refresh", elem_id="refresh-history")
+            with gr.Tab("Learning", id="learning") as learning_tab:
+                board = dashboard.build(service, is_admin)
+
+        outputs = [conversation_id, pair_id, history, reply_a, reply_b, message, regenerate,
+                   *vote_buttons]
 
         def buttons(enabled: bool) -> list:
             return [gr.update(interactive=enabled) for _ in CHOICES]
 
-        @user_errors
-        def on_send(text, conv_id, chat, request: gr.Request):
-            chat = list(chat or [])
-            user = user_of(request)
-            for update in service.ask_stream(user, text, conv_id):
+        def streamed(updates, conv_id, chat):
+            """Turn a stream of pair updates into UI updates; votes open once it is done."""
+            for update in updates:
                 a, b = update["replies"]
                 if update["done"]:
-                    chat = chat + [{"role": "user", "content": text.strip()}]
-                    yield (update["conversation_id"], update["pair_id"], chat, a, b, "",
+                    yield (update["conversation_id"], update["pair_id"], chat, reply_view(a),
+                           reply_view(b), gr.update(), gr.update(interactive=True),
                            *buttons(True))
                 else:
-                    yield (conv_id, "", chat, a, b, gr.update(), *buttons(False))
+                    yield (conv_id, "", chat, reply_view(a), reply_view(b), gr.update(),
+                           gr.update(interactive=False), *buttons(False))
+
+        @user_errors
+        def on_send(text, conv_id, chat, request: gr.Request):
+            if not (text or "").strip():
+                return  # an empty message does nothing
+            updates = service.ask_stream(user_of(request), text, conv_id)
+            first = next(updates)  # input errors surface here, before the screen changes
+            chat = list(chat or []) + [{"role": "user", "content": as_text(text.strip())}]
+            a, b = first["replies"]
+            yield (conv_id, "", chat, reply_view(a), reply_view(b), "",
+                   gr.update(interactive=False), *buttons(False))
+            yield from streamed(updates, conv_id, chat)
+
+        @user_errors
+        def on_regenerate(p_id, conv_id, chat, request: gr.Request):
+            if not p_id:
+                raise gr.Error("there is no pair to replace yet")
+            yield from streamed(service.regenerate_stream(user_of(request), p_id), conv_id, chat)
 
         def on_vote(choice):
             @user_errors
@@ -133,20 +156,61 @@ def build_ui(service: ChatService) -> gr.Blocks:
                     raise gr.Error("there is no pair to vote on yet")
                 result = service.vote(user_of(request), p_id, choice)
                 chosen = b if result["continued_with"] == "B" else a
-                chat = list(chat or []) + [{"role": "assistant", "content": chosen}]
-                return ("", chat, "", "", *buttons(False))
+                chat = list(chat or []) + list(chosen or [])
+                return ("", chat, [], [], gr.update(interactive=False), *buttons(False))
             return handler
 
-        outputs = [conversation_id, pair_id, history, reply_a, reply_b, message, *vote_buttons]
-        send.click(on_send, [message, conversation_id, history], outputs, api_visibility="private")
-        message.submit(on_send, [message, conversation_id, history], outputs,
-                       api_visibility="private")
+        def on_like(side):
+            @user_errors
+            def handler(p_id, data: gr.LikeData, request: gr.Request):
+                if not p_id or data.liked not in (True, False):
+                    return
+                service.rate(user_of(request), p_id, side, "up" if data.liked else "down")
+                gr.Info(f"Noted: thumbs {'up' if data.liked else 'down'} for reply {side}.")
+            return handler
+
+        @user_errors
+        def on_open(conv_id, request: gr.Request):
+            if not conv_id:
+                raise gr.Error("choose a conversation first")
+            view = service.conversation(user_of(request), conv_id)
+            pair = view["open_pair"]
+            a, b = pair["replies"] if pair else ("", "")
+            return (conv_id, pair["pair_id"] if pair else "", chat_messages(view["messages"]),
+                    reply_view(a), reply_view(b), "", gr.update(interactive=bool(pair)),
+                    *buttons(bool(pair)), gr.Tabs(selected="chat"))
+
+        @user_errors
+        def list_conversations(request: gr.Request):
+            rows = service.conversations(user_of(request))
+            choices = [(f"{r['title'] or '(untitled)'} · {r['updated_at'][:16].replace('T', ' ')}",
+                        r["id"]) for r in rows]
+            return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
+
+        def on_load(request: gr.Request):
+            user = user_of(request)
+            role = " (admin)" if is_admin(request) else ""
+            return f"Signed in as **{html.escape(user)}**{role}"
+
+        inputs = [message, conversation_id, history]
+        send.click(on_send, inputs, outputs, api_visibility="private")
+        message.submit(on_send, inputs, outputs, api_visibility="private")
+        regenerate.click(on_regenerate, [pair_id, conversation_id, history], outputs,
+                         api_visibility="private")
         for choice, button in zip(CHOICES, vote_buttons):
             button.click(on_vote(choice), [pair_id, history, reply_a, reply_b],
-                         [pair_id, history, reply_a, reply_b, *vote_buttons],
+                         [pair_id, history, reply_a, reply_b, regenerate, *vote_buttons],
                          api_visibility="private")
-        new.click(lambda: ("", "", [], "", "", *buttons(False)), None,
-                  [conversation_id, pair_id, history, reply_a, reply_b, *vote_buttons],
-                  api_visibility="private")
+        reply_a.like(on_like("A"), [pair_id], None, api_visibility="private")
+        reply_b.like(on_like("B"), [pair_id], None, api_visibility="private")
+        new.click(lambda: ("", "", [], [], [], "", gr.update(interactive=False), *buttons(False)),
+                  None, outputs, api_visibility="private")
+        for trigger in (history_tab.select, refresh.click):
+            trigger(list_conversations, None, conversation_list, api_visibility="private")
+        open_button.click(on_open, [conversation_list], [*outputs, tabs],
+                          api_visibility="private")
+        learning_tab.select(board.refresh, None, board.outputs, api_visibility="private")
+        demo.load(on_load, None, whoami, api_visibility="private")
+        demo.load(board.show_admin, None, board.admin_outputs, api_visibility="private")
         add_api(service)
     return demo

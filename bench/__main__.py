@@ -1,0 +1,37 @@
+"""`python -m bench NAME [options]`: run one benchmark and write its JSON result."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+BENCHMARKS = {
+    "learn": "bench.learn",
+    "pair": "bench.pair",
+    "learner": "bench.learner_round",
+    "swap": "bench.swap",
+    "latency": "bench.latency",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    commands = parser.add_subparsers(dest="name", required=True)
+    modules = {}
+    for name, module_name in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+        module.add_args(sub)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    path = modules[args.name].run(args)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

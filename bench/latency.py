@@ -1,0 +1,8 @@
+"""latency: not written yet."""
+
+def add_args(parser):
+    pass
+
+
+def run(args):
+    raise SystemExit("not written yet")

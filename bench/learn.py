@@ -1,0 +1,97 @@
+"""learn: does the model get better from clicks? A simulated user with a hidden preference
+plays the real loop; the win rate of the live adapter over the base model on held-out prompts
+is measured at checkpoints and plotted.
+
+    python -m bench learn --oracle shorter --votes 64 [--objective pg|dpo] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, write_result
+from bench.oracles import ORACLES
+from bench.simulate import Simulation, as_dict, load_prompts, split_prompts
+from chatbot.config import Config, add_learner_args, add_model_args
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--oracle", choices=sorted(ORACLES), default="shorter",
+                        help="the simulated user's hidden preference (default: shorter)")
+    parser.add_argument("--votes", type=int, default=64, help="votes to cast (default: 64)")
+    parser.add_argument("--checkpoints", default=None,
+                        help="comma-separated vote counts to evaluate at "
+                             "(default: 0, votes/4, votes/2, votes)")
+    parser.add_argument("--eval-prompts", type=int, default=32,
+                        help="held-out prompts per evaluation, two replies each (default: 32)")
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="reply length limit (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
+    parser.add_argument("--tag", default="", help="suffix for the result file name")
+    add_model_args(parser)
+    add_learner_args(parser)
+
+
+def run(args: argparse.Namespace) -> Path:
+    checkpoints = ([int(c) for c in args.checkpoints.split(",")] if args.checkpoints
+                   else sorted({0, args.votes // 4, args.votes // 2, args.votes}))
+    oracle = ORACLES[args.oracle]
+    train, held_out = split_prompts(load_prompts(), args.eval_prompts, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="duet-bench-") as data_dir:
+        config = dataclasses.replace(Config.from_args(args), data_dir=Path(data_dir),
+                                     seed=args.seed)
+        started = time.perf_counter()
+        sim = Simulation(config, oracle, train, held_out, seed=args.seed)
+        evaluations = sim.run(args.votes, checkpoints)
+        seconds = time.perf_counter() - started
+    name = f"learn-{args.oracle}-{args.objective}" + (f"-{args.tag}" if args.tag else "")
+    results = {
+        "oracle": oracle.description,
+        "evaluations": [as_dict(e) for e in evaluations],
+        "rounds": sim.round_steps,
+        "seconds_total": seconds,
+        "seconds_per_vote_median": sorted(sim.vote_seconds)[len(sim.vote_seconds) // 2]
+        if sim.vote_seconds else None,
+        "prompts": {"train": len(train), "eval": len(held_out)},
+    }
+    settings = {**config.as_dict(), "votes": args.votes, "checkpoints": checkpoints,
+                "oracle": args.oracle}
+    out = Path(args.out) if args.out else RESULTS
+    path = write_result(name, settings, results, out)
+    plot(evaluations, out / f"{name}.png", title=f"{name}: {oracle.description}")
+    return path
+
+
+def plot(evaluations, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    votes = [e.votes for e in evaluations]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(votes, [e.win_rate for e in evaluations], "o-", label="win rate vs base")
+    axes[0].fill_between(votes, [e.win_rate_ci[0] for e in evaluations],
+                         [e.win_rate_ci[1] for e in evaluations], alpha=0.2)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[0].set(xlabel="votes", ylabel="win rate (ties = 1/2)", ylim=(0, 1))
+    axes[1].plot(votes, [e.satisfied_share for e in evaluations], "o-", label="adapter")
+    axes[1].plot(votes, [e.base_satisfied_share for e in evaluations], "--", label="base")
+    axes[1].set(xlabel="votes", ylabel="share satisfying the preference", ylim=(0, 1))
+    axes[1].legend()
+    axes[2].plot(votes, [e.kl_per_token for e in evaluations], "o-", label="KL / token")
+    axes[2].plot(votes, [e.mean_words / 100 for e in evaluations], "s-",
+                 label="mean words / 100")
+    axes[2].set(xlabel="votes")
+    axes[2].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,8 @@
+"""pair: not written yet."""
+
+def add_args(parser):
+    pass
+
+
+def run(args):
+    raise SystemExit("not written yet")

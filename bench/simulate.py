@@ -1,0 +1,210 @@
+"""Play Duet's real loop with a simulated user, in one process, and measure what it learned.
+
+The loop is the product's own: ChatService samples a pair through the PairGenerator (on the
+live adapter, via LiveAdapter), the oracle votes, the Store keeps it, the Learner runs a round
+every `learn_every` votes and publishes an adapter, and LiveAdapter swaps it in before the
+next pair. Only the two processes are folded into one, so runs are repeatable and need no
+ports; the `latency` benchmark times the real two-process setup.
+
+An evaluation samples replies for held-out prompts from the live adapter and compares them
+with the base model's replies to the same prompts under the oracle (win rate, ties count one
+half), and reports the share of replies that satisfy the preference, their mean length, the
+per-token log-ratio to the base on the adapter's own replies (KL), and fluency (non-empty,
+repeated word trigrams, the base model's per-token log-prob of the reply).
+
+Left out: several simulated users at once, real network traffic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.oracles import Oracle, words
+from chatbot.config import Config
+from chatbot.hotswap import LiveAdapter
+from chatbot.model import load_model
+from chatbot.sampling import PairGenerator
+from chatbot.service import ChatService
+from chatbot.store import Store
+from learner.batch import Sample
+from learner.worker import Learner
+
+log = logging.getLogger(__name__)
+
+PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.txt"
+
+
+def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def split_prompts(prompts: list[str], n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out evaluation prompts), a fixed shuffle of the file."""
+    shuffled = prompts[:]
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided exact binomial p-value of at least `wins` successes out of wins + losses."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def bootstrap_ci(scores: list[float], rng: random.Random, draws: int = 2000) -> tuple[float, float]:
+    if not scores:
+        return (float("nan"), float("nan"))
+    means = sorted(sum(rng.choices(scores, k=len(scores))) / len(scores) for _ in range(draws))
+    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def repeated_trigram_share(text: str) -> float:
+    tokens = text.lower().split()
+    grams = [tuple(tokens[i:i + 3]) for i in range(len(tokens) - 2)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass
+class Evaluation:
+    votes: int
+    adapter_version: int
+    win_rate: float
+    win_rate_ci: tuple[float, float]
+    wins: int
+    ties: int
+    losses: int
+    p_value: float  # one-sided sign test of wins against losses
+    satisfied_share: float
+    base_satisfied_share: float
+    mean_words: float
+    base_mean_words: float
+    kl_per_token: float
+    nonempty_share: float
+    repeated_trigrams: float
+    base_logprob_per_token: float
+    seconds: float
+
+
+@dataclass
+class Simulation:
+    config: Config
+    oracle: Oracle
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    seed: int = 0
+    evaluations: list[Evaluation] = field(default_factory=list)
+    round_steps: list[dict] = field(default_factory=list)
+    votes: int = 0
+
+    def __post_init__(self) -> None:
+        torch.manual_seed(self.seed)
+        self.rng = random.Random(self.seed)
+        self.store = Store(self.config.db_path)
+        self.server = load_model(self.config)
+        self.live = LiveAdapter(self.server.model, self.server.model_id, self.store,
+                                self.config.adapters_dir)
+        self.generator = PairGenerator(self.server, self.config, adapter_context=self.live.reading)
+        self.service = ChatService(self.config, self.store, self.generator,
+                                   model_id=self.server.model_id, live=self.live)
+        self.learner = Learner(self.config, self.store, load_model(self.config), seed=self.seed)
+        self.base_replies: list[list[str]] | None = None
+        self.vote_seconds: list[float] = []
+
+    def vote_once(self) -> str:
+        prompt = self.rng.choice(self.train_prompts)
+        started = time.perf_counter()
+        result = self.service.ask("simulated-user", prompt, "")
+        choice = self.oracle.prefer(*result["replies"])
+        self.service.vote("simulated-user", result["pair_id"], choice)
+        self.votes += 1
+        if self.learner.pending() >= self.config.learn_every:
+            step = self.learner.round()
+            if step:
+                self.round_steps.append(step)
+            self.live.sync()
+        self.vote_seconds.append(time.perf_counter() - started)
+        return choice
+
+    def run(self, votes: int, checkpoints: list[int]) -> list[Evaluation]:
+        if 0 in checkpoints and not self.evaluations:
+            self.evaluate()
+        while self.votes < votes:
+            self.vote_once()
+            if self.votes in checkpoints:
+                self.evaluate()
+        return self.evaluations
+
+    def _sample_eval(self) -> list[tuple[list[int], list]]:
+        """One pair (two replies) per evaluation prompt from the live adapter."""
+        pairs = []
+        for prompt in self.eval_prompts:
+            pair = self.generator.sample([{"role": "user", "content": prompt}])
+            pairs.append((pair.prompt_token_ids, list(pair.replies)))
+        return pairs
+
+    def evaluate(self) -> Evaluation:
+        started = time.perf_counter()
+        state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed + 10_000)  # the same sampling noise at every checkpoint
+        pairs = self._sample_eval()
+        torch.random.set_rng_state(state)
+        texts = [[r.text for r in replies] for _, replies in pairs]
+        if self.base_replies is None:
+            assert self.live.version == 0, "the first evaluation must be of the base model"
+            self.base_replies = texts
+        wins = ties = losses = 0
+        scores = []
+        for live_pair, base_pair in zip(texts, self.base_replies):
+            for live_text, base_text in zip(live_pair, base_pair):
+                verdict = self.oracle.prefer(live_text, base_text)
+                wins += verdict == "A"
+                ties += verdict == "tie"
+                losses += verdict == "B"
+                scores.append({"A": 1.0, "tie": 0.5, "B": 0.0}[verdict])
+        flat = [t for pair in texts for t in pair]
+        base_flat = [t for pair in self.base_replies for t in pair]
+        kl, base_lp = self._kl_and_fluency(pairs)
+        evaluation = Evaluation(
+            votes=self.votes, adapter_version=self.live.version,
+            win_rate=sum(scores) / len(scores), win_rate_ci=bootstrap_ci(scores, self.rng),
+            wins=wins, ties=ties, losses=losses, p_value=sign_test_p(wins, losses),
+            satisfied_share=sum(map(self.oracle.satisfied, flat)) / len(flat),
+            base_satisfied_share=sum(map(self.oracle.satisfied, base_flat)) / len(base_flat),
+            mean_words=sum(map(words, flat)) / len(flat),
+            base_mean_words=sum(map(words, base_flat)) / len(base_flat),
+            kl_per_token=kl, nonempty_share=sum(bool(t.strip()) for t in flat) / len(flat),
+            repeated_trigrams=sum(map(repeated_trigram_share, flat)) / len(flat),
+            base_logprob_per_token=base_lp, seconds=time.perf_counter() - started)
+        self.evaluations.append(evaluation)
+        log.info("evaluation at %d votes: %s", self.votes, evaluation)
+        return evaluation
+
+    def _kl_and_fluency(self, pairs) -> tuple[float, float]:
+        """Per-token log(pi_live / pi_base) on the live replies, and the base per-token logp."""
+        self.learner.sync_to_live()
+        flat = [(prompt, reply) for prompt, replies in pairs for reply in replies
+                if reply.token_ids]
+        samples = [Sample(reply_id=-(i + 1), prompt=prompt, reply=reply.token_ids,
+                          behaviour=reply.token_logprobs)
+                   for i, (prompt, reply) in enumerate(flat)]
+        if not samples:
+            return 0.0, float("nan")
+        live_totals, _, tokens = self.learner.score(samples)
+        with torch.no_grad(), self.learner.model.disable_adapter():
+            base_totals, _, _ = self.learner.score(samples)
+        log_ratio = (sum(live_totals) - sum(base_totals)) / tokens
+        return log_ratio, sum(base_totals) / tokens
+
+
+def as_dict(evaluation: Evaluation) -> dict:
+    return dataclasses.asdict(evaluation)
