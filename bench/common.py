@@ -44,3 +44,8 @@ def write_result(name: str, settings: dict, results: dict, out_dir: Path | None 
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
+
+
+def device_tag(loaded) -> str:
+    """cpu, cuda, cuda-4bit, ...: result files of different devices do not overwrite."""
+    return loaded.device.type + ("" if loaded.quantize == "none" else f"-{loaded.quantize}")

@@ -61,8 +61,8 @@ class Config:
     target_kl: float = 0.05
     dpo_beta: float = 0.1
     clip_eps: float = 0.2
-    steps_per_round: int = 4
-    replay: int = 12
+    steps_per_round: int = 2
+    replay: int = 4
     holdout: float = 0.2
     kl_tripwire: float = 0.5
     gate_tolerance: float = 0.0

@@ -68,13 +68,18 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cp
     return Batch(**{k: v.to(device) for k, v in vars(batch).items()})
 
 
-def token_logprobs(model, batch: Batch) -> torch.Tensor:
-    """Per-token log-probs (B, R) of the reply tokens under `model` as it is now."""
+def distributions(model, batch: Batch) -> torch.Tensor:
+    """Log-probs over the whole vocabulary (B, R, V) at each reply position."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids, logits_to_keep=batch.reply_width + 1,
                 use_cache=False)
     logits = out.logits[:, :-1].float()  # (B, R, V): position p predicts token p + 1
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[..., None])[..., 0]
+    return torch.log_softmax(logits, dim=-1)
+
+
+def token_logprobs(model, batch: Batch) -> torch.Tensor:
+    """Per-token log-probs (B, R) of the reply tokens under `model` as it is now."""
+    logp = distributions(model, batch).gather(-1, batch.targets[..., None])[..., 0]
     return logp * batch.mask
 
 

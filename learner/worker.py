@@ -11,11 +11,14 @@ Guards: gradient norm clipped to 1.0; a step whose loss or gradient is not finit
 (no parameter or optimizer change), and `max_bad_steps` such steps in a round fail the round
 with nothing published; the KL tripwire and the held-out gate stop a collapsing candidate.
 
-The learner keeps no state of its own between rounds except the KL coefficient (which it
-reads back from the last learner_steps row) and a fresh optimizer per round: kill it at any
-time and restart it, and it carries on from the DB and the adapters folder.
+While its candidates keep being promoted, the learner keeps its AdamW moments from round to
+round (a fresh Adam's first steps are sign steps: every LoRA weight moves by the full learning
+rate, signal or noise). Whenever it reloads weights - at start, after a rejected candidate,
+after a rollback - it starts a fresh optimizer. Nothing else lives only in memory: the KL
+coefficient is read back from the last learner_steps row, so a killed learner restarts from
+the DB and the adapters folder and carries on.
 
-Left out: multi-GPU training, optimizer state across rounds, gradient checkpointing.
+Left out: multi-GPU training, saving optimizer moments to disk, gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from chatbot.errors import AdapterError, DuetError
 from chatbot.model import LoadedModel
 from chatbot.store import Store
 from learner import gate
-from learner.batch import Sample, collate, ref_to_tensor, token_logprobs
+from learner.batch import Sample, collate, distributions, ref_to_tensor, token_logprobs
 from learner.data import PreferencePair, RoundBuilder, RoundData
 from learner.objectives import AdaptiveKLController, dpo_loss, k3_kl, policy_gradient_loss
 
@@ -83,6 +86,8 @@ class Learner:
                                     rng=random.Random(seed))
         self.pad_id = loaded.tokenizer.pad_token_id
         self._margins: dict[int, dict] = {}  # adapter version -> held-out pair key -> margin
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._clip_fraction = 0.0
 
     # --- weights -----------------------------------------------------------------------
 
@@ -106,6 +111,7 @@ class Learner:
                                    f"--lora-r {self.config.lora_r}")
             state = adapters.load_state_dict(verified)
         result = set_peft_model_state_dict(self.model, state)
+        self.optimizer = None  # moments belong to the weights they were gathered on
         if getattr(result, "unexpected_keys", None):
             raise AdapterError(f"v{version} has weights this model lacks: "
                                f"{result.unexpected_keys[:3]}")
@@ -144,6 +150,26 @@ class Learner:
                 totals += logp.sum(-1).tolist()
         return totals, kl_sum, tokens
 
+    def exact_kl(self, samples: list[Sample]) -> tuple[float, int]:
+        """KL(pi(.|prefix) || ref(.|prefix)) summed over the whole vocabulary at each reply
+        position, summed over positions; and the number of positions.
+
+        Exact at each position, whichever token was sampled there, unlike k3 on the stored
+        tokens: after training, the rejected replies' tokens are unlikely under the policy,
+        and k3 on them would report a large KL that the policy's own samples do not have.
+        """
+        total, tokens = 0.0, 0
+        with torch.no_grad():
+            for micro in chunks(samples, MICRO_BATCH):
+                batch = collate(micro, self.pad_id, self.loaded.device)
+                logp = distributions(self.model, batch)
+                with self.model.disable_adapter():
+                    ref = distributions(self.model, batch)
+                kl = (logp.exp() * (logp - ref)).sum(-1)  # (B, R)
+                total += (kl * batch.mask).sum().item()
+                tokens += int(batch.mask.sum().item())
+        return total, tokens
+
     def heldout_margins(self, pairs: list[PreferencePair], cached_version: int | None = None
                         ) -> tuple[dict, float, int]:
         """Margin per held-out pair under the weights as they are now: the chosen reply's
@@ -176,7 +202,7 @@ class Learner:
     def _accumulate_pg(self, samples: list[Sample]) -> tuple[float, float]:
         width = max(len(s.reply) for s in samples)
         normalizer = float(len(samples) * width)  # a constant, not each reply's length
-        loss_sum, kl_weighted = 0.0, 0.0
+        loss_sum, kl_weighted, clipped = 0.0, 0.0, 0.0
         for micro in chunks(samples, MICRO_BATCH):
             batch = collate(micro, self.pad_id, self.loaded.device)
             logp = token_logprobs(self.model, batch)
@@ -187,8 +213,10 @@ class Learner:
             loss.backward()
             loss_sum += loss.item()
             kl_weighted += stats["kl"] * batch.mask.sum().item()
-        tokens = sum(len(s.reply) for s in samples)
-        return loss_sum, kl_weighted / max(tokens, 1)
+            clipped += stats["clip_fraction"] * batch.mask.sum().item()
+        tokens = max(sum(len(s.reply) for s in samples), 1)
+        self._clip_fraction = clipped / tokens
+        return loss_sum, kl_weighted / tokens
 
     def _accumulate_dpo(self, pairs: list[PreferencePair]) -> tuple[float, float]:
         loss_sum, kl_sum, tokens = 0.0, 0.0, 0
@@ -210,7 +238,9 @@ class Learner:
     def train(self, data: RoundData) -> dict:
         """`steps_per_round` optimizer steps over the round's samples. Returns step stats."""
         params = self._lora_parameters()
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
+        optimizer = self.optimizer
         use_dpo = self.config.objective == "dpo"
         if (use_dpo and not data.pairs) or (not use_dpo and not data.samples):
             return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0}
@@ -233,10 +263,9 @@ class Learner:
             optimizer.step()
             losses.append(loss)
             kls.append(kl)
-            if not use_dpo:
-                self.kl_control.update(kl)
         return {"loss": sum(losses) / len(losses) if losses else None,
-                "kl": kls[-1] if kls else None, "skipped_steps": skipped, "steps": len(losses)}
+                "kl": kls[-1] if kls else None, "skipped_steps": skipped, "steps": len(losses),
+                "clip_fraction": None if use_dpo else self._clip_fraction}
 
     # --- one round ---------------------------------------------------------------------
 
@@ -270,17 +299,19 @@ class Learner:
                                                                              p.rejected)])
         live_margins, _, _ = self.heldout_margins(data.heldout, cached_version=parent)
         stats = self.train(data)
-        margins, kl_sum, tokens = self.heldout_margins(data.heldout)
-        if data.new_samples:  # the KL tripwire also looks at this round's own replies
-            _, new_kl, new_tokens = self.score(data.new_samples)
-            kl_sum, tokens = kl_sum + new_kl, tokens + new_tokens
-        kl = kl_sum / tokens if tokens else (stats["kl"] or 0.0)
+        margins, _, _ = self.heldout_margins(data.heldout)
+        judged = data.new_samples or [s for p in data.heldout for s in (p.chosen, p.rejected)]
+        kl_sum, tokens = self.exact_kl(judged) if judged else (0.0, 0)
+        kl = kl_sum / tokens if tokens else 0.0
+        if self.config.objective == "pg" and stats["steps"]:
+            self.kl_control.update(kl, n_steps=stats["steps"])
         live_acc = self.accuracy(live_margins, data.heldout)
         candidate_acc = self.accuracy(margins, data.heldout)
         decision = gate.decide(candidate_acc, live_acc, len(data.heldout), kl,
                                self.config.kl_tripwire, self.config.gate_tolerance)
         version = self.store.next_adapter_version()
-        metrics = {"loss": stats["loss"], "kl": kl, "train_kl": stats["kl"],
+        metrics = {"loss": stats["loss"], "kl": kl, "train_k3": stats["kl"],
+                   "clip_fraction": stats.get("clip_fraction"),
                    "heldout_acc": candidate_acc, "live_heldout_acc": live_acc,
                    "heldout_pairs": len(data.heldout), "beta": self.kl_control.beta,
                    "objective": self.config.objective, "steps": stats["steps"]}

@@ -1,0 +1,64 @@
+"""The two real processes: `python app.py` with its learner child, driven through the API.
+Votes make the live adapter version rise; a dead learner leaves the chat serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from gradio_client import Client
+
+from chatbot.store import Store
+from tests.serving import running_server
+
+
+def wait_for(predicate, timeout: float, every: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture
+def live_server(tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    with running_server("--model", str(tiny_model_dir), "--data-dir", str(data),
+                        "--max-new-tokens", "8", "--learn-every", "2", "--holdout", "0",
+                        "--swap-poll-seconds", "0.5", log_path=tmp_path / "server.log") as (url, p):
+        yield Client(url, verbose=False), data, p
+
+
+def test_votes_make_the_live_version_rise(live_server):
+    client, data, _ = live_server
+    wait_for(lambda: client.predict(api_name="/status")["learner"]["state"] == "idle", 120)
+    for round_number in (1, 2):
+        for message in ("Hello there", "What is rain?"):
+            turn = client.predict(message, "", api_name="/ask")
+            client.predict(turn["pair_id"], "A", api_name="/vote")
+        status = wait_for(lambda n=round_number: (s := client.predict(api_name="/status"))
+                          ["live_adapter_version"] >= n and s, 120)
+        assert status["votes_pending"] == 0
+    turn = client.predict("And now?", "", api_name="/ask")
+    assert turn["adapter_version"] == status["live_adapter_version"]
+    store = Store(data / "duet.db")
+    reply_versions = {row[0] for row in store.db.execute("select adapter_version from pairs")}
+    assert {0, turn["adapter_version"]} <= reply_versions
+    assert all(step["status"] == "promoted" for step in store.learner_steps())
+
+
+def test_a_dead_learner_leaves_the_chat_serving(live_server):
+    client, _, _ = live_server
+    status = wait_for(lambda: (s := client.predict(api_name="/status"))["learner"].get("pid")
+                      and s["learner"]["state"] == "idle" and s, 120)
+    os.kill(status["learner"]["pid"], signal.SIGKILL)
+    stopped = wait_for(lambda: (s := client.predict(api_name="/status"))["learner"]["state"]
+                       == "stopped" and s, 30)
+    assert stopped["learner"]["exit_code"] == -signal.SIGKILL
+    turn = client.predict("Still there?", "", api_name="/ask")
+    assert len(turn["replies"]) == 2
+    assert client.predict(turn["pair_id"], "B", api_name="/vote")["ok"] is True
