@@ -49,12 +49,13 @@ class Config:
     queue_size: int = 32
     swap_poll_seconds: float = 2.0
     start_learner: bool = True
+    max_votes_per_minute: int = 30
     admins: tuple[str, ...] = ()  # user names that may roll back (passwords never live here)
     share: bool = False
     # learner
     objective: str = "pg"
     learn_every: int = 4
-    lr: float = 2e-4
+    lr: float = 1e-3
     lora_r: int = 8
     lora_alpha: int = 16
     beta: float = 0.05
@@ -68,6 +69,7 @@ class Config:
     gate_tolerance: float = 0.0
     keep_versions: int = 5
     max_batch_votes: int = 16
+    max_user_share: float = 0.5
     learner_poll_seconds: float = 1.0
     threads: int | None = None
 
@@ -164,6 +166,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help=f"replies generated at the same time (default: {d.concurrency})")
     group.add_argument("--queue-size", type=_positive_int, default=d.queue_size,
                        help=f"requests that may wait for a turn (default: {d.queue_size})")
+    group.add_argument("--max-votes-per-minute", type=int, default=d.max_votes_per_minute,
+                       help="votes and ratings one user may send per minute; 0 = no limit "
+                            f"(default: {d.max_votes_per_minute})")
     group.add_argument("--swap-poll-seconds", type=float, default=d.swap_poll_seconds,
                        help="how often the server looks for a new live adapter "
                             f"(default: {d.swap_poll_seconds})")
@@ -219,6 +224,10 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
                        help=f"adapter folders kept on disk (default: {d.keep_versions})")
     group.add_argument("--max-batch-votes", type=_positive_int, default=d.max_batch_votes,
                        help=f"most new votes claimed in one round (default: {d.max_batch_votes})")
+    group.add_argument("--max-user-share", type=float, default=d.max_user_share,
+                       help="largest share of a round's new and replayed votes that one user "
+                            f"may hold; the rest waits for later rounds (default: "
+                            f"{d.max_user_share})")
 
 
 def learner_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,9 @@ learner wrote to the DB.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import signal
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -20,6 +22,16 @@ from chatbot.store import Store
 log = logging.getLogger(__name__)
 
 HEARTBEAT_STALE_S = 120.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the server dies, so a killed
+    server never leaves an orphan learner holding the data folder's learner lock."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the child may outlive a killed server
+        pass
 
 
 class LearnerProcess:
@@ -35,7 +47,8 @@ class LearnerProcess:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL,
-                                            cwd=Path(__file__).resolve().parent.parent)
+                                            cwd=Path(__file__).resolve().parent.parent,
+                                            preexec_fn=_die_with_parent)
         log.info("learner started (pid %d), log in %s", self.process.pid, self.log_path)
 
     def stop(self, timeout: float = 10.0) -> None:

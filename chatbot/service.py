@@ -3,7 +3,7 @@
 It checks input, asks the generator for a pair, and stores what happened; it knows nothing
 of Gradio. Identity is a user id string that the caller has already authenticated.
 
-Left out: moderation of content, per-user quotas (see the reliability issue).
+Left out: moderation of content, quotas on generation (the Gradio queue bounds that).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from chatbot import adapters
 from chatbot.config import Config
 from chatbot.errors import Conflict, InvalidInput, NotFound
 from chatbot.hotswap import LiveAdapter
+from chatbot.limits import RateLimiter
 from chatbot.sampling import PairGenerator, SampledPair
 from chatbot.store import Store
 
@@ -65,6 +66,7 @@ class ChatService:
         self.model_id = model_id
         self.live = live
         self.learner_state = learner_state
+        self.feedback_limit = RateLimiter(config.max_votes_per_minute, 60.0)
 
     # --- asking ------------------------------------------------------------------------
 
@@ -123,10 +125,12 @@ class ChatService:
     # --- feedback ----------------------------------------------------------------------
 
     def vote(self, user: str, pair_id: str, choice: str) -> dict:
+        self.feedback_limit.check(user, "votes")
         result = self.store.record_vote(user, str(pair_id), str(choice))
         return {"ok": True, **result}
 
     def rate(self, user: str, pair_id: str, side: str, thumb: str) -> dict:
+        self.feedback_limit.check(user, "votes")
         result = self.store.record_rating(user, str(pair_id), str(side), str(thumb))
         return {"ok": True, **result}
 

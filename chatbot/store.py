@@ -26,6 +26,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from chatbot.errors import Conflict, InvalidInput, NotFound
+from chatbot.limits import fair_pick
 
 CHOICES = ("A", "B", "tie", "both_bad")
 SIDES = ("A", "B")
@@ -316,15 +317,18 @@ class Store:
             total = self.db["votes"].count
         return {"votes_total": total, "votes_pending": votes, "ratings_pending": ratings}
 
-    def claim_feedback(self, round_id: str, limit: int) -> dict:
-        """Mark up to `limit` pending votes and ratings as taken by this round."""
+    def claim_feedback(self, round_id: str, limit: int, max_user_share: float = 1.0) -> dict:
+        """Mark up to `limit` pending votes and up to `limit` pending ratings as taken by
+        this round, oldest first, no user holding more than `max_user_share` of either."""
         with self._write() as db:
             stamp = now()
             claimed = {}
             for table in ("votes", "ratings"):
-                ids = [r[0] for r in db.execute(
-                    f"select id from {table} where used_by_version is null and claimed_by is null "
-                    "order by id limit ?", (limit,)).fetchall()]
+                pending = db.execute(
+                    f"select id, user_id from {table} where used_by_version is null "
+                    "and claimed_by is null order by id").fetchall()
+                ids = [row[0] for row in fair_pick(pending, lambda row: row[1], limit,
+                                                   max_user_share)]
                 db.execute(f"update {table} set claimed_by = ?, claimed_at = ? where id in "
                            f"({','.join('?' * len(ids))})", [round_id, stamp, *ids])
                 claimed[table] = ids

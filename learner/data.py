@@ -10,7 +10,10 @@
 * Ties give no samples; thumbs and "both bad" give single replies with a running-baseline
   advantage.
 
-Left out: prioritised replay, per-user weighting (see the reliability issue).
+* No user holds more than `max_user_share` of the new or of the replayed items (see
+  chatbot/limits.py).
+
+Left out: prioritised replay, weighting users by how much they agree with others.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chatbot.limits import fair_pick
 from chatbot.store import Store
 from learner.batch import Sample
 from learner.objectives import pair_rewards, rloo_advantages, running_baseline_advantages
@@ -67,10 +71,11 @@ class RoundBuilder:
     """Reads the store and assembles one round's RoundData."""
 
     def __init__(self, store: Store, holdout: float, replay: int, max_heldout: int = 32,
-                 rng: random.Random | None = None) -> None:
+                 max_user_share: float = 1.0, rng: random.Random | None = None) -> None:
         self.store = store
         self.holdout = holdout
         self.replay = replay
+        self.max_user_share = max_user_share
         self.max_heldout = max_heldout
         self.rng = rng or random.Random()
         self._pairs: dict[str, dict] = {}
@@ -123,7 +128,8 @@ class RoundBuilder:
                                  "and choice != 'tie'")
         ratings = self.store.ratings("used_by_version is not null")
         pool = [("vote", v) for v in votes] + [("rating", r) for r in ratings]
-        return self.rng.sample(pool, min(self.replay, len(pool)))
+        self.rng.shuffle(pool)
+        return fair_pick(pool, lambda item: item[1]["user_id"], self.replay, self.max_user_share)
 
     def _pair(self, pair_id: str) -> dict:
         if pair_id not in self._pairs:

@@ -83,6 +83,7 @@ class Learner:
         beta = steps[-1]["beta"] if steps and steps[-1].get("beta") else config.beta
         self.kl_control = AdaptiveKLController(beta, config.target_kl)
         self.builder = RoundBuilder(store, config.holdout, config.replay,
+                                    max_user_share=config.max_user_share,
                                     rng=random.Random(seed))
         self.pad_id = loaded.tokenizer.pad_token_id
         self._margins: dict[int, dict] = {}  # adapter version -> held-out pair key -> margin
@@ -276,7 +277,8 @@ class Learner:
     def round(self) -> dict | None:
         """Run one round over the feedback pending now. Returns the learner_steps row."""
         round_id = uuid.uuid4().hex
-        claimed = self.store.claim_feedback(round_id, self.config.max_batch_votes)
+        claimed = self.store.claim_feedback(round_id, self.config.max_batch_votes,
+                                            self.config.max_user_share)
         if not claimed["votes"] and not claimed["ratings"]:
             return None
         started = time.perf_counter()

@@ -1,0 +1,64 @@
+"""Per-user limits: fair batches and the vote rate limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatbot.errors import Conflict
+from chatbot.limits import RateLimiter, fair_pick
+
+
+def test_fair_pick_caps_one_users_share_and_keeps_order():
+    items = [("mallory", i) for i in range(10)] + [("alice", 100), ("bob", 200)]
+    picked = fair_pick(items, lambda item: item[0], limit=8, max_share=0.5)
+    users = [user for user, _ in picked]
+    assert users.count("mallory") == 4  # half of the batch, no more
+    assert ("alice", 100) in picked and ("bob", 200) in picked
+    assert [i for u, i in picked if u == "mallory"] == [0, 1, 2, 3]  # oldest first
+
+
+def test_fair_pick_alone_still_progresses():
+    items = [("local", i) for i in range(10)]
+    assert len(fair_pick(items, lambda item: item[0], limit=4, max_share=0.5)) == 2
+    assert len(fair_pick(items, lambda item: item[0], limit=4, max_share=1.0)) == 4
+
+
+def test_claim_respects_the_user_share(store):
+    from tests.test_store import add_turn
+
+    for i in range(6):
+        _, pair_id = add_turn(store, user="mallory", message=f"m{i}")
+        store.record_vote("mallory", pair_id, "A")
+    _, pair_id = add_turn(store, user="alice", message="a")
+    store.record_vote("alice", pair_id, "B")
+    claimed = store.claim_feedback("r1", limit=4, max_user_share=0.5)
+    ids = claimed["votes"]
+    users = [v["user_id"] for v in store.votes(f"id in ({','.join('?' * len(ids))})", ids)]
+    assert users.count("mallory") == 2 and users.count("alice") == 1
+    assert store.pending_counts()["votes_pending"] == 7  # claimed is not used: nothing lost
+
+
+def test_rate_limiter_refuses_then_recovers():
+    now = [0.0]
+    limiter = RateLimiter(limit=3, window_s=60, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.check("mallory")
+    with pytest.raises(Conflict, match="try again in 60 s"):
+        limiter.check("mallory")
+    limiter.check("alice")  # other users are not affected
+    now[0] = 61.0
+    limiter.check("mallory")
+
+
+def test_votes_over_the_rate_limit_are_refused_and_not_stored(store, fake_generator, tmp_path):
+    from chatbot.config import Config
+    from chatbot.service import ChatService
+
+    service = ChatService(Config(data_dir=tmp_path, max_votes_per_minute=2), store,
+                          fake_generator, model_id="fake")
+    pairs = [service.ask("mallory", f"q{i}", "")["pair_id"] for i in range(3)]
+    service.vote("mallory", pairs[0], "A")
+    service.vote("mallory", pairs[1], "A")
+    with pytest.raises(Conflict, match="too many votes"):
+        service.vote("mallory", pairs[2], "A")
+    assert len(store.votes()) == 2
