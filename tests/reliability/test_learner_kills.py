@@ -1,0 +1,163 @@
+"""Kill -9 the learner at random moments of its rounds, 20 times: no acknowledged vote is lost,
+the live adapter always matches its manifest, the server never loads a partial adapter, and
+the learner picks up where it left off."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from chatbot import adapters
+from chatbot.config import Config
+from chatbot.hotswap import LiveAdapter
+from chatbot.model import load_model
+from chatbot.sampling import PairGenerator
+from chatbot.service import ChatService
+from chatbot.store import Store
+from tests.serving import ROOT
+
+KILLS = 20
+
+
+def start_learner(data, model_dir, log):
+    return subprocess.Popen(
+        [sys.executable, "-m", "learner", "--data-dir", str(data), "--model", str(model_dir),
+         "--learn-every", "1", "--max-batch-votes", "2", "--holdout", "0.3",
+         "--keep-versions", "3", "--steps-per-round", "2"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def wait_until_running(store: Store, pid: int, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = store.learner_status()
+        if status and status["pid"] == pid and status["state"] in ("idle", "training"):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the learner did not start")
+
+
+def check_invariants(store: Store, config: Config, model_id: str, acked: set[str],
+                     live: LiveAdapter) -> None:
+    assert store.db.execute("pragma integrity_check").fetchone()[0] == "ok"
+    votes = {v["pair_id"]: v for v in store.votes()}
+    assert acked <= set(votes), "an acknowledged vote is missing"
+    versions = {a["version"]: a for a in store.adapters()}
+    for vote in votes.values():
+        if vote["used_by_version"] is not None:  # used by exactly one registered adapter
+            assert versions[vote["used_by_version"]]["status"] in ("live", "rejected", "retired")
+    row = store.live_adapter()
+    if row:  # the live version's files always match its manifest
+        adapters.read_verified(config.adapters_dir / row["path"], base_model=model_id,
+                               manifest_sha256=row["sha256"])
+    before = live.version
+    live.sync()  # what the server's poller does
+    assert live.version in (before, store.live_adapter_version())
+    if live.version != store.live_adapter_version():
+        assert live.last_error  # refused, and said why
+    with torch.no_grad():
+        assert torch.isfinite(live.model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path):
+    config = Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", device="cpu",
+                    max_new_tokens=8, max_votes_per_minute=0)
+    store = Store(config.db_path)
+    loaded = load_model(config)
+    live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)
+    service = ChatService(config, store, PairGenerator(loaded, config,
+                                                       adapter_context=live.reading),
+                          model_id=loaded.model_id, live=live)
+    rng = random.Random(0)
+    acked: set[str] = set()
+    seen = {"training": 0, "idle": 0, "tmp_folder_left": 0, "unregistered_folder_left": 0}
+    log = open(tmp_path / "learner.log", "ab")
+    for _ in range(KILLS):
+        for _vote in range(3):
+            turn = service.ask("ann", f"question {len(acked)}", "")
+            if service.vote("ann", turn["pair_id"], rng.choice(["A", "B", "tie"]))["ok"]:
+                acked.add(turn["pair_id"])
+        learner = start_learner(config.data_dir, tiny_model_dir, log)
+        wait_until_running(store, learner.pid)
+        time.sleep(rng.uniform(0.0, 2.0))
+        seen[store.learner_status()["state"]] = seen.get(store.learner_status()["state"], 0) + 1
+        learner.send_signal(signal.SIGKILL)
+        learner.wait()
+        names = [p.name for p in config.adapters_dir.iterdir()] if config.adapters_dir.exists() \
+            else []
+        registered = {a["path"] for a in store.adapters()}
+        seen["tmp_folder_left"] += any(n.startswith(adapters.TMP_PREFIX) for n in names)
+        seen["unregistered_folder_left"] += any(n.startswith("v") and n not in registered
+                                                for n in names)
+        check_invariants(store, config, loaded.model_id, acked, live)
+
+    # after the last kill the learner recovers and uses every vote
+    learner = start_learner(config.data_dir, tiny_model_dir, log)
+    try:
+        deadline = time.monotonic() + 120
+        while store.pending_counts()["votes_pending"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert store.pending_counts()["votes_pending"] == 0
+    finally:
+        learner.terminate()
+        learner.wait(30)
+    check_invariants(store, config, loaded.model_id, acked, live)
+    names = [p.name for p in config.adapters_dir.iterdir()]
+    assert not [n for n in names if n.startswith(adapters.TMP_PREFIX)]
+    registered = {a["path"] for a in store.adapters() if a["path"]}
+    assert {n for n in names if n.startswith("v")} == registered
+    print(f"\n{KILLS} kills: {seen}; {len(acked)} votes; {len(store.adapters())} versions")
+    assert seen["training"] > 0, "no kill landed inside a round"
+
+
+@pytest.mark.parametrize("stage", ["after_save", "after_rename"])
+def test_a_kill_inside_publish_loses_nothing(tiny_model_dir, tmp_path, stage, monkeypatch):
+    """The two windows a random kill rarely hits, hit on purpose: after the files are written
+    but before the rename, and after the rename but before the registry commit."""
+    from learner.worker import Learner
+
+    config = Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", device="cpu",
+                    max_new_tokens=8, holdout=0.0)
+    store = Store(config.db_path)
+    loaded = load_model(config)
+    service = ChatService(config, store, PairGenerator(loaded, config), model_id=loaded.model_id)
+    for i in range(2):
+        turn = service.ask("ann", f"q{i}", "")
+        service.vote("ann", turn["pair_id"], "A")
+    learner = Learner(config, store, load_model(config))
+
+    class Killed(BaseException):
+        pass
+
+    if stage == "after_save":
+        original = learner.model.save_pretrained
+
+        def save_then_die(folder):
+            original(folder)
+            raise Killed
+
+        monkeypatch.setattr(learner.model, "save_pretrained", save_then_die)
+    else:
+        def die(*args, **kwargs):
+            raise Killed
+
+        monkeypatch.setattr(store, "finish_round", die)
+    with pytest.raises(Killed):
+        learner.round()
+    # what a restarted learner does first
+    removed = adapters.remove_stale(config.adapters_dir,
+                                    {a["version"] for a in store.adapters() if a["path"]})
+    assert store.adapters() == [] and store.live_adapter_version() == 0
+    assert store.pending_counts()["votes_pending"] == 2
+    assert [v["claimed_by"] for v in store.votes()] == [None, None]
+    if stage == "after_rename":
+        assert [p.name for p in removed] == ["v1"]
+    assert not list(config.adapters_dir.iterdir())
