@@ -25,8 +25,9 @@ def test_a_shorter_preference_is_learned_without_collapse(tmp_path):
     train, held_out = split_prompts(load_prompts(), EVAL_PROMPTS, seed=0)
     sim = Simulation(config, ORACLES["shorter"], train, held_out, seed=0)
     base, after = sim.run(VOTES, checkpoints=[0, VOTES])
-    print(f"\nbase: {base}\nafter {VOTES} votes: {after}\nrounds: "
-          f"{[(s['adapter_version'], s['status'], round(s['seconds'], 1)) for s in sim.round_steps]}")
+    rounds = [(s["adapter_version"], s["status"], round(s["seconds"], 1))
+              for s in sim.round_steps]
+    print(f"\nbase: {base}\nafter {VOTES} votes: {after}\nrounds: {rounds}")
     assert after.adapter_version > 0
     assert after.wins > after.losses
     assert after.p_value < 0.05, "the preference was not learned significantly"
