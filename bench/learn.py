@@ -3,6 +3,7 @@ plays the real loop; the win rate of the live adapter over the base model on hel
 is measured at checkpoints and plotted.
 
     python -m bench learn --oracle shorter --votes 64 [--objective pg|dpo] [--seed 0]
+    python -m bench learn --oracle shorter --votes 64 --vs trl   # also TRL's RLOOTrainer
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
     parser.add_argument("--tag", default="", help="suffix for the result file name")
+    parser.add_argument("--vs", choices=["trl"], default=None,
+                        help="also train TRL's RLOOTrainer on the same number of labelled "
+                             "pairs and compare (needs bench/requirements.txt)")
     add_model_args(parser)
     add_learner_args(parser)
 
@@ -49,7 +53,16 @@ def run(args: argparse.Namespace) -> Path:
         sim = Simulation(config, oracle, train, held_out, seed=args.seed)
         evaluations = sim.run(args.votes, checkpoints)
         seconds = time.perf_counter() - started
-    name = f"learn-{args.oracle}-{args.objective}" + (f"-{args.tag}" if args.tag else "")
+        trl_evaluations, trl_seconds = None, None
+        if args.vs == "trl":
+            from bench.trl_baseline import run_trl
+
+            started = time.perf_counter()
+            trl_evaluations = run_trl(config, oracle, train, held_out, args.votes,
+                                      checkpoints, seed=args.seed)
+            trl_seconds = time.perf_counter() - started
+    name = (f"learn-{args.oracle}-{args.objective}" + ("-vs-trl" if args.vs else "")
+            + (f"-{args.tag}" if args.tag else ""))
     results = {
         "oracle": oracle.description,
         "evaluations": [as_dict(e) for e in evaluations],
@@ -59,15 +72,19 @@ def run(args: argparse.Namespace) -> Path:
         if sim.vote_seconds else None,
         "prompts": {"train": len(train), "eval": len(held_out)},
     }
+    if trl_evaluations is not None:
+        results["trl_evaluations"] = [as_dict(e) for e in trl_evaluations]
+        results["trl_seconds_total"] = trl_seconds
     settings = {**config.as_dict(), "votes": args.votes, "checkpoints": checkpoints,
                 "oracle": args.oracle}
     out = Path(args.out) if args.out else RESULTS
     path = write_result(name, settings, results, out)
-    plot(evaluations, out / f"{name}.png", title=f"{name}: {oracle.description}")
+    plot(evaluations, out / f"{name}.png", title=f"{name}: {oracle.description}",
+         baseline=trl_evaluations)
     return path
 
 
-def plot(evaluations, path: Path, title: str) -> None:
+def plot(evaluations, path: Path, title: str, baseline=None) -> None:
     try:
         import matplotlib
 
@@ -77,11 +94,18 @@ def plot(evaluations, path: Path, title: str) -> None:
         return
     votes = [e.votes for e in evaluations]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    axes[0].plot(votes, [e.win_rate for e in evaluations], "o-", label="win rate vs base")
+    axes[0].plot(votes, [e.win_rate for e in evaluations], "o-", label="Duet")
     axes[0].fill_between(votes, [e.win_rate_ci[0] for e in evaluations],
                          [e.win_rate_ci[1] for e in evaluations], alpha=0.2)
+    if baseline:
+        axes[0].plot([e.votes for e in baseline], [e.win_rate for e in baseline], "s--",
+                     label="TRL RLOOTrainer")
+        axes[0].fill_between([e.votes for e in baseline], [e.win_rate_ci[0] for e in baseline],
+                             [e.win_rate_ci[1] for e in baseline], alpha=0.15)
+    axes[0].legend(loc="lower right")
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
-    axes[0].set(xlabel="votes", ylabel="win rate (ties = 1/2)", ylim=(0, 1))
+    axes[0].set(xlabel="votes (labelled pairs)", ylabel="win rate vs base (ties = 1/2)",
+                ylim=(0, 1))
     axes[1].plot(votes, [e.satisfied_share for e in evaluations], "o-", label="adapter")
     axes[1].plot(votes, [e.base_satisfied_share for e in evaluations], "--", label="base")
     axes[1].set(xlabel="votes", ylabel="share satisfying the preference", ylim=(0, 1))

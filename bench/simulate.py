@@ -17,11 +17,13 @@ Left out: several simulated users at once, real network traffic.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +32,11 @@ import torch
 from bench.oracles import Oracle, words
 from chatbot.config import Config
 from chatbot.hotswap import LiveAdapter
-from chatbot.model import load_model
+from chatbot.model import LoadedModel, load_model
 from chatbot.sampling import PairGenerator
 from chatbot.service import ChatService
 from chatbot.store import Store
-from learner.batch import Sample
+from learner.batch import Sample, collate, token_logprobs
 from learner.worker import Learner
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,96 @@ class Evaluation:
     seconds: float
 
 
+@contextlib.contextmanager
+def base_weights(model) -> Iterator[None]:
+    """Run `model` as its base model for a moment: a PeftModel, or a transformers model with
+    adapters loaded by the hot-swap code, or a plain model."""
+    if hasattr(model, "disable_adapter"):  # peft.PeftModel
+        with model.disable_adapter():
+            yield
+    elif getattr(model, "peft_config", None):
+        model.disable_adapters()
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+    else:
+        yield
+
+
+class Evaluator:
+    """Samples replies to the held-out prompts from a model and scores them against the
+    base model's replies (the first model evaluated must be the base)."""
+
+    def __init__(self, config: Config, oracle: Oracle, prompts: list[str], tokenizer,
+                 device, seed: int = 0) -> None:
+        self.config = config
+        self.oracle = oracle
+        self.prompts = prompts
+        self.tokenizer = tokenizer
+        self.device = device
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.base_replies: list[list[str]] | None = None
+
+    def evaluate(self, model, votes: int, adapter_version: int) -> Evaluation:
+        started = time.perf_counter()
+        loaded = LoadedModel(model, self.tokenizer, "evaluated", "", self.device, "none")
+        generator = PairGenerator(loaded, self.config)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed + 10_000)  # the same sampling noise at every checkpoint
+        pairs = []
+        for prompt in self.prompts:
+            pair = generator.sample([{"role": "user", "content": prompt}])
+            pairs.append((pair.prompt_token_ids, list(pair.replies)))
+        torch.random.set_rng_state(state)
+        texts = [[r.text for r in replies] for _, replies in pairs]
+        if self.base_replies is None:
+            assert adapter_version == 0, "the first evaluation must be of the base model"
+            self.base_replies = texts
+        wins = ties = losses = 0
+        scores = []
+        for live_pair, base_pair in zip(texts, self.base_replies):
+            for live_text, base_text in zip(live_pair, base_pair):
+                verdict = self.oracle.prefer(live_text, base_text)
+                wins += verdict == "A"
+                ties += verdict == "tie"
+                losses += verdict == "B"
+                scores.append({"A": 1.0, "tie": 0.5, "B": 0.0}[verdict])
+        flat = [t for pair in texts for t in pair]
+        base_flat = [t for pair in self.base_replies for t in pair]
+        kl, base_lp = self._kl_and_fluency(model, pairs)
+        return Evaluation(
+            votes=votes, adapter_version=adapter_version,
+            win_rate=sum(scores) / len(scores), win_rate_ci=bootstrap_ci(scores, self.rng),
+            wins=wins, ties=ties, losses=losses, p_value=sign_test_p(wins, losses),
+            satisfied_share=sum(map(self.oracle.satisfied, flat)) / len(flat),
+            base_satisfied_share=sum(map(self.oracle.satisfied, base_flat)) / len(base_flat),
+            mean_words=sum(map(words, flat)) / len(flat),
+            base_mean_words=sum(map(words, base_flat)) / len(base_flat),
+            kl_per_token=kl, nonempty_share=sum(bool(t.strip()) for t in flat) / len(flat),
+            repeated_trigrams=sum(map(repeated_trigram_share, flat)) / len(flat),
+            base_logprob_per_token=base_lp, seconds=time.perf_counter() - started)
+
+    def _kl_and_fluency(self, model, pairs) -> tuple[float, float]:
+        """Per-token log(pi / pi_base) on the model's own replies, and the base per-token logp."""
+        samples = [Sample(reply_id=0, prompt=prompt, reply=reply.token_ids,
+                          behaviour=reply.token_logprobs)
+                   for prompt, replies in pairs for reply in replies if reply.token_ids]
+        if not samples:
+            return 0.0, float("nan")
+        own = base = 0.0
+        tokens = 0
+        with torch.no_grad():
+            for i in range(0, len(samples), 8):
+                batch = collate(samples[i:i + 8], self.tokenizer.pad_token_id, self.device)
+                own += token_logprobs(model, batch).sum().item()
+                with base_weights(model):
+                    base += token_logprobs(model, batch).sum().item()
+                tokens += int(batch.mask.sum().item())
+        return (own - base) / tokens, base / tokens
+
+
 @dataclass
 class Simulation:
     config: Config
@@ -117,7 +209,8 @@ class Simulation:
         self.service = ChatService(self.config, self.store, self.generator,
                                    model_id=self.server.model_id, live=self.live)
         self.learner = Learner(self.config, self.store, load_model(self.config), seed=self.seed)
-        self.base_replies: list[list[str]] | None = None
+        self.evaluator = Evaluator(self.config, self.oracle, self.eval_prompts,
+                                   self.server.tokenizer, self.server.device, self.seed)
         self.vote_seconds: list[float] = []
 
     def vote_once(self) -> str:
@@ -144,66 +237,12 @@ class Simulation:
                 self.evaluate()
         return self.evaluations
 
-    def _sample_eval(self) -> list[tuple[list[int], list]]:
-        """One pair (two replies) per evaluation prompt from the live adapter."""
-        pairs = []
-        for prompt in self.eval_prompts:
-            pair = self.generator.sample([{"role": "user", "content": prompt}])
-            pairs.append((pair.prompt_token_ids, list(pair.replies)))
-        return pairs
-
     def evaluate(self) -> Evaluation:
-        started = time.perf_counter()
-        state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed + 10_000)  # the same sampling noise at every checkpoint
-        pairs = self._sample_eval()
-        torch.random.set_rng_state(state)
-        texts = [[r.text for r in replies] for _, replies in pairs]
-        if self.base_replies is None:
-            assert self.live.version == 0, "the first evaluation must be of the base model"
-            self.base_replies = texts
-        wins = ties = losses = 0
-        scores = []
-        for live_pair, base_pair in zip(texts, self.base_replies):
-            for live_text, base_text in zip(live_pair, base_pair):
-                verdict = self.oracle.prefer(live_text, base_text)
-                wins += verdict == "A"
-                ties += verdict == "tie"
-                losses += verdict == "B"
-                scores.append({"A": 1.0, "tie": 0.5, "B": 0.0}[verdict])
-        flat = [t for pair in texts for t in pair]
-        base_flat = [t for pair in self.base_replies for t in pair]
-        kl, base_lp = self._kl_and_fluency(pairs)
-        evaluation = Evaluation(
-            votes=self.votes, adapter_version=self.live.version,
-            win_rate=sum(scores) / len(scores), win_rate_ci=bootstrap_ci(scores, self.rng),
-            wins=wins, ties=ties, losses=losses, p_value=sign_test_p(wins, losses),
-            satisfied_share=sum(map(self.oracle.satisfied, flat)) / len(flat),
-            base_satisfied_share=sum(map(self.oracle.satisfied, base_flat)) / len(base_flat),
-            mean_words=sum(map(words, flat)) / len(flat),
-            base_mean_words=sum(map(words, base_flat)) / len(base_flat),
-            kl_per_token=kl, nonempty_share=sum(bool(t.strip()) for t in flat) / len(flat),
-            repeated_trigrams=sum(map(repeated_trigram_share, flat)) / len(flat),
-            base_logprob_per_token=base_lp, seconds=time.perf_counter() - started)
+        with self.live.reading() as version:
+            evaluation = self.evaluator.evaluate(self.server.model, self.votes, version)
         self.evaluations.append(evaluation)
         log.info("evaluation at %d votes: %s", self.votes, evaluation)
         return evaluation
-
-    def _kl_and_fluency(self, pairs) -> tuple[float, float]:
-        """Per-token log(pi_live / pi_base) on the live replies, and the base per-token logp."""
-        self.learner.sync_to_live()
-        flat = [(prompt, reply) for prompt, replies in pairs for reply in replies
-                if reply.token_ids]
-        samples = [Sample(reply_id=-(i + 1), prompt=prompt, reply=reply.token_ids,
-                          behaviour=reply.token_logprobs)
-                   for i, (prompt, reply) in enumerate(flat)]
-        if not samples:
-            return 0.0, float("nan")
-        live_totals, _, tokens = self.learner.score(samples)
-        with torch.no_grad(), self.learner.model.disable_adapter():
-            base_totals, _, _ = self.learner.score(samples)
-        log_ratio = (sum(live_totals) - sum(base_totals)) / tokens
-        return log_ratio, sum(base_totals) / tokens
 
 
 def as_dict(evaluation: Evaluation) -> dict:

@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> Path:
         reload_seconds = time.perf_counter() - started
         live = LiveAdapter(loaded.model, "bench", store, config.adapters_dir)
 
-        def swap(i: int) -> float:
-            store.set_live(1 + i % args.versions)
+        def swap(_: int) -> float:
+            store.set_live(live.version % args.versions + 1)  # the next version, never the same
             started = time.perf_counter()
             assert live.sync(), live.last_error
             if loaded.device.type == "cuda":

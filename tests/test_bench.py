@@ -1,0 +1,93 @@
+"""Every benchmark runs end to end on a tiny setting and writes a sane JSON result. (The
+numbers themselves are measured by running the benchmarks, not by tests.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.__main__ import main as bench
+from bench.oracles import ORACLES
+from bench.simulate import load_prompts, sign_test_p, split_prompts
+
+
+def result(folder, name) -> dict:
+    record = json.loads((folder / f"{name}.json").read_text())
+    assert record["benchmark"] == name
+    assert record["machine"]["torch"] and record["settings"]
+    return record["results"]
+
+
+def test_prompts_are_many_varied_and_split():
+    prompts = load_prompts()
+    assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)
+    train, held_out = split_prompts(prompts, 32)
+    assert len(held_out) == 32 and not set(train) & set(held_out)
+
+
+@pytest.mark.parametrize("name", sorted(ORACLES))
+def test_oracles_prefer_what_they_say(name):
+    oracle = ORACLES[name]
+    good = {"shorter": "Yes.", "word": "Sure, here it is.", "list": "Steps:\n1. one\n2. two",
+            "question": "Shall we start?", "polite": "Thank you for asking."}[name]
+    bad = {"shorter": "Yes, " + "and more words " * 8}.get(name, "No.")
+    assert oracle.satisfied(good) and not oracle.satisfied(bad)
+    assert oracle.prefer(good, bad) == "A" and oracle.prefer(bad, good) == "B"
+
+
+def test_sign_test():
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(10, 0) == pytest.approx(1 / 1024)
+    assert sign_test_p(5, 5) > 0.5
+
+
+def test_learn_runs(tiny_model_dir, tmp_path):
+    bench(["learn", "--model", str(tiny_model_dir), "--device", "cpu", "--votes", "4",
+           "--checkpoints", "0,4", "--eval-prompts", "2", "--max-new-tokens", "6",
+           "--learn-every", "2", "--out", str(tmp_path)])
+    results = result(tmp_path, "learn-shorter-pg")
+    assert [e["votes"] for e in results["evaluations"]] == [0, 4]
+    assert results["evaluations"][0]["win_rate"] == 0.5  # the base against itself
+    assert len(results["rounds"]) == 2
+    assert (tmp_path / "learn-shorter-pg.png").stat().st_size > 0
+
+
+def test_learn_vs_trl_runs(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    bench(["learn", "--model", str(tiny_model_dir), "--device", "cpu", "--votes", "4",
+           "--checkpoints", "0,4", "--eval-prompts", "2", "--max-new-tokens", "6",
+           "--learn-every", "2", "--vs", "trl", "--out", str(tmp_path)])
+    results = result(tmp_path, "learn-shorter-pg-vs-trl")
+    assert [e["votes"] for e in results["trl_evaluations"]] == [0, 4]
+
+
+def test_pair_runs(tiny_model_dir, tmp_path):
+    bench(["pair", "--model", str(tiny_model_dir), "--device", "cpu", "--new-tokens", "4",
+           "--repeats", "2", "--out", str(tmp_path)])
+    results = result(tmp_path, "pair-cpu")
+    assert results["pair_over_single"] > 0
+    assert 0 < results["time_to_first_token_seconds_median"] < results["pair_seconds_median"] * 5
+
+
+def test_learner_round_runs(tiny_model_dir, tmp_path):
+    bench(["learner", "--model", str(tiny_model_dir), "--device", "cpu", "--pairs", "2,4",
+           "--reply-tokens", "6", "--repeats", "1", "--out", str(tmp_path)])
+    rounds = result(tmp_path, "learner-cpu")["rounds"]
+    assert [r["pairs"] for r in rounds] == [2, 4]
+    assert all(r["round_seconds"] > 0 and r["floor_seconds"] > 0 for r in rounds)
+
+
+def test_swap_runs(tiny_model_dir, tmp_path):
+    bench(["swap", "--model", str(tiny_model_dir), "--device", "cpu", "--swaps", "3",
+           "--memory-swaps", "4", "--versions", "2", "--out", str(tmp_path)])
+    results = result(tmp_path, "swap-cpu")
+    assert len(results["swap_ms"]) == 3 and results["swap_ms_max"] >= results["swap_ms_median"]
+
+
+def test_latency_runs(tiny_model_dir, tmp_path):
+    bench(["latency", "--model", str(tiny_model_dir), "--rounds", "1", "--learn-every", "2",
+           "--max-new-tokens", "4", "--out", str(tmp_path)])
+    results = result(tmp_path, "latency")
+    assert results["rounds"][0]["outcome"] in ("live", "rejected")
+    assert results["rounds"][0]["vote_to_live_seconds"] > 0
