@@ -75,7 +75,7 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     from chatbot.sampling import PairGenerator
     from chatbot.service import ChatService
     from chatbot.store import Store
-    from ui.app import build_ui
+    from ui.app import CSS, THEME, build_ui
     from ui.common import LOCAL_USER
 
     if config.seed is not None:
@@ -102,7 +102,7 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
         demo.launch(server_name=config.host, server_port=config.port,
                     auth=credentials or None, auth_message="Duet: sign in to chat",
                     blocked_paths=[str(config.data_dir), str(config.cache_dir)],
-                    share=config.share)
+                    share=config.share, theme=THEME, css=CSS)
     finally:
         live.stop()
         if learner:

@@ -24,9 +24,12 @@ from ui.common import LOCAL_USER, as_text, user_errors, user_of
 log = logging.getLogger(__name__)
 
 CHOICE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
+# Passed to launch(): system fonts (no request to a font CDN: Duet works offline), and no
+# "clear" buttons on the chat panes (clearing the display would not clear the conversation).
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
 CSS = """
-.reply textarea { font-size: 0.95rem; }
-footer { display: none !important; }
+.no-clear button[aria-label="Clear"] { display: none !important; }
 """
 
 
@@ -83,12 +86,15 @@ def build_ui(service: ChatService, admins: frozenset[str] = frozenset({LOCAL_USE
             with gr.Tab("Chat", id="chat"):
                 history = gr.Chatbot(label="Conversation", height=320, render_markdown=False,
                                      elem_id="history", feedback_options=None,
+                                     buttons=["copy_all"], elem_classes=["no-clear"],
                                      placeholder="Say something to start.")
                 with gr.Row(equal_height=True):
                     reply_a = gr.Chatbot(label="Reply A", height=240, render_markdown=False,
-                                         elem_id="reply-a", elem_classes=["reply"])
+                                         elem_id="reply-a", elem_classes=["no-clear"],
+                                         buttons=["copy"])
                     reply_b = gr.Chatbot(label="Reply B", height=240, render_markdown=False,
-                                         elem_id="reply-b", elem_classes=["reply"])
+                                         elem_id="reply-b", elem_classes=["no-clear"],
+                                         buttons=["copy"])
                 with gr.Row():
                     vote_buttons = [gr.Button(CHOICE_LABELS[c], interactive=False,
                                               elem_id=f"vote-{c}") for c in CHOICES]

@@ -33,6 +33,9 @@ def status_markdown(status: dict) -> str:
         lines.append(f"**Learner's last error:** `{learner['last_error']}`")
     if status.get("swap_error"):
         lines.append(f"**Adapter not loaded:** `{status['swap_error']}`")
+    if not status["live_adapter_version"] and not status.get("rounds"):
+        lines.append("_No learner round yet: the curves fill in after the first "
+                     "`--learn-every` votes._")
     return "\n\n".join(lines)
 
 
@@ -83,15 +86,17 @@ def build(service: ChatService, is_admin) -> Dashboard:
                               elem_id="kl-plot")
     versions = gr.Dataframe(label="Adapter versions", interactive=False, elem_id="versions")
     with gr.Row(visible=False) as admin_row:
-        target = gr.Number(label="Roll back to version (0 = base model)", precision=0,
-                           minimum=0, elem_id="rollback-version")
+        target = gr.Number(label="Roll back to version (0 = base model; empty = the live "
+                                 "version's parent)", value=None, precision=0, minimum=0,
+                           elem_id="rollback-version")
         rollback_button = gr.Button("Roll back", variant="stop", elem_id="rollback")
     timer = gr.Timer(REFRESH_SECONDS)
 
     def refresh():
         data = service.dashboard()
         quality, kl = curves(data["steps"])
-        return status_markdown(data["status"]), quality, kl, adapters_table(data["adapters"])
+        status = {**data["status"], "rounds": len(data["steps"])}
+        return status_markdown(status), quality, kl, adapters_table(data["adapters"])
 
     def show_admin(request: gr.Request):
         return gr.Row(visible=is_admin(request))
