@@ -66,7 +66,7 @@ class Config:
     replay: int = 4
     holdout: float = 0.2
     kl_tripwire: float = 0.5
-    gate_tolerance: float = 0.0
+    gate_z: float = 1.64
     keep_versions: int = 5
     max_batch_votes: int = 16
     max_user_share: float = 0.5
@@ -220,6 +220,10 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kl-tripwire", type=float, default=d.kl_tripwire,
                        help="reject a candidate whose per-token KL to the base exceeds this "
                             f"(default: {d.kl_tripwire})")
+    group.add_argument("--gate-z", type=float, default=d.gate_z,
+                       help="reject a candidate only if it is worse than the live adapter on the "
+                            "held-out votes by this many standard errors (default: "
+                            f"{d.gate_z}, one-sided 5%%)")
     group.add_argument("--keep-versions", type=_positive_int, default=d.keep_versions,
                        help=f"adapter folders kept on disk (default: {d.keep_versions})")
     group.add_argument("--max-batch-votes", type=_positive_int, default=d.max_batch_votes,

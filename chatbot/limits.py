@@ -4,7 +4,8 @@ batch, and a rate limit on votes.
 `fair_pick` takes items round-robin across users, oldest first within each user, and stops
 taking from a user once they hold `max_share` of the batch (at least one item each). A user
 who casts most of the votes therefore cannot fill a batch on their own while others wait;
-their surplus stays pending for later rounds, so nothing they did is lost.
+their surplus stays pending for later rounds, so nothing they did is lost. When only one user
+has anything to give (a single-user setup), the cap protects nobody and is not applied.
 
 Left out: reputation or agreement-based weighting of users.
 """
@@ -22,11 +23,12 @@ from chatbot.errors import Conflict
 
 def fair_pick(items: Sequence, user_of: Callable[[object], Hashable], limit: int,
               max_share: float = 1.0) -> list:
-    """Up to `limit` items, round-robin over users, no user above `max_share` of `limit`."""
-    per_user_cap = max(1, math.floor(max_share * limit))
+    """Up to `limit` items, round-robin over users, no user above `max_share` of `limit`
+    (unless they are the only user with items)."""
     queues: dict[Hashable, deque] = defaultdict(deque)
     for item in items:
         queues[user_of(item)].append(item)
+    per_user_cap = max(1, math.floor(max_share * limit)) if len(queues) > 1 else limit
     picked, taken = [], defaultdict(int)
     while len(picked) < limit:
         progressed = False

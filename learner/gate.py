@@ -6,12 +6,13 @@ log pi(rejected)/ref(rejected). Ties (|margin| <= 1e-3 nats) count one half, so 
 model itself scores 0.5. A candidate passes if
 
 * its per-token KL to the base is under the tripwire (the guard against collapse), and
-* its accuracy is not worse than the live adapter's on the same held-out pairs, beyond the
-  noise of that many pairs: one standard error of a fair coin, sqrt(0.25 / n), plus an optional
-  extra `tolerance`. Without that allowance a handful of held-out pairs would reject good
-  candidates by chance early on; with hundreds it shrinks to a few points.
+* it is not worse than the live adapter on the same held-out pairs. Both are judged pair by
+  pair, so the comparison is paired: with d_i = score_candidate_i - score_live_i (each score
+  0, 1/2 or 1), the candidate is rejected when sum(d) < -z * sqrt(sum(d^2)) - a one-sided
+  sign test in the spirit of McNemar's (z = 1.64: worse at the 5% level). With a handful of
+  held-out pairs one flipped pair is not evidence; with dozens, a real drop is caught.
 
-Left out: significance tests across several candidates, per-user held-out sets.
+Left out: multiple-comparison corrections across rounds, per-user held-out sets.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 # Margins this close to 0 are float noise (batches padded differently), not a preference.
 TIE_EPS = 1e-3
 
 
-def preference_accuracy(margins: torch.Tensor) -> float | None:
-    """margins: (P,) chosen log-ratio minus rejected log-ratio. None when there are no pairs."""
-    if margins.numel() == 0:
-        return None
-    ties = margins.abs() <= TIE_EPS
-    return ((margins > TIE_EPS).float() + 0.5 * ties.float()).mean().item()
+def pair_scores(margins: list[float]) -> list[float]:
+    """1 if the chosen reply wins, 1/2 on a tie, 0 if the rejected one wins."""
+    return [0.5 if abs(m) <= TIE_EPS else float(m > 0) for m in margins]
+
+
+def preference_accuracy(margins: list[float]) -> float | None:
+    """Share of pairs where the chosen reply has the higher log-ratio. None without pairs."""
+    scores = pair_scores(margins)
+    return sum(scores) / len(scores) if scores else None
 
 
 @dataclass
@@ -39,16 +41,19 @@ class GateDecision:
     reason: str
 
 
-def decide(candidate_acc: float | None, live_acc: float | None, n_heldout: int, kl: float,
-           kl_tripwire: float, tolerance: float = 0.0) -> GateDecision:
+def decide(candidate_margins: list[float], live_margins: list[float], kl: float,
+           kl_tripwire: float, z: float = 1.64) -> GateDecision:
     if not math.isfinite(kl) or kl > kl_tripwire:
         return GateDecision(False, f"KL {kl:.3f} per token is over the tripwire {kl_tripwire}")
-    if candidate_acc is None or live_acc is None or n_heldout == 0:
+    n = len(candidate_margins)
+    if n == 0:
         return GateDecision(True, "no held-out votes yet; KL under the tripwire")
-    allowance = math.sqrt(0.25 / n_heldout) + tolerance
-    if candidate_acc < live_acc - allowance:
-        return GateDecision(False, f"held-out accuracy {candidate_acc:.3f} is worse than the live "
-                                   f"adapter's {live_acc:.3f} by more than {allowance:.3f} "
-                                   f"({n_heldout} pairs)")
-    return GateDecision(True, f"held-out accuracy {candidate_acc:.3f} vs live {live_acc:.3f} "
-                              f"({n_heldout} pairs)")
+    assert len(live_margins) == n
+    diffs = [c - s for c, s in zip(pair_scores(candidate_margins), pair_scores(live_margins))]
+    total, spread = sum(diffs), math.sqrt(sum(d * d for d in diffs))
+    candidate_acc = preference_accuracy(candidate_margins)
+    live_acc = preference_accuracy(live_margins)
+    summary = f"held-out accuracy {candidate_acc:.3f} vs live {live_acc:.3f} ({n} pairs)"
+    if total < 0 and total < -z * spread:
+        return GateDecision(False, f"{summary}: significantly worse")
+    return GateDecision(True, summary)

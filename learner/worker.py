@@ -11,12 +11,13 @@ Guards: gradient norm clipped to 1.0; a step whose loss or gradient is not finit
 (no parameter or optimizer change), and `max_bad_steps` such steps in a round fail the round
 with nothing published; the KL tripwire and the held-out gate stop a collapsing candidate.
 
-While its candidates keep being promoted, the learner keeps its AdamW moments from round to
-round (a fresh Adam's first steps are sign steps: every LoRA weight moves by the full learning
-rate, signal or noise). Whenever it reloads weights - at start, after a rejected candidate,
-after a rollback - it starts a fresh optimizer. Nothing else lives only in memory: the KL
-coefficient is read back from the last learner_steps row, so a killed learner restarts from
-the DB and the adapters folder and carries on.
+The learner keeps its AdamW moments from round to round (a fresh Adam's first steps are sign
+steps: every LoRA weight moves by the full learning rate, signal or noise), also across a
+rejected candidate, whose weights it drops for the live ones. Only when it loads a version
+that is not on its own line - at start, after a rollback - does it start a fresh optimizer.
+Nothing else lives only in memory: the KL coefficient is read back from the last
+learner_steps row, so a killed learner restarts from the DB and the adapters folder and
+carries on.
 
 Left out: multi-GPU training, saving optimizer moments to disk, gradient checkpointing.
 """
@@ -88,6 +89,7 @@ class Learner:
         self.pad_id = loaded.tokenizer.pad_token_id
         self._margins: dict[int, dict] = {}  # adapter version -> held-out pair key -> margin
         self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer_origin: int | None = None  # the version the moments grew from
         self._clip_fraction = 0.0
 
     # --- weights -----------------------------------------------------------------------
@@ -112,7 +114,12 @@ class Learner:
                                    f"--lora-r {self.config.lora_r}")
             state = adapters.load_state_dict(verified)
         result = set_peft_model_state_dict(self.model, state)
-        self.optimizer = None  # moments belong to the weights they were gathered on
+        if version != self.optimizer_origin:
+            # Moments gathered on another line of versions (start, rollback) do not apply.
+            # After a rejected candidate the live version is the one the moments grew from,
+            # and a fresh Adam's first sign-steps would only add noise: keep them.
+            self.optimizer = None
+            self.optimizer_origin = version
         if getattr(result, "unexpected_keys", None):
             raise AdapterError(f"v{version} has weights this model lacks: "
                                f"{result.unexpected_keys[:3]}")
@@ -192,11 +199,6 @@ class Learner:
         if cached_version is not None:
             self._margins.setdefault(cached_version, {}).update(computed)
         return {**known, **computed}, kl_sum, tokens
-
-    @staticmethod
-    def accuracy(margins: dict, pairs: list[PreferencePair]) -> float | None:
-        return gate.preference_accuracy(torch.tensor([margins[p.key] for p in pairs],
-                                                     dtype=torch.float32))
 
     # --- training ----------------------------------------------------------------------
 
@@ -307,10 +309,12 @@ class Learner:
         kl = kl_sum / tokens if tokens else 0.0
         if self.config.objective == "pg" and stats["steps"]:
             self.kl_control.update(kl, n_steps=stats["steps"])
-        live_acc = self.accuracy(live_margins, data.heldout)
-        candidate_acc = self.accuracy(margins, data.heldout)
-        decision = gate.decide(candidate_acc, live_acc, len(data.heldout), kl,
-                               self.config.kl_tripwire, self.config.gate_tolerance)
+        live_list = [live_margins[p.key] for p in data.heldout]
+        candidate_list = [margins[p.key] for p in data.heldout]
+        live_acc = gate.preference_accuracy(live_list)
+        candidate_acc = gate.preference_accuracy(candidate_list)
+        decision = gate.decide(candidate_list, live_list, kl, self.config.kl_tripwire,
+                               self.config.gate_z)
         version = self.store.next_adapter_version()
         metrics = {"loss": stats["loss"], "kl": kl, "train_k3": stats["kl"],
                    "clip_fraction": stats.get("clip_fraction"),
@@ -338,6 +342,7 @@ class Learner:
         step["status"] = "promoted" if status == "live" else "rejected"
         if status == "live":
             self.adapter_version = version
+            self.optimizer_origin = version
             self._margins[version] = margins
         else:
             self.adapter_version = None  # the weights are the rejected candidate's
