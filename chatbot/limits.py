@@ -1,11 +1,12 @@
 """Per-user limits against one user steering the model: a capped share of every training
 batch, and a rate limit on votes.
 
-`fair_pick` takes items round-robin across users, oldest first within each user, and stops
-taking from a user once they hold `max_share` of the batch (at least one item each). A user
-who casts most of the votes therefore cannot fill a batch on their own while others wait;
-their surplus stays pending for later rounds, so nothing they did is lost. When only one user
-has anything to give (a single-user setup), the cap protects nobody and is not applied.
+`fair_pick` takes items round-robin across users, oldest first within each user, then trims
+the batch until no user holds more than `max_share` of it (one item each is always allowed).
+A user who casts most of the votes therefore never fills a batch on their own, even when
+nobody else has voted lately; their surplus stays pending for later rounds, so nothing they
+did is lost. Callers pass max_share=1 when only one user has ever given feedback (a
+single-user setup), where the cap would protect nobody and only slow learning down.
 
 Left out: reputation or agreement-based weighting of users.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Hashable, Sequence
 
 from chatbot.errors import Conflict
@@ -23,23 +24,24 @@ from chatbot.errors import Conflict
 
 def fair_pick(items: Sequence, user_of: Callable[[object], Hashable], limit: int,
               max_share: float = 1.0) -> list:
-    """Up to `limit` items, round-robin over users, no user above `max_share` of `limit`
-    (unless they are the only user with items)."""
+    """Up to `limit` items, round-robin over users, then trimmed so that no user holds more
+    than `max_share` of the batch (or one item). Items keep their order within a user."""
     queues: dict[Hashable, deque] = defaultdict(deque)
     for item in items:
         queues[user_of(item)].append(item)
-    per_user_cap = max(1, math.floor(max_share * limit)) if len(queues) > 1 else limit
-    picked, taken = [], defaultdict(int)
-    while len(picked) < limit:
-        progressed = False
-        for user, queue in queues.items():
-            if queue and taken[user] < per_user_cap and len(picked) < limit:
+    picked: list = []
+    while len(picked) < limit and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(picked) < limit:
                 picked.append(queue.popleft())
-                taken[user] += 1
-                progressed = True
-        if not progressed:
-            break
-    return picked
+    while True:
+        counts = Counter(user_of(item) for item in picked)
+        cap = max(1, math.floor(max_share * len(picked)))
+        over = [user for user, n in counts.items() if n > cap]
+        if not over:
+            return picked
+        last = max(i for i, item in enumerate(picked) if user_of(item) == over[0])
+        del picked[last]
 
 
 class RateLimiter:

@@ -317,12 +317,21 @@ class Store:
             total = self.db["votes"].count
         return {"votes_total": total, "votes_pending": votes, "ratings_pending": ratings}
 
+    def feedback_users(self) -> int:
+        """How many users have ever voted or rated."""
+        row = self._one("select count(*) as n from (select user_id from votes "
+                        "union select user_id from ratings)")
+        return row["n"]
+
     def claim_feedback(self, round_id: str, limit: int, max_user_share: float = 1.0) -> dict:
         """Mark up to `limit` pending votes and up to `limit` pending ratings as taken by
-        this round, oldest first, no user holding more than `max_user_share` of either."""
+        this round, oldest first, no user holding more than `max_user_share` of either
+        (no cap while only one user has ever given feedback)."""
         with self._write() as db:
             stamp = now()
             claimed = {}
+            if self.feedback_users() <= 1:
+                max_user_share = 1.0
             for table in ("votes", "ratings"):
                 pending = db.execute(
                     f"select id, user_id from {table} where used_by_version is null "

@@ -129,7 +129,8 @@ class RoundBuilder:
         ratings = self.store.ratings("used_by_version is not null")
         pool = [("vote", v) for v in votes] + [("rating", r) for r in ratings]
         self.rng.shuffle(pool)
-        return fair_pick(pool, lambda item: item[1]["user_id"], self.replay, self.max_user_share)
+        share = self.max_user_share if self.store.feedback_users() > 1 else 1.0
+        return fair_pick(pool, lambda item: item[1]["user_id"], self.replay, share)
 
     def _pair(self, pair_id: str) -> dict:
         if pair_id not in self._pairs:

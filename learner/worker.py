@@ -145,18 +145,14 @@ class Learner:
         for sample in missing:
             sample.ref = by_reply[sample.reply_id]
 
-    def score(self, samples: list[Sample]) -> tuple[list[float], float, int]:
-        """Summed log-prob of each sample now, plus the k3 KL sum and token count."""
-        totals, kl_sum, tokens = [], 0.0, 0
+    def score(self, samples: list[Sample]) -> list[float]:
+        """Summed log-prob of each sample's reply under the weights as they are now."""
+        totals = []
         with torch.no_grad():
             for micro in chunks(samples, MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
-                logp = token_logprobs(self.model, batch)
-                ref = ref_to_tensor(micro, batch.reply_width, self.loaded.device)
-                kl_sum += (k3_kl(logp, ref) * batch.mask).sum().item()
-                tokens += int(batch.mask.sum().item())
-                totals += logp.sum(-1).tolist()
-        return totals, kl_sum, tokens
+                totals += token_logprobs(self.model, batch).sum(-1).tolist()
+        return totals
 
     def exact_kl(self, samples: list[Sample]) -> tuple[float, int]:
         """KL(pi(.|prefix) || ref(.|prefix)) summed over the whole vocabulary at each reply
@@ -179,26 +175,24 @@ class Learner:
         return total, tokens
 
     def heldout_margins(self, pairs: list[PreferencePair], cached_version: int | None = None
-                        ) -> tuple[dict, float, int]:
+                        ) -> dict:
         """Margin per held-out pair under the weights as they are now: the chosen reply's
-        log-ratio to the reference minus the rejected one's. Also the k3 KL sum and token
-        count over the replies scored.
+        log-ratio to the reference minus the rejected one's.
 
         With `cached_version` (the version the weights are), margins already known for it are
         reused: the live version was judged on most held-out pairs when it was a candidate.
         """
         known = self._margins.get(cached_version, {}) if cached_version is not None else {}
         todo = [p for p in pairs if p.key not in known]
-        computed, kl_sum, tokens = {}, 0.0, 0
+        computed = {}
         if todo:
-            chosen, kl_c, tok_c = self.score([p.chosen for p in todo])
-            rejected, kl_r, tok_r = self.score([p.rejected for p in todo])
-            kl_sum, tokens = kl_c + kl_r, tok_c + tok_r
+            chosen = self.score([p.chosen for p in todo])
+            rejected = self.score([p.rejected for p in todo])
             for pair, c, r in zip(todo, chosen, rejected):
                 computed[pair.key] = (c - sum(pair.chosen.ref)) - (r - sum(pair.rejected.ref))
         if cached_version is not None:
             self._margins.setdefault(cached_version, {}).update(computed)
-        return {**known, **computed}, kl_sum, tokens
+        return {**known, **computed}
 
     # --- training ----------------------------------------------------------------------
 
@@ -301,9 +295,9 @@ class Learner:
         data = self.builder.build(claimed)
         self.fill_reference(data.samples + [s for p in data.heldout for s in (p.chosen,
                                                                              p.rejected)])
-        live_margins, _, _ = self.heldout_margins(data.heldout, cached_version=parent)
+        live_margins = self.heldout_margins(data.heldout, cached_version=parent)
         stats = self.train(data)
-        margins, _, _ = self.heldout_margins(data.heldout)
+        margins = self.heldout_margins(data.heldout)
         judged = data.new_samples or [s for p in data.heldout for s in (p.chosen, p.rejected)]
         kl_sum, tokens = self.exact_kl(judged) if judged else (0.0, 0)
         kl = kl_sum / tokens if tokens else 0.0

@@ -49,7 +49,7 @@ def reply_logprob(learner, store, pair_id, side) -> float:
 
     sample = Sample(reply["id"], pair["prompt_token_ids"], reply["token_ids"],
                     reply["token_logprobs"])
-    return learner.score([sample])[0][0]
+    return learner.score([sample])[0]
 
 
 def test_one_round_moves_lora_not_base_and_prefers_the_chosen(learner_config):
