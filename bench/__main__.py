@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from bench.common import remember_commit
+
 BENCHMARKS = {
     "learn": "bench.learn",
     "pair": "bench.pair",
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         module.add_args(sub)
         modules[name] = module
     args = parser.parse_args(argv)
+    remember_commit()
     path = modules[args.name].run(args)
     print(f"wrote {path}")
     return 0

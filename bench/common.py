@@ -35,11 +35,21 @@ def git_commit() -> str | None:
         return None
 
 
+_STARTED_AT_COMMIT: str | None = None
+
+
+def remember_commit() -> None:
+    """Record the commit when a benchmark starts (the tree may change while it runs)."""
+    global _STARTED_AT_COMMIT
+    _STARTED_AT_COMMIT = git_commit()
+
+
 def write_result(name: str, settings: dict, results: dict, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "machine": machine(), "commit": git_commit(), "settings": settings,
+              "machine": machine(), "commit": _STARTED_AT_COMMIT or git_commit(),
+              "settings": settings,
               "results": results}
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
