@@ -203,3 +203,18 @@ def test_thumbs_and_both_bad_become_samples(learner_config):
     assert len(data.new_samples) == 3  # two from both_bad, one from the thumb; none from the tie
     assert advantages[0] < 0 and advantages[1] < 0 and advantages[2] > 0
     assert data.rewards == [-1.0, 0.0, 1.0]
+
+
+def test_a_round_on_a_4bit_base(learner_config):
+    """QLoRA: the same round on a bitsandbytes 4-bit NF4 base (on the CPU here)."""
+    config = dataclasses.replace(learner_config, quantize="4bit")
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B"])
+    learner = make_learner(config, store)
+    assert any(type(m).__name__ == "Linear4bit" for m in learner.model.modules())
+    lora_before = {n: p.detach().clone() for n, p in learner.model.named_parameters()
+                   if "lora_" in n}
+    step = learner.round()
+    assert step["status"] in ("promoted", "rejected") and step["loss"] is not None
+    assert any(not torch.equal(p, lora_before[n]) for n, p in learner.model.named_parameters()
+               if "lora_" in n)
