@@ -13,7 +13,7 @@ from bench.oracles import ORACLES
 from bench.simulate import Simulation, load_prompts, split_prompts
 from chatbot.config import Config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 VOTES = 24
 EVAL_PROMPTS = 24
