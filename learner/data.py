@@ -1,7 +1,7 @@
 """What a round learns from: claimed feedback turned into samples, replay, and held-out pairs.
 
-* Every pairwise vote (A or B) is assigned once to `train` or `heldout` by a hash of its pair
-  id, so the split never changes and about `holdout` of the votes are never trained on: the
+* Every pairwise vote (A or B) is assigned once to `train` or `heldout` by a hash of its id,
+  so the split never changes and about `holdout` of the votes are never trained on: the
   promotion gate judges each candidate on them.
 * Training samples are replies with an advantage (see objectives.py): the new feedback of this
   round plus `replay` earlier training items drawn at random, because every vote is a person's
@@ -32,8 +32,9 @@ from learner.objectives import pair_rewards, rloo_advantages, running_baseline_a
 PAIRWISE = ("A", "B")
 
 
-def split_of(pair_id: str, holdout: float) -> str:
-    fraction = int(hashlib.sha256(pair_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+def split_of(vote_id: int, holdout: float) -> str:
+    """train or heldout, fixed for a vote (a hash of its id: reproducible, not patterned)."""
+    fraction = int(hashlib.sha256(f"vote-{vote_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "heldout" if fraction < holdout else "train"
 
 
@@ -86,7 +87,7 @@ class RoundBuilder:
         marks = ",".join("?" * len(vote_ids))
         votes = self.store.votes(f"id in ({marks}) and split is null", vote_ids)
         self.store.set_vote_splits({
-            v["id"]: split_of(v["pair_id"], self.holdout) if v["choice"] in PAIRWISE else "train"
+            v["id"]: split_of(v["id"], self.holdout) if v["choice"] in PAIRWISE else "train"
             for v in votes})
 
     def build(self, claimed: dict[str, list[int]]) -> RoundData:
