@@ -20,6 +20,12 @@ from chatbot.errors import DuetError
 log = logging.getLogger("learner")
 
 
+def _stop(*_) -> None:
+    """First SIGTERM: unwind (claims go back). A second one while unwinding: die at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise SystemExit(143)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -33,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: another learner is already running on {config.data_dir}", file=sys.stderr)
         return 2
     # SIGTERM ends the process through SystemExit, so a round in progress gives its claims back.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _stop)
 
     from chatbot.store import Store
 

@@ -15,6 +15,7 @@ from gradio_client import Client
 from tests.serving import running_server
 
 RESTARTS = 3
+LEARN_EVERY = 2  # a round may take 3 of the 4 votes: the last one then waits for company
 
 
 def wait_for(predicate, timeout: float):
@@ -30,7 +31,7 @@ def wait_for(predicate, timeout: float):
 def test_kill_the_server_mid_stream_and_restart(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     args = ("--model", str(tiny_model_dir), "--data-dir", str(data), "--max-new-tokens", "48",
-            "--learn-every", "2", "--holdout", "0", "--swap-poll-seconds", "0.5",
+            "--learn-every", str(LEARN_EVERY), "--holdout", "0", "--swap-poll-seconds", "0.5",
             "--max-votes-per-minute", "0")
     acked: list[str] = []
     live_before = None
@@ -48,7 +49,7 @@ def test_kill_the_server_mid_stream_and_restart(tiny_model_dir, tmp_path):
                 if client.predict(turn["pair_id"], "A", api_name="/vote")["ok"]:
                     acked.append(turn["pair_id"])
             settled = wait_for(lambda c=client: (s := c.predict(api_name="/status"))
-                               ["votes_pending"] == 0 and s["learner"]["state"] == "idle"
+                               ["votes_pending"] < LEARN_EVERY and s["learner"]["state"] == "idle"
                                and s["live_adapter_version"] == s["registry_live_version"] and s,
                                120)
             live_before = settled["live_adapter_version"]
