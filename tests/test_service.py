@@ -94,3 +94,14 @@ def test_status_counts_votes(service):
     assert after["votes_pending"] == 1
     assert after["live_adapter_version"] == 0
     assert after["model"] == "fake"
+
+
+def test_the_rollback_box_reads_a_version_or_nothing():
+    from ui.dashboard import rollback_target
+
+    assert rollback_target("") is None and rollback_target(None) is None
+    assert rollback_target(" 3 ") == 3 and rollback_target("v2") == 2
+    assert rollback_target("0") == 0
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(InvalidInput, match="not a version number"):
+            rollback_target(bad)

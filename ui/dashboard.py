@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
+from chatbot.errors import InvalidInput
 from chatbot.service import ChatService
 from ui.common import user_errors
 
@@ -76,6 +77,17 @@ class Dashboard:
     admin_outputs: list
 
 
+def rollback_target(text: str | None) -> int | None:
+    """The version typed in the rollback box: None (empty) means the live version's parent."""
+    text = (text or "").strip().removeprefix("v")
+    if not text:
+        return None
+    if not text.isdigit():
+        raise InvalidInput(f"{text!r} is not a version number: type e.g. 3, or 0 for the base "
+                         "model, or leave it empty for the live version's parent")
+    return int(text)
+
+
 def build(service: ChatService, is_admin) -> Dashboard:
     status = gr.Markdown(elem_id="learning-status")
     with gr.Row():
@@ -86,9 +98,9 @@ def build(service: ChatService, is_admin) -> Dashboard:
                               elem_id="kl-plot")
     versions = gr.Dataframe(label="Adapter versions", interactive=False, elem_id="versions")
     with gr.Row(visible=False) as admin_row:
-        target = gr.Number(label="Roll back to version (0 = base model; empty = the live "
-                                 "version's parent)", value=None, precision=0, minimum=0,
-                           elem_id="rollback-version")
+        target = gr.Textbox(label="Roll back to version (0 = the base model)",
+                            placeholder="empty: the live version's parent",
+                            elem_id="rollback-version")
         rollback_button = gr.Button("Roll back", variant="stop", elem_id="rollback")
     timer = gr.Timer(REFRESH_SECONDS)
 
@@ -105,7 +117,7 @@ def build(service: ChatService, is_admin) -> Dashboard:
     def rollback(version, request: gr.Request):
         if not is_admin(request):
             raise gr.Error("only an admin can roll back")
-        result = service.rollback(None if version is None else int(version))
+        result = service.rollback(rollback_target(version))
         gr.Info(f"v{result['live_adapter_version']} is live (was v{result['previous_version']})")
         return refresh()
 
