@@ -173,11 +173,32 @@ def load_model(config: Config) -> LoadedModel:
         raise ModelLoadError(f"could not load model {config.model!r}: {_reason(exc)}") from None
     if quantize == "none":
         model.to(device)
+    else:
+        _check_cpu_quantized_shapes(model, device, config.model)
     model.eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     log.info("loaded %s on %s (quantize=%s)", model_id, device, quantize)
     return LoadedModel(model, tokenizer, model_id, path, device, quantize)
+
+
+# bitsandbytes' 4-bit CPU kernel for CPUs with AVX-512 BF16 (taken at inference, not in
+# training) repacks each weight in blocks of 32 output rows and fails on any other width.
+CPU_4BIT_BLOCK = 32
+
+
+def _check_cpu_quantized_shapes(model, device: torch.device, name: str) -> None:
+    """Refuse, with one line, a 4-bit CPU model that bitsandbytes' CPU path cannot run."""
+    if device.type != "cpu":
+        return
+    odd = [(n, m.out_features) for n, m in model.named_modules()
+           if type(m).__name__ == "Linear4bit" and m.out_features % CPU_4BIT_BLOCK]
+    if odd:
+        where, width = odd[0]
+        raise ModelLoadError(
+            f"{name!r} cannot run 4-bit on this CPU: bitsandbytes' CPU kernel needs layer "
+            f"widths that are multiples of {CPU_4BIT_BLOCK}, and {where} has {width} "
+            f"({len(odd)} such layers); use --quantize none or 8bit")
 
 
 def _reason(exc: Exception) -> str:

@@ -18,7 +18,11 @@ from chatbot.sampling import PairStream, Reply, SampledPair  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer, hidden-16 LlamaForCausalLM with SmolLM2's tokenizer and chat template."""
+    """A 2-layer, hidden-64 LlamaForCausalLM with SmolLM2's tokenizer and chat template.
+
+    Every linear layer's width is a multiple of 64, the shapes bitsandbytes' CPU kernels take
+    (its 4-bit path on AVX-512 BF16 CPUs repacks weights in blocks of 32 rows).
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -26,8 +30,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=2048, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)

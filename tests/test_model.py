@@ -72,3 +72,20 @@ def test_bitsandbytes_quantization_loads_on_cpu(tiny_config, quantize):
     assert loaded.quantize == quantize
     ids = torch.tensor([[1, 2, 3]])
     assert torch.isfinite(loaded.model(ids).logits).all()
+
+
+def test_4bit_on_cpu_refuses_widths_the_cpu_kernel_cannot_run(tmp_path, tiny_model_dir):
+    """bitsandbytes' 4-bit CPU kernel (AVX-512 BF16 CPUs) needs widths in blocks of 32: a model
+    with a 16-wide layer is refused with one line on every CPU, not an assertion on some."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "narrow"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="multiples of 32") as error:
+        load_model(Config(model=str(folder), device="cpu", quantize="4bit"))
+    assert "\n" not in str(error.value)
