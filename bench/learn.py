@@ -4,6 +4,7 @@ is measured at checkpoints and plotted.
 
     python -m bench learn --oracle shorter --votes 64 [--objective pg|dpo] [--seed 0]
     python -m bench learn --oracle shorter --votes 64 --vs trl   # also TRL's RLOOTrainer
+    python -m bench learn --suite quick|full [--jobs 2]         # oracles x seeds, vs TRL
 """
 
 from __future__ import annotations
@@ -15,22 +16,33 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, write_result
-from bench.oracles import ORACLES
+from bench.oracles import ORACLES, make_oracle
 from bench.simulate import Simulation, as_dict, load_prompts, split_prompts
+from bench.suite import SUITES, run_suite
 from chatbot.config import Config, add_learner_args, add_model_args
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--oracle", choices=sorted(ORACLES), default="shorter",
-                        help="the simulated user's hidden preference (default: shorter)")
+    parser.add_argument("--oracle", choices=sorted(ORACLES) + [f"noisy-{n}" for n in ORACLES],
+                        default="shorter",
+                        help="the simulated user's hidden preference; noisy-NAME flips 20%% of "
+                             "NAME's votes (default: shorter)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default=None,
+                        help="run the learning suite (oracles x seeds, Duet vs TRL) instead of "
+                             "one oracle; see bench/suite.py")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="suite runs at once, one torch thread each (default: 1)")
+    parser.add_argument("--votes-cap", type=int, default=None,
+                        help="cut every suite run at this many votes (a shorter smoke run)")
     parser.add_argument("--votes", type=int, default=64, help="votes to cast (default: 64)")
     parser.add_argument("--checkpoints", default=None,
                         help="comma-separated vote counts to evaluate at "
                              "(default: 0, votes/4, votes/2, votes)")
-    parser.add_argument("--eval-prompts", type=int, default=32,
-                        help="held-out prompts per evaluation, two replies each (default: 32)")
-    parser.add_argument("--max-new-tokens", type=int, default=64,
-                        help="reply length limit (default: 64)")
+    parser.add_argument("--eval-prompts", type=int, default=None,
+                        help="held-out prompts per evaluation, two replies each (default: 32; "
+                             "16 in a suite)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="reply length limit (default: 64; 48 in a suite)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
     parser.add_argument("--tag", default="", help="suffix for the result file name")
@@ -42,9 +54,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> Path:
+    if args.suite:
+        args.eval_prompts = args.eval_prompts or 16
+        args.max_new_tokens = args.max_new_tokens or 48
+        return run_suite(args, Config.from_args(args))
+    args.eval_prompts = args.eval_prompts or 32
+    args.max_new_tokens = args.max_new_tokens or 64
     checkpoints = ([int(c) for c in args.checkpoints.split(",")] if args.checkpoints
                    else sorted({0, args.votes // 4, args.votes // 2, args.votes}))
-    oracle = ORACLES[args.oracle]
+    oracle = make_oracle(args.oracle, args.seed)
     train, held_out = split_prompts(load_prompts(), args.eval_prompts, seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="duet-bench-") as data_dir:
         config = dataclasses.replace(Config.from_args(args), data_dir=Path(data_dir),

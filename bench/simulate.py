@@ -42,6 +42,7 @@ from learner.worker import Learner
 log = logging.getLogger(__name__)
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.txt"
+EVAL_BATCH = 16  # held-out prompts sampled in one batched generate call
 
 
 def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
@@ -136,19 +137,21 @@ class Evaluator:
         state = torch.random.get_rng_state()
         torch.manual_seed(self.seed + 10_000)  # the same sampling noise at every checkpoint
         pairs = []
-        for prompt in self.prompts:
-            pair = generator.sample([{"role": "user", "content": prompt}])
-            pairs.append((pair.prompt_token_ids, list(pair.replies)))
+        for i in range(0, len(self.prompts), EVAL_BATCH):
+            batch = [[{"role": "user", "content": p}] for p in self.prompts[i:i + EVAL_BATCH]]
+            pairs += [(pair.prompt_token_ids, list(pair.replies))
+                      for pair in generator.sample_many(batch)]
         torch.random.set_rng_state(state)
         texts = [[r.text for r in replies] for _, replies in pairs]
         if self.base_replies is None:
             assert adapter_version == 0, "the first evaluation must be of the base model"
             self.base_replies = texts
+        truth = self.oracle.truth  # judge by the clean preference, never the noisy votes
         wins = ties = losses = 0
         scores = []
         for live_pair, base_pair in zip(texts, self.base_replies):
             for live_text, base_text in zip(live_pair, base_pair):
-                verdict = self.oracle.prefer(live_text, base_text)
+                verdict = truth.prefer(live_text, base_text)
                 wins += verdict == "A"
                 ties += verdict == "tie"
                 losses += verdict == "B"
@@ -160,8 +163,8 @@ class Evaluator:
             votes=votes, adapter_version=adapter_version,
             win_rate=sum(scores) / len(scores), win_rate_ci=bootstrap_ci(scores, self.rng),
             wins=wins, ties=ties, losses=losses, p_value=sign_test_p(wins, losses),
-            satisfied_share=sum(map(self.oracle.satisfied, flat)) / len(flat),
-            base_satisfied_share=sum(map(self.oracle.satisfied, base_flat)) / len(base_flat),
+            satisfied_share=sum(map(truth.satisfied, flat)) / len(flat),
+            base_satisfied_share=sum(map(truth.satisfied, base_flat)) / len(base_flat),
             mean_words=sum(map(words, flat)) / len(flat),
             base_mean_words=sum(map(words, base_flat)) / len(base_flat),
             kl_per_token=kl, nonempty_share=sum(bool(t.strip()) for t in flat) / len(flat),

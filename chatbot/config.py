@@ -59,12 +59,12 @@ class Config:
     lora_r: int = 8
     lora_alpha: int = 16
     beta: float = 0.05
-    target_kl: float = 0.05
+    kl_budget: float = 0.2
     dpo_beta: float = 0.1
     clip_eps: float = 0.2
     steps_per_round: int = 2
     replay: int = 4
-    holdout: float = 0.2
+    judge_new: bool = True
     kl_tripwire: float = 0.5
     gate_z: float = 1.64
     keep_versions: int = 5
@@ -101,13 +101,6 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
 
 
@@ -204,9 +197,10 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
                        help=f"LoRA alpha (default: {d.lora_alpha})")
     group.add_argument("--beta", type=float, default=d.beta,
                        help=f"initial KL penalty coefficient (default: {d.beta})")
-    group.add_argument("--target-kl", type=float, default=d.target_kl,
-                       help="per-token KL the adaptive controller steers beta toward "
-                            f"(default: {d.target_kl})")
+    group.add_argument("--kl-budget", type=float, default=d.kl_budget,
+                       help="per-token KL to the base the policy may spend: beta stays at "
+                            "--beta below it and is raised above it (default: "
+                            f"{d.kl_budget})")
     group.add_argument("--dpo-beta", type=float, default=d.dpo_beta,
                        help=f"beta of the DPO objective (default: {d.dpo_beta})")
     group.add_argument("--steps-per-round", type=_positive_int, default=d.steps_per_round,
@@ -214,9 +208,11 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--replay", type=int, default=d.replay,
                        help="earlier votes replayed beside the new ones in each round "
                             f"(default: {d.replay})")
-    group.add_argument("--holdout", type=_share, default=d.holdout,
-                       help="share of votes kept out of training for the promotion gate "
-                            f"(default: {d.holdout})")
+    group.add_argument("--judge-new", action=argparse.BooleanOptionalAction,
+                       default=d.judge_new,
+                       help="each new vote first judges the round's candidate against the live "
+                            "adapter, then trains from the next round on; --no-judge-new trains "
+                            "on it at once and gates on the KL tripwire alone (default: on)")
     group.add_argument("--kl-tripwire", type=float, default=d.kl_tripwire,
                        help="reject a candidate whose per-token KL to the base exceeds this "
                             f"(default: {d.kl_tripwire})")
@@ -253,6 +249,10 @@ def learner_argv(config: Config) -> list[str]:
     argv = []
     for action in learner_parser()._actions:
         value = getattr(config, action.dest, None)
-        if action.option_strings and type(action).__name__ == "_StoreAction" and value is not None:
+        if not action.option_strings or value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(action.option_strings[0 if value else 1])
+        elif type(action).__name__ == "_StoreAction":
             argv += [action.option_strings[0], str(value)]
     return argv

@@ -146,6 +146,40 @@ class PairGenerator:
         assert stream.result is not None
         return stream.result
 
+    def sample_many(self, conversations: list[list[dict]]) -> list[SampledPair]:
+        """Pairs for several conversations from one batched `generate` call, not streamed.
+
+        Rows are padded on the left; each reply is cut at its first end-of-turn token. For
+        benchmarks and offline sampling, where many prompts are known at once.
+        """
+        prompts = [self.prompt_ids(messages) for messages in conversations]
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts],
+                                 device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                                      device=self.device)
+        started = time.perf_counter()
+        with self.adapter_context() as version, torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                temperature=self.config.temperature, top_p=self.config.top_p, top_k=0,
+                max_new_tokens=self.config.max_new_tokens, num_return_sequences=2,
+                output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
+        seconds = time.perf_counter() - started
+        new_tokens = output.sequences[:, width:]  # (2P, T): rows 2i, 2i + 1 answer prompt i
+        logits = torch.stack(output.logits, dim=1).float()  # (2P, T, V)
+        pairs = []
+        for i, prompt in enumerate(prompts):
+            rows = slice(2 * i, 2 * i + 2)
+            replies = self._cut(new_tokens[rows], logits[rows])
+            pairs.append(SampledPair(
+                prompt_token_ids=prompt, replies=replies, adapter_version=version,
+                temperature=self.config.temperature, top_p=self.config.top_p,
+                max_new_tokens=self.config.max_new_tokens, seconds=seconds,
+                first_token_seconds=None))
+        return pairs
+
     def _run(self, prompt: list[int], stream: PairStream) -> Iterator[tuple[str, str]]:
         streamer = _PairStreamer()
         outcome: dict = {}
@@ -198,6 +232,10 @@ class PairGenerator:
     def _replies(self, prompt: list[int], output) -> tuple[Reply, Reply]:
         new_tokens = output.sequences[:, len(prompt):]  # (2, T)
         logits = torch.stack(output.logits, dim=1).float()  # (2, T, V), raw: temperature 1
+        return self._cut(new_tokens, logits)
+
+    def _cut(self, new_tokens: torch.Tensor, logits: torch.Tensor) -> tuple[Reply, Reply]:
+        """Two replies from their rows of new tokens (2, T) and raw logits (2, T, V)."""
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
         replies = []
         for row in range(2):

@@ -101,6 +101,12 @@ def m001_initial(db: Database) -> None:
     )
 
 
+@migrations()
+def m002_judged_pairs(db: Database) -> None:
+    """How many new votes judged each round's candidate (test-then-train)."""
+    db["learner_steps"].add_column("judged_pairs", int)
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -343,12 +349,6 @@ class Store:
                 claimed[table] = ids
         return claimed
 
-    def set_vote_splits(self, splits: dict[int, str]) -> None:
-        with self._write() as db:
-            for vote_id, split in splits.items():
-                db.execute("update votes set split = ? where id = ? and split is null",
-                           (split, vote_id))
-
     def release_claims(self, round_id: str | None = None) -> int:
         """Give claimed-but-unused feedback back to the pending pool (all rounds if None)."""
         where = "claimed_by is not null and used_by_version is null"
@@ -372,6 +372,19 @@ class Store:
 
     def ratings(self, where: str = "1", params: tuple | list = ()) -> list[dict]:
         return self._rows(f"select * from ratings where {where} order by id", params)
+
+    def feedback_by_id(self, table: str, ids: list[int]) -> list[dict]:
+        """The votes or ratings with these ids, oldest first."""
+        assert table in ("votes", "ratings")
+        if not ids:
+            return []
+        return self._rows(f"select * from {table} where id in ({','.join('?' * len(ids))}) "
+                          "order by id", ids)
+
+    def used_feedback(self, table: str) -> list[dict]:
+        """Votes or ratings some finished round has used (judged or trained on), oldest first."""
+        assert table in ("votes", "ratings")
+        return self._rows(f"select * from {table} where used_by_version is not null order by id")
 
     def cache_ref_logprobs(self, reply_id: int, logprobs: list[float]) -> None:
         with self._write() as db:

@@ -1,24 +1,27 @@
-"""What a round learns from: claimed feedback turned into samples, replay, and held-out pairs.
+"""What a round learns from: claimed feedback turned into samples, the pairs that judge the
+candidate, and the earlier votes it trains on.
 
-* Every pairwise vote (A or B) is assigned once to `train` or `heldout` by a hash of its id,
-  so the split never changes and about `holdout` of the votes are never trained on: the
-  promotion gate judges each candidate on them.
-* Training samples are replies with an advantage (see objectives.py): the new feedback of this
-  round plus `replay` earlier training items drawn at random, because every vote is a person's
-  time and deserves more than one look. Replay stays honest through the stored behaviour
-  log-probs and the clipped ratio.
-* Ties give no samples; thumbs and "both bad" give single replies with a running-baseline
-  advantage.
+Every vote is used twice: first to judge, then to train (test-then-train). A new pairwise vote
+(A or B) was cast on replies the live adapter made, and no adapter has trained on it yet, so
+it first judges this round's candidate against the live adapter (`judged`); from the next
+round on it is training data. Nothing is held out forever. Only the very first pairwise votes,
+when there is nothing earlier to train on, train at once (and judge nothing). With
+`judge_new=False` every vote trains at once and the gate checks the KL tripwire alone.
 
-* No user holds more than `max_user_share` of the new or of the replayed items (see
-  chatbot/limits.py).
+Training samples are replies with an advantage (see objectives.py): the votes judged last
+round (never trained on yet), `replay` earlier items drawn at random (every vote is a
+person's time and deserves more than one look; the stored behaviour log-probs and the clipped
+ratio keep replay honest), and new absolute feedback (thumbs, "both bad"), which judges
+nothing and trains at once. Ties give no samples.
+
+No user holds more than `max_user_share` of the fresh or of the replayed items (see
+chatbot/limits.py).
 
 Left out: prioritised replay, weighting users by how much they agree with others.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 
@@ -30,12 +33,6 @@ from learner.batch import Sample
 from learner.objectives import pair_rewards, rloo_advantages, running_baseline_advantages
 
 PAIRWISE = ("A", "B")
-
-
-def split_of(vote_id: int, holdout: float) -> str:
-    """train or heldout, fixed for a vote (a hash of its id: reproducible, not patterned)."""
-    fraction = int(hashlib.sha256(f"vote-{vote_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "heldout" if fraction < holdout else "train"
 
 
 @dataclass
@@ -58,9 +55,9 @@ class RoundData:
     new_samples: list[Sample] = field(default_factory=list)  # from this round's feedback
     replay_samples: list[Sample] = field(default_factory=list)  # from earlier feedback
     pairs: list[PreferencePair] = field(default_factory=list)  # what DPO trains on
-    heldout: list[PreferencePair] = field(default_factory=list)  # what the gate judges
+    judged: list[PreferencePair] = field(default_factory=list)  # new votes: the gate's evidence
     rewards: list[float] = field(default_factory=list)  # FEEDBACK_REWARD of each new item
-    replayed_items: int = 0
+    replayed_items: int = 0  # earlier votes and ratings trained on this round
 
     @property
     def samples(self) -> list[Sample]:
@@ -71,67 +68,53 @@ class RoundData:
 class RoundBuilder:
     """Reads the store and assembles one round's RoundData."""
 
-    def __init__(self, store: Store, holdout: float, replay: int, max_heldout: int = 32,
+    def __init__(self, store: Store, replay: int, judge_new: bool = True,
                  max_user_share: float = 1.0, rng: random.Random | None = None) -> None:
         self.store = store
-        self.holdout = holdout
         self.replay = replay
+        self.judge_new = judge_new
         self.max_user_share = max_user_share
-        self.max_heldout = max_heldout
         self.rng = rng or random.Random()
         self._pairs: dict[str, dict] = {}
 
-    def assign_splits(self, vote_ids: list[int]) -> None:
-        if not vote_ids:
-            return
-        marks = ",".join("?" * len(vote_ids))
-        votes = self.store.votes(f"id in ({marks}) and split is null", vote_ids)
-        self.store.set_vote_splits({
-            v["id"]: split_of(v["id"], self.holdout) if v["choice"] in PAIRWISE else "train"
-            for v in votes})
-
     def build(self, claimed: dict[str, list[int]]) -> RoundData:
-        self.assign_splits(claimed["votes"])
         absolute = self._absolute_advantages()
         data = RoundData()
-        for vote in self._votes_by_id(claimed["votes"]):
-            if vote["split"] != "heldout":
+        earlier = self.store.used_feedback("votes")
+        judge = self.judge_new and any(v["choice"] in PAIRWISE for v in earlier)
+        for vote in self.store.feedback_by_id("votes", claimed["votes"]):
+            if judge and vote["choice"] in PAIRWISE:
+                data.judged.append(self._preference(vote))
+            else:
                 self._add(data, data.new_samples, "vote", vote, absolute)
-                data.rewards.append(FEEDBACK_REWARD[vote["choice"]])
-        for rating in self._ratings_by_id(claimed["ratings"]):
+            data.rewards.append(FEEDBACK_REWARD[vote["choice"]])
+        for rating in self.store.feedback_by_id("ratings", claimed["ratings"]):
             self._add(data, data.new_samples, "rating", rating, absolute)
             data.rewards.append(FEEDBACK_REWARD[rating["thumb"]])
-        for kind, row in self._replay_items():
+        for kind, row in self._earlier_items(earlier, fresh_too=judge):
             self._add(data, data.replay_samples, kind, row, absolute)
             data.replayed_items += 1
-        heldout = self.store.votes("split = 'heldout' and choice in ('A', 'B') and "
-                                   "(used_by_version is not null or claimed_by is not null)",
-                                   order="id desc", limit=self.max_heldout)
-        data.heldout = [self._preference(vote) for vote in heldout]
         return data
 
     # --- helpers -----------------------------------------------------------------------
 
-    def _votes_by_id(self, ids: list[int]) -> list[dict]:
-        if not ids:
-            return []
-        return self.store.votes(f"id in ({','.join('?' * len(ids))})", ids)
-
-    def _ratings_by_id(self, ids: list[int]) -> list[dict]:
-        if not ids:
-            return []
-        return self.store.ratings(f"id in ({','.join('?' * len(ids))})", ids)
-
-    def _replay_items(self) -> list[tuple[str, dict]]:
-        if self.replay <= 0:
-            return []
-        votes = self.store.votes("used_by_version is not null and split = 'train' "
-                                 "and choice != 'tie'")
-        ratings = self.store.ratings("used_by_version is not null")
-        pool = [("vote", v) for v in votes] + [("rating", r) for r in ratings]
-        self.rng.shuffle(pool)
+    def _earlier_items(self, earlier: list[dict], fresh_too: bool) -> list[tuple[str, dict]]:
+        """The votes the last round judged (if they wait to be trained on), then `replay`
+        random other earlier items; ties teach nothing and are skipped."""
+        earlier = [v for v in earlier if v["choice"] != "tie"]
         share = self.max_user_share if self.store.feedback_users() > 1 else 1.0
-        return fair_pick(pool, lambda item: item[1]["user_id"], self.replay, share)
+        picked: list[tuple[str, dict]] = []
+        last = max((v["used_by_version"] for v in earlier), default=None)
+        if fresh_too and last is not None:
+            fresh = [("vote", v) for v in earlier if v["used_by_version"] == last]
+            picked = fair_pick(fresh, lambda item: item[1]["user_id"], len(fresh), share)
+        if self.replay > 0:
+            taken = {row["id"] for kind, row in picked}
+            pool = [("vote", v) for v in earlier if v["id"] not in taken]
+            pool += [("rating", r) for r in self.store.used_feedback("ratings")]
+            self.rng.shuffle(pool)
+            picked += fair_pick(pool, lambda item: item[1]["user_id"], self.replay, share)
+        return picked
 
     def _pair(self, pair_id: str) -> dict:
         if pair_id not in self._pairs:

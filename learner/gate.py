@@ -1,18 +1,21 @@
 """The promotion gate: does a candidate adapter go live, or is it stored as rejected?
 
-Held-out preference accuracy is the share of held-out voted pairs where the adapter gives the
-chosen reply the higher log-ratio to the reference, log pi(chosen)/ref(chosen) versus
-log pi(rejected)/ref(rejected). Ties (|margin| <= 1e-3 nats) count one half, so the base
-model itself scores 0.5. A candidate passes if
+The evidence is the round's new votes, which neither the live adapter nor the candidate has
+trained on (test-then-train: they join training from the next round on). Preference accuracy
+is the share of those pairs where an adapter gives the chosen reply the higher per-token
+log-ratio to the reference (the worker computes the margins; per token so that length alone
+wins nothing). Ties (|margin| <= 1e-3 nats) count one half, so the base model scores 0.5.
+The live adapter's accuracy on them is its running agreement with the newest votes: the number
+a user can watch rise. A candidate passes if
 
 * its per-token KL to the base is under the tripwire (the guard against collapse), and
-* it is not worse than the live adapter on the same held-out pairs. Both are judged pair by
-  pair, so the comparison is paired: with d_i = score_candidate_i - score_live_i (each score
-  0, 1/2 or 1), the candidate is rejected when sum(d) < -z * sqrt(sum(d^2)) - a one-sided
-  sign test in the spirit of McNemar's (z = 1.64: worse at the 5% level). With a handful of
-  held-out pairs one flipped pair is not evidence; with dozens, a real drop is caught.
+* it is not worse than the live adapter on the same pairs. Both are judged pair by pair, so
+  the comparison is paired: with d_i = score_candidate_i - score_live_i (each score 0, 1/2 or
+  1), the candidate is rejected when sum(d) < -z * sqrt(sum(d^2)) - a one-sided sign test in
+  the spirit of McNemar's (z = 1.64: worse at the 5% level). With a handful of pairs one
+  flipped pair is not evidence; a candidate that loses on most of them is stopped.
 
-Left out: multiple-comparison corrections across rounds, per-user held-out sets.
+Left out: multiple-comparison corrections across rounds, per-user evidence.
 """
 
 from __future__ import annotations
@@ -47,13 +50,13 @@ def decide(candidate_margins: list[float], live_margins: list[float], kl: float,
         return GateDecision(False, f"KL {kl:.3f} per token is over the tripwire {kl_tripwire}")
     n = len(candidate_margins)
     if n == 0:
-        return GateDecision(True, "no held-out votes yet; KL under the tripwire")
+        return GateDecision(True, "no new votes to judge on; KL under the tripwire")
     assert len(live_margins) == n
     diffs = [c - s for c, s in zip(pair_scores(candidate_margins), pair_scores(live_margins))]
     total, spread = sum(diffs), math.sqrt(sum(d * d for d in diffs))
     candidate_acc = preference_accuracy(candidate_margins)
     live_acc = preference_accuracy(live_margins)
-    summary = f"held-out accuracy {candidate_acc:.3f} vs live {live_acc:.3f} ({n} pairs)"
+    summary = f"agrees with {candidate_acc:.2f} of the new votes, live {live_acc:.2f} ({n} pairs)"
     if total < 0 and total < -z * spread:
         return GateDecision(False, f"{summary}: significantly worse")
     return GateDecision(True, summary)

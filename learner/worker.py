@@ -82,12 +82,14 @@ class Learner:
         self.adapter_version: int | None = None  # whose weights the trainable adapter holds
         steps = store.learner_steps(limit=1)
         beta = steps[-1]["beta"] if steps and steps[-1].get("beta") else config.beta
-        self.kl_control = AdaptiveKLController(beta, config.target_kl)
-        self.builder = RoundBuilder(store, config.holdout, config.replay,
+        # A budget, not a target: beta never drops below --beta, and rises only while the KL
+        # is over --kl-budget (a low target pulls the policy back just as it starts to learn).
+        self.kl_control = AdaptiveKLController(beta, config.kl_budget,
+                                               bounds=(config.beta, 10.0))
+        self.builder = RoundBuilder(store, config.replay, judge_new=config.judge_new,
                                     max_user_share=config.max_user_share,
                                     rng=random.Random(seed))
         self.pad_id = loaded.tokenizer.pad_token_id
-        self._margins: dict[int, dict] = {}  # adapter version -> held-out pair key -> margin
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_origin: int | None = None  # the version the moments grew from
         self._clip_fraction = 0.0
@@ -174,25 +176,21 @@ class Learner:
                 tokens += int(batch.mask.sum().item())
         return total, tokens
 
-    def heldout_margins(self, pairs: list[PreferencePair], cached_version: int | None = None
-                        ) -> dict:
-        """Margin per held-out pair under the weights as they are now: the chosen reply's
+    def judged_margins(self, pairs: list[PreferencePair]) -> list[float]:
+        """Margin per pair under the weights as they are now: the chosen reply's per-token
         log-ratio to the reference minus the rejected one's.
 
-        With `cached_version` (the version the weights are), margins already known for it are
-        reused: the live version was judged on most held-out pairs when it was a candidate.
+        Per token, not summed: a summed log-ratio favours the shorter reply whatever the user
+        chose (every token of a longer reply adds its own shift), so the gate would reward
+        length for its own sake. The base model scores every margin exactly 0.
         """
-        known = self._margins.get(cached_version, {}) if cached_version is not None else {}
-        todo = [p for p in pairs if p.key not in known]
-        computed = {}
-        if todo:
-            chosen = self.score([p.chosen for p in todo])
-            rejected = self.score([p.rejected for p in todo])
-            for pair, c, r in zip(todo, chosen, rejected):
-                computed[pair.key] = (c - sum(pair.chosen.ref)) - (r - sum(pair.rejected.ref))
-        if cached_version is not None:
-            self._margins.setdefault(cached_version, {}).update(computed)
-        return {**known, **computed}
+        def per_token(samples: list[Sample]) -> list[float]:
+            return [(total - sum(s.ref)) / len(s.reply)
+                    for s, total in zip(samples, self.score(samples))]
+
+        chosen = per_token([p.chosen for p in pairs]) if pairs else []
+        rejected = per_token([p.rejected for p in pairs]) if pairs else []
+        return [c - r for c, r in zip(chosen, rejected)]
 
     # --- training ----------------------------------------------------------------------
 
@@ -293,18 +291,15 @@ class Learner:
         self.sync_to_live()
         parent = self.adapter_version
         data = self.builder.build(claimed)
-        self.fill_reference(data.samples + [s for p in data.heldout for s in (p.chosen,
-                                                                             p.rejected)])
-        live_margins = self.heldout_margins(data.heldout, cached_version=parent)
+        judged_samples = [s for p in data.judged for s in (p.chosen, p.rejected)]
+        self.fill_reference(data.samples + judged_samples)
+        live_list = self.judged_margins(data.judged)  # before training: the live weights
         stats = self.train(data)
-        margins = self.heldout_margins(data.heldout)
-        judged = data.new_samples or [s for p in data.heldout for s in (p.chosen, p.rejected)]
-        kl_sum, tokens = self.exact_kl(judged) if judged else (0.0, 0)
+        candidate_list = self.judged_margins(data.judged)
+        kl_sum, tokens = self.exact_kl(data.samples or judged_samples)
         kl = kl_sum / tokens if tokens else 0.0
         if self.config.objective == "pg" and stats["steps"]:
             self.kl_control.update(kl, n_steps=stats["steps"])
-        live_list = [live_margins[p.key] for p in data.heldout]
-        candidate_list = [margins[p.key] for p in data.heldout]
         live_acc = gate.preference_accuracy(live_list)
         candidate_acc = gate.preference_accuracy(candidate_list)
         decision = gate.decide(candidate_list, live_list, kl, self.config.kl_tripwire,
@@ -313,7 +308,7 @@ class Learner:
         metrics = {"loss": stats["loss"], "kl": kl, "train_k3": stats["kl"],
                    "clip_fraction": stats.get("clip_fraction"),
                    "heldout_acc": candidate_acc, "live_heldout_acc": live_acc,
-                   "heldout_pairs": len(data.heldout), "beta": self.kl_control.beta,
+                   "judged_pairs": len(data.judged), "beta": self.kl_control.beta,
                    "objective": self.config.objective, "steps": stats["steps"]}
         folder, sha = adapters.publish(
             self.config.adapters_dir, version, self.model.save_pretrained,
@@ -326,7 +321,8 @@ class Learner:
                 "votes_used": len(claimed["votes"]) + len(claimed["ratings"]),
                 "new_votes": len(data.rewards), "replayed_votes": data.replayed_items,
                 "skipped_steps": stats["skipped_steps"], "heldout_acc": candidate_acc,
-                "live_heldout_acc": live_acc, "seconds": time.perf_counter() - started,
+                "live_heldout_acc": live_acc, "judged_pairs": len(data.judged),
+                "seconds": time.perf_counter() - started,
                 "note": decision.reason}
         status = self.store.finish_round(
             round_id, {"version": version, "path": folder.name, "parent_version": parent,
@@ -337,7 +333,6 @@ class Learner:
         if status == "live":
             self.adapter_version = version
             self.optimizer_origin = version
-            self._margins[version] = margins
         else:
             self.adapter_version = None  # the weights are the rejected candidate's
         log.info("round %s: v%d %s (%s) in %.1f s, loss %s, KL %.4f, %d new + %d replayed",

@@ -1,0 +1,223 @@
+"""The learning suite: Duet against TRL's RLOOTrainer across oracles and seeds, per vote.
+
+    python -m bench learn --suite quick   # 2 oracles x 1 seed, 64 votes (the iteration loop)
+    python -m bench learn --suite full    # 4 oracles x 2 seeds at 64 votes, 2 runs on to 128
+
+Each run plays Duet's real loop with a simulated user (bench/simulate.py) and gives TRL the
+same oracle, prompts, model, LoRA shape and number of labelled pairs (bench/trl_baseline.py);
+both are judged by the same Evaluator against the base model's replies. The result is one JSON
+with every run's curves and, at 32, 64 and 128 votes, the mean Duet - TRL win-rate difference
+over runs with a 95% t-interval.
+
+Cost is kept in check: 48-token replies, 16 held-out prompts (two replies each, sampled in one
+batched call), and TRL's side cached in bench/results/trl-cache/ under a key of everything
+that decides its outcome (settings, oracle, seed, TRL version, and the source of the code it
+runs), so a change to Duet's learner does not re-run TRL. `--jobs 2` runs two runs at once, one
+torch thread each.
+
+Left out: more than one simulated user per run, oracles that depend on the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from bench.common import RESULTS, write_result
+from bench.oracles import make_oracle
+from bench.simulate import Simulation, as_dict, load_prompts, split_prompts
+from chatbot.config import Config
+
+log = logging.getLogger(__name__)
+
+SUITES = {
+    # (oracle, seed, votes)
+    "quick": [("numbers", 0, 64), ("you", 0, 64)],
+    "full": [("numbers", 0, 128), ("you", 0, 128), ("finished", 0, 64), ("noisy-numbers", 0, 64),
+             ("numbers", 1, 64), ("you", 1, 64), ("finished", 1, 64), ("noisy-numbers", 1, 64)],
+}
+REPORT_AT = (32, 64, 128)
+TRL_CACHE = RESULTS / "trl-cache"
+TRL_SOURCES = ("trl_baseline.py", "simulate.py", "oracles.py")
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
+T975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14,
+        2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05,
+        2.05, 2.04]
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and 95% t-interval over runs (no interval from a single run)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "ci": None, "n": n}
+    half = T975[min(n - 1, len(T975)) - 1] * statistics.stdev(values) / math.sqrt(n)
+    return {"mean": mean, "ci": [mean - half, mean + half], "n": n}
+
+
+def checkpoints_for(votes: int) -> list[int]:
+    return sorted({0, *[c for c in REPORT_AT if c <= votes], votes})
+
+
+def trl_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: int) -> str:
+    import trl
+
+    settings = {k: config.as_dict()[k] for k in (
+        "model", "quantize", "max_new_tokens", "temperature", "top_p", "lr", "beta", "lora_r",
+        "lora_alpha")}
+    here = Path(__file__).parent
+    sources = "".join((here / name).read_text() for name in TRL_SOURCES)
+    blob = json.dumps([settings, oracle, seed, votes, eval_prompts, trl.__version__],
+                      sort_keys=True)
+    return hashlib.sha256((blob + sources).encode()).hexdigest()[:16]
+
+
+def run_one(config: Config, oracle_name: str, seed: int, votes: int, eval_prompts: int,
+            threads: int | None, with_trl: bool = True) -> dict:
+    """One oracle and seed: Duet's curve and TRL's (cached when it can be)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    checkpoints = checkpoints_for(votes)
+    train, held_out = split_prompts(load_prompts(), eval_prompts, seed=seed)
+    run = {"oracle": oracle_name, "seed": seed, "votes": votes}
+    with tempfile.TemporaryDirectory(prefix="duet-suite-") as data_dir:
+        run_config = dataclasses.replace(config, data_dir=Path(data_dir), seed=seed)
+        started = time.perf_counter()
+        sim = Simulation(run_config, make_oracle(oracle_name, seed), train, held_out, seed=seed)
+        run["duet"] = [as_dict(e) for e in sim.run(votes, checkpoints)]
+        run["duet_seconds"] = time.perf_counter() - started
+        run["duet_rounds"] = sim.round_steps
+        del sim
+    if with_trl:
+        run["trl"], run["trl_seconds"], run["trl_cached"] = trl_curve(
+            config, oracle_name, seed, votes, train, held_out, checkpoints)
+    return run
+
+
+def trl_curve(config: Config, oracle_name: str, seed: int, votes: int, train: list[str],
+              held_out: list[str], checkpoints: list[int]) -> tuple[list[dict], float, bool]:
+    key = trl_key(config, oracle_name, seed, votes, len(held_out))
+    path = TRL_CACHE / f"{oracle_name}-s{seed}-{votes}-{key}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        return cached["evaluations"], cached["seconds"], True
+    from bench.trl_baseline import run_trl
+
+    started = time.perf_counter()
+    evaluations = [as_dict(e) for e in run_trl(
+        dataclasses.replace(config, seed=seed), make_oracle(oracle_name, seed), train,
+        held_out, votes, checkpoints, seed=seed)]
+    seconds = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"oracle": oracle_name, "seed": seed, "votes": votes,
+                                "key": key, "seconds": seconds, "evaluations": evaluations},
+                               indent=1) + "\n")
+    return evaluations, seconds, False
+
+
+def at(curve: list[dict], votes: int) -> dict | None:
+    return next((e for e in curve if e["votes"] == votes), None)
+
+
+def summarize(runs: list[dict]) -> dict:
+    summary = {}
+    for votes in REPORT_AT:
+        pairs = [(at(r["duet"], votes), at(r.get("trl", []), votes)) for r in runs]
+        pairs = [(d, t) for d, t in pairs if d is not None and t is not None]
+        if not pairs:
+            continue
+        summary[str(votes)] = {
+            "duet_win_rate": mean_ci([d["win_rate"] for d, _ in pairs]),
+            "trl_win_rate": mean_ci([t["win_rate"] for _, t in pairs]),
+            "duet_minus_trl": mean_ci([d["win_rate"] - t["win_rate"] for d, t in pairs]),
+            "duet_satisfied_gain": mean_ci([d["satisfied_share"] - d["base_satisfied_share"]
+                                            for d, _ in pairs]),
+            "trl_satisfied_gain": mean_ci([t["satisfied_share"] - t["base_satisfied_share"]
+                                           for _, t in pairs]),
+            "duet_kl": mean_ci([d["kl_per_token"] for d, _ in pairs]),
+            "trl_kl": mean_ci([t["kl_per_token"] for _, t in pairs]),
+        }
+    return summary
+
+
+def table(runs: list[dict]) -> str:
+    """Markdown: one row per run, Duet / TRL win rate at each reported vote count, and KL."""
+    lines = ["| oracle | seed | " + " | ".join(f"Duet / TRL @{v}" for v in REPORT_AT)
+             + " | KL Duet / TRL @max |", "|---|---|" + "---|" * (len(REPORT_AT) + 1)]
+    for r in runs:
+        cells = []
+        for v in REPORT_AT:
+            d, t = at(r["duet"], v), at(r.get("trl", []), v)
+            cells.append(f"{d['win_rate']:.2f} / {t['win_rate']:.2f}" if d and t else "")
+        d, t = r["duet"][-1], r["trl"][-1] if r.get("trl") else None
+        kl = f"{d['kl_per_token']:.3f} / {t['kl_per_token']:.3f}" if t else ""
+        lines.append(f"| {r['oracle']} | {r['seed']} | " + " | ".join(cells) + f" | {kl} |")
+    return "\n".join(lines)
+
+
+def run_suite(args: argparse.Namespace, config: Config) -> Path:
+    plan = SUITES[args.suite]
+    if args.votes_cap:
+        plan = [(o, s, min(v, args.votes_cap)) for o, s, v in plan]
+    config = dataclasses.replace(config, max_new_tokens=args.max_new_tokens)
+    started = time.perf_counter()
+    threads = 1 if args.jobs > 1 else None
+    if args.jobs > 1:
+        import multiprocessing
+
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+            futures = [pool.submit(run_one, config, o, s, v, args.eval_prompts, threads)
+                       for o, s, v in plan]
+            runs = [f.result() for f in futures]
+    else:
+        runs = [run_one(config, o, s, v, args.eval_prompts, threads) for o, s, v in plan]
+    results = {"summary": summarize(runs), "table": table(runs), "runs": runs,
+               "seconds_total": time.perf_counter() - started}
+    settings = {**config.as_dict(), "suite": args.suite, "plan": plan,
+                "eval_prompts": args.eval_prompts, "jobs": args.jobs}
+    name = f"learn-suite-{args.suite}" + (f"-{args.tag}" if args.tag else "")
+    out = Path(args.out) if args.out else RESULTS
+    path = write_result(name, settings, results, out)
+    plot_suite(runs, out / f"{name}.png", title=f"{name} ({config.objective})")
+    print(results["table"])
+    print(json.dumps(results["summary"], indent=1))
+    return path
+
+
+def plot_suite(runs: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.2), squeeze=False)
+    for ax, r in zip(axes[0], runs):
+        ax.plot([e["votes"] for e in r["duet"]], [e["win_rate"] for e in r["duet"]], "o-",
+                label="Duet")
+        if r.get("trl"):
+            ax.plot([e["votes"] for e in r["trl"]], [e["win_rate"] for e in r["trl"]], "s--",
+                    label="TRL RLOO")
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"{r['oracle']} s{r['seed']}", xlabel="votes", ylim=(0, 1))
+    axes[0][0].set_ylabel("win rate vs base")
+    axes[0][0].legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
