@@ -32,7 +32,7 @@ test: install browser
 	$(PY) -m pytest $(ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest -m "not slow and not processes" $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

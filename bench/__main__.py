@@ -15,6 +15,7 @@ BENCHMARKS = {
     "learner": "bench.learner_round",
     "swap": "bench.swap",
     "latency": "bench.latency",
+    "api-user": "bench.api_user",
 }
 
 

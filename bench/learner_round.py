@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> Path:
                          "floor_seconds": floor, "round_over_floor": step["seconds"] / floor,
                          "steps_per_round": config.steps_per_round,
                          "trained_pairs": step["new_votes"],
-                         "heldout_pairs": n_pairs - step["new_votes"], "floors": floors})
+                         "judged_pairs": step["judged_pairs"], "floors": floors})
     settings = {**base.as_dict(), "reply_tokens": args.reply_tokens}
     return write_result(f"learner-{tag}", settings, {"rounds": rows},
                         Path(args.out) if args.out else RESULTS)

@@ -29,7 +29,7 @@ import math
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from bench.common import RESULTS, write_result
@@ -46,7 +46,7 @@ SUITES = {
              ("numbers", 1, 64), ("you", 1, 64), ("finished", 1, 64), ("noisy-numbers", 1, 64)],
 }
 REPORT_AT = (32, 64, 128)
-TRL_CACHE = RESULTS / "trl-cache"
+TRL_CACHE = "trl-cache"  # a folder beside the suite's result
 TRL_SOURCES = ("trl_baseline.py", "simulate.py", "oracles.py")
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
 T975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14,
@@ -82,7 +82,7 @@ def trl_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: in
 
 
 def run_one(config: Config, oracle_name: str, seed: int, votes: int, eval_prompts: int,
-            threads: int | None, with_trl: bool = True) -> dict:
+            threads: int | None, trl_cache: Path) -> dict:
     """One oracle and seed: Duet's curve and TRL's (cached when it can be)."""
     import torch
 
@@ -101,16 +101,16 @@ def run_one(config: Config, oracle_name: str, seed: int, votes: int, eval_prompt
         run["duet_seconds"] = time.perf_counter() - started
         run["duet_rounds"] = sim.round_steps
         del sim
-    if with_trl:
-        run["trl"], run["trl_seconds"], run["trl_cached"] = trl_curve(
-            config, oracle_name, seed, votes, train, held_out, checkpoints)
+    run["trl"], run["trl_seconds"], run["trl_cached"] = trl_curve(
+        config, oracle_name, seed, votes, train, held_out, checkpoints, trl_cache)
     return run
 
 
 def trl_curve(config: Config, oracle_name: str, seed: int, votes: int, train: list[str],
-              held_out: list[str], checkpoints: list[int]) -> tuple[list[dict], float, bool]:
+              held_out: list[str], checkpoints: list[int], cache: Path
+              ) -> tuple[list[dict], float, bool]:
     key = trl_key(config, oracle_name, seed, votes, len(held_out))
-    path = TRL_CACHE / f"{oracle_name}-s{seed}-{votes}-{key}.json"
+    path = cache / f"{oracle_name}-s{seed}-{votes}-{key}.json"
     if path.exists():
         cached = json.loads(path.read_text())
         return cached["evaluations"], cached["seconds"], True
@@ -173,24 +173,36 @@ def run_suite(args: argparse.Namespace, config: Config) -> Path:
     if args.votes_cap:
         plan = [(o, s, min(v, args.votes_cap)) for o, s, v in plan]
     config = dataclasses.replace(config, max_new_tokens=args.max_new_tokens)
+    out = Path(args.out) if args.out else RESULTS
+    cache = out / TRL_CACHE
     started = time.perf_counter()
     threads = 1 if args.jobs > 1 else None
+    partial = out / f"learn-suite-{args.suite}" / (args.tag or "runs")
+    partial.mkdir(parents=True, exist_ok=True)
+
+    def keep(run: dict) -> dict:
+        """Write each run as it finishes: a long suite cut short keeps what it did."""
+        name = f"{run['oracle']}-s{run['seed']}-{run['votes']}.json"
+        (partial / name).write_text(json.dumps(run, indent=1, default=str) + "\n")
+        return run
+
     if args.jobs > 1:
         import multiprocessing
 
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
-            futures = [pool.submit(run_one, config, o, s, v, args.eval_prompts, threads)
+            futures = [pool.submit(run_one, config, o, s, v, args.eval_prompts, threads, cache)
                        for o, s, v in plan]
-            runs = [f.result() for f in futures]
+            done = {id(f): keep(f.result()) for f in as_completed(futures)}
+            runs = [done[id(f)] for f in futures]
     else:
-        runs = [run_one(config, o, s, v, args.eval_prompts, threads) for o, s, v in plan]
+        runs = [keep(run_one(config, o, s, v, args.eval_prompts, threads, cache))
+                for o, s, v in plan]
     results = {"summary": summarize(runs), "table": table(runs), "runs": runs,
                "seconds_total": time.perf_counter() - started}
     settings = {**config.as_dict(), "suite": args.suite, "plan": plan,
                 "eval_prompts": args.eval_prompts, "jobs": args.jobs}
     name = f"learn-suite-{args.suite}" + (f"-{args.tag}" if args.tag else "")
-    out = Path(args.out) if args.out else RESULTS
     path = write_result(name, settings, results, out)
     plot_suite(runs, out / f"{name}.png", title=f"{name} ({config.objective})")
     print(results["table"])

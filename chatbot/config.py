@@ -64,6 +64,7 @@ class Config:
     clip_eps: float = 0.2
     steps_per_round: int = 2
     replay: int = 4
+    self_samples: int = 0
     judge_new: bool = True
     kl_tripwire: float = 0.5
     gate_z: float = 1.64
@@ -208,6 +209,10 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--replay", type=int, default=d.replay,
                        help="earlier votes replayed beside the new ones in each round "
                             f"(default: {d.replay})")
+    group.add_argument("--self-samples", type=int, default=d.self_samples,
+                       help="prompts per round on which the learner samples a fresh pair from "
+                            "its own weights and scores it with a reward model fitted on the "
+                            f"votes; 0 = off (default: {d.self_samples})")
     group.add_argument("--judge-new", action=argparse.BooleanOptionalAction,
                        default=d.judge_new,
                        help="each new vote first judges the round's candidate against the live "

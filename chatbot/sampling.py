@@ -152,7 +152,10 @@ class PairGenerator:
         Rows are padded on the left; each reply is cut at its first end-of-turn token. For
         benchmarks and offline sampling, where many prompts are known at once.
         """
-        prompts = [self.prompt_ids(messages) for messages in conversations]
+        return self.sample_prompts([self.prompt_ids(messages) for messages in conversations])
+
+    def sample_prompts(self, prompts: list[list[int]]) -> list[SampledPair]:
+        """`sample_many` for prompts already encoded with the chat template."""
         width = max(map(len, prompts))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts],

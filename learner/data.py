@@ -56,13 +56,14 @@ class RoundData:
     replay_samples: list[Sample] = field(default_factory=list)  # from earlier feedback
     pairs: list[PreferencePair] = field(default_factory=list)  # what DPO trains on
     judged: list[PreferencePair] = field(default_factory=list)  # new votes: the gate's evidence
+    scored_samples: list[Sample] = field(default_factory=list)  # sampled, scored by the RM
     rewards: list[float] = field(default_factory=list)  # FEEDBACK_REWARD of each new item
     replayed_items: int = 0  # earlier votes and ratings trained on this round
 
     @property
     def samples(self) -> list[Sample]:
         """What the policy gradient trains on."""
-        return self.new_samples + self.replay_samples
+        return self.new_samples + self.replay_samples + self.scored_samples
 
 
 class RoundBuilder:
@@ -95,6 +96,12 @@ class RoundBuilder:
             self._add(data, data.replay_samples, kind, row, absolute)
             data.replayed_items += 1
         return data
+
+    def voted_pairs(self) -> list[PreferencePair]:
+        """Every pairwise vote a finished round has used: what a reward model may learn from
+        (the round's new votes are not among them: they judge)."""
+        return [self._preference(v) for v in self.store.used_feedback("votes")
+                if v["choice"] in PAIRWISE]
 
     # --- helpers -----------------------------------------------------------------------
 

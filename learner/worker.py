@@ -44,10 +44,12 @@ from learner import gate
 from learner.batch import Sample, collate, distributions, ref_to_tensor, token_logprobs
 from learner.data import PreferencePair, RoundBuilder, RoundData
 from learner.objectives import AdaptiveKLController, dpo_loss, k3_kl, policy_gradient_loss
+from learner.reward import SelfSampler
 
 log = logging.getLogger(__name__)
 
 MICRO_BATCH = 8  # replies per forward/backward; gradients are accumulated across them
+KL_REPLIES = 16  # replies the candidate's exact KL to the base is measured on, per round
 
 
 class RoundFailed(DuetError):
@@ -90,6 +92,8 @@ class Learner:
                                     max_user_share=config.max_user_share,
                                     rng=random.Random(seed))
         self.pad_id = loaded.tokenizer.pad_token_id
+        self.self_sampler = SelfSampler(self.model, loaded.tokenizer, config, loaded.device,
+                                        self.pad_id, random.Random(seed))
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_origin: int | None = None  # the version the moments grew from
         self._clip_fraction = 0.0
@@ -143,7 +147,8 @@ class Learner:
                 for row, sample in enumerate(micro):
                     by_reply[sample.reply_id] = logp[row, -len(sample.reply):].tolist()
         for reply_id, values in by_reply.items():
-            self.store.cache_ref_logprobs(reply_id, values)
+            if reply_id > 0:  # replies the learner sampled itself are not in the DB
+                self.store.cache_ref_logprobs(reply_id, values)
         for sample in missing:
             sample.ref = by_reply[sample.reply_id]
 
@@ -291,12 +296,19 @@ class Learner:
         self.sync_to_live()
         parent = self.adapter_version
         data = self.builder.build(claimed)
+        reward_stats = {}
+        if self.config.objective == "pg":
+            data.scored_samples, reward_stats = self.self_sampler.samples(
+                self.builder.voted_pairs(), data.judged)
         judged_samples = [s for p in data.judged for s in (p.chosen, p.rejected)]
         self.fill_reference(data.samples + judged_samples)
         live_list = self.judged_margins(data.judged)  # before training: the live weights
         stats = self.train(data)
         candidate_list = self.judged_margins(data.judged)
-        kl_sum, tokens = self.exact_kl(data.samples or judged_samples)
+        # The KL of the candidate on the replies most like its own: the round's newest ones (a
+        # full-vocabulary pass per reply is the round's most expensive scoring, so cap it).
+        kl_sum, tokens = self.exact_kl((data.new_samples + data.replay_samples
+                                        + judged_samples)[:KL_REPLIES])
         kl = kl_sum / tokens if tokens else 0.0
         if self.config.objective == "pg" and stats["steps"]:
             self.kl_control.update(kl, n_steps=stats["steps"])
@@ -309,7 +321,8 @@ class Learner:
                    "clip_fraction": stats.get("clip_fraction"),
                    "heldout_acc": candidate_acc, "live_heldout_acc": live_acc,
                    "judged_pairs": len(data.judged), "beta": self.kl_control.beta,
-                   "objective": self.config.objective, "steps": stats["steps"]}
+                   "objective": self.config.objective, "steps": stats["steps"],
+                   **reward_stats}
         folder, sha = adapters.publish(
             self.config.adapters_dir, version, self.model.save_pretrained,
             base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)

@@ -25,9 +25,10 @@ def test_ask_vote_status_round_trip(api):
     assert len(asked["replies"]) == 2 and all(isinstance(r, str) for r in asked["replies"])
     assert asked["adapter_version"] == 0
     voted = client.predict(asked["pair_id"], "A", api_name="/vote")
-    assert voted["ok"] is True
+    assert (voted["pair_id"], voted["choice"], voted["continued_with"]) == (
+        asked["pair_id"], "A", "A")
     rated = client.predict(asked["pair_id"], "B", "down", api_name="/rate")
-    assert rated["ok"] is True
+    assert rated["changed"] is True and rated["rating_id"] > 0
     after = client.predict(api_name="/status")
     assert after["votes_total"] == before["votes_total"] + 1
     assert after["votes_pending"] == before["votes_pending"] + 1
@@ -35,7 +36,8 @@ def test_ask_vote_status_round_trip(api):
     assert after["model"].endswith("tiny-llama0")
     store = Store(data / "duet.db")
     vote = store.votes("pair_id = ?", [asked["pair_id"]])
-    assert [v["choice"] for v in vote] == ["A"]
+    assert [(v["id"], v["choice"]) for v in vote] == [(voted["vote_id"], "A")]
+    assert [r["thumb"] for r in store.ratings("pair_id = ?", [asked["pair_id"]])] == ["down"]
     followup = client.predict("Tell me more.", asked["conversation_id"], api_name="/ask")
     assert followup["conversation_id"] == asked["conversation_id"]
 

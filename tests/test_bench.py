@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bench.__main__ import main as bench
-from bench.oracles import ORACLES
+from bench.oracles import ORACLES, make_oracle
 from bench.simulate import load_prompts, sign_test_p, split_prompts
 
 
@@ -30,10 +30,28 @@ def test_prompts_are_many_varied_and_split():
 def test_oracles_prefer_what_they_say(name):
     oracle = ORACLES[name]
     good = {"shorter": "Yes.", "word": "Sure, here it is.", "list": "Steps:\n1. one\n2. two",
-            "question": "Shall we start?", "polite": "Thank you for asking."}[name]
-    bad = {"shorter": "Yes, " + "and more words " * 8}.get(name, "No.")
+            "question": "Shall we start?", "polite": "Thank you for asking.",
+            "numbers": "It takes 3 long days of careful work", "you": "Here is what you need",
+            "finished": "It takes long days of careful work.", "can": "We can do it"}[name]
+    bad = {"shorter": "Yes, " + "and more words " * 8}.get(name, "No")
     assert oracle.satisfied(good) and not oracle.satisfied(bad)
     assert oracle.prefer(good, bad) == "A" and oracle.prefer(bad, good) == "B"
+
+
+def test_people_like_oracles_break_ties_toward_the_shorter_reply():
+    oracle = ORACLES["numbers"]
+    assert oracle.prefer("a b c d", "a b") == "B"  # neither has a number: the shorter
+    assert oracle.prefer("a 1 b c d", "a 2") == "B"  # both have one: the shorter
+    assert oracle.prefer("a", "") == "A"  # an empty reply never wins
+    assert ORACLES["list"].prefer("a b c d", "a b") == "tie"  # a clean rule: no tie-break
+
+
+def test_noisy_annotator_flips_about_a_fifth_and_is_judged_clean():
+    noisy = make_oracle("noisy-numbers", seed=3)
+    verdicts = [noisy.prefer("one thing", "nothing at all here") for _ in range(2000)]
+    assert 0.15 < verdicts.count("B") / len(verdicts) < 0.25
+    assert noisy.truth is ORACLES["numbers"]
+    assert noisy.truth.prefer("one thing", "nothing at all here") == "A"
 
 
 def test_sign_test():
@@ -60,6 +78,34 @@ def test_learn_vs_trl_runs(tiny_model_dir, tmp_path):
            "--learn-every", "2", "--vs", "trl", "--out", str(tmp_path)])
     results = result(tmp_path, "learn-shorter-pg-vs-trl")
     assert [e["votes"] for e in results["trl_evaluations"]] == [0, 4]
+
+
+def test_learn_suite_runs_and_caches_the_trl_side(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    argv = ["learn", "--suite", "quick", "--votes-cap", "4", "--model", str(tiny_model_dir),
+            "--device", "cpu", "--eval-prompts", "2", "--max-new-tokens", "6",
+            "--learn-every", "2", "--out", str(tmp_path)]
+    bench(argv)
+    first = result(tmp_path, "learn-suite-quick")
+    assert [(r["oracle"], r["trl_cached"]) for r in first["runs"]] == [("numbers", False),
+                                                                        ("you", False)]
+    assert all([e["votes"] for e in r["duet"]] == [0, 4] for r in first["runs"])
+    assert len(list((tmp_path / "trl-cache").glob("*.json"))) == 2
+    bench(argv)  # a second run of the suite takes TRL's curves from the cache
+    second = result(tmp_path, "learn-suite-quick")
+    assert [r["trl_cached"] for r in second["runs"]] == [True, True]
+    assert second["runs"][0]["trl"] == first["runs"][0]["trl"]
+    assert "| numbers | 0 |" in second["table"]
+
+
+def test_mean_ci_over_runs():
+    from bench.suite import mean_ci
+
+    assert mean_ci([0.1]) == {"mean": 0.1, "ci": None, "n": 1}
+    summary = mean_ci([0.0, 0.2, 0.1, 0.1])
+    assert summary["mean"] == pytest.approx(0.1)
+    low, high = summary["ci"]
+    assert low < 0.1 < high and high - low == pytest.approx(2 * 3.18 * 0.0816 / 2, rel=0.01)
 
 
 def test_pair_runs(tiny_model_dir, tmp_path):

@@ -14,8 +14,10 @@ from tests.serving import ROOT, running_server
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason="Debian's chromium is not installed (make test installs it)")
+pytestmark = [pytest.mark.processes,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                 reason="Debian's chromium is not installed "
+                                        "(make test installs it)")]
 
 
 @pytest.fixture(scope="module")

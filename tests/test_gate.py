@@ -19,7 +19,7 @@ def test_kl_tripwire_rejects_whatever_the_accuracy():
     assert not decide([1.0], [0.0], kl=math.nan, kl_tripwire=0.5).promote
 
 
-def test_no_heldout_pairs_passes_on_kl_alone():
+def test_no_judged_pairs_passes_on_kl_alone():
     assert decide([], [], kl=0.1, kl_tripwire=0.5).promote
 
 

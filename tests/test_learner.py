@@ -34,7 +34,7 @@ def collect_votes(config, store, choices) -> list[str]:
 
 @pytest.fixture
 def learner_config(tiny_config):
-    return dataclasses.replace(tiny_config, lr=3e-3, steps_per_round=3, holdout=0.0, replay=0,
+    return dataclasses.replace(tiny_config, lr=3e-3, steps_per_round=3, judge_new=False, replay=0,
                                kl_tripwire=100.0)
 
 
@@ -164,23 +164,53 @@ def test_rollback_during_a_round_is_not_overridden(learner_config):
     assert store.live_adapter_version() == 0
 
 
-def test_replay_and_heldout(learner_config):
-    config = dataclasses.replace(learner_config, holdout=0.5, replay=8)
+def test_new_votes_judge_first_then_train(learner_config):
+    """Test-then-train: the first votes train at once (nothing earlier to train on); later new
+    votes judge the candidate against the live adapter, then train in the next round."""
+    config = dataclasses.replace(learner_config, judge_new=True, replay=8)
     store = Store(config.db_path)
-    collect_votes(config, store, ["A", "B", "A", "B"])
+    first_ids = collect_votes(config, store, ["A", "B", "A", "B"])
     learner = make_learner(config, store)
     first = learner.round()
-    splits = [v["split"] for v in store.votes()]
-    assert set(splits) <= {"train", "heldout"} and None not in splits
-    collect_votes(config, store, ["A", "B"])
+    assert first["judged_pairs"] == 0 and first["heldout_acc"] is None
+    assert first["new_votes"] == 4 and first["status"] == "promoted"
+
+    second_ids = collect_votes(config, store, ["A", "B", "tie"])
+    claimed = store.claim_feedback("look", 10)
+    data = learner.builder.build(claimed)
+    store.release_claims("look")
+    judged = {p.chosen.reply_id for p in data.judged}
+    assert len(data.judged) == 2  # the A and B votes; a tie judges nothing
+    new_reply_ids = {r["id"] for pid in second_ids for r in store.pair(None, pid)["replies"]}
+    old_reply_ids = {r["id"] for pid in first_ids for r in store.pair(None, pid)["replies"]}
+    trained = {s.reply_id for s in data.samples}
+    assert judged <= new_reply_ids and not trained & new_reply_ids  # judged, not trained on
+    assert trained == old_reply_ids  # the votes judged before, never seen by the live line
+
     second = learner.round()
-    assert second["replayed_votes"] == splits.count("train")
-    if splits.count("heldout"):
-        assert first["live_heldout_acc"] == 0.5  # the base model: every margin is exactly 0
-        assert first["heldout_acc"] is not None
-    else:
-        assert first["heldout_acc"] is None and first["live_heldout_acc"] is None
+    assert second["judged_pairs"] == 2
+    assert 0.0 <= second["live_heldout_acc"] <= 1.0 and 0.0 <= second["heldout_acc"] <= 1.0
     assert store.pending_counts()["votes_pending"] == 0
+    collect_votes(config, store, ["B"])
+    claimed = store.claim_feedback("look-again", 10)
+    third_data = learner.builder.build(claimed)
+    assert {s.reply_id for s in third_data.samples} >= new_reply_ids - {
+        r["id"] for r in store.pair(None, second_ids[2])["replies"]}  # now they train
+
+
+def test_gate_margin_is_per_token_so_length_alone_wins_nothing(learner_config):
+    """The base model scores every judged pair a tie, whatever the replies' lengths."""
+    config = dataclasses.replace(learner_config, judge_new=True)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B"])
+    learner = make_learner(config, store)
+    data = learner.builder.build(store.claim_feedback("r", 10))
+    learner.fill_reference(data.samples)
+    from learner.data import PreferencePair
+
+    pairs = [PreferencePair(s, s) for s in data.samples]
+    learner.fill_reference([p.chosen for p in pairs])
+    assert learner.judged_margins(pairs) == pytest.approx([0.0] * len(pairs), abs=1e-5)
 
 
 def test_dpo_objective_runs_a_round(learner_config):
@@ -218,3 +248,55 @@ def test_a_round_on_a_4bit_base(learner_config):
     assert step["status"] in ("promoted", "rejected") and step["loss"] is not None
     assert any(not torch.equal(p, lora_before[n]) for n, p in learner.model.named_parameters()
                if "lora_" in n)
+
+
+def test_reward_model_learns_a_feature_and_knows_when_it_knows_nothing():
+    import random
+
+    from learner.reward import fit_reward_model
+
+    gen = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(40, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    chosen[:, 0] += 2.0  # the chosen reply has more of feature 0
+    rm = fit_reward_model(chosen, rejected, random.Random(0))
+    assert rm.cv_accuracy > 0.8 and rm.pairs == 40 and rm.knows_something
+    probe = torch.zeros(2, 6)
+    probe[0, 0] = 1.0
+    assert rm.score(probe)[0] > rm.score(probe)[1]
+    assert rm.prefers(chosen[:1], rejected[:1]).item() > 0.5
+    knows = []
+    for seed in range(10):  # votes that say nothing about the features
+        gen = torch.Generator().manual_seed(seed)
+        noise = fit_reward_model(torch.randn(40, 6, generator=gen),
+                                 torch.randn(40, 6, generator=gen), random.Random(0))
+        knows.append(noise.knows_something)
+    assert sum(knows) <= 2
+    assert fit_reward_model(chosen[:3], rejected[:3]) is None  # too few votes
+
+
+def test_self_samples_join_the_round_with_the_reward_models_advantages(learner_config,
+                                                                       monkeypatch):
+    import learner.reward as reward
+
+    monkeypatch.setattr(reward.RewardModel, "knows_something", True)  # the tiny model's
+    # features know nothing
+    monkeypatch.setattr(reward, "MIN_PAIRS", 4)
+    config = dataclasses.replace(learner_config, self_samples=3, judge_new=True)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "A", "B"])
+    learner = make_learner(config, store)
+    learner.round()  # the first votes train at once
+    collect_votes(config, store, ["A", "B"])
+    step = learner.round()
+    metrics = store.adapter(step["adapter_version"])["metrics"]
+    assert metrics["self_samples"] == 6 and metrics["reward_model_pairs"] == 4
+    assert 0.0 <= metrics["reward_model_new_acc"] <= 1.0
+    sampled = learner.self_sampler.samples(learner.builder.voted_pairs(), [])[0]
+    assert len(sampled) == 6 and all(s.reply_id < 0 for s in sampled)
+    for a, b in zip(sampled[0::2], sampled[1::2]):
+        assert a.prompt == b.prompt and a.advantage == pytest.approx(-b.advantage)
+        assert -1.0 <= a.advantage <= 1.0
+    assert all(len(s.behaviour) == len(s.reply) for s in sampled)
+    assert all(r["ref_token_logprobs"] is None or len(r["ref_token_logprobs"]) == r["n_tokens"]
+               for p in [store.pair(None, v["pair_id"]) for v in store.votes()]
+               for r in p["replies"])

@@ -105,3 +105,17 @@ def test_the_rollback_box_reads_a_version_or_nothing():
     for bad in ("-1", "two", "1.5"):
         with pytest.raises(InvalidInput, match="not a version number"):
             rollback_target(bad)
+
+
+def test_running_agreement_weights_rounds_by_their_judged_pairs():
+    from ui.dashboard import running_agreement, status_markdown
+
+    assert running_agreement([]) is None
+    assert running_agreement([{"judged_pairs": 0, "live_heldout_acc": None}]) is None
+    steps = [{"judged_pairs": 30, "live_heldout_acc": 0.0},  # oldest: falls out of the window
+             {"judged_pairs": 4, "live_heldout_acc": 0.5},
+             {"judged_pairs": 28, "live_heldout_acc": 1.0}]
+    assert running_agreement(steps, window=32) == ((0.5 * 4 + 28) / 32, 32)
+    text = status_markdown({"live_adapter_version": 2, "votes_total": 62, "votes_pending": 0,
+                            "model": "m", "steps": steps})
+    assert "94% of the last 32 voted pairs" in text

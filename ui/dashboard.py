@@ -30,6 +30,12 @@ def status_markdown(status: dict) -> str:
         f"**Learner:** {state}",
         f"**Model:** `{status['model']}`",
     ]
+    agreement = running_agreement(status.get("steps") or [])
+    if agreement is not None:
+        share, pairs = agreement
+        lines.append(f"**Agreement with the newest votes:** the live adapters preferred what "
+                     f"the user chose in {share:.0%} of the last {pairs} voted pairs, judged "
+                     "before they trained on them (a coin scores 50%)")
     if learner.get("last_error"):
         lines.append(f"**Learner's last error:** `{learner['last_error']}`")
     if status.get("swap_error"):
@@ -40,13 +46,29 @@ def status_markdown(status: dict) -> str:
     return "\n\n".join(lines)
 
 
+def running_agreement(steps: list[dict], window: int = 32) -> tuple[float, int] | None:
+    """Share of the newest (about `window`) judged pairs where the adapter that was live when
+    the vote came in already preferred the chosen reply; None before any were judged."""
+    total, pairs = 0.0, 0
+    for step in reversed(steps):
+        n = step.get("judged_pairs") or 0
+        if n and step.get("live_heldout_acc") is not None:
+            total += step["live_heldout_acc"] * n
+            pairs += n
+        if pairs >= window:
+            break
+    return (total / pairs, pairs) if pairs else None
+
+
 def curves(steps: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Long-format frames for the two plots: (reward and accuracies, KL and beta) per round."""
     quality, kl = [], []
     for i, step in enumerate(s for s in steps if s.get("status") != "failed"):
         for key, label, rows in [("reward", "user reward", quality),
-                                 ("heldout_acc", "held-out accuracy (candidate)", quality),
-                                 ("live_heldout_acc", "held-out accuracy (live)", quality),
+                                 ("live_heldout_acc", "agreement with new votes (live)",
+                                  quality),
+                                 ("heldout_acc", "agreement with new votes (candidate)",
+                                  quality),
                                  ("kl", "KL per token", kl), ("beta", "beta", kl)]:
             if step.get(key) is not None:
                 rows.append({"round": i + 1, "value": float(step[key]), "metric": label})
@@ -61,11 +83,11 @@ def adapters_table(rows: list[dict]) -> pd.DataFrame:
         acc = metrics.get("heldout_acc")
         records.append({"version": row["version"], "status": row["status"],
                         "parent": row["parent_version"],
-                        "held-out acc": None if acc is None else round(acc, 3),
+                        "agreement": None if acc is None else round(acc, 3),
                         "KL": None if metrics.get("kl") is None else round(metrics["kl"], 4),
                         "on disk": bool(row["path"]), "created": row["created_at"][:19],
                         "why": row.get("reason") or ""})
-    columns = ["version", "status", "parent", "held-out acc", "KL", "on disk", "created", "why"]
+    columns = ["version", "status", "parent", "agreement", "KL", "on disk", "created", "why"]
     return pd.DataFrame(records, columns=columns)
 
 
@@ -92,7 +114,7 @@ def build(service: ChatService, is_admin) -> Dashboard:
     status = gr.Markdown(elem_id="learning-status")
     with gr.Row():
         quality_plot = gr.LinePlot(x="round", y="value", color="metric", y_lim=[-1, 1],
-                                   label="Reward and held-out preference accuracy",
+                                   label="Reward, and agreement with the newest votes",
                                    elem_id="quality-plot")
         kl_plot = gr.LinePlot(x="round", y="value", color="metric", label="KL to the base",
                               elem_id="kl-plot")
@@ -107,7 +129,7 @@ def build(service: ChatService, is_admin) -> Dashboard:
     def refresh():
         data = service.dashboard()
         quality, kl = curves(data["steps"])
-        status = {**data["status"], "rounds": len(data["steps"])}
+        status = {**data["status"], "rounds": len(data["steps"]), "steps": data["steps"]}
         return status_markdown(status), quality, kl, adapters_table(data["adapters"])
 
     def show_admin(request: gr.Request):

@@ -3,6 +3,7 @@ no way to download the database or the adapters, no public share link unless ask
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 
@@ -21,6 +22,16 @@ def get(url: str) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+def post(url: str, body: dict) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
 def test_defaults_are_private():
     config = Config()
     assert config.host == "127.0.0.1"
@@ -31,7 +42,7 @@ def test_defaults_are_private():
 def server(tiny_model_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("exposure")
     with running_server("--model", str(tiny_model_dir), "--data-dir", str(data / "db"),
-                        "--max-new-tokens", "4", "--learn-every", "1", "--holdout", "0",
+                        "--max-new-tokens", "4", "--learn-every", "1", "--no-judge-new",
                         log_path=data / "server.log") as (url, process):
         from gradio_client import Client
 
@@ -79,9 +90,12 @@ def test_api_needs_a_login_when_logins_are_on(tiny_model_dir, tmp_path):
     with running_server("--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "db"),
                         "--no-learner", "--auth-file", str(users),
                         log_path=tmp_path / "server.log") as (url, _):
-        for route in ("config", "gradio_api/info", "gradio_api/call/ask"):
+        for route in ("config", "gradio_api/info"):
             status, _ = get(url + route)
-            assert status in (401, 403, 404, 405), (route, status)
+            assert status in (401, 403), (route, status)
+        for route in ("gradio_api/call/ask", "gradio_api/run/ask", "gradio_api/queue/join"):
+            status, _ = post(url + route, {"data": ["hello", ""]})
+            assert status in (401, 403), (route, status)
         from gradio_client.exceptions import AuthenticationError
 
         with pytest.raises(AuthenticationError):

@@ -29,7 +29,7 @@ KILLS = 20
 def start_learner(data, model_dir, log):
     return subprocess.Popen(
         [sys.executable, "-m", "learner", "--data-dir", str(data), "--model", str(model_dir),
-         "--learn-every", "1", "--max-batch-votes", "2", "--holdout", "0.3",
+         "--learn-every", "1", "--max-batch-votes", "2",
          "--keep-versions", "3", "--steps-per-round", "2"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
@@ -125,7 +125,7 @@ def test_a_kill_inside_publish_loses_nothing(tiny_model_dir, tmp_path, stage, mo
     from learner.worker import Learner
 
     config = Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", device="cpu",
-                    max_new_tokens=8, holdout=0.0)
+                    max_new_tokens=8, judge_new=False)
     store = Store(config.db_path)
     loaded = load_model(config)
     service = ChatService(config, store, PairGenerator(loaded, config), model_id=loaded.model_id)

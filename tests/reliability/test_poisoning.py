@@ -17,7 +17,7 @@ from tests.serving import running_server
 
 
 def test_a_biased_user_gets_a_capped_share_of_every_batch(tiny_config):
-    config = dataclasses.replace(tiny_config, holdout=0.0, max_batch_votes=8,
+    config = dataclasses.replace(tiny_config, judge_new=False, max_batch_votes=8,
                                  max_user_share=0.5, replay=6, max_votes_per_minute=0)
     store = Store(config.db_path)
     loaded = load_model(config)

@@ -30,7 +30,7 @@ def voted_store(config, n, choices=("A", "B")):
 
 @pytest.mark.parametrize("fault", ["nan_loss", "inf_grad"])
 def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
-    config = dataclasses.replace(tiny_config, holdout=0.0, steps_per_round=3)
+    config = dataclasses.replace(tiny_config, judge_new=False, steps_per_round=3)
     store = voted_store(config, 2)
     learner = Learner(config, store, load_model(config), max_bad_steps=10)
     params = [p for p in learner.model.parameters() if p.requires_grad]
@@ -57,7 +57,7 @@ def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
 
 
 def test_non_finite_steps_in_a_row_publish_nothing(tiny_config):
-    config = dataclasses.replace(tiny_config, holdout=0.0, steps_per_round=4)
+    config = dataclasses.replace(tiny_config, judge_new=False, steps_per_round=4)
     store = voted_store(config, 2)
     learner = Learner(config, store, load_model(config), max_bad_steps=3)
     learner._accumulate_pg = lambda samples: (float("nan"), 0.0)
@@ -69,7 +69,7 @@ def test_non_finite_steps_in_a_row_publish_nothing(tiny_config):
 
 @pytest.mark.slow
 def test_a_learning_rate_100x_too_high_trips_the_wire(tmp_path):
-    config = Config(data_dir=tmp_path / "data", device="cpu", max_new_tokens=24, holdout=0.0)
+    config = Config(data_dir=tmp_path / "data", device="cpu", max_new_tokens=24, judge_new=False)
     config = dataclasses.replace(config, lr=config.lr * 100)
     store = voted_store(config, 4)
     step = Learner(config, store, load_model(config), seed=0).round()
