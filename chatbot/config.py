@@ -49,6 +49,7 @@ class Config:
     queue_size: int = 32
     swap_poll_seconds: float = 2.0
     start_learner: bool = True
+    learner_nice: int = 10
     max_votes_per_minute: int = 30
     admins: tuple[str, ...] = ()  # user names that may roll back (passwords never live here)
     share: bool = False
@@ -168,6 +169,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                             f"(default: {d.swap_poll_seconds})")
     group.add_argument("--no-learner", dest="start_learner", action="store_false",
                        help="do not start the learner as a child process")
+    group.add_argument("--learner-nice", type=int, default=d.learner_nice,
+                       help="how much lower the learner child's scheduling priority is than "
+                            "the server's, so chat stays quick while it trains (0-19, default: "
+                            f"{d.learner_nice})")
     group.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
                        help="require a login; repeat for each user (prefer --auth-file: "
                             "command lines are visible to other local users)")

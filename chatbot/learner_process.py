@@ -1,7 +1,8 @@
 """Start the learner as a child process of the server and report how it is doing.
 
 The child is `python -m learner` with the same data folder and the model and learner flags of
-the server's Config; its output goes to `data/learner.log`. The server never waits on it: if
+the server's Config, at a lower scheduling priority (`--learner-nice`); its output goes to
+`data/learner.log`. The server never waits on it: if
 it dies, chat goes on and `state()` says so, with the exit code and the last error the
 learner wrote to the DB.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -25,9 +27,12 @@ HEARTBEAT_STALE_S = 120.0
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when the server dies, so a killed
-    server never leaves an orphan learner holding the data folder's learner lock."""
+def _child_setup(nice: int) -> None:
+    """In the child, before exec: a lower scheduling priority than the server's (chat first,
+    learning second, when they share the CPU), and ask Linux to send SIGTERM when the server
+    dies, so a killed server never leaves an orphan learner holding the learner lock."""
+    if nice > 0:
+        os.nice(nice)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the child may outlive a killed server
@@ -48,7 +53,8 @@ class LearnerProcess:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL,
                                             cwd=Path(__file__).resolve().parent.parent,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=lambda: _child_setup(
+                                                self.config.learner_nice))
         log.info("learner started (pid %d), log in %s", self.process.pid, self.log_path)
 
     def stop(self, timeout: float = 10.0) -> None:

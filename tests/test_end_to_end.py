@@ -51,6 +51,16 @@ def test_votes_make_the_live_version_rise(live_server):
     assert all(step["status"] == "promoted" for step in store.learner_steps())
 
 
+def test_the_learner_runs_at_a_lower_priority_than_the_server(live_server):
+    import psutil
+
+    client, _, server = live_server
+    status = wait_for(lambda: (s := client.predict(api_name="/status"))["learner"].get("pid")
+                      and s, 120)
+    learner = psutil.Process(status["learner"]["pid"])
+    assert learner.nice() >= psutil.Process(server.pid).nice() + 10
+
+
 def test_a_dead_learner_leaves_the_chat_serving(live_server):
     client, _, _ = live_server
     status = wait_for(lambda: (s := client.predict(api_name="/status"))["learner"].get("pid")
@@ -61,4 +71,5 @@ def test_a_dead_learner_leaves_the_chat_serving(live_server):
     assert stopped["learner"]["exit_code"] == -signal.SIGKILL
     turn = client.predict("Still there?", "", api_name="/ask")
     assert len(turn["replies"]) == 2
-    assert client.predict(turn["pair_id"], "B", api_name="/vote")["ok"] is True
+    voted = client.predict(turn["pair_id"], "B", api_name="/vote")
+    assert (voted["pair_id"], voted["choice"]) == (turn["pair_id"], "B")
