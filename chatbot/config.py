@@ -66,6 +66,7 @@ class Config:
     steps_per_round: int = 2
     replay: int = 4
     self_samples: int = 0
+    negative_weight: float = 1.0
     judge_new: bool = True
     kl_tripwire: float = 0.5
     gate_z: float = 1.64
@@ -218,6 +219,10 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
                        help="prompts per round on which the learner samples a fresh pair from "
                             "its own weights and scores it with a reward model fitted on the "
                             f"votes; 0 = off (default: {d.self_samples})")
+    group.add_argument("--negative-weight", type=float, default=d.negative_weight,
+                       help="weight of the rejected reply's (negative) advantage in a pair: 1 "
+                            "= RLOO, 0 = learn from the chosen reply only (default: "
+                            f"{d.negative_weight})")
     group.add_argument("--judge-new", action=argparse.BooleanOptionalAction,
                        default=d.judge_new,
                        help="each new vote first judges the round's candidate against the live "

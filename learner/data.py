@@ -30,7 +30,12 @@ import torch
 from chatbot.limits import fair_pick
 from chatbot.store import Store
 from learner.batch import Sample
-from learner.objectives import pair_rewards, rloo_advantages, running_baseline_advantages
+from learner.objectives import (
+    damp_negative,
+    pair_rewards,
+    rloo_advantages,
+    running_baseline_advantages,
+)
 
 PAIRWISE = ("A", "B")
 
@@ -70,8 +75,10 @@ class RoundBuilder:
     """Reads the store and assembles one round's RoundData."""
 
     def __init__(self, store: Store, replay: int, judge_new: bool = True,
-                 max_user_share: float = 1.0, rng: random.Random | None = None) -> None:
+                 max_user_share: float = 1.0, rng: random.Random | None = None,
+                 negative_weight: float = 1.0) -> None:
         self.store = store
+        self.negative_weight = negative_weight
         self.replay = replay
         self.judge_new = judge_new
         self.max_user_share = max_user_share
@@ -152,7 +159,8 @@ class RoundBuilder:
                 key = ("vote", row["id"], side)
                 samples.append(self._sample(row["pair_id"], side, absolute[key]))
         elif row["choice"] in PAIRWISE:
-            adv_a, adv_b = rloo_advantages(torch.tensor([pair_rewards(row["choice"])]))[0].tolist()
+            adv_a, adv_b = (damp_negative(a, self.negative_weight) for a in rloo_advantages(
+                torch.tensor([pair_rewards(row["choice"])]))[0].tolist())
             samples += [self._sample(row["pair_id"], "A", adv_a),
                         self._sample(row["pair_id"], "B", adv_b)]
             data.pairs.append(self._preference(row))

@@ -44,6 +44,16 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - baseline
 
 
+def damp_negative(advantage: float, negative_weight: float) -> float:
+    """Scale a negative pair advantage by `negative_weight` (1 = plain RLOO, 0 = the chosen
+    reply only). Pushing a sampled reply's tokens down spreads its mass over the rest of the
+    vocabulary, which raises entropy and tends to lengthen replies; with two samples the
+    rejected reply's term is the baseline, whose expectation is zero, so damping it keeps the
+    direction of the seed's estimator in expectation (REINFORCE with rewards (1, 0) and no
+    baseline at weight 0) and trades some variance for less of that drift."""
+    return advantage if advantage >= 0 else advantage * negative_weight
+
+
 def pair_rewards(choice: str) -> tuple[float, float] | None:
     """Rewards of replies (A, B) for a pairwise vote; None when the vote is not pairwise."""
     return {"A": (1.0, 0.0), "B": (0.0, 1.0), "tie": (0.5, 0.5)}.get(choice)

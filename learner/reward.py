@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from learner.objectives import damp_negative
+
 STRENGTHS = (0.01, 0.1, 1.0, 10.0)  # L2 strengths tried
 FOLDS = 4
 EVIDENCE_Z = 1.28  # how far above a coin its cross-validated accuracy must be (one-sided 10%)
@@ -157,8 +159,9 @@ class SelfSampler:
         feats = self.features(samples)
         preference = rm.prefers(feats[0::2], feats[1::2])  # (K,): reply A over reply B
         for i, p in enumerate(preference.tolist()):
-            samples[2 * i].advantage = 2 * p - 1
-            samples[2 * i + 1].advantage = 1 - 2 * p
+            weight = self.config.negative_weight
+            samples[2 * i].advantage = damp_negative(2 * p - 1, weight)
+            samples[2 * i + 1].advantage = damp_negative(1 - 2 * p, weight)
         stats["self_samples"] = len(samples)
         return samples, stats
 

@@ -90,7 +90,8 @@ class Learner:
                                                bounds=(config.beta, 10.0))
         self.builder = RoundBuilder(store, config.replay, judge_new=config.judge_new,
                                     max_user_share=config.max_user_share,
-                                    rng=random.Random(seed))
+                                    rng=random.Random(seed),
+                                    negative_weight=config.negative_weight)
         self.pad_id = loaded.tokenizer.pad_token_id
         self.self_sampler = SelfSampler(self.model, loaded.tokenizer, config, loaded.device,
                                         self.pad_id, random.Random(seed))

@@ -106,3 +106,21 @@ def test_running_baseline_lets_both_bad_teach():
     assert all(a < 0 for a in advantages[:5])
     assert advantages[1] > advantages[0]  # the baseline learns that -1 is common
     assert advantages[5] > 1.0  # a thumbs up after a run of bad ones stands out
+
+
+def test_negative_weight_damps_only_the_rejected_replys_advantage():
+    from learner.objectives import damp_negative
+
+    assert damp_negative(1.0, 0.0) == 1.0 and damp_negative(-1.0, 0.0) == 0.0
+    assert damp_negative(-1.0, 0.25) == -0.25 and damp_negative(-1.0, 1.0) == -1.0
+
+
+def test_winners_only_gradient_is_the_chosen_replys_score():
+    """Rewards (1, 0) with no baseline: the seed's estimator is grad log pi(chosen)."""
+    logits = torch.tensor([0.0, 0.4], requires_grad=True)
+    logp = torch.log_softmax(logits, -1)
+    loss, _ = policy_gradient_loss(logp[None, :1], logp[None, :1].detach(), None,
+                                   torch.tensor([1.0]), torch.ones(1, 1))
+    loss.backward()
+    p = torch.softmax(logits.detach(), -1)
+    assert torch.allclose(-logits.grad, torch.tensor([1.0, 0.0]) - p, atol=1e-6)

@@ -36,7 +36,8 @@ def test_migrations_build_every_table_once(tmp_path):
     assert {"users", "conversations", "messages", "pairs", "replies", "votes", "ratings",
             "adapters", "learner_steps"} <= tables
     applied = [m.name for m in migrations.applied(store.db)]
-    assert applied == ["m001_initial"]
+    assert applied == ["m001_initial", "m002_judged_pairs"]
+    assert "judged_pairs" in store.db["learner_steps"].columns_dict
     assert store.db.execute("pragma journal_mode").fetchone()[0] == "wal"
 
 
