@@ -210,6 +210,9 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
                             f"{d.kl_budget})")
     group.add_argument("--dpo-beta", type=float, default=d.dpo_beta,
                        help=f"beta of the DPO objective (default: {d.dpo_beta})")
+    group.add_argument("--clip-eps", type=float, default=d.clip_eps,
+                       help="PPO clip of the per-token ratio to the behaviour policy "
+                            f"(default: {d.clip_eps})")
     group.add_argument("--steps-per-round", type=_positive_int, default=d.steps_per_round,
                        help=f"optimizer steps in one round (default: {d.steps_per_round})")
     group.add_argument("--replay", type=int, default=d.replay,
@@ -252,6 +255,7 @@ def learner_parser() -> argparse.ArgumentParser:
         description="Turn the stored votes into LoRA updates and publish adapter versions.")
     add_storage_args(parser)
     add_model_args(parser)
+    add_sampling_args(parser)  # --self-samples samples as the server does
     add_learner_args(parser)
     parser.add_argument("--once", action="store_true",
                         help="run one round over the feedback pending now, then exit")

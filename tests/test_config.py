@@ -1,0 +1,34 @@
+"""The server hands its learner settings to the learner child on the command line: every one
+of them must arrive unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from chatbot.config import Config, learner_argv, learner_parser
+
+# Settings only the server uses; everything else in Config must reach the learner.
+SERVER_ONLY = {"host", "port",
+               "max_message_chars", "max_turns", "concurrency", "queue_size",
+               "swap_poll_seconds", "start_learner", "learner_nice", "max_votes_per_minute",
+               "admins", "share", "learner_poll_seconds", "threads"}
+
+
+def test_every_learner_setting_reaches_the_learner_child(tmp_path):
+    changed = Config(
+        model="some/model", quantize="4bit", device="cpu", cache_dir=tmp_path / "cache",
+        max_new_tokens=17, temperature=0.6, top_p=0.9, max_prompt_tokens=300, seed=5,
+        data_dir=tmp_path / "data", objective="dpo", learn_every=3,
+        lr=2e-4, lora_r=4, lora_alpha=8, beta=0.07, kl_budget=0.3, dpo_beta=0.2, clip_eps=0.1,
+        steps_per_round=5, replay=7, self_samples=2, negative_weight=0.25, judge_new=False,
+        kl_tripwire=0.9, gate_z=2.0, keep_versions=4, max_batch_votes=9, max_user_share=0.4)
+    handed = Config.from_args(learner_parser().parse_args(learner_argv(changed)))
+    default = Config()
+    for field in dataclasses.fields(Config):
+        if field.name in SERVER_ONLY:
+            continue
+        assert getattr(changed, field.name) != getattr(default, field.name), (
+            f"the test should change {field.name} from its default")
+        assert getattr(handed, field.name) == getattr(changed, field.name), field.name
+    assert isinstance(handed.data_dir, Path)
