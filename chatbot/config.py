@@ -67,7 +67,7 @@ class Config:
     replay: int = 4
     self_samples: int = 0
     negative_weight: float = 1.0
-    judge_new: bool = True
+    judge_new: bool = False
     kl_tripwire: float = 0.5
     gate_z: float = 1.64
     keep_versions: int = 5
@@ -228,9 +228,10 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
                             f"{d.negative_weight})")
     group.add_argument("--judge-new", action=argparse.BooleanOptionalAction,
                        default=d.judge_new,
-                       help="each new vote first judges the round's candidate against the live "
-                            "adapter, then trains from the next round on; --no-judge-new trains "
-                            "on it at once and gates on the KL tripwire alone (default: on)")
+                       help="test-then-train: each new vote first judges the round's candidate "
+                            "against the live adapter and trains from the next round on; off "
+                            "(default), it trains at once and the gate checks the KL tripwire "
+                            "alone (training one round late learned less)")
     group.add_argument("--kl-tripwire", type=float, default=d.kl_tripwire,
                        help="reject a candidate whose per-token KL to the base exceeds this "
                             f"(default: {d.kl_tripwire})")

@@ -50,7 +50,7 @@ def decide(candidate_margins: list[float], live_margins: list[float], kl: float,
         return GateDecision(False, f"KL {kl:.3f} per token is over the tripwire {kl_tripwire}")
     n = len(candidate_margins)
     if n == 0:
-        return GateDecision(True, "no new votes to judge on; KL under the tripwire")
+        return GateDecision(True, "no unseen votes to judge on; KL under the tripwire")
     assert len(live_margins) == n
     diffs = [c - s for c, s in zip(pair_scores(candidate_margins), pair_scores(live_margins))]
     total, spread = sum(diffs), math.sqrt(sum(d * d for d in diffs))

@@ -11,18 +11,23 @@ guards around it:
   A tie gives (0, 0): no policy-gradient term. Absolute feedback (thumbs, "both bad") has no
   sibling to compare with, so it uses reward +-1 minus a running baseline of earlier absolute
   rewards, shrunk toward 0 so that "both bad" still teaches while the baseline is young.
-* Off-policy correction. Votes arrive after the adapter has moved on, and old votes are
-  replayed, so each token's ratio rho = pi_theta / pi_behaviour is PPO-clipped to
-  [1 - eps, 1 + eps] (Schulman et al. 2017). At rho = 1 the gradient is exactly the seed's.
+* A trust region. Each token's ratio rho = pi_theta / pi_anchor is PPO-clipped to
+  [1 - eps, 1 + eps] (Schulman et al. 2017). The worker passes as anchor the log-probs at the
+  round's first step (the live weights), so a round moves each token's probability by at
+  most ~eps whatever version sampled the reply (see worker._accumulate_pg for why not the
+  sampler's). At rho = 1 the gradient is exactly the seed's.
 * KL penalty to the reference (the base model), per token, with the k3 estimator
   exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"), weighted
-  by beta, which a proportional controller steers toward a target KL (Ziegler et al. 2019).
+  by beta, which a proportional controller raises when the KL passes a budget (Ziegler et
+  al. 2019's controller, with the initial beta as its floor).
 * Token sums are divided by a constant (sequences x longest reply), not by each reply's own
   length, so long and short replies are not re-weighted (Liu et al. 2025, "Dr. GRPO").
 * DPO (Rafailov et al. 2023) on the same pairs, as a second objective for comparison.
 
-Left out on purpose: a value network (RLOO needs none), entropy bonuses, reward models (the
-reward is the person's vote), and per-token rewards.
+Left out on purpose: a value network (RLOO needs none), entropy bonuses, importance weights
+to the sampling version (the pairwise contrast needs none to point the right way), and
+per-token rewards. The reward model of learner/reward.py only adds samples; the votes
+themselves keep their +-1.
 """
 
 from __future__ import annotations

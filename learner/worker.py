@@ -320,7 +320,8 @@ class Learner:
         self.fill_reference(data.samples + judged_samples)
         live_list = self.judged_margins(data.judged)  # before training: the live weights
         stats = self.train(data)
-        candidate_list = self.judged_margins(data.judged)
+        # Only votes the candidate has not trained on can judge it.
+        candidate_list = self.judged_margins(data.judged) if data.judge_only else []
         # The KL of the candidate on the replies most like its own: the round's newest ones (a
         # full-vocabulary pass per reply is the round's most expensive scoring, so cap it).
         kl_sum, tokens = self.exact_kl((data.new_samples + data.replay_samples
@@ -330,8 +331,8 @@ class Learner:
             self.kl_control.update(kl, n_steps=stats["steps"])
         live_acc = gate.preference_accuracy(live_list)
         candidate_acc = gate.preference_accuracy(candidate_list)
-        decision = gate.decide(candidate_list, live_list, kl, self.config.kl_tripwire,
-                               self.config.gate_z)
+        decision = gate.decide(candidate_list, live_list if data.judge_only else [], kl,
+                               self.config.kl_tripwire, self.config.gate_z)
         version = self.store.next_adapter_version()
         metrics = {"loss": stats["loss"], "kl": kl, "train_k3": stats["kl"],
                    "clip_fraction": stats.get("clip_fraction"),

@@ -28,7 +28,7 @@ def wait_for(predicate, timeout: float, every: float = 0.25):
 def live_server(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     with running_server("--model", str(tiny_model_dir), "--data-dir", str(data),
-                        "--max-new-tokens", "8", "--learn-every", "2", "--no-judge-new",
+                        "--max-new-tokens", "8", "--learn-every", "2",
                         "--swap-poll-seconds", "0.5", log_path=tmp_path / "server.log") as (url, p):
         yield Client(url, verbose=False), data, p
 

@@ -67,6 +67,8 @@ def test_one_round_moves_lora_not_base_and_prefers_the_chosen(learner_config):
     step = learner.round()
 
     assert step["status"] == "promoted" and step["adapter_version"] == 1
+    # the new votes trained at once; they judged the live adapter (the base: all ties) first
+    assert (step["judged_pairs"], step["live_heldout_acc"], step["heldout_acc"]) == (4, 0.5, None)
     moved = [n for n, p in learner.model.named_parameters()
              if "lora_" in n and not torch.equal(p, lora_before[n])]
     assert moved, "no LoRA weight changed"
@@ -172,7 +174,10 @@ def test_new_votes_judge_first_then_train(learner_config):
     first_ids = collect_votes(config, store, ["A", "B", "A", "B"])
     learner = make_learner(config, store)
     first = learner.round()
-    assert first["judged_pairs"] == 0 and first["heldout_acc"] is None
+    # nothing earlier to train on: the first votes train at once; they judge only the live
+    # adapter (the base model, which ties every pair), not the candidate
+    assert first["judged_pairs"] == 4 and first["live_heldout_acc"] == 0.5
+    assert first["heldout_acc"] is None
     assert first["new_votes"] == 4 and first["status"] == "promoted"
 
     second_ids = collect_votes(config, store, ["A", "B", "tie"])

@@ -42,7 +42,7 @@ def test_defaults_are_private():
 def server(tiny_model_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("exposure")
     with running_server("--model", str(tiny_model_dir), "--data-dir", str(data / "db"),
-                        "--max-new-tokens", "4", "--learn-every", "1", "--no-judge-new",
+                        "--max-new-tokens", "4", "--learn-every", "1",
                         log_path=data / "server.log") as (url, process):
         from gradio_client import Client
 

@@ -29,7 +29,7 @@ KILLS = 20
 def start_learner(data, model_dir, log):
     return subprocess.Popen(
         [sys.executable, "-m", "learner", "--data-dir", str(data), "--model", str(model_dir),
-         "--learn-every", "1", "--max-batch-votes", "2",
+         "--learn-every", "1", "--max-batch-votes", "2", "--judge-new",
          "--keep-versions", "3", "--steps-per-round", "2"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})

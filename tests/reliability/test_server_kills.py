@@ -31,7 +31,7 @@ def wait_for(predicate, timeout: float):
 def test_kill_the_server_mid_stream_and_restart(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     args = ("--model", str(tiny_model_dir), "--data-dir", str(data), "--max-new-tokens", "48",
-            "--learn-every", str(LEARN_EVERY), "--no-judge-new", "--swap-poll-seconds", "0.5",
+            "--learn-every", str(LEARN_EVERY), "--swap-poll-seconds", "0.5",
             "--max-votes-per-minute", "0")
     acked: list[str] = []
     live_before = None
