@@ -137,3 +137,21 @@ def test_latency_runs(tiny_model_dir, tmp_path):
     results = result(tmp_path, "latency")
     assert results["rounds"][0]["outcome"] in ("live", "rejected")
     assert results["rounds"][0]["vote_to_live_seconds"] > 0
+
+
+def test_api_user_runs(tiny_model_dir, tmp_path):
+    bench(["api-user", "--model", str(tiny_model_dir), "--votes", "4", "--eval-prompts", "2",
+           "--max-new-tokens", "4", "--out", str(tmp_path), "--extra", "--learn-every", "2"])
+    results = result(tmp_path, "api-user-you")
+    assert results["before"]["replies"] == results["after"]["replies"] == 4
+    assert sum(results["votes"].values()) == 4
+    assert results["live_adapter_version"] >= 1 and len(results["rounds"]) >= 1
+    assert 0.0 <= results["p_value_one_sided"] <= 1.0
+
+
+def test_one_sided_two_proportion_p():
+    from bench.api_user import one_sided_p
+
+    assert one_sided_p(10, 10, 64) == pytest.approx(0.5)
+    assert one_sided_p(10, 30, 64) < 0.001 < 0.99 < one_sided_p(30, 10, 64)
+    assert one_sided_p(0, 0, 64) == 1.0
