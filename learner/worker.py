@@ -2,14 +2,17 @@
 
 A round claims the pending feedback, starts from the live adapter's weights (so a rejected
 candidate or a rollback never leaks into the next one), takes `steps_per_round` optimizer
-steps over the new and replayed samples, judges the result on held-out votes, publishes it as
+steps over the new and replayed samples (and, with --self-samples, pairs it sampled itself
+and scored with a reward model fitted on the votes), scores the live adapter - and under
+--judge-new the candidate - on the round's new votes, publishes the candidate as
 `adapters/v{N}` and registers it as live or rejected - and only then marks the feedback used,
 in the same commit. If anything fails before that commit, the claims are released and the
 feedback stays pending; a crash at any moment loses no vote.
 
 Guards: gradient norm clipped to 1.0; a step whose loss or gradient is not finite is skipped
 (no parameter or optimizer change), and `max_bad_steps` such steps in a round fail the round
-with nothing published; the KL tripwire and the held-out gate stop a collapsing candidate.
+with nothing published; the KL tripwire (and under --judge-new the paired gate on unseen
+votes) stops a collapsing candidate.
 
 The learner keeps its AdamW moments from round to round (a fresh Adam's first steps are sign
 steps: every LoRA weight moves by the full learning rate, signal or noise), also across a
