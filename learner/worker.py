@@ -252,8 +252,16 @@ class Learner:
             tokens += int(batch.mask.sum().item())
         return loss_sum, kl_sum / max(tokens, 1)
 
+    def steps_for(self, new_items: int) -> int:
+        """`steps_per_round` for every `learn_every` new votes in the round: when votes come in
+        faster than rounds finish, a round takes a bigger batch, and each vote must still get
+        the optimizer steps it would have had in rounds of its own (through the API, 64 quick
+        votes made 5 rounds of up to 16 and 10 steps in all, where 16 rounds make 32)."""
+        return self.config.steps_per_round * max(1, math.ceil(new_items
+                                                              / self.config.learn_every))
+
     def train(self, data: RoundData) -> dict:
-        """`steps_per_round` optimizer steps over the round's samples. Returns step stats."""
+        """`steps_for` optimizer steps over the round's samples. Returns step stats."""
         params = self._lora_parameters()
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
@@ -263,7 +271,7 @@ class Learner:
             return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0}
         losses, kls, skipped, bad_in_a_row = [], [], 0, 0
         anchors: list[torch.Tensor] = []  # per micro batch: log-probs at the round's start
-        for _ in range(self.config.steps_per_round):
+        for _ in range(self.steps_for(len(data.rewards))):
             optimizer.zero_grad(set_to_none=True)
             loss, kl = (self._accumulate_dpo(data.pairs) if use_dpo
                         else self._accumulate_pg(data.samples, anchors))

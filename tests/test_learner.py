@@ -305,3 +305,15 @@ def test_self_samples_join_the_round_with_the_reward_models_advantages(learner_c
     assert all(r["ref_token_logprobs"] is None or len(r["ref_token_logprobs"]) == r["n_tokens"]
                for p in [store.pair(None, v["pair_id"]) for v in store.votes()]
                for r in p["replies"])
+
+
+def test_a_round_with_more_new_votes_takes_more_steps(learner_config):
+    """Votes that pile up while a round runs still get the steps rounds of their own give."""
+    config = dataclasses.replace(learner_config, learn_every=2, steps_per_round=3)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "A", "B", "A"])
+    learner = make_learner(config, store)
+    assert [learner.steps_for(n) for n in (0, 1, 2, 3, 5)] == [3, 3, 3, 6, 9]
+    step = learner.round()
+    assert step["new_votes"] == 5
+    assert store.adapter(step["adapter_version"])["metrics"]["steps"] == 9
