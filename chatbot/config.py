@@ -211,10 +211,11 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dpo-beta", type=float, default=d.dpo_beta,
                        help=f"beta of the DPO objective (default: {d.dpo_beta})")
     group.add_argument("--clip-eps", type=float, default=d.clip_eps,
-                       help="PPO clip of the per-token ratio to the behaviour policy "
-                            f"(default: {d.clip_eps})")
+                       help="PPO clip of each token's ratio to the weights the round started "
+                            f"from (default: {d.clip_eps})")
     group.add_argument("--steps-per-round", type=_positive_int, default=d.steps_per_round,
-                       help=f"optimizer steps in one round (default: {d.steps_per_round})")
+                       help="optimizer steps per --learn-every new votes in a round "
+                            f"(default: {d.steps_per_round})")
     group.add_argument("--replay", type=int, default=d.replay,
                        help="earlier votes replayed beside the new ones in each round "
                             f"(default: {d.replay})")
