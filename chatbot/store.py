@@ -103,7 +103,8 @@ def m001_initial(db: Database) -> None:
 
 @migrations()
 def m002_judged_pairs(db: Database) -> None:
-    """How many new votes judged each round's candidate (test-then-train)."""
+    """How many new A/B votes each round scored the live adapter on (and, under --judge-new,
+    the candidate)."""
     db["learner_steps"].add_column("judged_pairs", int)
 
 

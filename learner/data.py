@@ -77,7 +77,7 @@ class RoundData:
 class RoundBuilder:
     """Reads the store and assembles one round's RoundData."""
 
-    def __init__(self, store: Store, replay: int, judge_new: bool = True,
+    def __init__(self, store: Store, replay: int, judge_new: bool = False,
                  max_user_share: float = 1.0, rng: random.Random | None = None,
                  negative_weight: float = 1.0) -> None:
         self.store = store

@@ -90,7 +90,7 @@ def fit_reward_model(chosen: torch.Tensor, rejected: torch.Tensor,
         return None
     both = torch.cat([chosen, rejected]).double()
     centre, scale = both.mean(0), both.std(0).clamp(min=1e-6)
-    diffs = ((chosen.double() - centre) - (rejected.double() - centre)) / scale  # (P, 2H)
+    diffs = (chosen.double() - rejected.double()) / scale  # (P, 2H); the centre cancels
     order = list(range(n))
     (rng or random.Random(0)).shuffle(order)
     folds = [order[i::FOLDS] for i in range(min(FOLDS, n))]
@@ -98,7 +98,8 @@ def fit_reward_model(chosen: torch.Tensor, rejected: torch.Tensor,
     for strength in STRENGTHS:
         right = 0.0
         for fold in folds:
-            train = [i for i in order if i not in set(fold)]
+            held = set(fold)
+            train = [i for i in order if i not in held]
             w = _fit(diffs[train], strength)
             margins = diffs[fold] @ w
             right += float((margins > 0).sum() + 0.5 * (margins == 0).sum())

@@ -197,8 +197,8 @@ class Learner:
             return [(total - sum(s.ref)) / len(s.reply)
                     for s, total in zip(samples, self.score(samples))]
 
-        chosen = per_token([p.chosen for p in pairs]) if pairs else []
-        rejected = per_token([p.rejected for p in pairs]) if pairs else []
+        chosen = per_token([p.chosen for p in pairs])
+        rejected = per_token([p.rejected for p in pairs])
         return [c - r for c, r in zip(chosen, rejected)]
 
     # --- training ----------------------------------------------------------------------
@@ -208,9 +208,10 @@ class Learner:
         """One step's gradient. The clipped ratio is taken against `anchors`, the per-token
         log-probs at the round's first step (the live weights), filled in on that step: a
         trust region around where the round started, not around the version that sampled
-        the reply. Clipping against the stored behaviour log-probs zeroed the gradient on 30
-        to 65% of the tokens of votes a round or two old (the policy had moved more than 20%
-        per token since), so replayed and judged-then-trained votes taught almost nothing.
+        the reply. Against the stored behaviour log-probs, 31-65% of the tokens were clipped
+        at a round's last step in a run where votes trained a round late, and a stale vote
+        could be clipped from the first step on; anchored at the round's start, every
+        round's first step has the full gradient on every sample.
         Same idea as the proximal policy of decoupled PPO (Hilton et al. 2021); the pairwise
         contrast (chosen up, rejected down on one prompt) needs no importance weight to the
         sampler to point the right way."""
@@ -324,7 +325,7 @@ class Learner:
         parent = self.adapter_version
         data = self.builder.build(claimed)
         reward_stats = {}
-        if self.config.objective == "pg":
+        if self.config.objective == "pg" and self.config.self_samples > 0:
             data.scored_samples, reward_stats = self.self_sampler.samples(
                 self.builder.voted_pairs(), data.judged)
         judged_samples = [s for p in data.judged for s in (p.chosen, p.rejected)]
@@ -342,8 +343,8 @@ class Learner:
             self.kl_control.update(kl, n_steps=stats["steps"])
         live_acc = gate.preference_accuracy(live_list)
         candidate_acc = gate.preference_accuracy(candidate_list)
-        decision = gate.decide(candidate_list, live_list if data.judge_only else [], kl,
-                               self.config.kl_tripwire, self.config.gate_z)
+        decision = gate.decide(candidate_list, live_list, kl, self.config.kl_tripwire,
+                               self.config.gate_z)
         version = self.store.next_adapter_version()
         metrics = {"loss": stats["loss"], "kl": kl, "train_k3": stats["kl"],
                    "clip_fraction": stats.get("clip_fraction"),
