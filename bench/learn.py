@@ -32,6 +32,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "one oracle; see bench/suite.py")
     parser.add_argument("--jobs", type=int, default=1,
                         help="suite runs at once, one torch thread each (default: 1)")
+    parser.add_argument("--summarize", action="store_true",
+                        help="with --suite: write the suite's JSON from the runs kept so far, "
+                             "run nothing")
     parser.add_argument("--votes-cap", type=int, default=None,
                         help="cut every suite run at this many votes (a shorter smoke run)")
     parser.add_argument("--votes", type=int, default=64, help="votes to cast (default: 64)")

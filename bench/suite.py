@@ -15,6 +15,12 @@ that decides its outcome (settings, oracle, seed, TRL version, and the source of
 runs), so a change to Duet's learner does not re-run TRL. `--jobs 2` runs two runs at once, one
 torch thread each.
 
+A full suite takes longer than one sitting on two cores, so it resumes: each finished run is
+kept in bench/results/learn-suite-NAME/runs/ under a key of what decides Duet's side (settings,
+oracle, seed, votes, and the source of learner/, chatbot/ and the simulation), and a later
+`--suite NAME` reuses every kept run whose key still matches - a changed learner re-runs all
+of them. `--summarize` writes the suite's JSON, table and plot from the kept runs alone.
+
 Left out: more than one simulated user per run, oracles that depend on the prompt.
 """
 
@@ -48,6 +54,13 @@ SUITES = {
 REPORT_AT = (32, 64, 128)
 TRL_CACHE = "trl-cache"  # a folder beside the suite's result
 TRL_SOURCES = ("trl_baseline.py", "simulate.py", "oracles.py")
+ROOT = Path(__file__).parent.parent
+# What Duet's side of a run executes: a change to any of these re-runs the kept runs.
+DUET_SOURCES = ("learner/*.py", "chatbot/*.py", "bench/simulate.py", "bench/oracles.py",
+                "bench/data/prompts.txt")
+# Config fields that do not change what a run learns.
+NOT_LEARNING = ("data_dir", "cache_dir", "host", "port", "share", "admins", "threads",
+                "learner_nice", "start_learner", "swap_poll_seconds", "learner_poll_seconds")
 # Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
 T975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14,
         2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05,
@@ -81,51 +94,72 @@ def trl_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: in
     return hashlib.sha256((blob + sources).encode()).hexdigest()[:16]
 
 
-def run_one(config: Config, oracle_name: str, seed: int, votes: int, eval_prompts: int,
-            threads: int | None, trl_cache: Path) -> dict:
-    """One oracle and seed: Duet's curve and TRL's (cached when it can be)."""
+def duet_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: int) -> str:
+    """A key of everything that decides Duet's side of one run."""
+    settings = {k: v for k, v in config.as_dict().items() if k not in NOT_LEARNING}
+    files = sorted(f for pattern in DUET_SOURCES for f in ROOT.glob(pattern))
+    digest = hashlib.sha256(json.dumps([settings, oracle, seed, votes, eval_prompts],
+                                       sort_keys=True, default=str).encode())
+    for f in files:
+        digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _worker_setup(threads: int | None) -> None:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    checkpoints = checkpoints_for(votes)
+
+
+def run_duet(config: Config, oracle_name: str, seed: int, votes: int, eval_prompts: int,
+             threads: int | None, kept: Path) -> dict:
+    """Duet's side of one oracle and seed; kept under its key as soon as it finishes."""
+    from bench.common import git_commit
+
+    _worker_setup(threads)
     train, held_out = split_prompts(load_prompts(), eval_prompts, seed=seed)
-    run = {"oracle": oracle_name, "seed": seed, "votes": votes}
+    key = duet_key(config, oracle_name, seed, votes, eval_prompts)
+    run = {"oracle": oracle_name, "seed": seed, "votes": votes, "key": key,
+           "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with tempfile.TemporaryDirectory(prefix="duet-suite-") as data_dir:
         run_config = dataclasses.replace(config, data_dir=Path(data_dir), seed=seed)
         started = time.perf_counter()
         sim = Simulation(run_config, make_oracle(oracle_name, seed), train, held_out, seed=seed)
-        run["duet"] = [as_dict(e) for e in sim.run(votes, checkpoints)]
+        run["duet"] = [as_dict(e) for e in sim.run(votes, checkpoints_for(votes))]
         run["duet_seconds"] = time.perf_counter() - started
         run["duet_rounds"] = sim.round_steps
-        del sim
-    run["trl"], run["trl_seconds"], run["trl_cached"] = trl_curve(
-        config, oracle_name, seed, votes, train, held_out, checkpoints, trl_cache)
+    (kept / f"{oracle_name}-s{seed}-{votes}-{key}.json").write_text(
+        json.dumps(run, indent=1, default=str) + "\n")
     return run
 
 
-def trl_curve(config: Config, oracle_name: str, seed: int, votes: int, train: list[str],
-              held_out: list[str], checkpoints: list[int], cache: Path
-              ) -> tuple[list[dict], float, bool]:
-    key = trl_key(config, oracle_name, seed, votes, len(held_out))
-    path = cache / f"{oracle_name}-s{seed}-{votes}-{key}.json"
-    if path.exists():
-        cached = json.loads(path.read_text())
-        return cached["evaluations"], cached["seconds"], True
+def trl_path(cache: Path, config: Config, oracle_name: str, seed: int, votes: int,
+             eval_prompts: int) -> Path:
+    key = trl_key(config, oracle_name, seed, votes, eval_prompts)
+    return cache / f"{oracle_name}-s{seed}-{votes}-{key}.json"
+
+
+def run_trl_side(config: Config, oracle_name: str, seed: int, votes: int, eval_prompts: int,
+                 threads: int | None, cache: Path) -> dict:
+    """TRL's side of one oracle and seed, written to the cache as soon as it finishes."""
     from bench.trl_baseline import run_trl
 
+    _worker_setup(threads)
+    train, held_out = split_prompts(load_prompts(), eval_prompts, seed=seed)
     started = time.perf_counter()
     evaluations = [as_dict(e) for e in run_trl(
         dataclasses.replace(config, seed=seed), make_oracle(oracle_name, seed), train,
-        held_out, votes, checkpoints, seed=seed)]
-    seconds = time.perf_counter() - started
+        held_out, votes, checkpoints_for(votes), seed=seed)]
+    record = {"oracle": oracle_name, "seed": seed, "votes": votes,
+              "key": trl_key(config, oracle_name, seed, votes, eval_prompts),
+              "seconds": time.perf_counter() - started, "evaluations": evaluations}
+    path = trl_path(cache, config, oracle_name, seed, votes, eval_prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"oracle": oracle_name, "seed": seed, "votes": votes,
-                                "key": key, "seconds": seconds, "evaluations": evaluations},
-                               indent=1) + "\n")
-    return evaluations, seconds, False
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def at(curve: list[dict], votes: int) -> dict | None:
@@ -169,6 +203,8 @@ def table(runs: list[dict]) -> str:
 
 
 def run_suite(args: argparse.Namespace, config: Config) -> Path:
+    """Run what the plan still lacks (each side of each run a task of its own, kept as soon as
+    it finishes), then write the suite's JSON from every run whose two sides are there."""
     plan = SUITES[args.suite]
     if args.votes_cap:
         plan = [(o, s, min(v, args.votes_cap)) for o, s, v in plan]
@@ -177,28 +213,52 @@ def run_suite(args: argparse.Namespace, config: Config) -> Path:
     cache = out / TRL_CACHE
     started = time.perf_counter()
     threads = 1 if args.jobs > 1 else None
-    partial = out / f"learn-suite-{args.suite}" / (args.tag or "runs")
-    partial.mkdir(parents=True, exist_ok=True)
+    kept = out / f"learn-suite-{args.suite}" / (args.tag or "runs")
+    kept.mkdir(parents=True, exist_ok=True)
 
-    def keep(run: dict) -> dict:
-        """Write each run as it finishes: a long suite cut short keeps what it did."""
-        name = f"{run['oracle']}-s{run['seed']}-{run['votes']}.json"
-        (partial / name).write_text(json.dumps(run, indent=1, default=str) + "\n")
-        return run
+    def duet_path(oracle: str, seed: int, votes: int) -> Path:
+        key = duet_key(config, oracle, seed, votes, args.eval_prompts)
+        return kept / f"{oracle}-s{seed}-{votes}-{key}.json"
 
-    if args.jobs > 1:
+    def trl_of(oracle: str, seed: int, votes: int) -> Path:
+        return trl_path(cache, config, oracle, seed, votes, args.eval_prompts)
+
+    tasks = []  # in plan order, both sides of a run next to each other
+    for p in plan:
+        if not duet_path(*p).exists():
+            tasks.append((run_duet, p, kept))
+        if not trl_of(*p).exists():
+            tasks.append((run_trl_side, p, cache))
+    reused = sum(duet_path(*p).exists() for p in plan)
+    trl_reused = {p for p in plan if trl_of(*p).exists()}
+    if args.summarize:
+        tasks = []
+    log.info("suite %s: %d of %d runs kept from earlier, %d tasks to run", args.suite, reused,
+             len(plan), len(tasks))
+    if tasks and args.jobs > 1:
         import multiprocessing
 
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
-            futures = [pool.submit(run_one, config, o, s, v, args.eval_prompts, threads, cache)
-                       for o, s, v in plan]
-            done = {id(f): keep(f.result()) for f in as_completed(futures)}
-            runs = [done[id(f)] for f in futures]
+            futures = [pool.submit(fn, config, *p, args.eval_prompts, threads, folder)
+                       for fn, p, folder in tasks]
+            for future in as_completed(futures):
+                future.result()
     else:
-        runs = [keep(run_one(config, o, s, v, args.eval_prompts, threads, cache))
-                for o, s, v in plan]
+        for fn, p, folder in tasks:
+            fn(config, *p, args.eval_prompts, threads, folder)
+    runs = []
+    for p in plan:
+        if duet_path(*p).exists() and trl_of(*p).exists():
+            run = json.loads(duet_path(*p).read_text())
+            trl = json.loads(trl_of(*p).read_text())
+            run.update(trl=trl["evaluations"], trl_seconds=trl["seconds"],
+                       trl_cached=p in trl_reused)
+            runs.append(run)
+    if not runs:
+        raise SystemExit(f"no kept runs of suite {args.suite} match these settings and sources")
     results = {"summary": summarize(runs), "table": table(runs), "runs": runs,
+               "runs_planned": len(plan), "runs_reused": reused,
                "seconds_total": time.perf_counter() - started}
     settings = {**config.as_dict(), "suite": args.suite, "plan": plan,
                 "eval_prompts": args.eval_prompts, "jobs": args.jobs}

@@ -91,13 +91,23 @@ def test_learn_suite_runs_and_caches_the_trl_side(tiny_model_dir, tmp_path):
                                                                         ("you", False)]
     assert all([e["votes"] for e in r["duet"]] == [0, 4] for r in first["runs"])
     assert len(list((tmp_path / "trl-cache").glob("*.json"))) == 2
-    bench(argv)  # a second run of the suite takes TRL's curves from the cache
+    bench(argv)  # a second run of the suite reuses the kept runs: nothing runs again
     second = result(tmp_path, "learn-suite-quick")
+    assert second["runs_reused"] == 2
+    assert [r["duet"] for r in second["runs"]] == [r["duet"] for r in first["runs"]]
     assert [r["trl_cached"] for r in second["runs"]] == [True, True]
-    assert second["runs"][0]["trl"] == first["runs"][0]["trl"]
-    assert "| numbers | 0 |" in second["table"]
-
-
+    kept = sorted((tmp_path / "learn-suite-quick" / "runs").glob("*.json"))
+    assert len(kept) == 2
+    for path in kept:  # without its kept runs, Duet's side runs again, TRL's comes from cache
+        path.unlink()
+    bench(argv)
+    third = result(tmp_path, "learn-suite-quick")
+    assert third["runs_reused"] == 0
+    assert [r["trl_cached"] for r in third["runs"]] == [True, True]
+    assert third["runs"][0]["trl"] == first["runs"][0]["trl"]
+    assert "| numbers | 0 |" in third["table"]
+    with pytest.raises(SystemExit, match="no kept runs"):  # other settings: none match
+        bench(argv + ["--lr", "0.002", "--summarize"])
 def test_mean_ci_over_runs():
     from bench.suite import mean_ci
 
