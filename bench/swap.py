@@ -1,6 +1,10 @@
 """swap: hot-swap latency (median and max over --swaps swaps, ms) against reloading the model,
 and the process memory before and after --memory-swaps swaps.
 
+Two times per swap: the whole `sync()` (read the registry, verify the files against the
+manifest, parse the weights, copy them in), and the part of it that holds the write lock, the
+only part that holds back a reply (`blocking_ms`).
+
     python -m bench swap [--swaps 20] [--memory-swaps 100]
 """
 
@@ -65,17 +69,22 @@ def run(args: argparse.Namespace) -> Path:
         reload_seconds = time.perf_counter() - started
         live = LiveAdapter(loaded.model, "bench", store, config.adapters_dir)
 
+        blocking = []
+
         def swap(_: int) -> float:
             store.set_live(live.version % args.versions + 1)  # the next version, never the same
             started = time.perf_counter()
             assert live.sync(), live.last_error
             if loaded.device.type == "cuda":
                 torch.cuda.synchronize()
+            blocking.append(live.last_blocking_ms)
             return time.perf_counter() - started
 
         for i in range(args.versions):  # warm-up: each version once
             swap(i)
+        blocking.clear()
         timings = [swap(i) for i in range(args.swaps)]
+        blocked = blocking[:]
         gc.collect()
         rss_before = process.memory_info().rss
         cuda_before = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
@@ -88,6 +97,8 @@ def run(args: argparse.Namespace) -> Path:
     results = {
         "swap_ms_median": 1000 * statistics.median(timings),
         "swap_ms_max": 1000 * max(timings),
+        "blocking_ms_median": statistics.median(blocked),
+        "blocking_ms_max": max(blocked),
         "reload_model_seconds": reload_seconds,
         "reload_over_swap": reload_seconds / statistics.median(timings),
         "rss_mb_before": rss_before / 2**20, "rss_mb_after": rss_after / 2**20,
@@ -95,6 +106,7 @@ def run(args: argparse.Namespace) -> Path:
         "cuda_mb_before": None if cuda_before is None else cuda_before / 2**20,
         "cuda_mb_after": None if cuda_after is None else cuda_after / 2**20,
         "swap_ms": [1000 * t for t in timings],
+        "blocking_ms": blocked,
     }
     settings = {"model": config.model, "swaps": args.swaps, "memory_swaps": args.memory_swaps,
                 "versions": args.versions, "lora_r": config.lora_r}

@@ -139,6 +139,8 @@ def test_swap_runs(tiny_model_dir, tmp_path):
            "--memory-swaps", "4", "--versions", "2", "--out", str(tmp_path)])
     results = result(tmp_path, "swap-cpu")
     assert len(results["swap_ms"]) == 3 and results["swap_ms_max"] >= results["swap_ms_median"]
+    assert len(results["blocking_ms"]) == 3
+    assert 0 <= results["blocking_ms_median"] <= results["swap_ms_median"]
 
 
 def test_latency_runs(tiny_model_dir, tmp_path):

@@ -19,14 +19,15 @@ from chatbot.store import Store
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 
 
-def publish_random_adapter(config, store, version: int, seed: int, status: str = "live"):
+def publish_random_adapter(config, store, version: int, seed: int, status: str = "live",
+                           rank: int = 4):
     """Publish a LoRA adapter with random weights as version `version` and register it."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     base = load_model(config)
     peft_model = get_peft_model(base.model, LoraConfig(
-        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False))
     folder, sha = adapters.publish(config.adapters_dir, version, peft_model.save_pretrained,
                                    base_model=base.model_id, parent_version=version - 1,
                                    metrics={})
@@ -61,7 +62,7 @@ def test_swap_follows_the_registry_and_unloads_the_previous_version(tiny_config,
     publish_random_adapter(tiny_config, store, 2, seed=2)
     live.sync()
     assert live.version == 2
-    assert list(loaded.model.peft_config) == ["v2"]  # v1 was deleted
+    assert len(loaded.model.peft_config) == 1  # one resident slot: v2 was copied over v1
     assert not torch.allclose(logits(loaded.model), v1)
     store.set_live(1)  # rollback
     live.sync()
@@ -70,6 +71,31 @@ def test_swap_follows_the_registry_and_unloads_the_previous_version(tiny_config,
     live.sync()
     assert live.version == 0 and torch.allclose(logits(loaded.model), base, atol=1e-6)
     assert live.sync() is False  # nothing to do
+
+
+def test_a_swap_of_the_same_shape_copies_into_the_resident_slot(tiny_config, server_side):
+    """After the first load, a version of the same shape is a copy into the same tensors;
+    another rank rebuilds the slot, and serves exactly what a fresh load would."""
+    store, loaded, live, _ = server_side
+    publish_random_adapter(tiny_config, store, 1, seed=1)
+    live.sync()
+    slot = {n: p.data_ptr() for n, p in loaded.model.named_parameters() if "lora_" in n}
+    assert slot
+    publish_random_adapter(tiny_config, store, 2, seed=2)
+    live.sync()
+    assert {n: p.data_ptr() for n, p in loaded.model.named_parameters() if "lora_" in n} == slot
+    assert live.last_blocking_ms is not None and live.last_blocking_ms >= 0
+    copied = logits(loaded.model)
+    fresh = load_model(tiny_config)
+    fresh_live = LiveAdapter(fresh.model, fresh.model_id, store, tiny_config.adapters_dir)
+    fresh_live.sync()  # v2 loaded from scratch into another copy of the base model
+    assert torch.allclose(copied, logits(fresh.model), atol=1e-6)
+    publish_random_adapter(tiny_config, store, 3, seed=3, rank=8)
+    assert live.sync() and live.version == 3
+    assert {n for n, p in loaded.model.named_parameters() if "lora_" in n} != set(slot)
+    assert len(loaded.model.peft_config) == 1
+    fresh_live.sync()
+    assert torch.allclose(logits(loaded.model), logits(fresh.model), atol=1e-6)
 
 
 def test_many_swaps_keep_one_adapter_in_memory(tiny_config, server_side):
