@@ -50,6 +50,7 @@ class Config:
     swap_poll_seconds: float = 2.0
     start_learner: bool = True
     learner_nice: int = 10
+    learner_threads: int | None = None  # None: half the CPU cores (at least 1)
     max_votes_per_minute: int = 30
     admins: tuple[str, ...] = ()  # user names that may roll back (passwords never live here)
     share: bool = False
@@ -174,6 +175,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                        help="how much lower the learner child's scheduling priority is than "
                             "the server's, so chat stays quick while it trains (0-19, default: "
                             f"{d.learner_nice})")
+    group.add_argument("--learner-threads", type=_positive_int, default=None,
+                       help="torch CPU threads of the learner child, fewer than the server's so "
+                            "that training leaves cores for chat (default: half the cores, at "
+                            "least 1)")
     group.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
                        help="require a login; repeat for each user (prefer --auth-file: "
                             "command lines are visible to other local users)")

@@ -1,8 +1,9 @@
 """Start the learner as a child process of the server and report how it is doing.
 
 The child is `python -m learner` with the same data folder and the model and learner flags of
-the server's Config, at a lower scheduling priority (`--learner-nice`); its output goes to
-`data/learner.log`. The server never waits on it: if
+the server's Config, at a lower scheduling priority (`--learner-nice`) and with fewer torch
+threads (`--learner-threads`, default half the cores): chat first, learning second, when they
+share a CPU. Its output goes to `data/learner.log`. The server never waits on it: if
 it dies, chat goes on and `state()` says so, with the exit code and the last error the
 learner wrote to the DB.
 """
@@ -46,8 +47,12 @@ class LearnerProcess:
         self.process: subprocess.Popen | None = None
         self.log_path = Path(config.data_dir) / "learner.log"
 
+    def threads(self) -> int:
+        return self.config.learner_threads or max(1, (os.cpu_count() or 2) // 2)
+
     def start(self) -> None:
-        argv = [sys.executable, "-m", "learner", *learner_argv(self.config)]
+        argv = [sys.executable, "-m", "learner", *learner_argv(self.config),
+                "--threads", str(self.threads())]  # the last --threads wins
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,

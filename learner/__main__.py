@@ -71,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         store.set_learner_status(pid, "stopped", last_error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         store.set_learner_status(pid, "stopped")
-        return 0
+        return 130
+    except SystemExit as exc:  # SIGTERM: 143, as a process killed by it reports
+        store.set_learner_status(pid, "stopped")
+        return exc.code if isinstance(exc.code, int) else 0
     except Exception as exc:
         store.set_learner_status(pid, "stopped", last_error=f"{type(exc).__name__}: {exc}")
         raise

@@ -101,6 +101,7 @@ class Learner:
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_origin: int | None = None  # the version the moments grew from
         self._clip_fraction = 0.0
+        self.on_step = lambda: None  # called after every optimizer step (heartbeats)
 
     # --- weights -----------------------------------------------------------------------
 
@@ -291,6 +292,7 @@ class Learner:
             optimizer.step()
             losses.append(loss)
             kls.append(kl)
+            self.on_step()
         return {"loss": sum(losses) / len(losses) if losses else None,
                 "kl": kls[-1] if kls else None, "skipped_steps": skipped, "steps": len(losses),
                 "clip_fraction": None if use_dpo else self._clip_fraction}
@@ -399,6 +401,14 @@ class Learner:
         pid = os.getpid()
         failures, last_beat = 0, 0.0
         self.store.set_learner_status(pid, "idle")
+
+        def beat_while_training() -> None:  # a long round must not look like a dead learner
+            nonlocal last_beat
+            if time.monotonic() - last_beat > 10:
+                self.store.set_learner_status(pid, "training")
+                last_beat = time.monotonic()
+
+        self.on_step = beat_while_training
         while stop is None or not stop.is_set():
             if self.pending() >= self.config.learn_every:
                 self.store.set_learner_status(pid, "training")

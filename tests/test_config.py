@@ -11,8 +11,8 @@ from chatbot.config import Config, learner_argv, learner_parser
 # Settings only the server uses; everything else in Config must reach the learner.
 SERVER_ONLY = {"host", "port",
                "max_message_chars", "max_turns", "concurrency", "queue_size",
-               "swap_poll_seconds", "start_learner", "learner_nice", "max_votes_per_minute",
-               "admins", "share", "learner_poll_seconds", "threads"}
+               "swap_poll_seconds", "start_learner", "learner_nice", "learner_threads",
+               "max_votes_per_minute", "admins", "share", "learner_poll_seconds", "threads"}
 
 
 def test_every_learner_setting_reaches_the_learner_child(tmp_path):

@@ -314,6 +314,9 @@ def test_a_round_with_more_new_votes_takes_more_steps(learner_config):
     collect_votes(config, store, ["A", "B", "A", "B", "A"])
     learner = make_learner(config, store)
     assert [learner.steps_for(n) for n in (0, 1, 2, 3, 5)] == [3, 3, 3, 6, 9]
+    beats = []
+    learner.on_step = lambda: beats.append(1)  # run_forever's heartbeat hangs here
     step = learner.round()
     assert step["new_votes"] == 5
     assert store.adapter(step["adapter_version"])["metrics"]["steps"] == 9
+    assert len(beats) == 9, "a long round must beat once per step, or it looks dead"

@@ -108,7 +108,8 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path):
         assert store.pending_counts()["votes_pending"] == 0
     finally:
         learner.terminate()
-        learner.wait(30)
+        code = learner.wait(30)
+    assert code == 143, "SIGTERM must end the learner as a SIGTERM, with 143"
     check_invariants(store, config, loaded.model_id, acked, live)
     names = [p.name for p in config.adapters_dir.iterdir()]
     assert not [n for n in names if n.startswith(adapters.TMP_PREFIX)]
