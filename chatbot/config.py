@@ -269,16 +269,30 @@ def learner_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The Config fields `python -m learner` takes, handed on by the server as `--field-name VALUE`
+# (booleans as --name / --no-name). Its torch threads are not among them: the server gives
+# the child --threads from --learner-threads (chatbot/learner_process.py).
+LEARNER_FIELDS = (
+    "data_dir",
+    "model", "quantize", "device", "cache_dir",
+    "max_new_tokens", "temperature", "top_p", "max_prompt_tokens", "seed",
+    "objective", "learn_every", "lr", "lora_r", "lora_alpha", "beta", "kl_budget", "dpo_beta",
+    "clip_eps", "steps_per_round", "replay", "self_samples", "negative_weight", "judge_new",
+    "kl_tripwire", "gate_z", "keep_versions", "max_batch_votes", "max_user_share",
+)
+
+
 def learner_argv(config: Config) -> list[str]:
-    """Flags that make `python -m learner` run with this Config's storage, model and learner
-    settings."""
+    """Flags that make `python -m learner` run with this Config's storage, model, sampling and
+    learner settings (LEARNER_FIELDS)."""
     argv = []
-    for action in learner_parser()._actions:
-        value = getattr(config, action.dest, None)
-        if not action.option_strings or value is None:
+    for name in LEARNER_FIELDS:
+        value = getattr(config, name)
+        flag = "--" + name.replace("_", "-")
+        if value is None:
             continue
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv.append(action.option_strings[0 if value else 1])
-        elif type(action).__name__ == "_StoreAction":
-            argv += [action.option_strings[0], str(value)]
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            argv += [flag, str(value)]
     return argv

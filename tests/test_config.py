@@ -32,3 +32,13 @@ def test_every_learner_setting_reaches_the_learner_child(tmp_path):
             f"the test should change {field.name} from its default")
         assert getattr(handed, field.name) == getattr(changed, field.name), field.name
     assert isinstance(handed.data_dir, Path)
+
+
+def test_defaults_and_false_switches_arrive_too(tmp_path):
+    config = Config(data_dir=tmp_path / "data", judge_new=False)
+    argv = learner_argv(config)
+    assert "--no-judge-new" in argv and "--threads" not in argv
+    handed = Config.from_args(learner_parser().parse_args(argv))
+    for field in dataclasses.fields(Config):
+        if field.name not in SERVER_ONLY:
+            assert getattr(handed, field.name) == getattr(config, field.name), field.name
