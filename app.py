@@ -3,6 +3,7 @@
     python app.py                        serve the chat on http://127.0.0.1:7860 (+ learner)
     python app.py export --out F.jsonl   write the voted pairs in TRL's preference format
     python app.py rollback [--to N]      make an earlier adapter version live again
+    python app.py keys add USER          make an API key for the OpenAI-compatible API
 
 argparse -> Config -> the pieces in chatbot/, ui/ and learner/. Logging is configured here.
 """
@@ -35,13 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(parser)
     add_server_args(parser)
     add_learner_args(parser)
-    commands = parser.add_subparsers(dest="command", metavar="{export,rollback}")
+    commands = parser.add_subparsers(dest="command", metavar="{export,rollback,keys}")
     export = commands.add_parser("export", help="write the voted pairs as TRL preference JSONL")
     export.add_argument("--out", required=True, help="the JSONL file to write")
     rollback = commands.add_parser("rollback", help="make an earlier adapter version live")
     rollback.add_argument("--to", type=int, default=None,
                           help="version to make live (0 = base model; default: the live "
                                "version's parent)")
+    keys = commands.add_parser("keys", help="API keys of the OpenAI-compatible API (/v1)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True,
+                                       metavar="{add,list,remove}")
+    key_add = key_commands.add_parser("add", help="make a key for USER and print it once")
+    key_add.add_argument("user", metavar="USER", help="the login name the key stands for")
+    key_commands.add_parser("list", help="list the keys (user, hint, when made)")
+    key_remove = key_commands.add_parser("remove", help="delete every key of USER")
+    key_remove.add_argument("user", metavar="USER", help="whose keys to delete")
     return parser
 
 
@@ -77,6 +86,7 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     from chatbot.store import Store
     from ui.app import CSS, THEME, build_ui
     from ui.common import LOCAL_USER
+    from ui.openai_api import openai_routes
 
     if config.seed is not None:
         torch.manual_seed(config.seed)
@@ -98,11 +108,13 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     if config.host not in ("127.0.0.1", "localhost", "::1") and not credentials:
         log.warning("listening on %s without --auth: anyone who can reach this address can "
                     "chat, vote and read every conversation of the local user", config.host)
+    # The OpenAI-compatible /v1 routes join Gradio's own app: same server, same service.
+    routes = openai_routes(service, logins=bool(credentials))
     try:
         demo.launch(server_name=config.host, server_port=config.port,
                     auth=credentials or None, auth_message="Duet: sign in to chat",
                     blocked_paths=[str(config.data_dir), str(config.cache_dir)],
-                    share=config.share, theme=THEME, css=CSS)
+                    share=config.share, theme=THEME, css=CSS, app_kwargs={"routes": routes})
     finally:
         live.stop()
         if learner:
@@ -126,6 +138,25 @@ def rollback(config: Config, to: int | None) -> None:
           "a running server switches to it within a few seconds")
 
 
+def keys(config: Config, args: argparse.Namespace) -> None:
+    from chatbot import api_keys
+    from chatbot.store import Store
+
+    store = Store(config.db_path)
+    if args.keys_command == "add":
+        key = api_keys.add_key(store, args.user)
+        print(f"API key for {args.user.strip()} (shown only now; only its hash is stored):")
+        print(key)
+    elif args.keys_command == "list":
+        rows = store.api_keys()
+        for row in rows:
+            print(f"{row['user_id']}\t{row['hint']}\t{row['created_at']}")
+        if not rows:
+            print("no API keys")
+    else:
+        print(f"removed {store.remove_api_keys(args.user)} key(s) of {args.user}")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -136,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             export(config, args.out)
         elif args.command == "rollback":
             rollback(config, args.to)
+        elif args.command == "keys":
+            keys(config, args)
         else:
             serve(config, read_credentials(args.auth, args.auth_file))
     except DuetError as exc:

@@ -25,5 +25,9 @@ class Conflict(DuetError):
     """The request is valid but the state forbids it: a second vote, a reply still pending, ..."""
 
 
+class TooBusy(Conflict):
+    """Too many requests: a user's vote rate limit, or a full generation queue. Try later."""
+
+
 class AdapterError(DuetError):
     """An adapter folder is missing, incomplete or does not match its manifest."""

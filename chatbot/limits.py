@@ -1,5 +1,5 @@
 """Per-user limits against one user steering the model: a capped share of every training
-batch, and a rate limit on votes.
+batch, and a rate limit on votes; and `Slots`, a bound on replies generated at once.
 
 `fair_pick` takes items round-robin across users, oldest first within each user, then trims
 the batch until no user holds more than `max_share` of it (one item each is always allowed).
@@ -13,13 +13,14 @@ Left out: reputation or agreement-based weighting of users.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
-from chatbot.errors import Conflict
+from chatbot.errors import TooBusy
 
 
 def fair_pick(items: Sequence, user_of: Callable[[object], Hashable], limit: int,
@@ -56,7 +57,7 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def check(self, user: str, what: str = "votes") -> None:
-        """Count one event for `user`, or raise Conflict saying when to try again."""
+        """Count one event for `user`, or raise TooBusy saying when to try again."""
         if self.limit <= 0:
             return
         with self._lock:
@@ -66,6 +67,35 @@ class RateLimiter:
                 events.popleft()
             if len(events) >= self.limit:
                 wait = math.ceil(self.window_s - (now - events[0]))
-                raise Conflict(f"too many {what}: at most {self.limit} per "
-                               f"{self.window_s:g} s; try again in {wait} s")
+                raise TooBusy(f"too many {what}: at most {self.limit} per "
+                              f"{self.window_s:g} s; try again in {wait} s")
             events.append(now)
+
+
+class Slots:
+    """At most `size` holders at once and at most `waiting` more queued for a turn; one more
+    is refused at once with TooBusy (Gradio's queue does this for the page; the
+    OpenAI-compatible routes use this)."""
+
+    def __init__(self, size: int, waiting: int) -> None:
+        self._free = threading.Semaphore(size)
+        self._waiting = waiting
+        self._queued = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            with self._lock:
+                if self._queued >= self._waiting:
+                    raise TooBusy("the queue is full; try again shortly")
+                self._queued += 1
+            try:
+                self._free.acquire()
+            finally:
+                with self._lock:
+                    self._queued -= 1
+        try:
+            yield
+        finally:
+            self._free.release()

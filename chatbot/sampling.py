@@ -4,6 +4,9 @@ The prompt is encoded once and expanded to a batch of two (`num_return_sequences
 pair costs about one reply's time on a GPU, and much less than two on a CPU. A streamer
 receives both rows' new tokens at each step and hands the partial texts to the caller.
 
+`stream(messages, n=1)` samples a single reply the same way (the OpenAI-compatible API's
+`n=1`), and `max_new_tokens` may lower the server's limit for one request, never raise it.
+
 For every reply we keep its token ids (up to and including the end-of-turn token, which the
 learner must see to learn when to stop) and each token's log-probability under the model's
 own distribution at temperature 1 - log pi(w_t | w_<t, s) of the adapter that generated it.
@@ -47,7 +50,7 @@ class Reply:
 @dataclass
 class SampledPair:
     prompt_token_ids: list[int]
-    replies: tuple[Reply, Reply]
+    replies: tuple[Reply, ...]  # two (A, B); one when sampled with n=1
     adapter_version: int
     temperature: float
     top_p: float
@@ -58,9 +61,10 @@ class SampledPair:
 
 @dataclass
 class PairStream:
-    """Iterate for (text_a, text_b) as they grow; `result` is set once iteration ends."""
+    """Iterate for (text_a, text_b) as they grow (one text with n=1); `result` is set once
+    iteration ends."""
 
-    _chunks: Iterator[tuple[str, str]]
+    _chunks: Iterator[tuple[str, ...]]
     cancel: threading.Event = field(default_factory=threading.Event)
     result: SampledPair | None = None
 
@@ -132,12 +136,20 @@ class PairGenerator:
                                    f"at most {limit}")
             start += 2 if len(messages) - start > 2 else 1  # drop a user+assistant turn
 
-    def stream(self, messages: list[dict]) -> PairStream:
-        """Start sampling two replies; iterate the returned stream for partial texts."""
+    def stream(self, messages: list[dict], n: int = 2,
+               max_new_tokens: int | None = None) -> PairStream:
+        """Start sampling `n` replies (2: a pair; 1: a single reply) of at most
+        `max_new_tokens` (capped at the server's limit); iterate the stream for partial texts."""
+        assert n in (1, 2)
+        limit = min(max_new_tokens or self.config.max_new_tokens, self.config.max_new_tokens)
         prompt = self.prompt_ids(messages)
         stream = PairStream(iter(()))
-        stream._chunks = self._run(prompt, stream)
+        stream._chunks = self._run(prompt, stream, n, limit)
         return stream
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens give ""), for per-token log-probabilities."""
+        return [self.tokenizer.decode([t], skip_special_tokens=True) for t in token_ids]
 
     def sample(self, messages: list[dict]) -> SampledPair:
         stream = self.stream(messages)
@@ -183,7 +195,8 @@ class PairGenerator:
                 first_token_seconds=None))
         return pairs
 
-    def _run(self, prompt: list[int], stream: PairStream) -> Iterator[tuple[str, str]]:
+    def _run(self, prompt: list[int], stream: PairStream, n: int,
+             max_new_tokens: int) -> Iterator[tuple[str, ...]]:
         streamer = _PairStreamer()
         outcome: dict = {}
         started = time.perf_counter()
@@ -192,15 +205,16 @@ class PairGenerator:
             try:
                 with self.adapter_context() as version, torch.inference_mode():
                     outcome["version"] = version
-                    outcome["output"] = self._generate(prompt, streamer, stream.cancel)
+                    outcome["output"] = self._generate(prompt, streamer, stream.cancel, n,
+                                                       max_new_tokens)
             except BaseException as exc:  # re-raised in the consuming thread
                 outcome["error"] = exc
                 streamer.end()
 
         worker = threading.Thread(target=work, name="pair-sampler", daemon=True)
         worker.start()
-        tokens: list[list[int]] = [[], []]
-        done = [False, False]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
         first_token = None
         try:
             while (step := streamer.steps.get()) is not None:
@@ -209,7 +223,7 @@ class PairGenerator:
                     if not done[row]:
                         tokens[row].append(token)
                         done[row] = token in self.stop_ids
-                yield (self._decode(tokens[0]), self._decode(tokens[1]))
+                yield tuple(self._decode(row) for row in tokens)
         finally:  # also reached when the consumer stops early: end generation with it
             stream.cancel.set()
             worker.join()
@@ -219,29 +233,30 @@ class PairGenerator:
         stream.result = SampledPair(
             prompt_token_ids=prompt, replies=replies, adapter_version=outcome["version"],
             temperature=self.config.temperature, top_p=self.config.top_p,
-            max_new_tokens=self.config.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             seconds=time.perf_counter() - started, first_token_seconds=first_token)
 
-    def _generate(self, prompt: list[int], streamer: _PairStreamer, cancel: threading.Event):
+    def _generate(self, prompt: list[int], streamer: _PairStreamer, cancel: threading.Event,
+                  n: int, max_new_tokens: int):
         input_ids = torch.tensor([prompt], device=self.device)
         return self.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p,
-            top_k=0, max_new_tokens=self.config.max_new_tokens, num_return_sequences=2,
+            top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
             streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
             output_logits=True, return_dict_in_generate=True,
             pad_token_id=self.tokenizer.pad_token_id)
 
-    def _replies(self, prompt: list[int], output) -> tuple[Reply, Reply]:
-        new_tokens = output.sequences[:, len(prompt):]  # (2, T)
-        logits = torch.stack(output.logits, dim=1).float()  # (2, T, V), raw: temperature 1
+    def _replies(self, prompt: list[int], output) -> tuple[Reply, ...]:
+        new_tokens = output.sequences[:, len(prompt):]  # (n, T)
+        logits = torch.stack(output.logits, dim=1).float()  # (n, T, V), raw: temperature 1
         return self._cut(new_tokens, logits)
 
-    def _cut(self, new_tokens: torch.Tensor, logits: torch.Tensor) -> tuple[Reply, Reply]:
-        """Two replies from their rows of new tokens (2, T) and raw logits (2, T, V)."""
+    def _cut(self, new_tokens: torch.Tensor, logits: torch.Tensor) -> tuple[Reply, ...]:
+        """The replies from their rows of new tokens (n, T) and raw logits (n, T, V)."""
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
         replies = []
-        for row in range(2):
+        for row in range(new_tokens.shape[0]):
             ids = new_tokens[row].tolist()
             end = next((i + 1 for i, t in enumerate(ids) if t in self.stop_ids), None)
             finish = "stop" if end is not None else "length"
@@ -249,7 +264,7 @@ class PairGenerator:
             replies.append(Reply(text=self._decode(ids), token_ids=ids,
                                  token_logprobs=logprobs[row, :len(ids)].tolist(),
                                  finish_reason=finish))
-        return replies[0], replies[1]
+        return tuple(replies)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -1,9 +1,15 @@
-"""ChatService: the verbs the UI and the API call - ask, regenerate, vote, rate, status.
+"""ChatService: the verbs the UI and the API call - ask, regenerate, complete, vote, rate,
+status.
 
 It checks input, asks the generator for a pair, and stores what happened; it knows nothing
 of Gradio. Identity is a user id string that the caller has already authenticated.
 
-Left out: moderation of content, quotas on generation (the Gradio queue bounds that).
+`complete_stream` is the OpenAI-compatible API's verb: the request carries the whole
+conversation, so each call starts a new stored conversation with those messages as its
+history, and samples a pair (n=2, to vote on) or a single reply (n=1, to rate).
+
+Left out: moderation of content, quotas on generation (the Gradio queue bounds the page's,
+`limits.Slots` the OpenAI-compatible API's).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from chatbot.store import Store
 log = logging.getLogger(__name__)
 
 _ALLOWED_CONTROL = {"\n", "\r", "\t"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 def clean_message(message: object, max_chars: int) -> str:
@@ -42,6 +49,32 @@ def clean_message(message: object, max_chars: int) -> str:
         if category == "Cc" and char not in _ALLOWED_CONTROL:
             raise InvalidInput("the message contains control characters (e.g. NUL)")
     return message
+
+
+def clean_messages(messages: object, max_chars: int, max_turns: int
+                   ) -> tuple[list[dict], str]:
+    """(history, last user message) from a whole conversation, or InvalidInput saying why not.
+
+    Roles are system (or developer), user and assistant; the last message must be the user's.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInput("messages must be a non-empty list")
+    cleaned = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise InvalidInput(f"messages[{i}]: role must be one of {', '.join(ROLES)}; "
+                               f"got {role!r}")
+        try:
+            content = clean_message(message.get("content"), max_chars)
+        except InvalidInput as exc:
+            raise InvalidInput(f"messages[{i}]: {exc}") from None
+        cleaned.append({"role": ROLES[role], "content": content})
+    if cleaned[-1]["role"] != "user":
+        raise InvalidInput("the last message must be the user's")
+    if sum(m["role"] == "user" for m in cleaned) > max_turns:
+        raise InvalidInput(f"a conversation may have at most {max_turns} user messages")
+    return cleaned[:-1], cleaned[-1]["content"]
 
 
 def _pair_columns(pair: SampledPair) -> tuple[dict, list[dict]]:
@@ -103,6 +136,44 @@ class ChatService:
         *_, result = self.ask_stream(user, message, conversation_id)
         assert result["done"]
         return {k: result[k] for k in ("conversation_id", "pair_id", "replies", "adapter_version")}
+
+    def complete_stream(self, user: str, messages: list[dict], n: int = 2,
+                        max_new_tokens: int | None = None, logprobs: bool = False
+                        ) -> Iterator[dict]:
+        """Replies to a whole conversation, stored as a new one: yields `{"texts": [...],
+        "done": False}` as they grow, then the stored result with `done: True`, `pair_id`,
+        `adapter_version`, `prompt_tokens` and per reply its text, finish_reason, token count
+        and (with `logprobs`) each token's text and log-probability under the adapter that made
+        it (temperature 1; the end-of-turn token left out).
+
+        n=2 is a pair to vote on; n=1 a single reply, to rate. `max_new_tokens` may lower the
+        server's --max-new-tokens, never raise it.
+        """
+        if n not in (1, 2):
+            raise InvalidInput(f"n must be 1 (one reply) or 2 (a pair to vote on); got {n!r}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise InvalidInput(f"max_tokens must be at least 1; got {max_new_tokens}")
+        history, message = clean_messages(messages, self.config.max_message_chars,
+                                          self.config.max_turns)
+        stream = self.generator.stream(history + [{"role": "user", "content": message}], n=n,
+                                       max_new_tokens=max_new_tokens)
+        for texts in stream:
+            yield {"texts": list(texts), "done": False}
+        pair, replies = _pair_columns(stream.result)
+        conversation_id, pair_id = self.store.add_conversation_turn(user, history, message,
+                                                                    pair, replies)
+        done = []
+        for reply in replies:
+            item = {k: reply[k] for k in ("text", "finish_reason", "n_tokens")}
+            if logprobs:
+                ids, values = reply["token_ids"], reply["token_logprobs"]
+                if reply["finish_reason"] == "stop":
+                    ids, values = ids[:-1], values[:-1]
+                item["tokens"] = list(zip(self.generator.token_texts(ids), values))
+            done.append(item)
+        yield {"done": True, "conversation_id": conversation_id, "pair_id": pair_id,
+               "adapter_version": stream.result.adapter_version, "replies": done,
+               "prompt_tokens": len(stream.result.prompt_token_ids)}
 
     def _history(self, user: str, conversation_id: str) -> list[dict]:
         if not conversation_id:

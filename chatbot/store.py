@@ -9,6 +9,10 @@ Feedback (votes and ratings) moves pending -> claimed by a learner round -> used
 adapter version that round published or rejected. A claim is only a mark; a learner that
 dies leaves claims behind, which `release_claims` clears on its next start.
 
+A pair has two replies (A, B) and status open -> voted (or discarded when regenerated). The
+OpenAI-compatible API's `n=1` stores a "pair" with reply A alone and status `single`: it can
+be rated (thumbs on A) but not voted on. API keys are stored as sha256 hashes only.
+
 Left out: PostgreSQL (the same verbs would sit over it), full-text search, deleting data.
 """
 
@@ -106,6 +110,17 @@ def m002_judged_pairs(db: Database) -> None:
     """How many new A/B votes each round scored the live adapter on (and, under --judge-new,
     the candidate)."""
     db["learner_steps"].add_column("judged_pairs", int)
+
+
+@migrations()
+def m003_api_keys(db: Database) -> None:
+    """Keys for the OpenAI-compatible API: only a hash of each key is kept."""
+    db["api_keys"].create(
+        {"id": int, "user_id": str, "key_sha256": str, "hint": str, "created_at": str},
+        pk="id",
+    )
+    db["api_keys"].create_index(["key_sha256"], unique=True)
+    db["api_keys"].create_index(["user_id"])
 
 
 def now() -> str:
@@ -214,6 +229,36 @@ class Store:
             pair_id = self._insert_pair(db, user_id, conversation_id, message_id, pair, replies)
         return conversation_id, pair_id
 
+    def add_conversation_turn(self, user_id: str, history: list[dict], message: str,
+                              pair: dict, replies: list[dict]) -> tuple[str, str]:
+        """Start a conversation with `history` (earlier system/user/assistant messages), the
+        user `message`, and its replies: two make an open pair; one makes a `single` pair whose
+        reply is already the conversation's next message. Returns (conversation_id, pair_id).
+        """
+        with self._write() as db:
+            stamp = now()
+            conversation_id = uuid.uuid4().hex
+            db["users"].insert({"id": user_id, "created_at": stamp}, ignore=True)
+            db["conversations"].insert({"id": conversation_id, "user_id": user_id,
+                                        "title": message.strip()[:80], "created_at": stamp,
+                                        "updated_at": stamp})
+            for position, turn in enumerate(history):
+                db["messages"].insert({"conversation_id": conversation_id, "position": position,
+                                       "role": turn["role"], "content": turn["content"],
+                                       "pair_id": None, "created_at": stamp})
+            message_id = db["messages"].insert(
+                {"conversation_id": conversation_id, "position": len(history), "role": "user",
+                 "content": message, "pair_id": None, "created_at": stamp}).last_pk
+            status = "open" if len(replies) == 2 else "single"
+            pair_id = self._insert_pair(db, user_id, conversation_id, message_id, pair, replies,
+                                        status)
+            if status == "single":
+                db["messages"].insert({"conversation_id": conversation_id,
+                                       "position": len(history) + 1, "role": "assistant",
+                                       "content": replies[0]["text"], "pair_id": pair_id,
+                                       "created_at": stamp})
+        return conversation_id, pair_id
+
     def add_regenerated_pair(self, user_id: str, old_pair_id: str, pair: dict,
                              replies: list[dict]) -> str:
         """Replace an open pair by a new one for the same user message."""
@@ -226,11 +271,11 @@ class Store:
                                      pair, replies)
 
     def _insert_pair(self, db: Database, user_id: str, conversation_id: str, message_id: int,
-                     pair: dict, replies: list[dict]) -> str:
-        assert len(replies) == 2
+                     pair: dict, replies: list[dict], status: str = "open") -> str:
+        assert len(replies) == (1 if status == "single" else 2)
         pair_id = uuid.uuid4().hex
         db["pairs"].insert({**pair, "id": pair_id, "conversation_id": conversation_id,
-                            "message_id": message_id, "user_id": user_id, "status": "open",
+                            "message_id": message_id, "user_id": user_id, "status": status,
                             "prompt_token_ids": json.dumps(pair["prompt_token_ids"]),
                             "created_at": now()})
         for side, reply in zip(SIDES, replies):
@@ -263,6 +308,9 @@ class Store:
             pair = self._one("select * from pairs where id = ?", (pair_id,))
             if pair is None or pair["user_id"] != user_id:
                 raise NotFound(f"no pair {pair_id!r}")
+            if pair["status"] == "single":
+                raise Conflict("this reply was served alone (n=1), so there is nothing to "
+                               "compare: rate it with a thumb instead")
             if db["votes"].count_where("pair_id = ?", [pair_id]):
                 raise Conflict("this pair already has a vote")
             if pair["status"] != "open":
@@ -292,6 +340,9 @@ class Store:
             pair = self._one("select user_id from pairs where id = ?", (pair_id,))
             if pair is None or pair["user_id"] != user_id:
                 raise NotFound(f"no pair {pair_id!r}")
+            if not db["replies"].count_where("pair_id = ? and side = ?", [pair_id, side]):
+                raise InvalidInput(f"this reply was served alone (n=1): it is side A; there is "
+                                   f"no side {side}")
             old = self._one("select * from ratings where pair_id = ? and side = ? and user_id = ?",
                             (pair_id, side, user_id))
             if old and old["claimed_by"] is not None and old["thumb"] != thumb:
@@ -464,6 +515,27 @@ class Store:
 
     def learner_steps(self, limit: int = 1000) -> list[dict]:
         return self._rows("select * from learner_steps order by id desc limit ?", (limit,))[::-1]
+
+    # --- API keys ---------------------------------------------------------------------
+
+    def add_api_key(self, user_id: str, key_sha256: str, hint: str) -> int:
+        with self._write() as db:
+            return db["api_keys"].insert({"user_id": user_id, "key_sha256": key_sha256,
+                                          "hint": hint, "created_at": now()}).last_pk
+
+    def api_key_user(self, key_sha256: str) -> str | None:
+        """The user a key hash belongs to, or None."""
+        row = self._one("select user_id from api_keys where key_sha256 = ?", (key_sha256,))
+        return row["user_id"] if row else None
+
+    def api_keys(self) -> list[dict]:
+        """Every key's user, hint and creation time (never the hash)."""
+        return self._rows("select id, user_id, hint, created_at from api_keys order by id")
+
+    def remove_api_keys(self, user_id: str) -> int:
+        """Delete every key of a user; returns how many there were."""
+        with self._write() as db:
+            return db.execute("delete from api_keys where user_id = ?", (user_id,)).rowcount
 
     # --- learner process status --------------------------------------------------------
 

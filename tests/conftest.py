@@ -63,20 +63,23 @@ class FakeGenerator:
         self.replies = replies
         self.adapter_version = adapter_version
         self.prompts: list[list[dict]] = []
+        self.max_new_tokens: list[int | None] = []
         self.block = threading.Event()
         self.block.set()
 
-    def stream(self, messages: list[dict]) -> PairStream:
+    def stream(self, messages: list[dict], n: int = 2,
+               max_new_tokens: int | None = None) -> PairStream:
         self.prompts.append(messages)
+        self.max_new_tokens.append(max_new_tokens)
         stream = PairStream(iter(()))
+        texts = self.replies[:n]
 
         def chunks():
-            a, b = self.replies
-            yield (a[: len(a) // 2], b[: len(b) // 2])
+            yield tuple(t[: len(t) // 2] for t in texts)
             self.block.wait(10)
-            yield (a, b)
+            yield tuple(texts)
             replies = tuple(Reply(text=t, token_ids=[10 + i, 2], token_logprobs=[-1.0, -0.5],
-                                  finish_reason="stop") for i, t in enumerate(self.replies))
+                                  finish_reason="stop") for i, t in enumerate(texts))
             stream.result = SampledPair(
                 prompt_token_ids=[1, 2, 3], replies=replies,
                 adapter_version=self.adapter_version, temperature=0.8, top_p=0.95,
@@ -84,6 +87,9 @@ class FakeGenerator:
 
         stream._chunks = chunks()
         return stream
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        return [f"<{t}>" for t in token_ids]
 
     def sample(self, messages: list[dict]) -> SampledPair:
         stream = self.stream(messages)

@@ -1,11 +1,14 @@
-"""Per-user limits: fair batches and the vote rate limit."""
+"""Per-user limits: fair batches and the vote rate limit; generation slots."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
-from chatbot.errors import Conflict
-from chatbot.limits import RateLimiter, fair_pick
+from chatbot.errors import Conflict, TooBusy
+from chatbot.limits import RateLimiter, Slots, fair_pick
 
 
 def test_fair_pick_caps_one_users_share_and_keeps_order():
@@ -74,3 +77,37 @@ def test_votes_over_the_rate_limit_are_refused_and_not_stored(store, fake_genera
     with pytest.raises(Conflict, match="too many votes"):
         service.vote("mallory", pairs[2], "A")
     assert len(store.votes()) == 2
+
+
+def test_generation_slots_refuse_at_once_when_the_queue_is_full():
+    slots = Slots(size=1, waiting=1)
+    release, holding, second_done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold():
+        with slots.taken():
+            holding.set()
+            release.wait(10)
+
+    def wait_then_take():
+        with slots.taken():
+            second_done.set()
+
+    first = threading.Thread(target=hold)
+    first.start()
+    assert holding.wait(10)
+    second = threading.Thread(target=wait_then_take)
+    second.start()
+    deadline = time.monotonic() + 10
+    while slots._queued < 1:  # the second is waiting for the first's slot
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not second_done.is_set()
+    started = time.monotonic()
+    with pytest.raises(TooBusy, match="queue is full"):
+        with slots.taken():
+            pass
+    assert time.monotonic() - started < 1  # refused at once, not after a wait
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert second_done.is_set()

@@ -100,3 +100,27 @@ def test_abandoned_stream_stops_generation(generator):
     stream._chunks.close()  # what Gradio does when the browser goes away
     assert stream.cancel.is_set()
     assert stream.result is None
+
+
+def test_one_reply_and_a_request_limit_that_never_exceeds_the_servers(generator, monkeypatch):
+    calls = []
+    original = generator.model.generate
+
+    def counting_generate(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generator.model, "generate", counting_generate)
+    stream = generator.stream(MESSAGES, n=1, max_new_tokens=3)
+    chunks = list(stream)
+    assert calls[-1]["num_return_sequences"] == 1 and calls[-1]["max_new_tokens"] == 3
+    assert all(len(chunk) == 1 for chunk in chunks)
+    (reply,) = stream.result.replies
+    assert 0 < len(reply.token_ids) <= 3 and stream.result.max_new_tokens == 3
+    assert chunks[-1] == (reply.text,)
+    big = generator.stream(MESSAGES, max_new_tokens=10_000)
+    list(big)
+    assert calls[-1]["max_new_tokens"] == 12 and big.result.max_new_tokens == 12
+    assert len(big.result.replies) == 2
+    hello = generator.tokenizer.encode("Hello world", add_special_tokens=False)
+    assert generator.token_texts(hello) == ["Hello", " world"]

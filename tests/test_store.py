@@ -34,9 +34,9 @@ def test_migrations_build_every_table_once(tmp_path):
     store = Store(path)  # reopening applies nothing twice
     tables = set(store.db.table_names())
     assert {"users", "conversations", "messages", "pairs", "replies", "votes", "ratings",
-            "adapters", "learner_steps"} <= tables
+            "adapters", "learner_steps", "api_keys"} <= tables
     applied = [m.name for m in migrations.applied(store.db)]
-    assert applied == ["m001_initial", "m002_judged_pairs"]
+    assert applied == ["m001_initial", "m002_judged_pairs", "m003_api_keys"]
     assert "judged_pairs" in store.db["learner_steps"].columns_dict
     assert store.db.execute("pragma journal_mode").fetchone()[0] == "wal"
 
