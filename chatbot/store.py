@@ -199,6 +199,30 @@ class Store:
         return self._one("select * from pairs where conversation_id = ? and status = 'open' "
                          "order by created_at desc limit 1", (conversation_id,))
 
+    def reply_endings(self, conversation_id: str) -> dict[int, dict]:
+        """How each assistant message that came from a stored reply ended: message id ->
+        {finish_reason, n_tokens}. The reply is the side record_vote continued with (B on a
+        B vote, else A; A of an n=1 reply)."""
+        rows = self._rows(
+            "select m.id, r.finish_reason, r.n_tokens from messages m "
+            "join replies r on r.pair_id = m.pair_id "
+            "left join votes v on v.pair_id = m.pair_id "
+            "where m.conversation_id = ? and m.role = 'assistant' "
+            "and r.side = case when v.choice = 'B' then 'B' else 'A' end", (conversation_id,))
+        return {r["id"]: {"finish_reason": r["finish_reason"], "n_tokens": r["n_tokens"]}
+                for r in rows}
+
+    def recent_prompts(self, user_id: str, limit: int = 3) -> list[str]:
+        """The first user message of the user's most recently active conversations, distinct,
+        newest first."""
+        rows = self._rows(
+            "select m.content, max(c.updated_at) as at from conversations c "
+            "join messages m on m.conversation_id = c.id "
+            "where c.user_id = ? and m.role = 'user' and m.position = (select min(position) "
+            "from messages where conversation_id = c.id and role = 'user') "
+            "group by m.content order by at desc, max(c.rowid) desc limit ?", (user_id, limit))
+        return [r["content"] for r in rows]
+
     def add_turn(self, user_id: str, conversation_id: str | None, message: str,
                  pair: dict, replies: list[dict]) -> tuple[str, str]:
         """Store a user message and the pair of replies to it; start a conversation if needed.

@@ -173,3 +173,30 @@ def test_writers_in_two_connections_wait_instead_of_failing(tmp_path):
     blocker.rollback()
     thread.join(10)
     assert result["vote"]["choice"] == "A"
+
+
+@pytest.mark.parametrize("choice,cut", [("A", False), ("B", True), ("tie", False),
+                                        ("both_bad", False)])
+def test_reply_endings_follow_the_reply_the_conversation_went_on_with(store, choice, cut):
+    conversation_id, pair_id = store.add_turn(
+        "ann", None, "hello", PAIR,
+        [{**r, "finish_reason": reason, "n_tokens": n}
+         for r, reason, n in zip(replies(), ("stop", "length"), (3, 8))])
+    assert store.reply_endings(conversation_id) == {}  # no assistant message yet
+    store.record_vote("ann", pair_id, choice)
+    [message] = [m for m in store.messages(conversation_id) if m["role"] == "assistant"]
+    ending = store.reply_endings(conversation_id)[message["id"]]
+    assert ending == ({"finish_reason": "length", "n_tokens": 8} if cut
+                      else {"finish_reason": "stop", "n_tokens": 3})
+
+
+def test_recent_prompts_are_first_messages_of_the_users_latest_conversations(store):
+    for message in ("oldest", "middle", "newest"):
+        conversation_id, pair_id = add_turn(store, message=message)
+        store.record_vote("ann", pair_id, "A")
+    add_turn(store, conversation_id=conversation_id, message="a second turn")
+    add_turn(store, user="bob", message="bob's")
+    add_turn(store, message="middle")  # the same prompt again counts once
+    assert store.recent_prompts("ann", 3) == ["middle", "newest", "oldest"]
+    assert store.recent_prompts("ann", 1) == ["middle"]
+    assert store.recent_prompts("carol") == []
