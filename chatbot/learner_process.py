@@ -73,7 +73,9 @@ class LearnerProcess:
             self.process.wait()
 
     def state(self) -> dict:
-        """running / idle / training / stopped, with pid, exit code and last error."""
+        """starting / idle / training / stopped, with pid, exit code and last error (and the
+        heartbeat time: a learner run apart from the server counts as stopped once its
+        heartbeat is older than HEARTBEAT_STALE_S)."""
         row = self.store.learner_status() or {}
         state = {"state": row.get("state", "starting"), "pid": row.get("pid"),
                  "last_error": row.get("last_error"), "heartbeat_at": row.get("heartbeat_at")}
