@@ -11,6 +11,10 @@ the lock ~450 ms at r=8 on the 135M model). Only the first version, or one of an
 (rank, alpha, target modules), rebuilds the slot. Memory stays flat however many versions go
 by. Version 0 is the base model: the slot is switched off, not unloaded.
 
+`base()` lends the model out with the adapter switched off, for the base model's own replies
+(the Learning tab's "what changed" view). The switch is the model's one global setting, so it
+takes the write lock: replies in flight finish first, and new ones wait until it is done.
+
 A version that fails verification is never loaded: the current one keeps serving, and the
 reason is kept in `last_error` (shown by /status) until a later version loads.
 
@@ -104,6 +108,18 @@ class LiveAdapter:
         """Hold the current version in place; yields its number."""
         with self._lock.read():
             yield self.version
+
+    @contextlib.contextmanager
+    def base(self) -> Iterator[int]:
+        """Hold the model alone with the adapter off (version 0); turn it back on after."""
+        with self._lock.write():
+            if self.version:
+                self.model.disable_adapters()
+            try:
+                yield 0
+            finally:
+                if self.version:
+                    self.model.enable_adapters()
 
     def sync(self) -> bool:
         """Swap to the registry's live version if it differs. Returns True if it swapped."""

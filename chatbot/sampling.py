@@ -108,16 +108,23 @@ class PairGenerator:
     `adapter_context` is entered around each generate call and yields the adapter version in
     use; the hot-swap module passes one that also keeps that version in place until the
     pair is complete. Without one, every pair is from the base model (version 0).
+    `base_context` is entered instead where the base model's own replies are asked for
+    (`base=True`): it switches the adapter off meanwhile and yields 0. It may be left out only
+    with `adapter_context`: a model that never carries an adapter is the base model.
     """
 
     def __init__(self, loaded: LoadedModel, config: Config,
                  adapter_context: Callable[[], contextlib.AbstractContextManager[int]]
-                 = _null_adapter) -> None:
+                 = _null_adapter,
+                 base_context: Callable[[], contextlib.AbstractContextManager[int]] | None
+                 = None) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.config = config
         self.adapter_context = adapter_context
+        self.base_context = base_context or (
+            _null_adapter if adapter_context is _null_adapter else None)
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.stop_ids.discard(None)
@@ -158,15 +165,19 @@ class PairGenerator:
         assert stream.result is not None
         return stream.result
 
-    def sample_many(self, conversations: list[list[dict]]) -> list[SampledPair]:
-        """Pairs for several conversations from one batched `generate` call, not streamed.
+    def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
+                    ) -> list[SampledPair]:
+        """Pairs (n=2) or single replies (n=1) for several conversations from one batched
+        `generate` call, not streamed; `base=True` samples the base model, adapter off.
 
         Rows are padded on the left; each reply is cut at its first end-of-turn token. For
         benchmarks and offline sampling, where many prompts are known at once.
         """
-        return self.sample_prompts([self.prompt_ids(messages) for messages in conversations])
+        return self.sample_prompts([self.prompt_ids(messages) for messages in conversations],
+                                   n=n, base=base)
 
-    def sample_prompts(self, prompts: list[list[int]]) -> list[SampledPair]:
+    def sample_prompts(self, prompts: list[list[int]], n: int = 2, base: bool = False
+                       ) -> list[SampledPair]:
         """`sample_many` for prompts already encoded with the chat template."""
         width = max(map(len, prompts))
         pad = self.tokenizer.pad_token_id
@@ -175,18 +186,21 @@ class PairGenerator:
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                                       device=self.device)
         started = time.perf_counter()
-        with self.adapter_context() as version, torch.inference_mode():
+        context = self.base_context if base else self.adapter_context
+        if context is None:
+            raise ValueError("base replies asked for, but this generator has no base_context")
+        with context() as version, torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                 temperature=self.config.temperature, top_p=self.config.top_p, top_k=0,
-                max_new_tokens=self.config.max_new_tokens, num_return_sequences=2,
+                max_new_tokens=self.config.max_new_tokens, num_return_sequences=n,
                 output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
         seconds = time.perf_counter() - started
-        new_tokens = output.sequences[:, width:]  # (2P, T): rows 2i, 2i + 1 answer prompt i
-        logits = torch.stack(output.logits, dim=1).float()  # (2P, T, V)
+        new_tokens = output.sequences[:, width:]  # (nP, T): rows n*i ... n*i + n-1 answer i
+        logits = torch.stack(output.logits, dim=1).float()  # (nP, T, V)
         pairs = []
         for i, prompt in enumerate(prompts):
-            rows = slice(2 * i, 2 * i + 2)
+            rows = slice(n * i, n * i + n)
             replies = self._cut(new_tokens[rows], logits[rows])
             pairs.append(SampledPair(
                 prompt_token_ids=prompt, replies=replies, adapter_version=version,

@@ -1,5 +1,5 @@
-"""ChatService: the verbs the UI and the API call - ask, regenerate, complete, vote, rate,
-status.
+"""ChatService: the verbs the UI and the API call - ask, regenerate, continue, complete, vote,
+rate, compare with the base model, status.
 
 It checks input, asks the generator for a pair, and stores what happened; it knows nothing
 of Gradio. Identity is a user id string that the caller has already authenticated.
@@ -7,6 +7,11 @@ of Gradio. Identity is a user id string that the caller has already authenticate
 `complete_stream` is the OpenAI-compatible API's verb: the request carries the whole
 conversation, so each call starts a new stored conversation with those messages as its
 history, and samples a pair (n=2, to vote on) or a single reply (n=1, to rate).
+
+A reply the length limit cut (finish_reason "length") says so (`cut_at`, its token count).
+`continue_stream` asks the model to go on after such a reply, once it was voted on: it is a
+new turn whose user message is CONTINUE_MESSAGE, so its pair is voted on and learnt from like
+any other, and the model sees what it wrote so far.
 
 Left out: moderation of content, quotas on generation (the Gradio queue bounds the page's,
 `limits.Slots` the OpenAI-compatible API's).
@@ -29,6 +34,7 @@ from chatbot.store import Store
 log = logging.getLogger(__name__)
 
 _ALLOWED_CONTROL = {"\n", "\r", "\t"}
+CONTINUE_MESSAGE = "Continue from where you stopped."
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -89,6 +95,11 @@ def _pair_columns(pair: SampledPair) -> tuple[dict, list[dict]]:
     return columns, replies
 
 
+def _cut_at(replies: list[dict]) -> list[int | None]:
+    """Each reply's token count where the length limit cut it, else None."""
+    return [r.get("n_tokens") if r.get("finish_reason") == "length" else None for r in replies]
+
+
 class ChatService:
     def __init__(self, config: Config, store: Store, generator: PairGenerator, *,
                  model_id: str, live: LiveAdapter | None = None,
@@ -114,7 +125,7 @@ class ChatService:
         conversation_id, pair_id = self.store.add_turn(
             user, conversation_id or None, message, pair, replies)
         yield self._progress(conversation_id, pair_id, [r["text"] for r in replies],
-                             stream.result.adapter_version, done=True)
+                             stream.result.adapter_version, done=True, cut_at=_cut_at(replies))
 
     def regenerate_stream(self, user: str, pair_id: str) -> Iterator[dict]:
         """A new pair for the same user message, replacing the open pair `pair_id`."""
@@ -129,7 +140,15 @@ class ChatService:
         pair, replies = _pair_columns(stream.result)
         new_id = self.store.add_regenerated_pair(user, pair_id, pair, replies)
         yield self._progress(old["conversation_id"], new_id, [r["text"] for r in replies],
-                             stream.result.adapter_version, done=True)
+                             stream.result.adapter_version, done=True, cut_at=_cut_at(replies))
+
+    def continue_stream(self, user: str, conversation_id: str) -> Iterator[dict]:
+        """Ask the model to go on after the conversation's last reply, which the length limit
+        cut and the user voted on: `ask_stream` with CONTINUE_MESSAGE."""
+        if not self.conversation(user, conversation_id)["can_continue"]:
+            raise Conflict("the last reply was not cut by the length limit (or still waits "
+                           "for a vote): there is nothing to continue")
+        yield from self.ask_stream(user, CONTINUE_MESSAGE, conversation_id)
 
     def ask(self, user: str, message: str, conversation_id: str = "") -> dict:
         """The API's /ask: the finished pair as one dict."""
@@ -189,9 +208,13 @@ class ChatService:
 
     @staticmethod
     def _progress(conversation_id: str, pair_id: str | None, replies: list[str],
-                  adapter_version: int | None, *, done: bool) -> dict:
+                  adapter_version: int | None, *, done: bool,
+                  cut_at: list[int | None] | None = None) -> dict:
+        """One step of a streamed pair; `cut_at` (once done): each reply's token count where
+        the length limit cut it, else None."""
         return {"conversation_id": conversation_id, "pair_id": pair_id, "replies": replies,
-                "adapter_version": adapter_version, "done": done}
+                "adapter_version": adapter_version, "done": done,
+                "cut_at": cut_at or [None] * len(replies)}
 
     # --- feedback ----------------------------------------------------------------------
 
@@ -212,17 +235,41 @@ class ChatService:
         return self.store.conversations(user)
 
     def conversation(self, user: str, conversation_id: str) -> dict:
-        """Messages so far and the open pair awaiting a vote (or None), for reopening."""
+        """Messages so far (each with `cut_at`), the open pair awaiting a vote (or None), and
+        whether the last reply can be continued, for reopening."""
         self.store.conversation(user, conversation_id)
-        messages = [{"role": m["role"], "content": m["content"]}
+        endings = self.store.reply_endings(conversation_id)
+        messages = [{"role": m["role"], "content": m["content"],
+                     "cut_at": _cut_at([endings.get(m["id"], {})])[0]}
                     for m in self.store.messages(conversation_id)]
         open_pair = self.store.open_pair(conversation_id)
         pair = None
         if open_pair:
             full = self.store.pair(user, open_pair["id"])
             pair = {"pair_id": full["id"], "replies": [r["text"] for r in full["replies"]],
-                    "adapter_version": full["adapter_version"]}
-        return {"conversation_id": conversation_id, "messages": messages, "open_pair": pair}
+                    "adapter_version": full["adapter_version"],
+                    "cut_at": _cut_at(full["replies"])}
+        can_continue = (pair is None and bool(messages) and messages[-1]["role"] == "assistant"
+                        and messages[-1]["cut_at"] is not None)
+        return {"conversation_id": conversation_id, "messages": messages, "open_pair": pair,
+                "can_continue": can_continue}
+
+    def compare_with_base(self, user: str, prompts: int = 3) -> dict:
+        """What the votes changed: for the first messages of the user's latest conversations
+        (`prompts` of them), one reply of the base model beside one of the live adapter, each
+        sampled afresh at the server's settings. Nothing is stored. Costs two batched
+        generations; while the base model's replies are written the chat waits (the adapter
+        is off for everyone meanwhile)."""
+        version = self.live.version if self.live else self.store.live_adapter_version()
+        texts = self.store.recent_prompts(user, prompts)
+        if not version or not texts:
+            return {"live_adapter_version": version, "rows": []}
+        conversations = [[{"role": "user", "content": t}] for t in texts]
+        live = self.generator.sample_many(conversations, n=1)
+        base = self.generator.sample_many(conversations, n=1, base=True)
+        return {"live_adapter_version": live[0].adapter_version,
+                "rows": [{"prompt": t, "base": b.replies[0].text, "live": a.replies[0].text}
+                         for t, a, b in zip(texts, live, base)]}
 
     def dashboard(self) -> dict:
         """Everything the learning tab shows: status, learner steps, adapter versions."""

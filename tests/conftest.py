@@ -59,10 +59,12 @@ class FakeGenerator:
     """Stands in for PairGenerator: instant, deterministic replies, no torch weights."""
 
     def __init__(self, replies: tuple[str, str] = ("reply A", "reply B"),
-                 adapter_version: int = 0) -> None:
+                 adapter_version: int = 0, finish_reason: str = "stop") -> None:
         self.replies = replies
         self.adapter_version = adapter_version
+        self.finish_reason = finish_reason  # "length": every reply is cut at 8 tokens
         self.prompts: list[list[dict]] = []
+        self.batches: list[tuple[list[list[dict]], int, bool]] = []  # sample_many's calls
         self.max_new_tokens: list[int | None] = []
         self.block = threading.Event()
         self.block.set()
@@ -78,8 +80,7 @@ class FakeGenerator:
             yield tuple(t[: len(t) // 2] for t in texts)
             self.block.wait(10)
             yield tuple(texts)
-            replies = tuple(Reply(text=t, token_ids=[10 + i, 2], token_logprobs=[-1.0, -0.5],
-                                  finish_reason="stop") for i, t in enumerate(texts))
+            replies = tuple(self._reply(t, i) for i, t in enumerate(texts))
             stream.result = SampledPair(
                 prompt_token_ids=[1, 2, 3], replies=replies,
                 adapter_version=self.adapter_version, temperature=0.8, top_p=0.95,
@@ -88,8 +89,26 @@ class FakeGenerator:
         stream._chunks = chunks()
         return stream
 
+    def _reply(self, text: str, i: int) -> Reply:
+        if self.finish_reason == "length":  # 8 tokens, no end-of-turn
+            return Reply(text=text, token_ids=[10 + i] * 8, token_logprobs=[-1.0] * 8,
+                         finish_reason="length")
+        return Reply(text=text, token_ids=[10 + i, 2], token_logprobs=[-1.0, -0.5],
+                     finish_reason="stop")
+
     def token_texts(self, token_ids: list[int]) -> list[str]:
         return [f"<{t}>" for t in token_ids]
+
+    def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
+                    ) -> list[SampledPair]:
+        """Replies that say which prompt they answer and whether the adapter was off."""
+        self.batches.append((conversations, n, base))
+        version = 0 if base else self.adapter_version
+        return [SampledPair(
+            prompt_token_ids=[1], adapter_version=version, temperature=0.8, top_p=0.95,
+            max_new_tokens=8, seconds=0.01, first_token_seconds=None,
+            replies=tuple(self._reply(f"v{version} on {c[-1]['content']}", i) for i in range(n)))
+            for c in conversations]
 
     def sample(self, messages: list[dict]) -> SampledPair:
         stream = self.stream(messages)

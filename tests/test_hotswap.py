@@ -43,7 +43,8 @@ def server_side(tiny_config):
     store = Store(tiny_config.db_path)
     loaded = load_model(tiny_config)
     live = LiveAdapter(loaded.model, loaded.model_id, store, tiny_config.adapters_dir)
-    generator = PairGenerator(loaded, tiny_config, adapter_context=live.reading)
+    generator = PairGenerator(loaded, tiny_config, adapter_context=live.reading,
+                              base_context=live.base)
     return store, loaded, live, generator
 
 
@@ -254,3 +255,46 @@ def test_rwlock_writer_waits_for_readers_and_blocks_new_ones():
     for t in (first, w, late):
         t.join(5)
     assert order == ["r1 in", "r1 out", "writer", "r2 in", "r2 out"]
+
+
+def test_base_replies_come_from_the_base_model_while_readers_wait(tiny_config, server_side):
+    """`base()` switches the adapter off for the base model's replies (the "what changed"
+    view), holds every other reply back meanwhile, and leaves the live version serving."""
+    store, loaded, live, generator = server_side
+    base = logits(loaded.model)
+    publish_random_adapter(tiny_config, store, 1, seed=1)
+    live.sync()
+    v1 = logits(loaded.model)
+    started = threading.Event()
+
+    def read() -> None:
+        with live.reading():
+            started.set()
+
+    with live.base() as version:
+        assert version == 0 and torch.allclose(logits(loaded.model), base, atol=1e-6)
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert not started.wait(0.3)  # a reply cannot start on the switched-off model
+    reader.join(5)
+    assert started.is_set() and torch.allclose(logits(loaded.model), v1, atol=1e-6)
+
+    def logprobs_of(pair) -> torch.Tensor:  # each reply token's log-prob under the model now
+        reply = pair.replies[0]
+        ids = torch.tensor([pair.prompt_token_ids + reply.token_ids])
+        with torch.no_grad():
+            out = torch.log_softmax(loaded.model(ids).logits[0].float(), -1)
+        n = len(pair.prompt_token_ids)
+        return out[n - 1:-1].gather(-1, ids[0, n:, None])[:, 0]
+
+    [from_base] = generator.sample_many([MESSAGES], n=1, base=True)
+    [from_live] = generator.sample_many([MESSAGES], n=1)
+    assert (from_base.adapter_version, from_live.adapter_version) == (0, 1)
+    assert len(from_base.replies) == 1
+    assert torch.allclose(logprobs_of(from_live), torch.tensor(from_live.replies[0].token_logprobs),
+                          atol=1e-4)
+    assert not torch.allclose(logprobs_of(from_base),
+                              torch.tensor(from_base.replies[0].token_logprobs), atol=1e-4)
+    with live.base():
+        assert torch.allclose(logprobs_of(from_base),
+                              torch.tensor(from_base.replies[0].token_logprobs), atol=1e-4)

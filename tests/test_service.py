@@ -119,3 +119,55 @@ def test_running_agreement_weights_rounds_by_their_judged_pairs():
     text = status_markdown({"live_adapter_version": 2, "votes_total": 62, "votes_pending": 0,
                             "model": "m", "steps": steps})
     assert "94% of the last 32 voted pairs" in text
+
+
+def test_a_cut_reply_says_so_and_can_be_continued_after_the_vote(service, fake_generator):
+    from chatbot.service import CONTINUE_MESSAGE
+
+    fake_generator.finish_reason = "length"
+    first = list(service.ask_stream("ann", "Tell me a long story", ""))[-1]
+    assert first["cut_at"] == [8, 8]
+    conversation_id = first["conversation_id"]
+    view = service.conversation("ann", conversation_id)
+    assert view["open_pair"]["cut_at"] == [8, 8] and view["can_continue"] is False
+    with pytest.raises(Conflict, match="nothing to continue"):  # vote first
+        next(service.continue_stream("ann", conversation_id))
+    service.vote("ann", first["pair_id"], "B")
+    view = service.conversation("ann", conversation_id)
+    assert [m["cut_at"] for m in view["messages"]] == [None, 8] and view["can_continue"]
+    with pytest.raises(NotFound):
+        next(service.continue_stream("bob", conversation_id))
+    fake_generator.finish_reason = "stop"
+    done = list(service.continue_stream("ann", conversation_id))[-1]
+    assert done["cut_at"] == [None, None]
+    assert fake_generator.prompts[-1] == [
+        {"role": "user", "content": "Tell me a long story"},
+        {"role": "assistant", "content": "reply B"},
+        {"role": "user", "content": CONTINUE_MESSAGE}]
+    service.vote("ann", done["pair_id"], "A")
+    view = service.conversation("ann", conversation_id)
+    assert view["can_continue"] is False  # the continuation ended on its own
+    with pytest.raises(Conflict, match="nothing to continue"):
+        next(service.continue_stream("ann", conversation_id))
+
+
+def test_compare_with_base_samples_the_users_prompts_both_ways(service, fake_generator, store):
+    for prompt in ("first question", "second question"):
+        turn = service.ask("ann", prompt, "")
+        service.vote("ann", turn["pair_id"], "A")
+    service.ask("bob", "bob's question", "")
+    assert service.compare_with_base("ann") == {"live_adapter_version": 0, "rows": []}
+    assert fake_generator.batches == []  # the base model is live: nothing to generate
+    store.finish_round("round-1", {"version": 1, "path": "v1", "parent_version": 0,
+                                   "base_model": "fake", "sha256": "x", "status": "live"},
+                       {"status": "live"})
+    fake_generator.adapter_version = 1
+    result = service.compare_with_base("ann", prompts=3)
+    assert result["live_adapter_version"] == 1
+    assert result["rows"] == [
+        {"prompt": "second question", "base": "v0 on second question",
+         "live": "v1 on second question"},
+        {"prompt": "first question", "base": "v0 on first question",
+         "live": "v1 on first question"}]
+    assert sorted((n, base) for _, n, base in fake_generator.batches) == [(1, False), (1, True)]
+    assert service.compare_with_base("carol")["rows"] == []
