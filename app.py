@@ -79,7 +79,7 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     import torch
 
     from chatbot.hotswap import LiveAdapter
-    from chatbot.learner_process import LearnerProcess
+    from chatbot.learner_process import LearnerProcess, learner_state
     from chatbot.model import load_model
     from chatbot.sampling import PairGenerator
     from chatbot.service import ChatService
@@ -92,7 +92,7 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
         torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    store = Store(config.db_path)
+    store = Store(config.db_url)
     learner = LearnerProcess(config, store) if config.start_learner else None
     if learner:
         learner.start()  # loads its own model copy meanwhile
@@ -101,7 +101,7 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     live.start(config.swap_poll_seconds)
     generator = PairGenerator(loaded, config, adapter_context=live.reading)
     service = ChatService(config, store, generator, model_id=loaded.model_id, live=live,
-                          learner_state=learner.state if learner else None)
+                          learner_state=learner.state if learner else lambda: learner_state(store))
     admins = frozenset(config.admins) if credentials else frozenset({LOCAL_USER})
     demo = build_ui(service, admins=admins)
     demo.queue(default_concurrency_limit=config.concurrency, max_size=config.queue_size)
@@ -113,7 +113,8 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     try:
         demo.launch(server_name=config.host, server_port=config.port,
                     auth=credentials or None, auth_message="Duet: sign in to chat",
-                    blocked_paths=[str(config.data_dir), str(config.cache_dir)],
+                    blocked_paths=[str(p) for p in (config.data_dir, config.cache_dir,
+                                                    store.path and store.path.parent) if p],
                     share=config.share, theme=THEME, css=CSS, app_kwargs={"routes": routes})
     finally:
         live.stop()
@@ -125,7 +126,7 @@ def export(config: Config, out: str) -> None:
     from chatbot.export import export_preferences
     from chatbot.store import Store
 
-    count = export_preferences(Store(config.db_path), out)
+    count = export_preferences(Store(config.db_url), out)
     print(f"wrote {count} preference pairs to {out}")
 
 
@@ -133,7 +134,7 @@ def rollback(config: Config, to: int | None) -> None:
     from chatbot.service import rollback as make_live
     from chatbot.store import Store
 
-    result = make_live(Store(config.db_path), config, to)
+    result = make_live(Store(config.db_url), config, to)
     print(f"v{result['live_adapter_version']} is live (was v{result['previous_version']}); "
           "a running server switches to it within a few seconds")
 
@@ -142,7 +143,7 @@ def keys(config: Config, args: argparse.Namespace) -> None:
     from chatbot import api_keys
     from chatbot.store import Store
 
-    store = Store(config.db_path)
+    store = Store(config.db_url)
     if args.keys_command == "add":
         key = api_keys.add_key(store, args.user)
         print(f"API key for {args.user.strip()} (shown only now; only its hash is stored):")

@@ -8,7 +8,12 @@ temporary name in the same directory, fsynced, and renamed into place with `os.r
 reader sees a complete folder or none. The DB registry stores the manifest's own sha256, so
 the chain DB -> manifest -> files is checked before anything is loaded.
 
-Left out: signing, remote storage.
+With PostgreSQL the registry also keeps each version's files (`Store.adapter_files`), so a
+process on another host needs no shared folder: `verified_copy` fetches a version it lacks
+(or holds a bad copy of) into its own adapters folder, the same atomic way, and checks it by
+the same chain before anyone loads it.
+
+Left out: signing, object stores (the database carries the few MB of a LoRA adapter).
 """
 
 from __future__ import annotations
@@ -135,6 +140,58 @@ def read_verified(folder: Path, *, base_model: str, manifest_sha256: str | None 
     return VerifiedAdapter(version, manifest, config, contents[WEIGHTS])
 
 
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a published adapter folder (name -> bytes), manifest included."""
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())
+            if path.is_file()}
+
+
+def install(adapters_dir: Path, name: str, files: dict[str, bytes]) -> Path:
+    """Write fetched adapter files as the folder `name`, atomically (temporary folder, fsync,
+    rename), replacing a folder of that name. The caller verifies them after."""
+    adapters_dir = Path(adapters_dir)
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    if Path(name).name != name or not name.startswith("v") or any(
+            Path(f).name != f for f in files):
+        raise AdapterError(f"refusing to write adapter files outside {adapters_dir}: {name!r}")
+    tmp = adapters_dir / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    final = adapters_dir / name
+    try:
+        tmp.mkdir()
+        for file_name, data in files.items():
+            (tmp / file_name).write_bytes(data)
+            _fsync(tmp / file_name)
+        _fsync(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(adapters_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def verified_copy(adapters_dir: Path, row: dict, *, base_model: str,
+                  fetch: Callable[[int], dict[str, bytes]]) -> VerifiedAdapter:
+    """The registry row's adapter from the local folder, checked by `read_verified`; if the
+    folder is missing or fails the check, its files are fetched (`fetch(version)`, e.g.
+    `Store.adapter_files`, which is empty where the database keeps no files), written in
+    place of the folder and checked again."""
+    if not row.get("path"):
+        raise AdapterError(f"v{row['version']} has no folder on disk any more")
+    folder = Path(adapters_dir) / row["path"]
+    try:
+        return read_verified(folder, base_model=base_model, manifest_sha256=row["sha256"])
+    except AdapterError:
+        files = fetch(row["version"])
+        if not files:
+            raise
+        log.info("fetched v%d from the database (%d bytes)", row["version"],
+                 sum(map(len, files.values())))
+    install(adapters_dir, row["path"], files)
+    return read_verified(folder, base_model=base_model, manifest_sha256=row["sha256"])
+
+
 def load_state_dict(adapter: VerifiedAdapter) -> dict:
     """Parse the weights and check their LoRA shapes against the config's rank."""
     from safetensors.torch import load
@@ -155,6 +212,17 @@ def load_state_dict(adapter: VerifiedAdapter) -> dict:
         if not tensor.isfinite().all():
             raise AdapterError(f"v{adapter.version}: {name} holds NaN or infinite values")
     return state
+
+
+def remove_versions(adapters_dir: Path, versions: set[int]) -> list[Path]:
+    """Delete the folders of these versions (copies of versions the learner deleted)."""
+    removed = []
+    for version in versions:
+        folder = version_dir(adapters_dir, version)
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def remove_stale(adapters_dir: Path, registered: set[int]) -> list[Path]:

@@ -40,6 +40,7 @@ class Config:
     seed: int | None = None
     # storage
     data_dir: Path = Path("data")
+    db: str | None = None  # None: the SQLite file in data_dir; else a path or postgresql:// URL
     # server
     host: str = "127.0.0.1"
     port: int = 7860
@@ -79,7 +80,13 @@ class Config:
 
     @property
     def db_path(self) -> Path:
+        """The default SQLite file (the database when --db is not given)."""
         return self.data_dir / "duet.db"
+
+    @property
+    def db_url(self) -> str:
+        """What the store opens: --db, or the SQLite file in the data folder."""
+        return self.db or str(self.db_path)
 
     @property
     def adapters_dir(self) -> Path:
@@ -96,6 +103,8 @@ class Config:
         for key in ("data_dir", "cache_dir"):  # absolute: the learner runs in another cwd
             if key in values:
                 values[key] = Path(values[key]).expanduser().resolve()
+        if "db" in values and "://" not in values["db"]:  # a SQLite file: absolute too
+            values["db"] = str(Path(values["db"]).expanduser().resolve())
         if "admins" in values:
             values["admins"] = tuple(values["admins"])
         return cls(**values)
@@ -110,7 +119,14 @@ def _positive_int(text: str) -> int:
 
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data",
-                        help="folder for the SQLite database and the adapters (default: ./data)")
+                        help="folder for the SQLite database, the adapters and the learner log "
+                             "(default: ./data)")
+    parser.add_argument("--db", default=None, metavar="URL",
+                        help="the database: a SQLite file, or postgresql://USER@HOST/NAME for "
+                             "several front-ends and a learner sharing one PostgreSQL (the "
+                             "password from PGPASSWORD or ~/.pgpass, not the URL: command "
+                             "lines are visible to other local users; default: duet.db in "
+                             "--data-dir)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -273,7 +289,7 @@ def learner_parser() -> argparse.ArgumentParser:
 # (booleans as --name / --no-name). Its torch threads are not among them: the server gives
 # the child --threads from --learner-threads (chatbot/learner_process.py).
 LEARNER_FIELDS = (
-    "data_dir",
+    "data_dir", "db",
     "model", "quantize", "device", "cache_dir",
     "max_new_tokens", "temperature", "top_p", "max_prompt_tokens", "seed",
     "objective", "learn_every", "lr", "lora_r", "lora_alpha", "beta", "kl_budget", "dpo_beta",

@@ -16,7 +16,9 @@ by. Version 0 is the base model: the slot is switched off, not unloaded.
 takes the write lock: replies in flight finish first, and new ones wait until it is done.
 
 A version that fails verification is never loaded: the current one keeps serving, and the
-reason is kept in `last_error` (shown by /status) until a later version loads.
+reason is kept in `last_error` (shown by /status) until a later version loads. With PostgreSQL
+a version missing from this server's adapters folder is fetched from the database first
+(`adapters.verified_copy`), so front-ends on other hosts need no shared folder.
 
 Left out: serving several versions at once (PEFT's mixed-adapter batches would allow it).
 """
@@ -134,11 +136,9 @@ class LiveAdapter:
         try:
             state = config = None
             if target:
-                if not row["path"]:
-                    raise AdapterError(f"v{target} has no folder on disk any more")
-                verified = adapters.read_verified(
-                    self.adapters_dir / row["path"], base_model=self.base_model,
-                    manifest_sha256=sha)
+                verified = adapters.verified_copy(self.adapters_dir, row,
+                                                  base_model=self.base_model,
+                                                  fetch=self.store.adapter_files)
                 state = adapters.load_state_dict(verified)
                 config = verified.config
             self._swap(target, config, state)
@@ -149,6 +149,9 @@ class LiveAdapter:
             return False
         self._failed = None
         self.last_error = None
+        if self.store.keeps_adapter_files:  # drop fetched copies of versions the learner deleted
+            adapters.remove_versions(self.adapters_dir, {
+                a["version"] for a in self.store.adapters() if not a["path"]})
         return True
 
     def _slot_targets(self, config: dict | None, state: dict | None

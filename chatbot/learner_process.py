@@ -73,20 +73,28 @@ class LearnerProcess:
             self.process.wait()
 
     def state(self) -> dict:
-        """starting / idle / training / stopped, with pid, exit code and last error (and the
-        heartbeat time: a learner run apart from the server counts as stopped once its
-        heartbeat is older than HEARTBEAT_STALE_S)."""
-        row = self.store.learner_status() or {}
-        state = {"state": row.get("state", "starting"), "pid": row.get("pid"),
-                 "last_error": row.get("last_error"), "heartbeat_at": row.get("heartbeat_at")}
-        if self.process is not None:
-            code = self.process.poll()
-            state["pid"] = self.process.pid
-            if code is not None:
-                state.update(state="stopped", exit_code=code)
-        elif row.get("heartbeat_at"):
-            age = (datetime.now(UTC)
-                   - datetime.fromisoformat(row["heartbeat_at"])).total_seconds()
-            if age > HEARTBEAT_STALE_S:
-                state["state"] = "stopped"
+        """running / idle / training / stopped, with pid, exit code and last error."""
+        if self.process is None:
+            return learner_state(self.store)
+        state = learner_state(self.store, heartbeat_stale_s=None)
+        code = self.process.poll()
+        state["pid"] = self.process.pid
+        if code is not None:
+            state.update(state="stopped", exit_code=code)
         return state
+
+
+def learner_state(store: Store, heartbeat_stale_s: float | None = HEARTBEAT_STALE_S) -> dict:
+    """What the learner wrote to the database: its state, pid, last error and heartbeat.
+    A front-end without a learner child (--no-learner: the learner runs elsewhere) reports
+    this; a heartbeat older than `heartbeat_stale_s` means the learner is gone."""
+    row = store.learner_status()
+    if row is None:
+        return {"state": "not started"}
+    state = {"state": row["state"], "pid": row["pid"], "last_error": row["last_error"],
+             "heartbeat_at": row["heartbeat_at"]}
+    if heartbeat_stale_s is not None and row["heartbeat_at"]:
+        age = (datetime.now(UTC) - datetime.fromisoformat(row["heartbeat_at"])).total_seconds()
+        if age > heartbeat_stale_s:
+            state["state"] = "stopped"
+    return state

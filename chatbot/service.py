@@ -311,7 +311,7 @@ def rollback(store: Store, config: Config, to: int | None = None) -> dict:
         if not row["path"]:
             raise Conflict(f"v{to} was deleted from disk (only the last {config.keep_versions} "
                            "versions are kept)")
-        adapters.read_verified(config.adapters_dir / row["path"], base_model=row["base_model"],
-                               manifest_sha256=row["sha256"])
+        adapters.verified_copy(config.adapters_dir, row, base_model=row["base_model"],
+                               fetch=store.adapter_files)
     store.set_live(to)
     return {"ok": True, "live_adapter_version": to, "previous_version": before}

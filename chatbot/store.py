@@ -1,126 +1,46 @@
-"""The SQLite store: conversations, pairs of replies, votes, ratings, adapters, learner steps.
+"""The store: conversations, pairs of replies, votes, ratings, adapters, learner steps.
 
-One file in WAL mode, shared by the server and the learner (two processes). Every write is a
-short `BEGIN IMMEDIATE` transaction, so a writer waits its turn (busy timeout) instead of
-failing half-way, and nothing holds a transaction while a model runs. The schema is built by
-numbered migrations (`m001_initial`, ...) applied on open.
+The verbs every process calls, over SQLite (one file in WAL mode, the default) or PostgreSQL
+(several front-ends and a learner on other hosts); chatbot/db.py holds the connections, the
+dialects and the numbered migrations. These two modules are the only code that speaks SQL:
+everyone else names what they want (`votes(choice="both_bad")`), never a query.
+
+Every write is one short transaction, and nothing holds a transaction while a model runs.
+On SQLite each is `BEGIN IMMEDIATE`, so writers take turns (busy timeout); on PostgreSQL the
+verbs lock the rows they check (`select ... for update`), so two front-ends cannot both vote
+on one pair, and two claims never take the same vote (`for update skip locked`).
 
 Feedback (votes and ratings) moves pending -> claimed by a learner round -> used by the
 adapter version that round published or rejected. A claim is only a mark; a learner that
-dies leaves claims behind, which `release_claims` clears on its next start.
+dies leaves claims behind, which `release_claims` clears on its next start (one learner per
+database: `take_learner_lock`).
 
 A pair has two replies (A, B) and status open -> voted (or discarded when regenerated). The
 OpenAI-compatible API's `n=1` stores a "pair" with reply A alone and status `single`: it can
 be rated (thumbs on A) but not voted on. API keys are stored as sha256 hashes only.
 
-Left out: PostgreSQL (the same verbs would sit over it), full-text search, deleting data.
+On PostgreSQL the adapter registry also keeps each published adapter's files
+(`adapter_files`), so a front-end on another host needs no shared folder: it fetches them and
+checks them against the manifest hashes before loading (chatbot/adapters.py).
+
+Left out: full-text search, deleting users' data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
-import threading
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
-
+from chatbot.db import Cursor, Database, connect
 from chatbot.errors import Conflict, InvalidInput, NotFound
 from chatbot.limits import fair_pick
 
 CHOICES = ("A", "B", "tie", "both_bad")
 SIDES = ("A", "B")
 THUMBS = ("up", "down")
-BUSY_TIMEOUT_S = 30.0
-
-migrations = Migrations("duet")
-
-
-@migrations()
-def m001_initial(db: Database) -> None:
-    db["users"].create({"id": str, "created_at": str}, pk="id")
-    db["conversations"].create(
-        {"id": str, "user_id": str, "title": str, "created_at": str, "updated_at": str},
-        pk="id", foreign_keys=[("user_id", "users")],
-    )
-    db["conversations"].create_index(["user_id", "updated_at"])
-    db["messages"].create(
-        {"id": int, "conversation_id": str, "position": int, "role": str, "content": str,
-         "pair_id": str, "created_at": str},
-        pk="id", foreign_keys=[("conversation_id", "conversations")],
-    )
-    db["messages"].create_index(["conversation_id", "position"], unique=True)
-    db["pairs"].create(
-        {"id": str, "conversation_id": str, "message_id": int, "user_id": str,
-         "prompt_token_ids": str, "adapter_version": int, "temperature": float, "top_p": float,
-         "max_new_tokens": int, "status": str, "seconds": float, "first_token_seconds": float,
-         "created_at": str},
-        pk="id", foreign_keys=[("conversation_id", "conversations"), ("message_id", "messages")],
-    )
-    db["pairs"].create_index(["conversation_id"])
-    db["replies"].create(
-        {"id": int, "pair_id": str, "side": str, "text": str, "token_ids": str,
-         "token_logprobs": str, "behaviour_logprob": float, "adapter_version": int,
-         "finish_reason": str, "n_tokens": int, "ref_token_logprobs": str},
-        pk="id", foreign_keys=[("pair_id", "pairs")],
-    )
-    db["replies"].create_index(["pair_id", "side"], unique=True)
-    feedback_columns = {"claimed_by": str, "claimed_at": str, "used_by_version": int,
-                        "used_at": str}
-    db["votes"].create(
-        {"id": int, "pair_id": str, "user_id": str, "choice": str, "split": str,
-         "created_at": str, **feedback_columns},
-        pk="id", foreign_keys=[("pair_id", "pairs")],
-    )
-    db["votes"].create_index(["pair_id"], unique=True)
-    db["votes"].create_index(["used_by_version"])
-    db["ratings"].create(
-        {"id": int, "pair_id": str, "side": str, "user_id": str, "thumb": str,
-         "created_at": str, **feedback_columns},
-        pk="id", foreign_keys=[("pair_id", "pairs")],
-    )
-    db["ratings"].create_index(["pair_id", "side", "user_id"], unique=True)
-    db["adapters"].create(
-        {"version": int, "path": str, "parent_version": int, "base_model": str,
-         "sha256": str, "status": str, "metrics": str, "reason": str, "created_at": str,
-         "updated_at": str},
-        pk="version",
-    )
-    db["learner_steps"].create(
-        {"id": int, "round_id": str, "adapter_version": int, "parent_version": int,
-         "objective": str, "status": str, "loss": float, "kl": float, "reward": float,
-         "beta": float, "votes_used": int, "new_votes": int, "replayed_votes": int,
-         "skipped_steps": int, "heldout_acc": float, "live_heldout_acc": float,
-         "seconds": float, "note": str, "created_at": str},
-        pk="id",
-    )
-    db["learner_status"].create(
-        {"id": int, "pid": int, "state": str, "last_error": str, "started_at": str,
-         "heartbeat_at": str},
-        pk="id",
-    )
-
-
-@migrations()
-def m002_judged_pairs(db: Database) -> None:
-    """How many new A/B votes each round scored the live adapter on (and, under --judge-new,
-    the candidate)."""
-    db["learner_steps"].add_column("judged_pairs", int)
-
-
-@migrations()
-def m003_api_keys(db: Database) -> None:
-    """Keys for the OpenAI-compatible API: only a hash of each key is kept."""
-    db["api_keys"].create(
-        {"id": int, "user_id": str, "key_sha256": str, "hint": str, "created_at": str},
-        pk="id",
-    )
-    db["api_keys"].create_index(["key_sha256"], unique=True)
-    db["api_keys"].create_index(["user_id"])
+FEEDBACK_TABLES = ("votes", "ratings")
 
 
 def now() -> str:
@@ -134,56 +54,58 @@ def _loads(row: dict, *keys: str) -> dict:
     return row
 
 
-class Store:
-    """The only code that speaks SQL. Verbs are small, named after the domain, and atomic."""
+def _marks(values: list) -> str:
+    return ", ".join("?" * len(values))
 
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
-        self.db = Database(conn)
-        self._lock = threading.RLock()  # one connection, shared by the server's threads
-        self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        self.db.enable_wal()
-        # NORMAL in WAL mode: a commit survives a process crash; a power cut may lose the
-        # last few transactions but never corrupts the file.
-        self.db.execute("PRAGMA synchronous = NORMAL")
-        self.db.execute("PRAGMA foreign_keys = ON")
-        with self._lock:
-            migrations.apply(self.db)
+
+class Store:
+    """Small verbs named after the domain, each atomic."""
+
+    def __init__(self, target: Path | str):
+        """`target`: a SQLite file path (or `sqlite:///path`) or a `postgresql://` URL."""
+        self.db: Database = connect(target)
+        self.path = self.db.path  # the SQLite file; None on PostgreSQL
+
+    @property
+    def keeps_adapter_files(self) -> bool:
+        """True when published adapter files travel through the database (PostgreSQL)."""
+        return self.db.dialect.name == "postgresql"
 
     def close(self) -> None:
         self.db.close()
 
-    @contextlib.contextmanager
-    def _write(self):
-        """A write transaction that takes the write lock up front (no deadlock on upgrade)."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.db
-            except BaseException:
-                self.db.rollback()
-                raise
-            else:
-                self.db.execute("COMMIT")
-
     def _rows(self, sql: str, params: tuple | list = ()) -> list[dict]:
-        with self._lock:
-            return [dict(row) for row in self.db.query(sql, params)]
+        with self.db.read() as cur:
+            return cur.rows(sql, params)
 
     def _one(self, sql: str, params: tuple | list = ()) -> dict | None:
-        rows = self._rows(sql, params)
-        return rows[0] if rows else None
+        with self.db.read() as cur:
+            return cur.one(sql, params)
+
+    def _owned_pair(self, cur: Cursor, user_id: str | None, pair_id: str, lock: bool = False
+                    ) -> dict:
+        """The pairs row, or NotFound if there is none or another user owns it (another
+        user's pair looks like no pair at all). `user_id=None` skips the ownership check.
+        `lock`: hold the row for the rest of the transaction."""
+        row = cur.one("select * from pairs where id = ?" + (cur.dialect.for_update if lock
+                                                            else ""), (pair_id,))
+        if row is None or (user_id is not None and row["user_id"] != user_id):
+            raise NotFound(f"no pair {pair_id!r}")
+        return row
+
+    def _owned_conversation(self, cur: Cursor, user_id: str, conversation_id: str,
+                            lock: bool = False) -> dict:
+        row = cur.one("select * from conversations where id = ? and user_id = ?"
+                      + (cur.dialect.for_update if lock else ""), (conversation_id, user_id))
+        if row is None:
+            raise NotFound(f"no conversation {conversation_id!r}")
+        return row
 
     # --- conversations -----------------------------------------------------------------
 
     def conversation(self, user_id: str, conversation_id: str) -> dict:
-        row = self._one("select * from conversations where id = ? and user_id = ?",
-                        (conversation_id, user_id))
-        if row is None:
-            raise NotFound(f"no conversation {conversation_id!r}")
-        return row
+        with self.db.read() as cur:
+            return self._owned_conversation(cur, user_id, conversation_id)
 
     def conversations(self, user_id: str, limit: int = 100) -> list[dict]:
         return self._rows(
@@ -196,8 +118,13 @@ class Store:
 
     def open_pair(self, conversation_id: str) -> dict | None:
         """The pair awaiting a vote at the end of this conversation, if any."""
-        return self._one("select * from pairs where conversation_id = ? and status = 'open' "
-                         "order by created_at desc limit 1", (conversation_id,))
+        with self.db.read() as cur:
+            return self._open_pair(cur, conversation_id)
+
+    @staticmethod
+    def _open_pair(cur: Cursor, conversation_id: str) -> dict | None:
+        return cur.one("select * from pairs where conversation_id = ? and status = 'open' "
+                       "order by created_at desc limit 1", (conversation_id,))
 
     def reply_endings(self, conversation_id: str) -> dict[int, dict]:
         """How each assistant message that came from a stored reply ended: message id ->
@@ -216,11 +143,12 @@ class Store:
         """The first user message of the user's most recently active conversations, distinct,
         newest first."""
         rows = self._rows(
-            "select m.content, max(c.updated_at) as at from conversations c "
+            "select m.content, max(c.updated_at) as last_at from conversations c "
             "join messages m on m.conversation_id = c.id "
             "where c.user_id = ? and m.role = 'user' and m.position = (select min(position) "
             "from messages where conversation_id = c.id and role = 'user') "
-            "group by m.content order by at desc, max(c.rowid) desc limit ?", (user_id, limit))
+            "group by m.content order by last_at desc, max(m.id) desc limit ?",
+            (user_id, limit))
         return [r["content"] for r in rows]
 
     def add_turn(self, user_id: str, conversation_id: str | None, message: str,
@@ -230,27 +158,23 @@ class Store:
         `pair` holds the pairs columns the sampler knows (prompt tokens, settings, timings);
         `replies` the two replies columns, A first. Returns (conversation_id, pair_id).
         """
-        with self._write() as db:
+        with self.db.transaction() as cur:
             stamp = now()
             if not conversation_id:
-                conversation_id = uuid.uuid4().hex
-                db["users"].insert({"id": user_id, "created_at": stamp}, ignore=True)
-                db["conversations"].insert({"id": conversation_id, "user_id": user_id,
-                                            "title": message.strip()[:80], "created_at": stamp,
-                                            "updated_at": stamp})
+                conversation_id = self._new_conversation(cur, user_id, message, stamp)
                 position = 0
             else:
-                self.conversation(user_id, conversation_id)
-                if self.open_pair(conversation_id):
+                self._owned_conversation(cur, user_id, conversation_id, lock=True)
+                if self._open_pair(cur, conversation_id):
                     raise Conflict("vote on the last pair of replies before sending a new message")
-                last = db.execute("select max(position) from messages where conversation_id = ?",
-                                  (conversation_id,)).fetchone()[0]
+                last = cur.value("select max(position) as last from messages "
+                                 "where conversation_id = ?", (conversation_id,))
                 position = 0 if last is None else last + 1
-                db["conversations"].update(conversation_id, {"updated_at": stamp})
-            message_id = db["messages"].insert(
-                {"conversation_id": conversation_id, "position": position, "role": "user",
-                 "content": message, "pair_id": None, "created_at": stamp}).last_pk
-            pair_id = self._insert_pair(db, user_id, conversation_id, message_id, pair, replies)
+                cur.run("update conversations set updated_at = ? where id = ?",
+                        (stamp, conversation_id))
+            message_id = self._add_message(cur, conversation_id, position, "user", message,
+                                           None, stamp)
+            pair_id = self._insert_pair(cur, user_id, conversation_id, message_id, pair, replies)
         return conversation_id, pair_id
 
     def add_conversation_turn(self, user_id: str, history: list[dict], message: str,
@@ -259,65 +183,75 @@ class Store:
         user `message`, and its replies: two make an open pair; one makes a `single` pair whose
         reply is already the conversation's next message. Returns (conversation_id, pair_id).
         """
-        with self._write() as db:
+        with self.db.transaction() as cur:
             stamp = now()
-            conversation_id = uuid.uuid4().hex
-            db["users"].insert({"id": user_id, "created_at": stamp}, ignore=True)
-            db["conversations"].insert({"id": conversation_id, "user_id": user_id,
-                                        "title": message.strip()[:80], "created_at": stamp,
-                                        "updated_at": stamp})
+            conversation_id = self._new_conversation(cur, user_id, message, stamp)
             for position, turn in enumerate(history):
-                db["messages"].insert({"conversation_id": conversation_id, "position": position,
-                                       "role": turn["role"], "content": turn["content"],
-                                       "pair_id": None, "created_at": stamp})
-            message_id = db["messages"].insert(
-                {"conversation_id": conversation_id, "position": len(history), "role": "user",
-                 "content": message, "pair_id": None, "created_at": stamp}).last_pk
+                self._add_message(cur, conversation_id, position, turn["role"], turn["content"],
+                                  None, stamp)
+            message_id = self._add_message(cur, conversation_id, len(history), "user", message,
+                                           None, stamp)
             status = "open" if len(replies) == 2 else "single"
-            pair_id = self._insert_pair(db, user_id, conversation_id, message_id, pair, replies,
+            pair_id = self._insert_pair(cur, user_id, conversation_id, message_id, pair, replies,
                                         status)
             if status == "single":
-                db["messages"].insert({"conversation_id": conversation_id,
-                                       "position": len(history) + 1, "role": "assistant",
-                                       "content": replies[0]["text"], "pair_id": pair_id,
-                                       "created_at": stamp})
+                self._add_message(cur, conversation_id, len(history) + 1, "assistant",
+                                  replies[0]["text"], pair_id, stamp)
         return conversation_id, pair_id
 
     def add_regenerated_pair(self, user_id: str, old_pair_id: str, pair: dict,
                              replies: list[dict]) -> str:
         """Replace an open pair by a new one for the same user message."""
-        with self._write() as db:
-            old = self.pair(user_id, old_pair_id)
+        with self.db.transaction() as cur:
+            old = self._owned_pair(cur, user_id, old_pair_id, lock=True)
             if old["status"] != "open":
                 raise Conflict("only the latest pair, before it is voted on, can be regenerated")
-            db["pairs"].update(old_pair_id, {"status": "discarded"})
-            return self._insert_pair(db, user_id, old["conversation_id"], old["message_id"],
+            cur.run("update pairs set status = 'discarded' where id = ?", (old_pair_id,))
+            return self._insert_pair(cur, user_id, old["conversation_id"], old["message_id"],
                                      pair, replies)
 
-    def _insert_pair(self, db: Database, user_id: str, conversation_id: str, message_id: int,
+    @staticmethod
+    def _new_conversation(cur: Cursor, user_id: str, message: str, stamp: str) -> str:
+        conversation_id = uuid.uuid4().hex
+        cur.run("insert into users (id, created_at) values (?, ?) on conflict (id) do nothing",
+                (user_id, stamp))
+        cur.insert("conversations", {"id": conversation_id, "user_id": user_id,
+                                     "title": message.strip()[:80], "created_at": stamp,
+                                     "updated_at": stamp})
+        return conversation_id
+
+    @staticmethod
+    def _add_message(cur: Cursor, conversation_id: str, position: int, role: str,
+                     content: str, pair_id: str | None, stamp: str) -> int:
+        return cur.insert("messages", {"conversation_id": conversation_id, "position": position,
+                                       "role": role, "content": content, "pair_id": pair_id,
+                                       "created_at": stamp}, returning="id")
+
+    @staticmethod
+    def _insert_pair(cur: Cursor, user_id: str, conversation_id: str, message_id: int,
                      pair: dict, replies: list[dict], status: str = "open") -> str:
         assert len(replies) == (1 if status == "single" else 2)
         pair_id = uuid.uuid4().hex
-        db["pairs"].insert({**pair, "id": pair_id, "conversation_id": conversation_id,
-                            "message_id": message_id, "user_id": user_id, "status": status,
-                            "prompt_token_ids": json.dumps(pair["prompt_token_ids"]),
-                            "created_at": now()})
+        cur.insert("pairs", {**pair, "id": pair_id, "conversation_id": conversation_id,
+                             "message_id": message_id, "user_id": user_id, "status": status,
+                             "prompt_token_ids": json.dumps(pair["prompt_token_ids"]),
+                             "created_at": now()})
         for side, reply in zip(SIDES, replies):
-            db["replies"].insert({**reply, "pair_id": pair_id, "side": side,
-                                  "token_ids": json.dumps(reply["token_ids"]),
-                                  "token_logprobs": json.dumps(reply["token_logprobs"])})
+            cur.insert("replies", {**reply, "pair_id": pair_id, "side": side,
+                                   "token_ids": json.dumps(reply["token_ids"]),
+                                   "token_logprobs": json.dumps(reply["token_logprobs"])})
         return pair_id
 
     # --- pairs, votes, ratings ----------------------------------------------------------
 
     def pair(self, user_id: str | None, pair_id: str) -> dict:
         """A pair with its two replies; `user_id=None` skips the ownership check (learner)."""
-        row = self._one("select * from pairs where id = ?", (pair_id,))
-        if row is None or (user_id is not None and row["user_id"] != user_id):
-            raise NotFound(f"no pair {pair_id!r}")
-        row["replies"] = [_loads(r, "token_ids", "token_logprobs", "ref_token_logprobs")
-                          for r in self._rows("select * from replies where pair_id = ? "
-                                              "order by side", (pair_id,))]
+        with self.db.read() as cur:
+            row = self._owned_pair(cur, user_id, pair_id)
+            row["replies"] = [
+                _loads(r, "token_ids", "token_logprobs", "ref_token_logprobs")
+                for r in cur.rows("select * from replies where pair_id = ? order by side",
+                                  (pair_id,))]
         return _loads(row, "prompt_token_ids")
 
     def record_vote(self, user_id: str, pair_id: str, choice: str) -> dict:
@@ -328,30 +262,29 @@ class Store:
         """
         if choice not in CHOICES:
             raise InvalidInput(f"choice must be one of {', '.join(CHOICES)}; got {choice!r}")
-        with self._write() as db:
-            pair = self._one("select * from pairs where id = ?", (pair_id,))
-            if pair is None or pair["user_id"] != user_id:
-                raise NotFound(f"no pair {pair_id!r}")
+        with self.db.transaction() as cur:
+            pair = self._owned_pair(cur, user_id, pair_id, lock=True)
             if pair["status"] == "single":
                 raise Conflict("this reply was served alone (n=1), so there is nothing to "
                                "compare: rate it with a thumb instead")
-            if db["votes"].count_where("pair_id = ?", [pair_id]):
+            if cur.one("select id from votes where pair_id = ?", (pair_id,)):
                 raise Conflict("this pair already has a vote")
             if pair["status"] != "open":
                 raise Conflict("this pair was replaced by a regenerated one")
             stamp = now()
-            vote_id = db["votes"].insert({"pair_id": pair_id, "user_id": user_id,
-                                          "choice": choice, "created_at": stamp}).last_pk
+            vote_id = cur.insert("votes", {"pair_id": pair_id, "user_id": user_id,
+                                           "choice": choice, "created_at": stamp},
+                                 returning="id")
             side = "B" if choice == "B" else "A"
-            text = db.execute("select text from replies where pair_id = ? and side = ?",
-                              (pair_id, side)).fetchone()[0]
-            position = db.execute("select position from messages where id = ?",
-                                  (pair["message_id"],)).fetchone()[0]
-            db["messages"].insert({"conversation_id": pair["conversation_id"],
-                                   "position": position + 1, "role": "assistant",
-                                   "content": text, "pair_id": pair_id, "created_at": stamp})
-            db["pairs"].update(pair_id, {"status": "voted"})
-            db["conversations"].update(pair["conversation_id"], {"updated_at": stamp})
+            text = cur.value("select text from replies where pair_id = ? and side = ?",
+                             (pair_id, side))
+            position = cur.value("select position from messages where id = ?",
+                                 (pair["message_id"],))
+            self._add_message(cur, pair["conversation_id"], position + 1, "assistant", text,
+                              pair_id, stamp)
+            cur.run("update pairs set status = 'voted' where id = ?", (pair_id,))
+            cur.run("update conversations set updated_at = ? where id = ?",
+                    (stamp, pair["conversation_id"]))
         return {"vote_id": vote_id, "pair_id": pair_id, "choice": choice, "continued_with": side}
 
     def record_rating(self, user_id: str, pair_id: str, side: str, thumb: str) -> dict:
@@ -360,23 +293,23 @@ class Store:
             raise InvalidInput(f"side must be A or B; got {side!r}")
         if thumb not in THUMBS:
             raise InvalidInput(f"thumb must be up or down; got {thumb!r}")
-        with self._write() as db:
-            pair = self._one("select user_id from pairs where id = ?", (pair_id,))
-            if pair is None or pair["user_id"] != user_id:
-                raise NotFound(f"no pair {pair_id!r}")
-            if not db["replies"].count_where("pair_id = ? and side = ?", [pair_id, side]):
+        with self.db.transaction() as cur:
+            self._owned_pair(cur, user_id, pair_id, lock=True)
+            if not cur.one("select id from replies where pair_id = ? and side = ?",
+                           (pair_id, side)):
                 raise InvalidInput(f"this reply was served alone (n=1): it is side A; there is "
                                    f"no side {side}")
-            old = self._one("select * from ratings where pair_id = ? and side = ? and user_id = ?",
-                            (pair_id, side, user_id))
+            old = cur.one("select * from ratings where pair_id = ? and side = ? and user_id = ?"
+                          + cur.dialect.for_update, (pair_id, side, user_id))
             if old and old["claimed_by"] is not None and old["thumb"] != thumb:
                 raise Conflict("this rating was already used for learning and cannot change")
             if old:
-                db["ratings"].update(old["id"], {"thumb": thumb, "created_at": now()})
+                cur.run("update ratings set thumb = ?, created_at = ? where id = ?",
+                        (thumb, now(), old["id"]))
                 return {"rating_id": old["id"], "changed": old["thumb"] != thumb}
-            rating_id = db["ratings"].insert({"pair_id": pair_id, "side": side,
-                                              "user_id": user_id, "thumb": thumb,
-                                              "created_at": now()}).last_pk
+            rating_id = cur.insert("ratings", {"pair_id": pair_id, "side": side,
+                                               "user_id": user_id, "thumb": thumb,
+                                               "created_at": now()}, returning="id")
         return {"rating_id": rating_id, "changed": True}
 
     def preference_rows(self) -> list[dict]:
@@ -393,35 +326,45 @@ class Store:
     # --- learner: claiming and using feedback -----------------------------------------
 
     def pending_counts(self) -> dict:
-        with self._lock:
-            votes = self.db["votes"].count_where("used_by_version is null")
-            ratings = self.db["ratings"].count_where("used_by_version is null")
-            total = self.db["votes"].count
-        return {"votes_total": total, "votes_pending": votes, "ratings_pending": ratings}
+        row = self._one(
+            "select (select count(*) from votes) as votes_total, "
+            "(select count(*) from votes where used_by_version is null) as votes_pending, "
+            "(select count(*) from ratings where used_by_version is null) as ratings_pending")
+        return {key: int(value) for key, value in row.items()}
 
     def feedback_users(self) -> int:
         """How many users have ever voted or rated."""
-        row = self._one("select count(*) as n from (select user_id from votes "
-                        "union select user_id from ratings)")
-        return row["n"]
+        with self.db.read() as cur:
+            return self._feedback_users(cur)
+
+    @staticmethod
+    def _feedback_users(cur: Cursor) -> int:
+        return int(cur.value("select count(*) as n from (select user_id from votes "
+                             "union select user_id from ratings) as feedback_users"))
 
     def claim_feedback(self, round_id: str, limit: int, max_user_share: float = 1.0) -> dict:
         """Mark up to `limit` pending votes and up to `limit` pending ratings as taken by
         this round, oldest first, no user holding more than `max_user_share` of either
-        (no cap while only one user has ever given feedback)."""
-        with self._write() as db:
+        (no cap while only one user has ever given feedback). Rows another claim is taking
+        at this moment are skipped, never taken twice."""
+        with self.db.transaction() as cur:
             stamp = now()
             claimed = {}
-            if self.feedback_users() <= 1:
+            if self._feedback_users(cur) <= 1:
                 max_user_share = 1.0
-            for table in ("votes", "ratings"):
-                pending = db.execute(
-                    f"select id, user_id from {table} where used_by_version is null "
-                    "and claimed_by is null order by id").fetchall()
-                ids = [row[0] for row in fair_pick(pending, lambda row: row[1], limit,
-                                                   max_user_share)]
-                db.execute(f"update {table} set claimed_by = ?, claimed_at = ? where id in "
-                           f"({','.join('?' * len(ids))})", [round_id, stamp, *ids])
+            for table in FEEDBACK_TABLES:
+                pending = cur.rows(f"select id, user_id from {table} where used_by_version is "
+                                   "null and claimed_by is null order by id")
+                ids = [row["id"] for row in fair_pick(pending, lambda row: row["user_id"], limit,
+                                                      max_user_share)]
+                if ids:  # lock the picked rows; a row another claim holds stays for later
+                    ids = [row["id"] for row in cur.rows(
+                        f"select id from {table} where id in ({_marks(ids)}) and claimed_by is "
+                        "null and used_by_version is null order by id"
+                        + cur.dialect.skip_locked, ids)]
+                if ids:
+                    cur.run(f"update {table} set claimed_by = ?, claimed_at = ? "
+                            f"where id in ({_marks(ids)})", [round_id, stamp, *ids])
                 claimed[table] = ids
         return claimed
 
@@ -432,39 +375,53 @@ class Store:
         if round_id is not None:
             where += " and claimed_by = ?"
             params.append(round_id)
-        with self._write() as db:
-            n = 0
-            for table in ("votes", "ratings"):
-                n += db.execute(f"update {table} set claimed_by = null, claimed_at = null "
-                                f"where {where}", params).rowcount
-        return n
+        with self.db.transaction() as cur:
+            return sum(cur.run(f"update {table} set claimed_by = null, claimed_at = null "
+                               f"where {where}", params) for table in FEEDBACK_TABLES)
 
-    def votes(self, where: str = "1", params: tuple | list = (), limit: int | None = None,
-              order: str = "id") -> list[dict]:
-        sql = f"select * from votes where {where} order by {order}"
-        if limit is not None:
-            sql += f" limit {int(limit)}"
-        return self._rows(sql, params)
+    def votes(self, *, pair_id: str | None = None, ids: list[int] | None = None,
+              choice: str | None = None) -> list[dict]:
+        """Votes, oldest first: all, or those of one pair, with these ids, or this choice."""
+        return self._feedback("votes", pair_id=pair_id, ids=ids, choice=choice)
 
-    def ratings(self, where: str = "1", params: tuple | list = ()) -> list[dict]:
-        return self._rows(f"select * from ratings where {where} order by id", params)
+    def ratings(self, *, pair_id: str | None = None, ids: list[int] | None = None
+                ) -> list[dict]:
+        """Ratings, oldest first: all, or those of one pair, or with these ids."""
+        return self._feedback("ratings", pair_id=pair_id, ids=ids)
 
     def feedback_by_id(self, table: str, ids: list[int]) -> list[dict]:
         """The votes or ratings with these ids, oldest first."""
-        assert table in ("votes", "ratings")
-        if not ids:
-            return []
-        return self._rows(f"select * from {table} where id in ({','.join('?' * len(ids))}) "
-                          "order by id", ids)
+        return self._feedback(table, ids=ids)
 
     def used_feedback(self, table: str) -> list[dict]:
         """Votes or ratings some finished round has used (judged or trained on), oldest first."""
-        assert table in ("votes", "ratings")
-        return self._rows(f"select * from {table} where used_by_version is not null order by id")
+        return self._feedback(table, used=True)
+
+    def _feedback(self, table: str, *, pair_id: str | None = None,
+                  ids: list[int] | None = None, choice: str | None = None,
+                  used: bool | None = None) -> list[dict]:
+        assert table in FEEDBACK_TABLES
+        where, params = [], []
+        if pair_id is not None:
+            where.append("pair_id = ?")
+            params.append(pair_id)
+        if ids is not None:
+            if not ids:
+                return []
+            where.append(f"id in ({_marks(ids)})")
+            params += ids
+        if choice is not None:
+            where.append("choice = ?")
+            params.append(choice)
+        if used is not None:
+            where.append("used_by_version is " + ("not null" if used else "null"))
+        return self._rows(f"select * from {table} where {' and '.join(where) or 'true'} "
+                          "order by id", params)
 
     def cache_ref_logprobs(self, reply_id: int, logprobs: list[float]) -> None:
-        with self._write() as db:
-            db["replies"].update(reply_id, {"ref_token_logprobs": json.dumps(logprobs)})
+        with self.db.transaction() as cur:
+            cur.run("update replies set ref_token_logprobs = ? where id = ?",
+                    (json.dumps(logprobs), reply_id))
 
     # --- adapters registry -------------------------------------------------------------
 
@@ -484,58 +441,76 @@ class Store:
         return [_loads(r, "metrics") for r in self._rows("select * from adapters order by version")]
 
     def next_adapter_version(self) -> int:
-        row = self._one("select max(version) as v from adapters")
-        return (row["v"] or 0) + 1
+        return (self._one("select max(version) as v from adapters")["v"] or 0) + 1
 
-    def finish_round(self, round_id: str, adapter: dict, step: dict) -> str:
-        """Register a published adapter, use the round's feedback, and log the step: one commit.
+    def finish_round(self, round_id: str, adapter: dict, step: dict,
+                     files: dict[str, bytes] | None = None) -> str:
+        """Register a published adapter (and, given `files`, keep its files), use the round's
+        feedback, and log the step: one commit.
 
         `adapter["status"]` is `live` (promote: the previous live one is retired) or
         `rejected`. A promotion only happens if the live version is still the adapter's parent;
         if someone rolled back meanwhile, the candidate is stored as rejected instead. Either
         way the round's claimed feedback is now used by this version. Returns the status.
         """
-        with self._write() as db:
+        with self.db.transaction() as cur:
+            if cur.dialect.lock_registry:
+                cur.run(cur.dialect.lock_registry)
             stamp = now()
             adapter = dict(adapter)
-            live = db.execute("select version from adapters where status = 'live'").fetchone()
-            live_version = live[0] if live else 0
+            live_version = cur.value("select version from adapters where status = 'live'") or 0
             if adapter["status"] == "live" and live_version != adapter["parent_version"]:
                 adapter["status"] = "rejected"
                 adapter["reason"] = "the live version changed while this candidate trained"
                 step = {**step, "status": "rejected"}
             if adapter["status"] == "live":
-                db.execute("update adapters set status = 'retired', updated_at = ? "
-                           "where status = 'live'", (stamp,))
-            db["adapters"].insert({**adapter, "metrics": json.dumps(adapter.get("metrics", {})),
-                                   "created_at": stamp, "updated_at": stamp})
-            for table in ("votes", "ratings"):
-                db.execute(f"update {table} set used_by_version = ?, used_at = ? "
-                           "where claimed_by = ? and used_by_version is null",
-                           (adapter["version"], stamp, round_id))
-            db["learner_steps"].insert({**step, "round_id": round_id, "created_at": stamp})
+                cur.run("update adapters set status = 'retired', updated_at = ? "
+                        "where status = 'live'", (stamp,))
+            cur.insert("adapters", {**adapter, "metrics": json.dumps(adapter.get("metrics", {})),
+                                    "created_at": stamp, "updated_at": stamp})
+            for name, data in (files or {}).items():
+                cur.insert("adapter_files", {"version": adapter["version"], "name": name,
+                                             "data": data})
+            for table in FEEDBACK_TABLES:
+                cur.run(f"update {table} set used_by_version = ?, used_at = ? "
+                        "where claimed_by = ? and used_by_version is null",
+                        (adapter["version"], stamp, round_id))
+            cur.insert("learner_steps", {**step, "round_id": round_id, "created_at": stamp})
         return adapter["status"]
 
+    def adapter_files(self, version: int) -> dict[str, bytes]:
+        """The files kept for a version (name -> bytes); empty when none are kept (SQLite)."""
+        return {row["name"]: bytes(row["data"]) for row in self._rows(
+            "select name, data from adapter_files where version = ? order by name", (version,))}
+
     def log_failed_round(self, round_id: str, step: dict) -> None:
-        with self._write() as db:
-            db["learner_steps"].insert({**step, "round_id": round_id, "status": "failed",
-                                        "created_at": now()})
+        with self.db.transaction() as cur:
+            cur.insert("learner_steps", {**step, "round_id": round_id, "status": "failed",
+                                         "created_at": now()})
 
     def set_live(self, version: int) -> None:
         """Make `version` the live adapter (0 = the base model). Used by rollback."""
-        with self._write() as db:
-            if version and not db["adapters"].count_where("version = ?", [version]):
+        with self.db.transaction() as cur:
+            if cur.dialect.lock_registry:
+                cur.run(cur.dialect.lock_registry)
+            if version and not cur.one("select version from adapters where version = ?",
+                                       (version,)):
                 raise NotFound(f"no adapter version {version}")
             stamp = now()
-            db.execute("update adapters set status = 'retired', updated_at = ? "
-                       "where status = 'live'", (stamp,))
+            cur.run("update adapters set status = 'retired', updated_at = ? "
+                    "where status = 'live'", (stamp,))
             if version:
-                db.execute("update adapters set status = 'live', updated_at = ? where version = ?",
-                           (stamp, version))
+                cur.run("update adapters set status = 'live', updated_at = ? where version = ?",
+                        (stamp, version))
 
     def set_adapter_path(self, version: int, path: str | None) -> None:
-        with self._write() as db:
-            db["adapters"].update(version, {"path": path, "updated_at": now()})
+        """Record where a version's folder is; None: its folder is gone, and so are its kept
+        files."""
+        with self.db.transaction() as cur:
+            cur.run("update adapters set path = ?, updated_at = ? where version = ?",
+                    (path, now(), version))
+            if path is None:
+                cur.run("delete from adapter_files where version = ?", (version,))
 
     def learner_steps(self, limit: int = 1000) -> list[dict]:
         return self._rows("select * from learner_steps order by id desc limit ?", (limit,))[::-1]
@@ -543,9 +518,9 @@ class Store:
     # --- API keys ---------------------------------------------------------------------
 
     def add_api_key(self, user_id: str, key_sha256: str, hint: str) -> int:
-        with self._write() as db:
-            return db["api_keys"].insert({"user_id": user_id, "key_sha256": key_sha256,
-                                          "hint": hint, "created_at": now()}).last_pk
+        with self.db.transaction() as cur:
+            return cur.insert("api_keys", {"user_id": user_id, "key_sha256": key_sha256,
+                                           "hint": hint, "created_at": now()}, returning="id")
 
     def api_key_user(self, key_sha256: str) -> str | None:
         """The user a key hash belongs to, or None."""
@@ -558,21 +533,28 @@ class Store:
 
     def remove_api_keys(self, user_id: str) -> int:
         """Delete every key of a user; returns how many there were."""
-        with self._write() as db:
-            return db.execute("delete from api_keys where user_id = ?", (user_id,)).rowcount
+        with self.db.transaction() as cur:
+            return cur.run("delete from api_keys where user_id = ?", (user_id,))
 
     # --- learner process status --------------------------------------------------------
 
+    def take_learner_lock(self, wait_s: float = 10.0) -> bool:
+        """Become this database's one learner (held until close or exit); False if another
+        learner holds the lock."""
+        return self.db.learner_lock(wait_s)
+
     def set_learner_status(self, pid: int, state: str, last_error: str | None = None) -> None:
-        with self._write() as db:
-            stamp = now()
-            row = {"id": 1, "pid": pid, "state": state, "heartbeat_at": stamp}
-            if state == "starting":
-                row["started_at"] = stamp
-                row["last_error"] = None
-            if last_error is not None:
-                row["last_error"] = last_error
-            db["learner_status"].upsert(row, pk="id")
+        stamp = now()
+        row = {"id": 1, "pid": pid, "state": state, "heartbeat_at": stamp}
+        if state == "starting":
+            row["started_at"] = stamp
+            row["last_error"] = None
+        if last_error is not None:
+            row["last_error"] = last_error
+        updates = ", ".join(f"{column} = excluded.{column}" for column in row if column != "id")
+        with self.db.transaction() as cur:
+            cur.run(f"insert into learner_status ({', '.join(row)}) values ({_marks(row)}) "
+                    f"on conflict (id) do update set {updates}", list(row.values()))
 
     def learner_status(self) -> dict | None:
         return self._one("select * from learner_status where id = 1")

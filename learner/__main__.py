@@ -1,13 +1,14 @@
-"""`python -m learner`: run the learner on a data folder, forever or for one round (--once).
+"""`python -m learner`: run the learner on a database, forever or for one round (--once).
 
-Only one learner may run per data folder (a file lock says so). On start it gives back
-claims a killed learner left behind and deletes adapter folders the registry does not know
-(a crash between writing a folder and registering it).
+Only one learner may run per database (`Store.take_learner_lock`: a file lock beside a SQLite
+file, an advisory lock on PostgreSQL). On start it gives back claims a killed learner left
+behind and deletes adapter folders the registry does not know (a crash between writing a
+folder and registering it). Its adapters folder is its own (--data-dir); with PostgreSQL the
+files it publishes also go into the database, for front-ends on other hosts.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -32,18 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     args = learner_parser().parse_args(argv)
     config = Config.from_args(args)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(config.data_dir / "learner.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"error: another learner is already running on {config.data_dir}", file=sys.stderr)
+    from chatbot.store import Store
+
+    store = Store(config.db_url)
+    if not store.take_learner_lock():
+        print("error: another learner is already running on this database", file=sys.stderr)
         return 2
     # SIGTERM ends the process through SystemExit, so a round in progress gives its claims back.
     signal.signal(signal.SIGTERM, _stop)
-
-    from chatbot.store import Store
-
-    store = Store(config.db_path)
     pid = os.getpid()
     store.set_learner_status(pid, "starting")
     try:

@@ -173,7 +173,7 @@ class RoundBuilder:
     def _absolute_advantages(self) -> dict[tuple, float]:
         """Running-baseline advantages of every absolute reward, in the order they were given."""
         events = []
-        for vote in self.store.votes("choice = 'both_bad'"):
+        for vote in self.store.votes(choice="both_bad"):
             for side in ("A", "B"):
                 events.append((vote["created_at"], ("vote", vote["id"], side), -1.0))
         for rating in self.store.ratings():

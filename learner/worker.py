@@ -5,7 +5,8 @@ candidate or a rollback never leaks into the next one), takes `steps_per_round` 
 steps over the new and replayed samples (and, with --self-samples, pairs it sampled itself
 and scored with a reward model fitted on the votes), scores the live adapter - and under
 --judge-new the candidate - on the round's new votes, publishes the candidate as
-`adapters/v{N}` and registers it as live or rejected - and only then marks the feedback used,
+`adapters/v{N}` and registers it as live or rejected (with PostgreSQL, together with the
+folder's files, for front-ends on other hosts) - and only then marks the feedback used,
 in the same commit. If anything fails before that commit, the claims are released and the
 feedback stays pending; a crash at any moment loses no vote.
 
@@ -116,9 +117,9 @@ class Learner:
         if version == 0:
             state = self.initial_lora
         else:
-            verified = adapters.read_verified(
-                self.config.adapters_dir / (live["path"] or f"v{version}"),
-                base_model=self.loaded.model_id, manifest_sha256=live["sha256"])
+            verified = adapters.verified_copy(self.config.adapters_dir, live,
+                                              base_model=self.loaded.model_id,
+                                              fetch=self.store.adapter_files)
             if verified.config.get("r") != self.config.lora_r:
                 raise AdapterError(f"the live adapter v{version} has rank "
                                    f"{verified.config.get('r')}, the learner was started with "
@@ -372,7 +373,8 @@ class Learner:
             round_id, {"version": version, "path": folder.name, "parent_version": parent,
                        "base_model": self.loaded.model_id, "sha256": sha,
                        "status": "live" if decision.promote else "rejected",
-                       "metrics": metrics, "reason": decision.reason}, step)
+                       "metrics": metrics, "reason": decision.reason}, step,
+            files=adapters.folder_files(folder) if self.store.keeps_adapter_files else None)
         step["status"] = "promoted" if status == "live" else "rejected"
         if status == "live":
             self.adapter_version = version

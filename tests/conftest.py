@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 
 from chatbot.config import Config  # noqa: E402
 from chatbot.sampling import PairStream, Reply, SampledPair  # noqa: E402
+from tests.postgres import db_target, postgres_server, postgres_url  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")

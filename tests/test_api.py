@@ -35,9 +35,9 @@ def test_ask_vote_status_round_trip(api):
     assert after["live_adapter_version"] == 0
     assert after["model"].endswith("tiny-llama0")
     store = Store(data / "duet.db")
-    vote = store.votes("pair_id = ?", [asked["pair_id"]])
+    vote = store.votes(pair_id=asked["pair_id"])
     assert [(v["id"], v["choice"]) for v in vote] == [(voted["vote_id"], "A")]
-    assert [r["thumb"] for r in store.ratings("pair_id = ?", [asked["pair_id"]])] == ["down"]
+    assert [r["thumb"] for r in store.ratings(pair_id=asked["pair_id"])] == ["down"]
     followup = client.predict("Tell me more.", asked["conversation_id"], api_name="/ask")
     assert followup["conversation_id"] == asked["conversation_id"]
 

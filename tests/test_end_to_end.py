@@ -46,7 +46,8 @@ def test_votes_make_the_live_version_rise(live_server):
     turn = client.predict("And now?", "", api_name="/ask")
     assert turn["adapter_version"] == status["live_adapter_version"]
     store = Store(data / "duet.db")
-    reply_versions = {row[0] for row in store.db.execute("select adapter_version from pairs")}
+    reply_versions = {row["adapter_version"] for row in store.db.query(
+        "select adapter_version from pairs")}
     assert {0, turn["adapter_version"]} <= reply_versions
     assert all(step["status"] == "promoted" for step in store.learner_steps())
 

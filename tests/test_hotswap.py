@@ -167,7 +167,6 @@ def test_wrong_rank_is_caught_even_with_a_consistent_manifest(tiny_config, serve
     (folder / adapters.MANIFEST).write_bytes(raw)
     store.db.execute("update adapters set sha256 = ? where version = 1",
                      (adapters.sha256_bytes(raw),))
-    store.db.conn.commit()
     assert live.sync() is False
     assert "rank 2" in live.last_error and live.version == 0
 

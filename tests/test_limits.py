@@ -48,7 +48,7 @@ def test_claim_respects_the_user_share(store):
     store.record_vote("alice", pair_id, "B")
     claimed = store.claim_feedback("r1", limit=4, max_user_share=0.5)
     ids = claimed["votes"]
-    users = [v["user_id"] for v in store.votes(f"id in ({','.join('?' * len(ids))})", ids)]
+    users = [v["user_id"] for v in store.votes(ids=ids)]
     assert users.count("mallory") == 1 and users.count("alice") == 1
     assert store.pending_counts()["votes_pending"] == 7  # claimed is not used: nothing lost
 

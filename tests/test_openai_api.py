@@ -121,13 +121,13 @@ def test_a_vote_through_feedback_is_stored_once(client, store):
     pair_id = client.chat.completions.create(model="duet", messages=MESSAGES, n=2).pair_id
     voted = feedback(client, pair_id=pair_id, choice="B")
     assert (voted["kind"], voted["choice"], voted["continued_with"]) == ("vote", "B", "B")
-    votes = store.votes("pair_id = ?", [pair_id])
+    votes = store.votes(pair_id=pair_id)
     assert [(v["id"], v["choice"], v["user_id"]) for v in votes] == [
         (voted["vote_id"], "B", LOCAL_USER)]
     with pytest.raises(openai.ConflictError) as refused:
         feedback(client, pair_id=pair_id, choice="A")
     assert refused.value.body["message"] == "this pair already has a vote"
-    assert [v["choice"] for v in store.votes("pair_id = ?", [pair_id])] == ["B"]
+    assert [v["choice"] for v in store.votes(pair_id=pair_id)] == ["B"]
 
 
 def test_n1_is_one_stored_reply_that_takes_a_thumb_but_not_a_vote(client, store):
@@ -138,12 +138,12 @@ def test_n1_is_one_stored_reply_that_takes_a_thumb_but_not_a_vote(client, store)
     assert store.messages(pair["conversation_id"])[-1]["content"] == "reply A"
     rated = feedback(client, pair_id=completion.pair_id, side="A", thumb="up")
     assert rated["kind"] == "rating" and rated["changed"] is True
-    assert [r["thumb"] for r in store.ratings("pair_id = ?", [completion.pair_id])] == ["up"]
+    assert [r["thumb"] for r in store.ratings(pair_id=completion.pair_id)] == ["up"]
     with pytest.raises(openai.ConflictError, match="served alone"):
         feedback(client, pair_id=completion.pair_id, choice="A")
     with pytest.raises(openai.BadRequestError, match="no side B"):
         feedback(client, pair_id=completion.pair_id, side="B", thumb="down")
-    assert store.votes("pair_id = ?", [completion.pair_id]) == []
+    assert store.votes(pair_id=completion.pair_id) == []
 
 
 def test_logprobs_per_token_when_asked(client):
@@ -306,8 +306,8 @@ def test_real_server_pair_to_vote_to_learner(tiny_model_dir, tmp_path):
         vote_id = feedback(client, pair_id=pair_id, choice="A")["vote_id"]
         rating_id = feedback(client, pair_id=single.pair_id, side="A", thumb="down")["rating_id"]
         deadline = time.monotonic() + 240
-        while (used := store.votes("id = ?", [vote_id])[0]["used_by_version"]) is None or \
-                store.ratings("id = ?", [rating_id])[0]["used_by_version"] is None:
+        while (used := store.votes(ids=[vote_id])[0]["used_by_version"]) is None or \
+                store.ratings(ids=[rating_id])[0]["used_by_version"] is None:
             assert time.monotonic() < deadline, "the learner never used the vote and rating"
             time.sleep(1)
         assert used >= 1 and store.adapter(used) is not None

@@ -1,13 +1,17 @@
-"""The store: migrations, the vote and rating rules, claiming feedback, the registry."""
+"""The store: migrations, the vote and rating rules, claiming feedback, the registry - each
+test on SQLite and on a real PostgreSQL server (`store` below opens both in turn)."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 
 import pytest
 
+from chatbot.db import MIGRATIONS
 from chatbot.errors import Conflict, InvalidInput, NotFound
-from chatbot.store import Store, migrations
+from chatbot.store import Store
 
 PAIR = {"prompt_token_ids": [1, 2, 3], "adapter_version": 0, "temperature": 0.8, "top_p": 0.95,
         "max_new_tokens": 8, "seconds": 0.1, "first_token_seconds": 0.01}
@@ -23,22 +27,48 @@ def add_turn(store, user="ann", conversation_id=None, message="hello", a="first"
     return store.add_turn(user, conversation_id, message, PAIR, replies(a, b))
 
 
+@pytest.fixture
+def store(db_target):
+    s = Store(db_target)
+    yield s
+    s.close()
+
+
 def snapshot(store):
     tables = ["conversations", "messages", "pairs", "replies", "votes", "ratings"]
-    return {t: list(store.db.query(f"select * from {t} order by rowid")) for t in tables}
+    return {t: store.db.query(f"select * from {t} order by id") for t in tables}
 
 
-def test_migrations_build_every_table_once(tmp_path):
-    path = tmp_path / "duet.db"
-    Store(path).close()
-    store = Store(path)  # reopening applies nothing twice
-    tables = set(store.db.table_names())
+def test_migrations_build_every_table_once(db_target):
+    Store(db_target).close()
+    store = Store(db_target)  # reopening applies nothing twice
     assert {"users", "conversations", "messages", "pairs", "replies", "votes", "ratings",
-            "adapters", "learner_steps", "api_keys"} <= tables
-    applied = [m.name for m in migrations.applied(store.db)]
-    assert applied == ["m001_initial", "m002_judged_pairs", "m003_api_keys"]
-    assert "judged_pairs" in store.db["learner_steps"].columns_dict
-    assert store.db.execute("pragma journal_mode").fetchone()[0] == "wal"
+            "adapters", "learner_steps", "api_keys", "adapter_files"} <= store.db.tables()
+    assert store.db.applied_migrations() == [m.__name__ for m in MIGRATIONS] == [
+        "m001_initial", "m002_judged_pairs", "m003_api_keys", "m004_adapter_files"]
+    assert "judged_pairs" in store.db.columns("learner_steps")
+    if store.db.dialect.name == "sqlite":
+        assert store.db.query("pragma journal_mode")[0]["journal_mode"] == "wal"
+
+
+def test_a_sqlite_file_made_by_sqlite_utils_opens_and_migrates(tmp_path):
+    """Files made before the store spoke PostgreSQL recorded m001-m003 in sqlite-utils'
+    table: they are not run again, only m004 is."""
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "create table _sqlite_migrations (id integer primary key, migration_set text, "
+        "name text, applied_at text);"
+        "create unique index idx__sqlite_migrations_migration_set_name on "
+        "_sqlite_migrations (migration_set, name);"
+        "insert into _sqlite_migrations (migration_set, name, applied_at) values "
+        "('duet', 'm001_initial', 'x'), ('duet', 'm002_judged_pairs', 'x'), "
+        "('duet', 'm003_api_keys', 'x');"
+        "create table adapters (version integer primary key, path text);")
+    old.close()
+    store = Store(path)
+    assert store.db.applied_migrations()[-1] == "m004_adapter_files"
+    assert "adapter_files" in store.db.tables() and "votes" not in store.db.tables()
 
 
 def test_add_turn_stores_message_pair_and_both_replies(store):
@@ -162,17 +192,90 @@ def test_writers_in_two_connections_wait_instead_of_failing(tmp_path):
     _, pair_id = add_turn(first)
     blocker = sqlite3.connect(path, timeout=1)
     blocker.execute("begin immediate")
-    import threading
-
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault(
         "vote", second.record_vote("ann", pair_id, "A")))
     thread.start()
     thread.join(0.5)
     assert thread.is_alive()  # waiting on the busy timeout, not failing
+    # ... and holding no lock of the store's own: its other threads read on meanwhile
+    started = time.monotonic()
+    assert second.pair("ann", pair_id)["status"] == "open"
+    assert second.pending_counts()["votes_total"] == 0
+    assert time.monotonic() - started < 0.3
     blocker.rollback()
     thread.join(10)
     assert result["vote"]["choice"] == "A"
+
+
+def test_a_claim_skips_votes_another_claim_holds(store):
+    """Two learners never claim the same vote: on PostgreSQL a claim locks the rows it takes
+    (FOR UPDATE SKIP LOCKED) and passes over rows another transaction holds; on SQLite one
+    writer at a time."""
+    for i in range(4):
+        _, pair_id = add_turn(store, message=f"m{i}")
+        store.record_vote("ann", pair_id, "A")
+    if store.db.dialect.name == "postgresql":
+        with store.db.transaction() as other:  # another learner, mid-claim on votes 1 and 2
+            other.rows("select id from votes where id in (1, 2) for update")
+            started = time.monotonic()
+            assert store.claim_feedback("r1", limit=10)["votes"] == [3, 4]
+            assert time.monotonic() - started < 2  # skipped, not waited for
+    second = Store(store.db.target)
+    claims = {}
+    threads = [threading.Thread(target=lambda s=s, r=r: claims.setdefault(
+        r, s.claim_feedback(r, limit=1)["votes"])) for s, r in ((store, "a"), (second, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    taken = claims["a"] + claims["b"]
+    assert len(taken) == len(set(taken)), "a vote was claimed twice"
+    assert taken  # (at the same instant, one claim may find both candidates taken)
+    second.close()
+
+
+def test_two_front_ends_voting_on_one_pair_store_one_vote(store):
+    _, pair_id = add_turn(store)
+    second = Store(store.db.target)
+    results = []
+
+    def vote(s, choice):
+        try:
+            results.append(s.record_vote("ann", pair_id, choice)["choice"])
+        except Conflict:
+            results.append("refused")
+
+    threads = [threading.Thread(target=vote, args=(s, c)) for s, c in ((store, "A"),
+                                                                        (second, "B"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(results)[-1] == "refused" and len(store.votes(pair_id=pair_id)) == 1
+    assert len([m for m in store.messages(store.pair("ann", pair_id)["conversation_id"])
+                if m["role"] == "assistant"]) == 1
+    second.close()
+
+
+def test_adapter_files_are_kept_with_the_registry_until_the_folder_goes(store):
+    files = {"adapter_config.json": b'{"r": 8}', "adapter_model.safetensors": bytes(range(256)),
+             "manifest.json": b"{}"}
+    store.finish_round("r1", {"version": 1, "path": "v1", "parent_version": 0,
+                              "base_model": "m", "sha256": "x", "status": "live"},
+                       {"adapter_version": 1, "status": "promoted"}, files=files)
+    assert store.adapter_files(1) == files
+    store.set_adapter_path(1, None)
+    assert store.adapter_files(1) == {} and store.adapter(1)["path"] is None
+
+
+def test_one_learner_per_database(store):
+    second = Store(store.db.target)
+    assert store.take_learner_lock(wait_s=0)
+    assert not second.take_learner_lock(wait_s=0)
+    store.close()  # the learner ends: its lock goes with it
+    assert second.take_learner_lock(wait_s=5)
+    second.close()
 
 
 @pytest.mark.parametrize("choice,cut", [("A", False), ("B", True), ("tie", False),

@@ -39,8 +39,7 @@ def test_a_biased_user_gets_a_capped_share_of_every_batch(tiny_config):
 
     def spy(claimed):
         data = original(claimed)
-        users_new = [v["user_id"] for v in store.votes(
-            f"id in ({','.join('?' * len(claimed['votes']))})", claimed["votes"])]
+        users_new = [v["user_id"] for v in store.votes(ids=claimed["votes"])]
         batches.append((users_new, data))
         return data
 
@@ -54,8 +53,8 @@ def test_a_biased_user_gets_a_capped_share_of_every_batch(tiny_config):
     for _, data in batches[1:]:
         owners = []
         for sample in data.replay_samples[::2]:
-            pair_id = store.db.execute("select pair_id from replies where id = ?",
-                                       (sample.reply_id,)).fetchone()[0]
+            pair_id = store.db.query("select pair_id from replies where id = ?",
+                                     (sample.reply_id,))[0]["pair_id"]
             owners.append(pairs_by_id.setdefault(pair_id, store.pair(None, pair_id)["user_id"]))
         assert owners.count("mallory") <= 3  # half of replay=6
     assert store.pending_counts()["votes_pending"] == 0  # capped, not dropped
