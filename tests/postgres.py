@@ -116,6 +116,8 @@ class PostgresServer:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     if postgres_bin() is None:
+        if os.environ.get("DUET_REQUIRE_POSTGRES"):  # CI: never skip them
+            pytest.fail("PostgreSQL is not installed and DUET_REQUIRE_POSTGRES is set")
         pytest.skip("PostgreSQL is not installed: `apt-get install postgresql` "
                     "(make test and .ci/run install it)")
     with PostgresServer() as server:
