@@ -75,6 +75,16 @@ def read_credentials(pairs: list[str] | None, path: str | None) -> list[tuple[st
     return credentials
 
 
+def with_device_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in what depends on the device: the reply length, unless --max-new-tokens was
+    given. Done before the Config is built, so the learner child gets the same number."""
+    if args.max_new_tokens is None:
+        from chatbot.model import default_max_new_tokens
+
+        args.max_new_tokens = default_max_new_tokens(args.device)
+    return args
+
+
 def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     import torch
 
@@ -99,7 +109,8 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     loaded = load_model(config)
     live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)
     live.start(config.swap_poll_seconds)
-    generator = PairGenerator(loaded, config, adapter_context=live.reading)
+    generator = PairGenerator(loaded, config, adapter_context=live.reading,
+                              base_context=live.base)
     service = ChatService(config, store, generator, model_id=loaded.model_id, live=live,
                           learner_state=learner.state if learner else lambda: learner_state(store))
     admins = frozenset(config.admins) if credentials else frozenset({LOCAL_USER})
@@ -171,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "keys":
             keys(config, args)
         else:
+            config = Config.from_args(with_device_defaults(args))
             serve(config, read_credentials(args.auth, args.auth_file))
     except DuetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,6 +15,10 @@ from pathlib import Path
 EMBEDDED_MODEL = "embedded"
 QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit")
 OBJECTIVES = ("pg", "dpo")
+# The longest reply when --max-new-tokens is not given, by where the model runs: a GPU writes
+# 256 tokens in about the time a CPU takes for 64 (chatbot.model.default_max_new_tokens).
+CPU_MAX_NEW_TOKENS = 64
+GPU_MAX_NEW_TOKENS = 256
 
 
 def default_cache_dir() -> Path:
@@ -33,7 +37,7 @@ class Config:
     device: str = "auto"
     cache_dir: Path = default_cache_dir()
     # sampling
-    max_new_tokens: int = 64
+    max_new_tokens: int = CPU_MAX_NEW_TOKENS  # the server and learner pass the device's own
     temperature: float = 0.8
     top_p: float = 0.95
     max_prompt_tokens: int = 1024
@@ -152,8 +156,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     d = Config()
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens,
-                       help=f"longest reply, in tokens (default: {d.max_new_tokens})")
+    group.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                       help=f"longest reply, in tokens (default: {CPU_MAX_NEW_TOKENS} on a CPU, "
+                            f"{GPU_MAX_NEW_TOKENS} on a GPU)")
     group.add_argument("--temperature", type=float, default=d.temperature,
                        help=f"sampling temperature of both replies (default: {d.temperature})")
     group.add_argument("--top-p", type=float, default=d.top_p,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from chatbot.config import EMBEDDED_MODEL, Config
+from chatbot.config import CPU_MAX_NEW_TOKENS, EMBEDDED_MODEL, GPU_MAX_NEW_TOKENS, Config
 from chatbot.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,12 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {name!r} asked for, but torch sees no CUDA GPU")
     return device
+
+
+def default_max_new_tokens(device: str) -> int:
+    """The longest reply when --max-new-tokens is not given: longer on a GPU, which writes
+    them quickly, than on a CPU."""
+    return GPU_MAX_NEW_TOKENS if resolve_device(device).type == "cuda" else CPU_MAX_NEW_TOKENS
 
 
 def resolve_quantization(quantize: str, device: torch.device) -> str:

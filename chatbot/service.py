@@ -127,6 +127,13 @@ class ChatService:
         yield self._progress(conversation_id, pair_id, [r["text"] for r in replies],
                              stream.result.adapter_version, done=True, cut_at=_cut_at(replies))
 
+    def check_message(self, user: str, message: str, conversation_id: str = "") -> str:
+        """The message cleaned, if `ask_stream` would take it now; else the error it would
+        raise (so a page can show the message before the replies come)."""
+        message = clean_message(message, self.config.max_message_chars)
+        self._history(user, conversation_id)
+        return message
+
     def regenerate_stream(self, user: str, pair_id: str) -> Iterator[dict]:
         """A new pair for the same user message, replacing the open pair `pair_id`."""
         old = self.store.pair(user, pair_id)

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = learner_parser().parse_args(argv)
+    if args.max_new_tokens is None:  # the server passes its own; alone: the device's default
+        from chatbot.model import default_max_new_tokens
+
+        args.max_new_tokens = default_max_new_tokens(args.device)
     config = Config.from_args(args)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     from chatbot.store import Store

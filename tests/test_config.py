@@ -43,3 +43,21 @@ def test_defaults_and_false_switches_arrive_too(tmp_path):
     for field in dataclasses.fields(Config):
         if field.name not in SERVER_ONLY:
             assert getattr(handed, field.name) == getattr(config, field.name), field.name
+
+
+def test_the_reply_length_follows_the_device_unless_given(monkeypatch):
+    import torch
+
+    import app
+    from chatbot.config import CPU_MAX_NEW_TOKENS, GPU_MAX_NEW_TOKENS
+
+    def settings(*argv: str) -> Config:
+        return Config.from_args(app.with_device_defaults(app.build_parser().parse_args(argv)))
+
+    assert settings("--device", "cpu").max_new_tokens == CPU_MAX_NEW_TOKENS
+    assert settings("--device", "cpu", "--max-new-tokens", "20").max_new_tokens == 20
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert settings().max_new_tokens == GPU_MAX_NEW_TOKENS  # auto: cuda
+    assert settings("--device", "cpu").max_new_tokens == CPU_MAX_NEW_TOKENS
+    assert settings("--max-new-tokens", "20").max_new_tokens == 20
+    assert GPU_MAX_NEW_TOKENS > CPU_MAX_NEW_TOKENS

@@ -1,6 +1,15 @@
 """The learning dashboard tab: live version, votes, learner state, curves, adapter versions,
-and (for admins) rollback. It only reads what the DB holds, so it works before the learner
-has run a single round (empty plots, no errors).
+what the votes changed, and (for admins) rollback. It only reads what the DB holds, so it
+works before the learner has run a single round (empty plots, no errors).
+
+The curves are drawn on the server with matplotlib (a PNG: no script or font from elsewhere),
+with a marker on every round so that a single round shows as a point, and whole rounds on the
+x axis; they are redrawn only when a round was added. "What changed" is asked for with a
+button, because it samples replies: for the first messages of the user's latest
+conversations, a reply of the base model beside one of the live adapter.
+
+Left out: zooming and hovering on the curves (a picture, not a chart widget), comparing two
+adapter versions other than the base and the live one.
 """
 
 from __future__ import annotations
@@ -12,9 +21,10 @@ import pandas as pd
 
 from chatbot.errors import InvalidInput
 from chatbot.service import ChatService
-from ui.common import user_errors
+from ui.common import as_markdown, user_errors, user_of
 
 REFRESH_SECONDS = 5.0
+COMPARE_PROMPTS = 3
 
 
 def status_markdown(status: dict) -> str:
@@ -69,11 +79,38 @@ def curves(steps: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
                                   quality),
                                  ("heldout_acc", "agreement with new votes (candidate)",
                                   quality),
-                                 ("kl", "KL per token", kl), ("beta", "beta", kl)]:
+                                 ("kl", "KL per token", kl), ("beta", "beta (KL coefficient)", kl)]:
             if step.get(key) is not None:
                 rows.append({"round": i + 1, "value": float(step[key]), "metric": label})
     columns = ["round", "value", "metric"]
     return pd.DataFrame(quality, columns=columns), pd.DataFrame(kl, columns=columns)
+
+
+def curve_figure(frame: pd.DataFrame, title: str, y_label: str,
+                 y_lim: tuple[float, float] | None = None):
+    """A line per metric with a marker per round; rounds are whole numbers on the x axis."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    for metric, rows in frame.groupby("metric", sort=False):
+        axes.plot(rows["round"], rows["value"], marker="o", markersize=5, label=metric)
+    last = int(frame["round"].max()) if len(frame) else 1
+    axes.set_xlim(0.5, last + 0.5)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    axes.set_title(title, fontsize="medium", loc="left")
+    axes.set_xlabel("learner round")
+    axes.set_ylabel(y_label)
+    if y_lim:
+        axes.set_ylim(*y_lim)
+    axes.grid(alpha=0.3)
+    if len(frame):
+        figure.legend(fontsize="small", loc="outside lower center", ncols=2, frameon=False)
+    else:
+        axes.text(0.5, 0.5, "no learner round yet", ha="center", va="center",
+                  transform=axes.transAxes, color="gray")
+    return figure
 
 
 def adapters_table(rows: list[dict]) -> pd.DataFrame:
@@ -111,14 +148,31 @@ def rollback_target(text: str | None) -> int | None:
 
 
 def build(service: ChatService, is_admin) -> Dashboard:
-    status = gr.Markdown(elem_id="learning-status")
+    status_box = gr.Markdown(elem_id="learning-status")
     with gr.Row():
-        quality_plot = gr.LinePlot(x="round", y="value", color="metric", y_lim=[-1, 1],
-                                   label="Reward, and agreement with the newest votes",
-                                   elem_id="quality-plot")
-        kl_plot = gr.LinePlot(x="round", y="value", color="metric", label="KL to the base",
-                              elem_id="kl-plot")
+        quality_plot = gr.Plot(show_label=False, format="png", elem_id="quality-plot")
+        kl_plot = gr.Plot(show_label=False, format="png", elem_id="kl-plot")
+    drawn = gr.State(-1)  # how many rounds the plots on this page show
     versions = gr.Dataframe(label="Adapter versions", interactive=False, elem_id="versions")
+    gr.Markdown("### What the votes changed\nFor the first messages of your latest "
+                "conversations, one reply of the base model beside one of the live adapter "
+                "(each a fresh sample, so they vary from one try to the next). The chat waits "
+                "while the base model's replies are written.")
+    compare_button = gr.Button("Compare the base model with the live adapter",
+                               elem_id="compare", size="sm")
+    compare_note = gr.Markdown(elem_id="compare-note")
+    slots = []
+    for i in range(COMPARE_PROMPTS):
+        with gr.Group(visible=False, elem_id=f"compare-{i}") as group:
+            prompt = gr.Markdown(padding=True)
+            with gr.Row(equal_height=True):
+                base = gr.Chatbot(label="Base model", height=220, render_markdown=True,
+                                  sanitize_html=True, allow_tags=False, buttons=[],
+                                  elem_classes=["no-clear"])
+                live = gr.Chatbot(label="Live adapter", height=220, render_markdown=True,
+                                  sanitize_html=True, allow_tags=False, buttons=[],
+                                  elem_classes=["no-clear"])
+        slots.append((group, prompt, base, live))
     with gr.Row(visible=False) as admin_row:
         target = gr.Textbox(label="Roll back to version (0 = the base model)",
                             placeholder="empty: the live version's parent",
@@ -126,11 +180,19 @@ def build(service: ChatService, is_admin) -> Dashboard:
         rollback_button = gr.Button("Roll back", variant="stop", elem_id="rollback")
     timer = gr.Timer(REFRESH_SECONDS)
 
-    def refresh():
+    def refresh(shown: int = -1):
         data = service.dashboard()
-        quality, kl = curves(data["steps"])
         status = {**data["status"], "rounds": len(data["steps"]), "steps": data["steps"]}
-        return status_markdown(status), quality, kl, adapters_table(data["adapters"])
+        update = {status_box: status_markdown(status), drawn: len(data["steps"]),
+                  versions: adapters_table(data["adapters"])}
+        if len(data["steps"]) != shown:
+            quality, kl = curves(data["steps"])
+            update[quality_plot] = curve_figure(
+                quality, "Reward, and agreement with the newest votes", "share / reward",
+                (-1.05, 1.05))
+            update[kl_plot] = curve_figure(kl, "KL to the base model, and its coefficient",
+                                           "per token")
+        return update
 
     def show_admin(request: gr.Request):
         return gr.Row(visible=is_admin(request))
@@ -143,8 +205,31 @@ def build(service: ChatService, is_admin) -> Dashboard:
         gr.Info(f"v{result['live_adapter_version']} is live (was v{result['previous_version']})")
         return refresh()
 
-    outputs = [status, quality_plot, kl_plot, versions]
-    timer.tick(refresh, None, outputs, api_visibility="private", show_progress="hidden")
+    @user_errors
+    def compare(request: gr.Request):
+        result = service.compare_with_base(user_of(request), COMPARE_PROMPTS)
+        rows, version = result["rows"], result["live_adapter_version"]
+        if not version:
+            note = "The base model is live (no adapter yet): the votes have changed nothing."
+        elif not rows:
+            note = "Nothing to compare yet: start a conversation first."
+        else:
+            note = f"Live adapter: **v{version}**."
+        update = {compare_note: note}
+        for i, (group, prompt, base, live) in enumerate(slots):
+            row = rows[i] if i < len(rows) else None
+            update[group] = gr.Group(visible=row is not None)
+            if row:
+                update[prompt] = "**You asked:** " + as_markdown(row["prompt"])
+                update[base] = [{"role": "assistant", "content": as_markdown(row["base"])}]
+                update[live] = gr.Chatbot(label=f"Live adapter v{version}", value=[
+                    {"role": "assistant", "content": as_markdown(row["live"])}])
+        return update
+
+    outputs = [status_box, quality_plot, kl_plot, versions, drawn]
+    timer.tick(refresh, [drawn], outputs, api_visibility="private", show_progress="hidden")
     rollback_button.click(rollback, [target], outputs, api_visibility="private")
+    compare_outputs = [compare_note, *(c for slot in slots for c in slot)]
+    compare_button.click(compare, None, compare_outputs, api_visibility="private")
     return Dashboard(refresh=refresh, outputs=outputs, show_admin=show_admin,
                      admin_outputs=[admin_row])
