@@ -1,6 +1,7 @@
 """Kill -9 the learner at random moments of its rounds, 20 times: no acknowledged vote is lost,
 the live adapter always matches its manifest, the server never loads a partial adapter, and
-the learner picks up where it left off."""
+the learner picks up where it left off. On SQLite and on PostgreSQL; there the server side
+has its own adapters folder and fetches each version from the database."""
 
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ from tests.serving import ROOT
 KILLS = 20
 
 
-def start_learner(data, model_dir, log):
+def start_learner(config: Config, model_dir, log):
+    db_args = ["--db", config.db] if config.db else []
     return subprocess.Popen(
-        [sys.executable, "-m", "learner", "--data-dir", str(data), "--model", str(model_dir),
+        [sys.executable, "-m", "learner", "--data-dir", str(config.data_dir), *db_args,
+         "--model", str(model_dir),
          "--learn-every", "1", "--max-batch-votes", "2", "--judge-new",
          "--keep-versions", "3", "--steps-per-round", "2"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -47,7 +50,8 @@ def wait_until_running(store: Store, pid: int, timeout: float = 90.0) -> None:
 
 def check_invariants(store: Store, config: Config, model_id: str, acked: set[str],
                      live: LiveAdapter) -> None:
-    assert store.db.execute("pragma integrity_check").fetchone()[0] == "ok"
+    if store.db.dialect.name == "sqlite":
+        assert store.db.query("pragma integrity_check")[0]["integrity_check"] == "ok"
     votes = {v["pair_id"]: v for v in store.votes()}
     assert acked <= set(votes), "an acknowledged vote is missing"
     versions = {a["version"]: a for a in store.adapters()}
@@ -67,12 +71,19 @@ def check_invariants(store: Store, config: Config, model_id: str, acked: set[str
         assert torch.isfinite(live.model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
-def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path):
+def db_of(db_target: str) -> str | None:
+    """--db for the learner: None on SQLite (the data folder's file), else the URL."""
+    return db_target if "://" in db_target else None
+
+
+def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path, db_target):
     config = Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", device="cpu",
-                    max_new_tokens=8, max_votes_per_minute=0)
-    store = Store(config.db_path)
+                    max_new_tokens=8, max_votes_per_minute=0, db=db_of(db_target))
+    store = Store(config.db_url)
     loaded = load_model(config)
-    live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)
+    # PostgreSQL: the server shares no folder with the learner (another host, in effect)
+    server_adapters = tmp_path / "server-adapters" if config.db else config.adapters_dir
+    live = LiveAdapter(loaded.model, loaded.model_id, store, server_adapters)
     service = ChatService(config, store, PairGenerator(loaded, config,
                                                        adapter_context=live.reading),
                           model_id=loaded.model_id, live=live)
@@ -85,7 +96,7 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path):
             turn = service.ask("ann", f"question {len(acked)}", "")
             if service.vote("ann", turn["pair_id"], rng.choice(["A", "B", "tie"]))["ok"]:
                 acked.add(turn["pair_id"])
-        learner = start_learner(config.data_dir, tiny_model_dir, log)
+        learner = start_learner(config, tiny_model_dir, log)
         wait_until_running(store, learner.pid)
         time.sleep(rng.uniform(0.0, 2.0))
         seen[store.learner_status()["state"]] = seen.get(store.learner_status()["state"], 0) + 1
@@ -100,10 +111,13 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path):
         check_invariants(store, config, loaded.model_id, acked, live)
 
     # after the last kill the learner recovers and uses every vote
-    learner = start_learner(config.data_dir, tiny_model_dir, log)
+    learner = start_learner(config, tiny_model_dir, log)
     try:
-        deadline = time.monotonic() + 120
+        deadline, pending = time.monotonic() + 120, None  # 120 s without progress: stuck
         while store.pending_counts()["votes_pending"] and time.monotonic() < deadline:
+            if store.pending_counts()["votes_pending"] != pending:
+                deadline = time.monotonic() + 120
+                pending = store.pending_counts()["votes_pending"]
             time.sleep(0.2)
         assert store.pending_counts()["votes_pending"] == 0
     finally:
@@ -117,17 +131,21 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path):
     assert {n for n in names if n.startswith("v")} == registered
     print(f"\n{KILLS} kills: {seen}; {len(acked)} votes; {len(store.adapters())} versions")
     assert seen["training"] > 0, "no kill landed inside a round"
+    if config.db:  # the server's copies came from the database, and the live one is there
+        assert live.version == store.live_adapter_version() > 0
+        assert (server_adapters / f"v{live.version}").is_dir()
 
 
 @pytest.mark.parametrize("stage", ["after_save", "after_rename"])
-def test_a_kill_inside_publish_loses_nothing(tiny_model_dir, tmp_path, stage, monkeypatch):
+def test_a_kill_inside_publish_loses_nothing(tiny_model_dir, tmp_path, stage, monkeypatch,
+                                             db_target):
     """The two windows a random kill rarely hits, hit on purpose: after the files are written
     but before the rename, and after the rename but before the registry commit."""
     from learner.worker import Learner
 
     config = Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", device="cpu",
-                    max_new_tokens=8, judge_new=False)
-    store = Store(config.db_path)
+                    max_new_tokens=8, judge_new=False, db=db_of(db_target))
+    store = Store(config.db_url)
     loaded = load_model(config)
     service = ChatService(config, store, PairGenerator(loaded, config), model_id=loaded.model_id)
     for i in range(2):
@@ -157,6 +175,7 @@ def test_a_kill_inside_publish_loses_nothing(tiny_model_dir, tmp_path, stage, mo
     removed = adapters.remove_stale(config.adapters_dir,
                                     {a["version"] for a in store.adapters() if a["path"]})
     assert store.adapters() == [] and store.live_adapter_version() == 0
+    assert store.adapter_files(1) == {}
     assert store.pending_counts()["votes_pending"] == 2
     assert [v["claimed_by"] for v in store.votes()] == [None, None]
     if stage == "after_rename":
