@@ -264,9 +264,9 @@ class ChatService:
     def compare_with_base(self, user: str, prompts: int = 3) -> dict:
         """What the votes changed: for the first messages of the user's latest conversations
         (`prompts` of them), one reply of the base model beside one of the live adapter, each
-        sampled afresh at the server's settings. Nothing is stored. Costs two batched
-        generations; while the base model's replies are written the chat waits (the adapter
-        is off for everyone meanwhile)."""
+        sampled afresh at the server's settings, each with its `cut_at`. Nothing is stored.
+        Costs two batched generations; while the base model's replies are written the chat
+        waits (the adapter is off for everyone meanwhile)."""
         version = self.live.version if self.live else self.store.live_adapter_version()
         texts = self.store.recent_prompts(user, prompts)
         if not version or not texts:
@@ -274,9 +274,14 @@ class ChatService:
         conversations = [[{"role": "user", "content": t}] for t in texts]
         live = self.generator.sample_many(conversations, n=1)
         base = self.generator.sample_many(conversations, n=1, base=True)
-        return {"live_adapter_version": live[0].adapter_version,
-                "rows": [{"prompt": t, "base": b.replies[0].text, "live": a.replies[0].text}
-                         for t, a, b in zip(texts, live, base)]}
+        rows = []
+        for text, from_live, from_base in zip(texts, live, base):
+            _, (live_reply,) = _pair_columns(from_live)
+            _, (base_reply,) = _pair_columns(from_base)
+            cut_base, cut_live = _cut_at([base_reply, live_reply])
+            rows.append({"prompt": text, "base": base_reply["text"], "live": live_reply["text"],
+                         "base_cut_at": cut_base, "live_cut_at": cut_live})
+        return {"live_adapter_version": live[0].adapter_version, "rows": rows}
 
     def dashboard(self) -> dict:
         """Everything the learning tab shows: status, learner steps, adapter versions."""

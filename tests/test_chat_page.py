@@ -193,6 +193,20 @@ def test_the_sidebar_lists_conversations_newest_first_and_opens_them(tmp_path,
                               ".includes('First question')", timeout=10_000)
 
 
+def test_markup_outside_code_is_escaped_and_code_is_left_to_the_renderer():
+    from ui.common import as_markdown, reply_markdown
+
+    assert as_markdown("a <b>x</b> <!-- c --> &amp; & a < b, **bold** `<i>`") == (
+        "a &lt;b>x&lt;/b> &lt;!-- c --> &amp;amp; & a < b, **bold** `<i>`")
+    fenced = "1. one\n2. two\n\n```html\n<script>x()</script>\n```\nafter <img src=x>"
+    assert as_markdown(fenced) == fenced.replace("<img", "&lt;img")
+    assert as_markdown("~~~\n<b>\n") == "~~~\n<b>\n"  # unclosed: code to the end
+    assert as_markdown("``not a span <b>") == "``not a span &lt;b>"
+    assert reply_markdown("done", None) == "done"
+    cut = reply_markdown("```py\nx = '<b>'", 64)
+    assert cut == "```py\nx = '<b>'\n```\n\n*✂ cut at 64 tokens*"  # the fence closed first
+
+
 def test_one_round_draws_a_point_on_whole_numbered_axes():
     from ui.dashboard import curve_figure, curves
 

@@ -166,8 +166,11 @@ def test_compare_with_base_samples_the_users_prompts_both_ways(service, fake_gen
     assert result["live_adapter_version"] == 1
     assert result["rows"] == [
         {"prompt": "second question", "base": "v0 on second question",
-         "live": "v1 on second question"},
+         "live": "v1 on second question", "base_cut_at": None, "live_cut_at": None},
         {"prompt": "first question", "base": "v0 on first question",
-         "live": "v1 on first question"}]
+         "live": "v1 on first question", "base_cut_at": None, "live_cut_at": None}]
     assert sorted((n, base) for _, n, base in fake_generator.batches) == [(1, False), (1, True)]
     assert service.compare_with_base("carol")["rows"] == []
+    fake_generator.finish_reason = "length"
+    assert {(r["base_cut_at"], r["live_cut_at"]) for r in service.compare_with_base("ann")[
+        "rows"]} == {(8, 8)}

@@ -1,7 +1,7 @@
 """The chat: the sidebar of the user's conversations, the conversation, the two replies of a
 turn, the votes, and the handlers behind them.
 
-`build(service, tabs)` lays the components out and returns a `Page` that holds them; the
+`build_sidebar()` and `build(...)` lay the components out, and `Page` holds them; the
 handlers are functions of the page and the event's inputs that return a dict keyed by the
 components they change, so a handler names what it updates and leaves the rest alone.
 `wire(page)` binds them to the events.
@@ -22,7 +22,7 @@ import gradio as gr
 
 from chatbot.service import CONTINUE_MESSAGE, ChatService
 from chatbot.store import CHOICES
-from ui.common import as_markdown, bind, reply_markdown, user_errors, user_of
+from ui.common import as_markdown, bind, chatbot, reply_markdown, user_errors, user_of
 
 CHOICE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
 TITLE_CHARS = 40  # of a conversation's title in the sidebar
@@ -54,12 +54,6 @@ class Page:
                 self.carry_on]
 
 
-def _chatbot(label: str, elem_id: str, height: int, **kwargs) -> gr.Chatbot:
-    # Markdown on, HTML sanitised, no custom tags kept: see ui/common.py for what is escaped.
-    return gr.Chatbot(label=label, elem_id=elem_id, height=height, render_markdown=True,
-                      sanitize_html=True, allow_tags=False, elem_classes=["no-clear"], **kwargs)
-
-
 def build_sidebar() -> tuple[gr.Radio, gr.Button]:
     """The sidebar's content: a new-conversation button and the user's conversations."""
     new = gr.Button("New conversation", variant="primary", size="sm", elem_id="new")
@@ -71,11 +65,11 @@ def build_sidebar() -> tuple[gr.Radio, gr.Button]:
 def build(service: ChatService, tabs: gr.Tabs, conversations: gr.Radio, new: gr.Button
           ) -> Page:
     """The chat tab's components (inside the tab being built)."""
-    history = _chatbot("Conversation", "history", 360, feedback_options=None,
-                       buttons=["copy_all"], placeholder="Say something to start.")
+    history = chatbot("Conversation", "history", 160, 560, feedback_options=None,
+                      buttons=["copy_all"], placeholder="Say something to start.")
     with gr.Row(equal_height=True):
-        reply_a = _chatbot("Reply A", "reply-a", 280, buttons=["copy"])
-        reply_b = _chatbot("Reply B", "reply-b", 280, buttons=["copy"])
+        reply_a = chatbot("Reply A", "reply-a", 140, 480, buttons=["copy"])
+        reply_b = chatbot("Reply B", "reply-b", 140, 480, buttons=["copy"])
     with gr.Row():
         votes = {c: gr.Button(CHOICE_LABELS[c], interactive=False, elem_id=f"vote-{c}")
                  for c in CHOICES}

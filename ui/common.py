@@ -125,6 +125,15 @@ def as_markdown(text: str) -> str:
     return "".join(run if code else _escape_outside_code_spans(run) for code, run in runs)
 
 
+def chatbot(label: str, elem_id: str | None, min_height: int, max_height: int,
+            **kwargs) -> gr.Chatbot:
+    """A pane of messages that grows with them between the two heights, then scrolls.
+    Markdown on, HTML sanitised, no custom tags kept (ui/common.py says what is escaped)."""
+    return gr.Chatbot(label=label, elem_id=elem_id, height=None, min_height=min_height,
+                      max_height=max_height, render_markdown=True, sanitize_html=True,
+                      allow_tags=False, elem_classes=["no-clear"], **kwargs)
+
+
 def reply_markdown(text: str, cut_at: int | None = None) -> str:
     """A reply as Markdown; one cut by the length limit ends with a mark saying so (after
     closing a code block the cut left open, so the mark is not read as code)."""

@@ -21,7 +21,7 @@ import pandas as pd
 
 from chatbot.errors import InvalidInput
 from chatbot.service import ChatService
-from ui.common import as_markdown, user_errors, user_of
+from ui.common import as_markdown, chatbot, reply_markdown, user_errors, user_of
 
 REFRESH_SECONDS = 5.0
 COMPARE_PROMPTS = 3
@@ -166,12 +166,8 @@ def build(service: ChatService, is_admin) -> Dashboard:
         with gr.Group(visible=False, elem_id=f"compare-{i}") as group:
             prompt = gr.Markdown(padding=True)
             with gr.Row(equal_height=True):
-                base = gr.Chatbot(label="Base model", height=220, render_markdown=True,
-                                  sanitize_html=True, allow_tags=False, buttons=[],
-                                  elem_classes=["no-clear"])
-                live = gr.Chatbot(label="Live adapter", height=220, render_markdown=True,
-                                  sanitize_html=True, allow_tags=False, buttons=[],
-                                  elem_classes=["no-clear"])
+                base = chatbot("Base model", None, 100, 400, buttons=[])
+                live = chatbot("Live adapter", None, 100, 400, buttons=[])
         slots.append((group, prompt, base, live))
     with gr.Row(visible=False) as admin_row:
         target = gr.Textbox(label="Roll back to version (0 = the base model)",
@@ -221,9 +217,11 @@ def build(service: ChatService, is_admin) -> Dashboard:
             update[group] = gr.Group(visible=row is not None)
             if row:
                 update[prompt] = "**You asked:** " + as_markdown(row["prompt"])
-                update[base] = [{"role": "assistant", "content": as_markdown(row["base"])}]
+                update[base] = [{"role": "assistant",
+                                 "content": reply_markdown(row["base"], row["base_cut_at"])}]
                 update[live] = gr.Chatbot(label=f"Live adapter v{version}", value=[
-                    {"role": "assistant", "content": as_markdown(row["live"])}])
+                    {"role": "assistant",
+                     "content": reply_markdown(row["live"], row["live_cut_at"])}])
         return update
 
     outputs = [status_box, quality_plot, kl_plot, versions, drawn]
