@@ -16,6 +16,7 @@ BENCHMARKS = {
     "swap": "bench.swap",
     "latency": "bench.latency",
     "api-user": "bench.api_user",
+    "store": "bench.store",
 }
 
 

@@ -167,3 +167,13 @@ def test_one_sided_two_proportion_p():
     assert one_sided_p(10, 10, 64) == pytest.approx(0.5)
     assert one_sided_p(10, 30, 64) < 0.001 < 0.99 < one_sided_p(30, 10, 64)
     assert one_sided_p(0, 0, 64) == 1.0
+
+
+def test_store_bench_times_both_databases(tmp_path, postgres_url):
+    assert bench(["store", "--n", "3", "--warmup", "1", "--pg-url", postgres_url,
+                  "--out", str(tmp_path)]) == 0
+    results = result(tmp_path, "store-cpu")
+    for database in ("sqlite", "postgresql"):
+        for op in ("ask_new_conversation", "vote", "ask_in_conversation", "status_poll"):
+            assert 0 < results[database][op]["median_ms"] < 10_000
+    assert results["postgresql_over_sqlite_median"]["vote"] > 0
