@@ -415,6 +415,10 @@ class Learner:
             if self.pending() >= self.config.learn_every:
                 self.store.set_learner_status(pid, "training")
                 try:
+                    # This process is the database's one learner (learner lock) and between
+                    # rounds it holds no claim: any claim left is a failed round's whose
+                    # release failed too (the database was gone): give it back now.
+                    self.store.release_claims()
                     self.round()
                     failures = 0
                     self.store.set_learner_status(pid, "idle")
