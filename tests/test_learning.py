@@ -1,7 +1,14 @@
-"""Does it learn? A simulated user who prefers shorter replies votes through the real store,
-learner and hot-swap on the embedded SmolLM2. Afterwards fresh replies to held-out prompts
-must beat the base model's under that preference significantly (one-sided sign test), and
-the model must not have collapsed. Marked slow: about four minutes on two CPU cores."""
+"""Does it learn? Simulated users vote through the real store, learner and hot-swap on the
+embedded SmolLM2, and fresh replies to held-out prompts must show it:
+
+* a user who prefers shorter replies: afterwards the replies beat the base model's under
+  that preference significantly (one-sided sign test);
+* a user who wants a content feature (a number in the reply, in about a third of the base
+  model's replies) and otherwise picks the shorter reply, as people do: the share of held-out
+  replies with the feature rises significantly (one-sided two-proportion test), the claim the
+  product makes and `python -m bench api-user` checks through the public API.
+
+Neither may collapse the model. Marked slow: a few minutes each on two CPU cores."""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import dataclasses
 
 import pytest
 
+from bench.api_user import one_sided_p
 from bench.oracles import ORACLES
 from bench.simulate import Simulation, load_prompts, split_prompts
 from chatbot.config import Config
@@ -38,3 +46,30 @@ def test_a_shorter_preference_is_learned_without_collapse(tmp_path):
     assert after.repeated_trigrams < 0.2
     assert after.kl_per_token < config.kl_tripwire
     assert after.base_logprob_per_token > base.base_logprob_per_token - 1.0
+
+
+FEATURE_VOTES = 24
+
+
+def test_a_content_preference_moves_the_held_out_share(tmp_path):
+    # 48-token replies, as in the learning suite: with 32-token replies (nearly all cut off)
+    # a run of 32 votes made the replies shorter and left the share with a number where it
+    # was (17/48 -> 12/48); with 48 tokens this run goes 11/48 -> 25/48 at 24 votes.
+    config = dataclasses.replace(Config(device="cpu"), data_dir=tmp_path / "data",
+                                 max_new_tokens=48, seed=0)
+    train, held_out = split_prompts(load_prompts(), EVAL_PROMPTS, seed=0)
+    sim = Simulation(config, ORACLES["numbers"], train, held_out, seed=0)
+    base, after = sim.run(FEATURE_VOTES, checkpoints=[0, FEATURE_VOTES])
+    replies = 2 * EVAL_PROMPTS
+    before_n = round(base.satisfied_share * replies)
+    after_n = round(after.satisfied_share * replies)
+    p = one_sided_p(before_n, after_n, replies)
+    print(f"\nshare with a number: {before_n}/{replies} -> {after_n}/{replies}, p = {p:.4f}; "
+          f"words {base.mean_words:.1f} -> {after.mean_words:.1f}, KL {after.kl_per_token:.3f}")
+    assert after.adapter_version > 0
+    assert p < 0.05, "the preferred feature did not become significantly more common"
+    # no collapse: text, not empty or looping, not shrunk to a stub, close to the base model
+    assert after.nonempty_share == 1.0
+    assert after.repeated_trigrams < 0.2
+    assert after.mean_words > 0.3 * base.mean_words
+    assert after.kl_per_token < config.kl_tripwire
