@@ -33,7 +33,7 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
 CSS = """
 .no-clear button[aria-label="Clear"] { display: none !important; }
 #conversations .wrap { flex-direction: column; gap: 2px; }
-#conversations label { width: 100%; justify-content: flex-start; }
+#conversations label { width: 100%; justify-content: flex-start; overflow-wrap: anywhere; }
 """
 
 
