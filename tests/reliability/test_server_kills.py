@@ -1,17 +1,17 @@
 """Kill -9 the server in the middle of a streamed reply, three times, and restart it: no
 acknowledged vote is lost, the database passes its integrity check, the live adapter version
-comes back, and the learner child does not outlive its server."""
+comes back, and the learner child does not outlive its server. On SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import time
 
 import psutil
 from gradio_client import Client
 
+from chatbot.store import Store
 from tests.serving import running_server
 
 RESTARTS = 3
@@ -28,9 +28,11 @@ def wait_for(predicate, timeout: float):
     raise AssertionError(f"not within {timeout} s")
 
 
-def test_kill_the_server_mid_stream_and_restart(tiny_model_dir, tmp_path):
+def test_kill_the_server_mid_stream_and_restart(tiny_model_dir, tmp_path, db_target):
     data = tmp_path / "data"
-    args = ("--model", str(tiny_model_dir), "--data-dir", str(data), "--max-new-tokens", "48",
+    db_args = ("--db", db_target) if "://" in db_target else ()  # SQLite: the default file
+    args = ("--model", str(tiny_model_dir), "--data-dir", str(data), *db_args,
+            "--max-new-tokens", "48",
             "--learn-every", str(LEARN_EVERY), "--swap-poll-seconds", "0.5",
             "--max-votes-per-minute", "0")
     acked: list[str] = []
@@ -68,9 +70,9 @@ def test_kill_the_server_mid_stream_and_restart(tiny_model_dir, tmp_path):
             assert job_failed
             wait_for(lambda pid=learner_pid: not psutil.pid_exists(pid)
                      or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30)
-        db = sqlite3.connect(data / "duet.db")
-        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
-        stored = {row[0] for row in db.execute("select pair_id from votes")}
-        assert set(acked) <= stored
-        db.close()
+        store = Store(db_target)
+        if store.db.dialect.name == "sqlite":
+            assert store.db.query("pragma integrity_check")[0]["integrity_check"] == "ok"
+        assert set(acked) <= {vote["pair_id"] for vote in store.votes()}
+        store.close()
     assert len(acked) == 4 * RESTARTS
