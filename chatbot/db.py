@@ -23,7 +23,9 @@ runs it on either, and owns what differs:
   advisory lock on PostgreSQL (freed by the server when the learner's connection drops).
 
 Left out: retrying a statement on a lost PostgreSQL connection (the failed call raises; the
-broken connection is dropped and the next call opens a new one), connection limits (a pool
+broken connection and the idle ones are dropped, the next call opens a new one), keeping the
+learner lock across a PostgreSQL restart (the restart ends the lock's session: a second
+learner could then start), connection limits (a pool
 holds at most `MAX_IDLE` idle connections, opens more when more threads need one), schema
 rollbacks, JSON column types (text is enough for what the store keeps).
 """
@@ -186,6 +188,15 @@ class Database:
             if not keep:
                 with contextlib.suppress(Exception):
                     conn.close()
+            if self.dialect is POSTGRES and conn.broken:  # the server went away: so did the
+                self.close_idle()  # idle ones, and the next call should not find them first
+
+    def close_idle(self) -> None:
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Cursor]:
@@ -218,11 +229,7 @@ class Database:
             return cur.run(sql, params)
 
     def close(self) -> None:
-        with self._idle_lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            with contextlib.suppress(Exception):
-                conn.close()
+        self.close_idle()
         if self._learner_lock is not None:
             with contextlib.suppress(Exception):
                 self._learner_lock.close()
