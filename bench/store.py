@@ -126,11 +126,7 @@ def run(args: argparse.Namespace) -> Path:
         with PostgresServer(durable=True) as server:
             for key, synchronous_commit in (("postgresql", "on"),
                                             ("postgresql_async_commit", "off")):
-                name = server.create_database()
-                setup = Store(server.url(name))  # every later connection takes the setting
-                setup.db.execute(
-                    f"alter database {name} set synchronous_commit = {synchronous_commit}")
-                setup.close()
+                name = server.create_database(synchronous_commit=synchronous_commit)
                 store = Store(server.url(name))
                 results[key] = measure(store, args)
                 store.close()

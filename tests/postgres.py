@@ -97,13 +97,16 @@ class PostgresServer:
                      "immediate", "-w", "stop")
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def create_database(self) -> str:
-        """A new empty database; returns its name."""
+    def create_database(self, **settings: str) -> str:
+        """A new empty database, with these settings for every session on it (e.g.
+        synchronous_commit="off"); returns its name."""
         import psycopg
 
         name = f"t_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f"create database {name}")
+            for key, value in settings.items():
+                conn.execute(f"alter database {name} set {key} = {value}")
         return name
 
     def drop_database(self, name: str) -> None:
