@@ -1,9 +1,11 @@
 """The store: conversations, pairs of replies, votes, ratings, adapters, learner steps.
 
 The verbs every process calls, over SQLite (one file in WAL mode, the default) or PostgreSQL
-(several front-ends and a learner on other hosts); chatbot/db.py holds the connections, the
-dialects and the numbered migrations. These two modules are the only code that speaks SQL:
-everyone else names what they want (`votes(choice="both_bad")`), never a query.
+(several front-ends and a learner on other hosts). The chat's verbs are here, the learner's
+(claims, the adapter registry, learner steps and status) in chatbot/learner_store.py, which
+`Store` inherits; chatbot/db.py holds the connections, the dialects and the numbered
+migrations. These three modules are the only code that speaks SQL: everyone else names what
+they want (`store.votes(choice="both_bad")`), never a query.
 
 Every write is one short transaction, and nothing holds a transaction while a model runs.
 On SQLite each is `BEGIN IMMEDIATE`, so writers take turns (busy timeout); on PostgreSQL the
@@ -30,36 +32,20 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
-from chatbot.db import Cursor, Database, connect
+from chatbot.db import Cursor, Database, connect, json_columns, now
 from chatbot.errors import Conflict, InvalidInput, NotFound
-from chatbot.limits import fair_pick
+from chatbot.learner_store import LearnerVerbs
 
 CHOICES = ("A", "B", "tie", "both_bad")
 SIDES = ("A", "B")
 THUMBS = ("up", "down")
-FEEDBACK_TABLES = ("votes", "ratings")
 
 
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _loads(row: dict, *keys: str) -> dict:
-    for key in keys:
-        if row.get(key) is not None:
-            row[key] = json.loads(row[key])
-    return row
-
-
-def _marks(values: list) -> str:
-    return ", ".join("?" * len(values))
-
-
-class Store:
-    """Small verbs named after the domain, each atomic."""
+class Store(LearnerVerbs):
+    """Small verbs named after the domain, each atomic: the chat's here, the learner's in
+    LearnerVerbs."""
 
     def __init__(self, target: Path | str):
         """`target`: a SQLite file path (or `sqlite:///path`) or a `postgresql://` URL."""
@@ -73,14 +59,6 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
-
-    def _rows(self, sql: str, params: tuple | list = ()) -> list[dict]:
-        with self.db.read() as cur:
-            return cur.rows(sql, params)
-
-    def _one(self, sql: str, params: tuple | list = ()) -> dict | None:
-        with self.db.read() as cur:
-            return cur.one(sql, params)
 
     def _owned_pair(self, cur: Cursor, user_id: str | None, pair_id: str, lock: bool = False
                     ) -> dict:
@@ -108,12 +86,12 @@ class Store:
             return self._owned_conversation(cur, user_id, conversation_id)
 
     def conversations(self, user_id: str, limit: int = 100) -> list[dict]:
-        return self._rows(
+        return self.db.query(
             "select * from conversations where user_id = ? order by updated_at desc limit ?",
             (user_id, limit))
 
     def messages(self, conversation_id: str) -> list[dict]:
-        return self._rows("select * from messages where conversation_id = ? order by position",
+        return self.db.query("select * from messages where conversation_id = ? order by position",
                           (conversation_id,))
 
     def open_pair(self, conversation_id: str) -> dict | None:
@@ -130,7 +108,7 @@ class Store:
         """How each assistant message that came from a stored reply ended: message id ->
         {finish_reason, n_tokens}. The reply is the side record_vote continued with (B on a
         B vote, else A; A of an n=1 reply)."""
-        rows = self._rows(
+        rows = self.db.query(
             "select m.id, r.finish_reason, r.n_tokens from messages m "
             "join replies r on r.pair_id = m.pair_id "
             "left join votes v on v.pair_id = m.pair_id "
@@ -142,7 +120,7 @@ class Store:
     def recent_prompts(self, user_id: str, limit: int = 3) -> list[str]:
         """The first user message of the user's most recently active conversations, distinct,
         newest first."""
-        rows = self._rows(
+        rows = self.db.query(
             "select m.content, max(c.updated_at) as last_at from conversations c "
             "join messages m on m.conversation_id = c.id "
             "where c.user_id = ? and m.role = 'user' and m.position = (select min(position) "
@@ -249,10 +227,10 @@ class Store:
         with self.db.read() as cur:
             row = self._owned_pair(cur, user_id, pair_id)
             row["replies"] = [
-                _loads(r, "token_ids", "token_logprobs", "ref_token_logprobs")
+                json_columns(r, "token_ids", "token_logprobs", "ref_token_logprobs")
                 for r in cur.rows("select * from replies where pair_id = ? order by side",
                                   (pair_id,))]
-        return _loads(row, "prompt_token_ids")
+        return json_columns(row, "prompt_token_ids")
 
     def record_vote(self, user_id: str, pair_id: str, choice: str) -> dict:
         """Store the vote and continue the conversation from the chosen reply.
@@ -314,7 +292,7 @@ class Store:
 
     def preference_rows(self) -> list[dict]:
         """Pairs with an A or B vote: the choice, the turn's place and both reply texts."""
-        return self._rows(
+        return self.db.query(
             "select v.choice, p.conversation_id, m.position, "
             "ra.text as a_text, rb.text as b_text "
             "from votes v join pairs p on p.id = v.pair_id "
@@ -322,198 +300,6 @@ class Store:
             "join replies ra on ra.pair_id = p.id and ra.side = 'A' "
             "join replies rb on rb.pair_id = p.id and rb.side = 'B' "
             "where v.choice in ('A', 'B') order by v.id")
-
-    # --- learner: claiming and using feedback -----------------------------------------
-
-    def pending_counts(self) -> dict:
-        row = self._one(
-            "select (select count(*) from votes) as votes_total, "
-            "(select count(*) from votes where used_by_version is null) as votes_pending, "
-            "(select count(*) from ratings where used_by_version is null) as ratings_pending")
-        return {key: int(value) for key, value in row.items()}
-
-    def feedback_users(self) -> int:
-        """How many users have ever voted or rated."""
-        with self.db.read() as cur:
-            return self._feedback_users(cur)
-
-    @staticmethod
-    def _feedback_users(cur: Cursor) -> int:
-        return int(cur.value("select count(*) as n from (select user_id from votes "
-                             "union select user_id from ratings) as feedback_users"))
-
-    def claim_feedback(self, round_id: str, limit: int, max_user_share: float = 1.0) -> dict:
-        """Mark up to `limit` pending votes and up to `limit` pending ratings as taken by
-        this round, oldest first, no user holding more than `max_user_share` of either
-        (no cap while only one user has ever given feedback). Rows another claim is taking
-        at this moment are skipped, never taken twice."""
-        with self.db.transaction() as cur:
-            stamp = now()
-            claimed = {}
-            if self._feedback_users(cur) <= 1:
-                max_user_share = 1.0
-            for table in FEEDBACK_TABLES:
-                pending = cur.rows(f"select id, user_id from {table} where used_by_version is "
-                                   "null and claimed_by is null order by id")
-                ids = [row["id"] for row in fair_pick(pending, lambda row: row["user_id"], limit,
-                                                      max_user_share)]
-                if ids:  # lock the picked rows; a row another claim holds stays for later
-                    ids = [row["id"] for row in cur.rows(
-                        f"select id from {table} where id in ({_marks(ids)}) and claimed_by is "
-                        "null and used_by_version is null order by id"
-                        + cur.dialect.skip_locked, ids)]
-                if ids:
-                    cur.run(f"update {table} set claimed_by = ?, claimed_at = ? "
-                            f"where id in ({_marks(ids)})", [round_id, stamp, *ids])
-                claimed[table] = ids
-        return claimed
-
-    def release_claims(self, round_id: str | None = None) -> int:
-        """Give claimed-but-unused feedback back to the pending pool (all rounds if None)."""
-        where = "claimed_by is not null and used_by_version is null"
-        params: list = []
-        if round_id is not None:
-            where += " and claimed_by = ?"
-            params.append(round_id)
-        with self.db.transaction() as cur:
-            return sum(cur.run(f"update {table} set claimed_by = null, claimed_at = null "
-                               f"where {where}", params) for table in FEEDBACK_TABLES)
-
-    def votes(self, *, pair_id: str | None = None, ids: list[int] | None = None,
-              choice: str | None = None) -> list[dict]:
-        """Votes, oldest first: all, or those of one pair, with these ids, or this choice."""
-        return self._feedback("votes", pair_id=pair_id, ids=ids, choice=choice)
-
-    def ratings(self, *, pair_id: str | None = None, ids: list[int] | None = None
-                ) -> list[dict]:
-        """Ratings, oldest first: all, or those of one pair, or with these ids."""
-        return self._feedback("ratings", pair_id=pair_id, ids=ids)
-
-    def feedback_by_id(self, table: str, ids: list[int]) -> list[dict]:
-        """The votes or ratings with these ids, oldest first."""
-        return self._feedback(table, ids=ids)
-
-    def used_feedback(self, table: str) -> list[dict]:
-        """Votes or ratings some finished round has used (judged or trained on), oldest first."""
-        return self._feedback(table, used=True)
-
-    def _feedback(self, table: str, *, pair_id: str | None = None,
-                  ids: list[int] | None = None, choice: str | None = None,
-                  used: bool | None = None) -> list[dict]:
-        assert table in FEEDBACK_TABLES
-        where, params = [], []
-        if pair_id is not None:
-            where.append("pair_id = ?")
-            params.append(pair_id)
-        if ids is not None:
-            if not ids:
-                return []
-            where.append(f"id in ({_marks(ids)})")
-            params += ids
-        if choice is not None:
-            where.append("choice = ?")
-            params.append(choice)
-        if used is not None:
-            where.append("used_by_version is " + ("not null" if used else "null"))
-        return self._rows(f"select * from {table} where {' and '.join(where) or 'true'} "
-                          "order by id", params)
-
-    def cache_ref_logprobs(self, reply_id: int, logprobs: list[float]) -> None:
-        with self.db.transaction() as cur:
-            cur.run("update replies set ref_token_logprobs = ? where id = ?",
-                    (json.dumps(logprobs), reply_id))
-
-    # --- adapters registry -------------------------------------------------------------
-
-    def live_adapter(self) -> dict | None:
-        row = self._one("select * from adapters where status = 'live'")
-        return _loads(row, "metrics") if row else None
-
-    def live_adapter_version(self) -> int:
-        row = self.live_adapter()
-        return row["version"] if row else 0
-
-    def adapter(self, version: int) -> dict | None:
-        row = self._one("select * from adapters where version = ?", (version,))
-        return _loads(row, "metrics") if row else None
-
-    def adapters(self) -> list[dict]:
-        return [_loads(r, "metrics") for r in self._rows("select * from adapters order by version")]
-
-    def next_adapter_version(self) -> int:
-        return (self._one("select max(version) as v from adapters")["v"] or 0) + 1
-
-    def finish_round(self, round_id: str, adapter: dict, step: dict,
-                     files: dict[str, bytes] | None = None) -> str:
-        """Register a published adapter (and, given `files`, keep its files), use the round's
-        feedback, and log the step: one commit.
-
-        `adapter["status"]` is `live` (promote: the previous live one is retired) or
-        `rejected`. A promotion only happens if the live version is still the adapter's parent;
-        if someone rolled back meanwhile, the candidate is stored as rejected instead. Either
-        way the round's claimed feedback is now used by this version. Returns the status.
-        """
-        with self.db.transaction() as cur:
-            if cur.dialect.lock_registry:
-                cur.run(cur.dialect.lock_registry)
-            stamp = now()
-            adapter = dict(adapter)
-            live_version = cur.value("select version from adapters where status = 'live'") or 0
-            if adapter["status"] == "live" and live_version != adapter["parent_version"]:
-                adapter["status"] = "rejected"
-                adapter["reason"] = "the live version changed while this candidate trained"
-                step = {**step, "status": "rejected"}
-            if adapter["status"] == "live":
-                cur.run("update adapters set status = 'retired', updated_at = ? "
-                        "where status = 'live'", (stamp,))
-            cur.insert("adapters", {**adapter, "metrics": json.dumps(adapter.get("metrics", {})),
-                                    "created_at": stamp, "updated_at": stamp})
-            for name, data in (files or {}).items():
-                cur.insert("adapter_files", {"version": adapter["version"], "name": name,
-                                             "data": data})
-            for table in FEEDBACK_TABLES:
-                cur.run(f"update {table} set used_by_version = ?, used_at = ? "
-                        "where claimed_by = ? and used_by_version is null",
-                        (adapter["version"], stamp, round_id))
-            cur.insert("learner_steps", {**step, "round_id": round_id, "created_at": stamp})
-        return adapter["status"]
-
-    def adapter_files(self, version: int) -> dict[str, bytes]:
-        """The files kept for a version (name -> bytes); empty when none are kept (SQLite)."""
-        return {row["name"]: bytes(row["data"]) for row in self._rows(
-            "select name, data from adapter_files where version = ? order by name", (version,))}
-
-    def log_failed_round(self, round_id: str, step: dict) -> None:
-        with self.db.transaction() as cur:
-            cur.insert("learner_steps", {**step, "round_id": round_id, "status": "failed",
-                                         "created_at": now()})
-
-    def set_live(self, version: int) -> None:
-        """Make `version` the live adapter (0 = the base model). Used by rollback."""
-        with self.db.transaction() as cur:
-            if cur.dialect.lock_registry:
-                cur.run(cur.dialect.lock_registry)
-            if version and not cur.one("select version from adapters where version = ?",
-                                       (version,)):
-                raise NotFound(f"no adapter version {version}")
-            stamp = now()
-            cur.run("update adapters set status = 'retired', updated_at = ? "
-                    "where status = 'live'", (stamp,))
-            if version:
-                cur.run("update adapters set status = 'live', updated_at = ? where version = ?",
-                        (stamp, version))
-
-    def set_adapter_path(self, version: int, path: str | None) -> None:
-        """Record where a version's folder is; None: its folder is gone, and so are its kept
-        files."""
-        with self.db.transaction() as cur:
-            cur.run("update adapters set path = ?, updated_at = ? where version = ?",
-                    (path, now(), version))
-            if path is None:
-                cur.run("delete from adapter_files where version = ?", (version,))
-
-    def learner_steps(self, limit: int = 1000) -> list[dict]:
-        return self._rows("select * from learner_steps order by id desc limit ?", (limit,))[::-1]
 
     # --- API keys ---------------------------------------------------------------------
 
@@ -524,37 +310,14 @@ class Store:
 
     def api_key_user(self, key_sha256: str) -> str | None:
         """The user a key hash belongs to, or None."""
-        row = self._one("select user_id from api_keys where key_sha256 = ?", (key_sha256,))
+        row = self.db.one("select user_id from api_keys where key_sha256 = ?", (key_sha256,))
         return row["user_id"] if row else None
 
     def api_keys(self) -> list[dict]:
         """Every key's user, hint and creation time (never the hash)."""
-        return self._rows("select id, user_id, hint, created_at from api_keys order by id")
+        return self.db.query("select id, user_id, hint, created_at from api_keys order by id")
 
     def remove_api_keys(self, user_id: str) -> int:
         """Delete every key of a user; returns how many there were."""
         with self.db.transaction() as cur:
             return cur.run("delete from api_keys where user_id = ?", (user_id,))
-
-    # --- learner process status --------------------------------------------------------
-
-    def take_learner_lock(self, wait_s: float = 10.0) -> bool:
-        """Become this database's one learner (held until close or exit); False if another
-        learner holds the lock."""
-        return self.db.learner_lock(wait_s)
-
-    def set_learner_status(self, pid: int, state: str, last_error: str | None = None) -> None:
-        stamp = now()
-        row = {"id": 1, "pid": pid, "state": state, "heartbeat_at": stamp}
-        if state == "starting":
-            row["started_at"] = stamp
-            row["last_error"] = None
-        if last_error is not None:
-            row["last_error"] = last_error
-        updates = ", ".join(f"{column} = excluded.{column}" for column in row if column != "id")
-        with self.db.transaction() as cur:
-            cur.run(f"insert into learner_status ({', '.join(row)}) values ({_marks(row)}) "
-                    f"on conflict (id) do update set {updates}", list(row.values()))
-
-    def learner_status(self) -> dict | None:
-        return self._one("select * from learner_status where id = 1")
