@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from chatbot.config import Config, learner_argv
+from chatbot.states import LearnerState
 from chatbot.store import Store
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class LearnerProcess:
         code = self.process.poll()
         state["pid"] = self.process.pid
         if code is not None:
-            state.update(state="stopped", exit_code=code)
+            state.update(state=LearnerState.STOPPED, exit_code=code)
         return state
 
 
@@ -96,5 +97,5 @@ def learner_state(store: Store, heartbeat_stale_s: float | None = HEARTBEAT_STAL
     if heartbeat_stale_s is not None and row["heartbeat_at"]:
         age = (datetime.now(UTC) - datetime.fromisoformat(row["heartbeat_at"])).total_seconds()
         if age > heartbeat_stale_s:
-            state["state"] = "stopped"
+            state["state"] = LearnerState.STOPPED
     return state

@@ -15,6 +15,7 @@ import json
 from chatbot.db import Cursor, Database, json_columns, marks, now
 from chatbot.errors import NotFound
 from chatbot.limits import fair_pick
+from chatbot.states import AdapterStatus, LearnerState, RoundOutcome
 
 FEEDBACK_TABLES = ("votes", "ratings")
 
@@ -125,7 +126,7 @@ class LearnerVerbs:
     # --- adapters registry -------------------------------------------------------------
 
     def live_adapter(self) -> dict | None:
-        row = self.db.one("select * from adapters where status = 'live'")
+        row = self.db.one("select * from adapters where status = ?", (AdapterStatus.LIVE,))
         return json_columns(row, "metrics") if row else None
 
     def live_adapter_version(self) -> int:
@@ -158,14 +159,16 @@ class LearnerVerbs:
                 cur.run(cur.dialect.lock_registry)
             stamp = now()
             adapter = dict(adapter)
-            live_version = cur.value("select version from adapters where status = 'live'") or 0
-            if adapter["status"] == "live" and live_version != adapter["parent_version"]:
-                adapter["status"] = "rejected"
+            live_version = cur.value("select version from adapters where status = ?",
+                                     (AdapterStatus.LIVE,)) or 0
+            stale = live_version != adapter["parent_version"]
+            if adapter["status"] == AdapterStatus.LIVE and stale:
+                adapter["status"] = AdapterStatus.REJECTED
                 adapter["reason"] = "the live version changed while this candidate trained"
-                step = {**step, "status": "rejected"}
-            if adapter["status"] == "live":
-                cur.run("update adapters set status = 'retired', updated_at = ? "
-                        "where status = 'live'", (stamp,))
+                step = {**step, "status": RoundOutcome.REJECTED}
+            if adapter["status"] == AdapterStatus.LIVE:
+                cur.run("update adapters set status = ?, updated_at = ? where status = ?",
+                        (AdapterStatus.RETIRED, stamp, AdapterStatus.LIVE))
             cur.insert("adapters", {**adapter, "metrics": json.dumps(adapter.get("metrics", {})),
                                     "created_at": stamp, "updated_at": stamp})
             for name, data in (files or {}).items():
@@ -197,11 +200,11 @@ class LearnerVerbs:
                                        (version,)):
                 raise NotFound(f"no adapter version {version}")
             stamp = now()
-            cur.run("update adapters set status = 'retired', updated_at = ? "
-                    "where status = 'live'", (stamp,))
+            cur.run("update adapters set status = ?, updated_at = ? where status = ?",
+                    (AdapterStatus.RETIRED, stamp, AdapterStatus.LIVE))
             if version:
-                cur.run("update adapters set status = 'live', updated_at = ? where version = ?",
-                        (stamp, version))
+                cur.run("update adapters set status = ?, updated_at = ? where version = ?",
+                        (AdapterStatus.LIVE, stamp, version))
 
     def set_adapter_path(self, version: int, path: str | None) -> None:
         """Record where a version's folder is; None: its folder is gone, and so are its kept
@@ -222,10 +225,11 @@ class LearnerVerbs:
         learner holds the lock."""
         return self.db.learner_lock(wait_s)
 
-    def set_learner_status(self, pid: int, state: str, last_error: str | None = None) -> None:
+    def set_learner_status(self, pid: int, state: LearnerState,
+                           last_error: str | None = None) -> None:
         stamp = now()
         row = {"id": 1, "pid": pid, "state": state, "heartbeat_at": stamp}
-        if state == "starting":
+        if state == LearnerState.STARTING:
             row["started_at"] = stamp
             row["last_error"] = None
         if last_error is not None:

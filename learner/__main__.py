@@ -17,6 +17,7 @@ import sys
 from chatbot import adapters
 from chatbot.config import Config, learner_parser
 from chatbot.errors import DuetError
+from chatbot.states import LearnerState
 
 log = logging.getLogger("learner")
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends the process through SystemExit, so a round in progress gives its claims back.
     signal.signal(signal.SIGTERM, _stop)
     pid = os.getpid()
-    store.set_learner_status(pid, "starting")
+    store.set_learner_status(pid, LearnerState.STARTING)
     try:
         import torch
 
@@ -69,19 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             learner.run_forever()
     except DuetError as exc:
-        store.set_learner_status(pid, "stopped", last_error=str(exc))
+        store.set_learner_status(pid, LearnerState.STOPPED, last_error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        store.set_learner_status(pid, "stopped")
+        store.set_learner_status(pid, LearnerState.STOPPED)
         return 130
     except SystemExit as exc:  # SIGTERM: 143, as a process killed by it reports
-        store.set_learner_status(pid, "stopped")
+        store.set_learner_status(pid, LearnerState.STOPPED)
         return exc.code if isinstance(exc.code, int) else 0
     except Exception as exc:
-        store.set_learner_status(pid, "stopped", last_error=f"{type(exc).__name__}: {exc}")
+        store.set_learner_status(pid, LearnerState.STOPPED,
+                                 last_error=f"{type(exc).__name__}: {exc}")
         raise
-    store.set_learner_status(pid, "stopped")
+    store.set_learner_status(pid, LearnerState.STOPPED)
     return 0
 
 

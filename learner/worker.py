@@ -43,6 +43,7 @@ from chatbot import adapters
 from chatbot.config import Config
 from chatbot.errors import AdapterError, DuetError
 from chatbot.model import LoadedModel
+from chatbot.states import AdapterStatus, LearnerState, RoundOutcome
 from chatbot.store import Store
 from learner import gate
 from learner.batch import Sample, collate, distributions, ref_to_tensor, token_logprobs
@@ -361,7 +362,7 @@ class Learner:
         reward = sum(data.rewards) / len(data.rewards) if data.rewards else None
         step = {"adapter_version": version, "parent_version": parent,
                 "objective": self.config.objective,
-                "status": "promoted" if decision.promote else "rejected",
+                "status": RoundOutcome.PROMOTED if decision.promote else RoundOutcome.REJECTED,
                 "loss": stats["loss"], "kl": kl, "reward": reward, "beta": self.kl_control.beta,
                 "votes_used": len(claimed["votes"]) + len(claimed["ratings"]),
                 "new_votes": len(data.rewards), "replayed_votes": data.replayed_items,
@@ -372,11 +373,13 @@ class Learner:
         status = self.store.finish_round(
             round_id, {"version": version, "path": folder.name, "parent_version": parent,
                        "base_model": self.loaded.model_id, "sha256": sha,
-                       "status": "live" if decision.promote else "rejected",
+                       "status": (AdapterStatus.LIVE if decision.promote
+                                  else AdapterStatus.REJECTED),
                        "metrics": metrics, "reason": decision.reason}, step,
             files=adapters.folder_files(folder) if self.store.keeps_adapter_files else None)
-        step["status"] = "promoted" if status == "live" else "rejected"
-        if status == "live":
+        step["status"] = (RoundOutcome.PROMOTED if status == AdapterStatus.LIVE
+                          else RoundOutcome.REJECTED)
+        if status == AdapterStatus.LIVE:
             self.adapter_version = version
             self.optimizer_origin = version
         else:
@@ -392,7 +395,7 @@ class Learner:
         on_disk = [a for a in self.store.adapters() if a["path"]]
         keep = {a["version"] for a in on_disk[-self.config.keep_versions:]}
         for row in on_disk:
-            if row["version"] not in keep and row["status"] != "live":
+            if row["version"] not in keep and row["status"] != AdapterStatus.LIVE:
                 shutil.rmtree(self.config.adapters_dir / row["path"], ignore_errors=True)
                 self.store.set_adapter_path(row["version"], None)
 
@@ -402,18 +405,18 @@ class Learner:
         """Poll for feedback; start a round whenever `learn_every` items are pending."""
         pid = os.getpid()
         failures, last_beat = 0, 0.0
-        self.store.set_learner_status(pid, "idle")
+        self.store.set_learner_status(pid, LearnerState.IDLE)
 
         def beat_while_training() -> None:  # a long round must not look like a dead learner
             nonlocal last_beat
             if time.monotonic() - last_beat > 10:
-                self.store.set_learner_status(pid, "training")
+                self.store.set_learner_status(pid, LearnerState.TRAINING)
                 last_beat = time.monotonic()
 
         self.on_step = beat_while_training
         while stop is None or not stop.is_set():
             if self.pending() >= self.config.learn_every:
-                self.store.set_learner_status(pid, "training")
+                self.store.set_learner_status(pid, LearnerState.TRAINING)
                 try:
                     # This process is the database's one learner (learner lock) and between
                     # rounds it holds no claim: any claim left is a failed round's whose
@@ -421,14 +424,14 @@ class Learner:
                     self.store.release_claims()
                     self.round()
                     failures = 0
-                    self.store.set_learner_status(pid, "idle")
+                    self.store.set_learner_status(pid, LearnerState.IDLE)
                 except Exception as exc:  # noqa: BLE001 - one bad round must not end learning
                     failures += 1
                     log.exception("round failed")
-                    self.store.set_learner_status(pid, "idle", last_error=str(exc)[:500])
+                    self.store.set_learner_status(pid, LearnerState.IDLE, last_error=str(exc)[:500])
                     time.sleep(min(60.0, 2.0 ** failures))
                 continue
             if time.monotonic() - last_beat > 10:
-                self.store.set_learner_status(pid, "idle")
+                self.store.set_learner_status(pid, LearnerState.IDLE)
                 last_beat = time.monotonic()
             time.sleep(self.config.learner_poll_seconds)
