@@ -1,8 +1,8 @@
 """The store's databases: SQLite (one file) or PostgreSQL (a URL), one way to talk to both.
 
-chatbot/store.py writes each query once, in the SQL both databases speak: `?` placeholders,
-`insert ... returning id`, `insert ... on conflict ... do`, JSON kept as text. This module
-runs it on either, and owns what differs:
+chatbot/store.py and chatbot/learner_store.py write each query once, in the SQL both
+databases speak: `?` placeholders, `insert ... returning id`, `insert ... on conflict ... do`,
+JSON kept as text. This module runs it on either, and owns what differs:
 
 * `connect(target)`: a path or `sqlite:///path` opens SQLite (WAL mode, `synchronous=NORMAL`,
   30 s busy timeout, foreign keys on); `postgresql://...` opens PostgreSQL through psycopg 3
@@ -24,10 +24,10 @@ runs it on either, and owns what differs:
 
 Left out: retrying a statement on a lost PostgreSQL connection (the failed call raises; the
 broken connection and the idle ones are dropped, the next call opens a new one), keeping the
-learner lock across a PostgreSQL restart (the restart ends the lock's session: a second
-learner could then start), connection limits (a pool
-holds at most `MAX_IDLE` idle connections, opens more when more threads need one), schema
-rollbacks, JSON column types (text is enough for what the store keeps).
+learner lock across a PostgreSQL restart (the restart ends the lock's session; the learner
+exits at its next poll), connection limits (a pool keeps at most `MAX_IDLE` idle connections
+and opens more when more threads need one), schema rollbacks, JSON column types (text is
+enough for what the store keeps).
 """
 
 from __future__ import annotations
