@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 from gradio_client import Client
 
 from chatbot.store import Store
-from tests.serving import running_server
-
-
-def wait_for(predicate, timeout: float, every: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
+from tests.serving import running_server, wait_for
 
 
 @pytest.fixture

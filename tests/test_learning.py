@@ -27,6 +27,14 @@ VOTES = 24
 EVAL_PROMPTS = 24
 
 
+def simulation(tmp_path, oracle: str, max_new_tokens: int) -> tuple[Config, Simulation]:
+    """The real loop on the embedded model, seed 0, with EVAL_PROMPTS held-out prompts."""
+    config = dataclasses.replace(Config(device="cpu"), data_dir=tmp_path / "data",
+                                 max_new_tokens=max_new_tokens, seed=0)
+    train, held_out = split_prompts(load_prompts(), EVAL_PROMPTS, seed=0)
+    return config, Simulation(config, ORACLES[oracle], train, held_out, seed=0)
+
+
 @pytest.mark.xfail(strict=False, reason=(
     "failed in this session's full run at 79360df: win rate 0.52 (21 wins, 8 ties, 19 "
     "losses, p = 0.44), words 23.1 -> 24.6, KL 0.14; it passed at 78246af (0.73, p = 0.0006). "
@@ -34,10 +42,7 @@ EVAL_PROMPTS = 24
     "no longer re-creates LoRA layers, so it no longer draws from torch's RNG); the content "
     "preference test below carries the learning claim in CI meanwhile. Issue 12."))
 def test_a_shorter_preference_is_learned_without_collapse(tmp_path):
-    config = dataclasses.replace(Config(device="cpu"), data_dir=tmp_path / "data",
-                                 max_new_tokens=32, seed=0)
-    train, held_out = split_prompts(load_prompts(), EVAL_PROMPTS, seed=0)
-    sim = Simulation(config, ORACLES["shorter"], train, held_out, seed=0)
+    config, sim = simulation(tmp_path, "shorter", max_new_tokens=32)
     base, after = sim.run(VOTES, checkpoints=[0, VOTES])
     rounds = [(s["adapter_version"], s["status"], round(s["seconds"], 1))
               for s in sim.round_steps]
@@ -61,10 +66,7 @@ def test_a_content_preference_moves_the_held_out_share(tmp_path):
     # 48-token replies, as in the learning suite: with 32-token replies (nearly all cut off)
     # a run of 32 votes made the replies shorter and left the share with a number where it
     # was (17/48 -> 12/48); with 48 tokens this run goes 11/48 -> 25/48 at 24 votes.
-    config = dataclasses.replace(Config(device="cpu"), data_dir=tmp_path / "data",
-                                 max_new_tokens=48, seed=0)
-    train, held_out = split_prompts(load_prompts(), EVAL_PROMPTS, seed=0)
-    sim = Simulation(config, ORACLES["numbers"], train, held_out, seed=0)
+    config, sim = simulation(tmp_path, "numbers", max_new_tokens=48)
     base, after = sim.run(FEATURE_VOTES, checkpoints=[0, FEATURE_VOTES])
     replies = 2 * EVAL_PROMPTS
     before_n = round(base.satisfied_share * replies)

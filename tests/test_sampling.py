@@ -26,7 +26,8 @@ def generator(tiny_loaded, tiny_config):
     return PairGenerator(tiny_loaded, dataclasses.replace(tiny_config, max_new_tokens=12))
 
 
-def test_both_replies_come_from_one_generate_call(generator, monkeypatch):
+def record_generate_calls(generator, monkeypatch) -> list[dict]:
+    """The keyword arguments of every `generate` call the generator makes from now on."""
     calls = []
     original = generator.model.generate
 
@@ -35,6 +36,11 @@ def test_both_replies_come_from_one_generate_call(generator, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(generator.model, "generate", counting_generate)
+    return calls
+
+
+def test_both_replies_come_from_one_generate_call(generator, monkeypatch):
+    calls = record_generate_calls(generator, monkeypatch)
     pair = generator.sample(MESSAGES)
     assert len(calls) == 1
     assert calls[0]["num_return_sequences"] == 2
@@ -103,14 +109,7 @@ def test_abandoned_stream_stops_generation(generator):
 
 
 def test_one_reply_and_a_request_limit_that_never_exceeds_the_servers(generator, monkeypatch):
-    calls = []
-    original = generator.model.generate
-
-    def counting_generate(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(generator.model, "generate", counting_generate)
+    calls = record_generate_calls(generator, monkeypatch)
     stream = generator.stream(MESSAGES, n=1, max_new_tokens=3)
     chunks = list(stream)
     assert calls[-1]["num_return_sequences"] == 1 and calls[-1]["max_new_tokens"] == 3

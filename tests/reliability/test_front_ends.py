@@ -9,25 +9,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from gradio_client import Client
 
 from chatbot.store import Store
-from tests.serving import ROOT, running_server
+from tests.serving import ROOT, running_server, wait_for
 
 USERS = {"alice": "alice-password", "bob": "bob-password"}
 
 
-def wait_for(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def test_two_front_ends_share_one_database_and_one_learner(tiny_model_dir, tmp_path,

@@ -12,20 +12,12 @@ import psutil
 from gradio_client import Client
 
 from chatbot.store import Store
-from tests.serving import running_server
+from tests.serving import running_server, wait_for
 
 RESTARTS = 3
 LEARN_EVERY = 2  # a round may take 3 of the 4 votes: the last one then waits for company
 
 
-def wait_for(predicate, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not within {timeout} s")
 
 
 def test_kill_the_server_mid_stream_and_restart(tiny_model_dir, tmp_path, db_target):
