@@ -133,9 +133,13 @@ def run_duet(config: Config, oracle_name: str, seed: int, votes: int, eval_promp
         run["duet"] = [as_dict(e) for e in sim.run(votes, checkpoints_for(votes))]
         run["duet_seconds"] = time.perf_counter() - started
         run["duet_rounds"] = sim.round_steps
-    (kept / f"{oracle_name}-s{seed}-{votes}-{key}.json").write_text(
+    duet_path(kept, oracle_name, seed, votes, key).write_text(
         json.dumps(run, indent=1, default=str) + "\n")
     return run
+
+
+def duet_path(kept: Path, oracle_name: str, seed: int, votes: int, key: str) -> Path:
+    return kept / f"{oracle_name}-s{seed}-{votes}-{key}.json"
 
 
 def trl_path(cache: Path, config: Config, oracle_name: str, seed: int, votes: int,
@@ -218,21 +222,17 @@ def run_suite(args: argparse.Namespace, config: Config) -> Path:
     kept = out / f"learn-suite-{args.suite}" / (args.tag or "runs")
     kept.mkdir(parents=True, exist_ok=True)
 
-    def duet_path(oracle: str, seed: int, votes: int) -> Path:
-        key = duet_key(config, oracle, seed, votes, args.eval_prompts)
-        return kept / f"{oracle}-s{seed}-{votes}-{key}.json"
-
-    def trl_of(oracle: str, seed: int, votes: int) -> Path:
-        return trl_path(cache, config, oracle, seed, votes, args.eval_prompts)
-
+    # Keys hash every source file: work each run's two paths out once.
+    duet_of = {p: duet_path(kept, *p, duet_key(config, *p, args.eval_prompts)) for p in plan}
+    trl_of = {p: trl_path(cache, config, *p, args.eval_prompts) for p in plan}
     tasks = []  # in plan order, both sides of a run next to each other
     for p in plan:
-        if not duet_path(*p).exists():
+        if not duet_of[p].exists():
             tasks.append((run_duet, p, kept))
-        if not trl_of(*p).exists():
+        if not trl_of[p].exists():
             tasks.append((run_trl_side, p, cache))
-    reused = sum(duet_path(*p).exists() for p in plan)
-    trl_reused = {p for p in plan if trl_of(*p).exists()}
+    reused = sum(duet_of[p].exists() for p in plan)
+    trl_reused = {p for p in plan if trl_of[p].exists()}
     if args.summarize:
         tasks = []
     log.info("suite %s: %d of %d runs kept from earlier, %d tasks to run", args.suite, reused,
@@ -251,9 +251,9 @@ def run_suite(args: argparse.Namespace, config: Config) -> Path:
             fn(config, *p, args.eval_prompts, threads, folder)
     runs = []
     for p in plan:
-        if duet_path(*p).exists() and trl_of(*p).exists():
-            run = json.loads(duet_path(*p).read_text())
-            trl = json.loads(trl_of(*p).read_text())
+        if duet_of[p].exists() and trl_of[p].exists():
+            run = json.loads(duet_of[p].read_text())
+            trl = json.loads(trl_of[p].read_text())
             run.update(trl=trl["evaluations"], trl_seconds=trl["seconds"],
                        trl_cached=p in trl_reused)
             runs.append(run)
