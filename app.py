@@ -22,7 +22,7 @@ from chatbot.config import (
     add_server_args,
     add_storage_args,
 )
-from chatbot.errors import DuetError
+from chatbot.errors import DuetError, InvalidInput
 
 log = logging.getLogger("duet")
 
@@ -56,8 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_credentials(pairs: list[str] | None, path: str | None) -> list[tuple[str, str]]:
     """USER:PASSWORD entries from --auth and --auth-file, checked for shape."""
-    from chatbot.errors import InvalidInput
-
     entries = list(pairs or [])
     if path:
         try:
@@ -106,12 +104,19 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     learner = LearnerProcess(config, store) if config.start_learner else None
     if learner:
         learner.start()  # loads its own model copy meanwhile
-    loaded = load_model(config)
-    live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)
+    # The engine: the model in this process, or a vLLM server (only the tokenizer here).
+    if config.engine == "vllm":
+        from chatbot import vllm_engine
+
+        generator, live, model_id = vllm_engine.connect(config, store)
+    else:
+        loaded = load_model(config)
+        live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)
+        generator = PairGenerator(loaded, config, adapter_context=live.reading,
+                                  base_context=live.base)
+        model_id = loaded.model_id
     live.start(config.swap_poll_seconds)
-    generator = PairGenerator(loaded, config, adapter_context=live.reading,
-                              base_context=live.base)
-    service = ChatService(config, store, generator, model_id=loaded.model_id, live=live,
+    service = ChatService(config, store, generator, model_id=model_id, live=live,
                           learner_state=learner.state if learner else lambda: learner_state(store))
     admins = frozenset(config.admins) if credentials else frozenset({LOCAL_USER})
     demo = build_ui(service, admins=admins)
@@ -183,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             keys(config, args)
         else:
             config = Config.from_args(with_device_defaults(args))
+            if (config.engine == "vllm") != bool(config.engine_url):
+                raise InvalidInput("--engine vllm and --engine-url http://HOST:PORT go together")
             serve(config, read_credentials(args.auth, args.auth_file))
     except DuetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 EMBEDDED_MODEL = "embedded"
 QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit")
 OBJECTIVES = ("pg", "dpo")
+ENGINES = ("transformers", "vllm")  # where the server's replies are generated
 # The longest reply when --max-new-tokens is not given, by where the model runs: a GPU writes
 # 256 tokens in about the time a CPU takes for 64 (chatbot.model.default_max_new_tokens).
 CPU_MAX_NEW_TOKENS = 64
@@ -59,6 +60,8 @@ class Config:
     max_votes_per_minute: int = 30
     admins: tuple[str, ...] = ()  # user names that may roll back (passwords never live here)
     share: bool = False
+    engine: str = "transformers"  # transformers: in this process; vllm: on --engine-url
+    engine_url: str | None = None
     # learner
     objective: str = "pg"
     learn_every: int = 4
@@ -211,6 +214,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                             "--auth the single local user is the admin")
     group.add_argument("--share", action="store_true",
                        help="also open a public gradio.live link (off by default)")
+    group.add_argument("--engine", choices=ENGINES, default=d.engine,
+                       help="where replies are generated: transformers = the model in this "
+                            "process (default); vllm = a vLLM OpenAI-compatible server at "
+                            "--engine-url, serving the same --model with --enable-lora, which "
+                            "must see this server's adapters folder at the same path")
+    group.add_argument("--engine-url", default=None, metavar="URL",
+                       help="the vLLM server for --engine vllm, e.g. http://127.0.0.1:8000")
 
 
 def add_learner_args(parser: argparse.ArgumentParser) -> None:

@@ -31,3 +31,7 @@ class TooBusy(Conflict):
 
 class AdapterError(DuetError):
     """An adapter folder is missing, incomplete or does not match its manifest."""
+
+
+class EngineError(DuetError):
+    """The generation engine (a vLLM server) cannot be reached or failed a request."""

@@ -134,14 +134,7 @@ class LiveAdapter:
         if target == self.version or self._failed == (target, sha):
             return False
         try:
-            state = config = None
-            if target:
-                verified = adapters.verified_copy(self.adapters_dir, row,
-                                                  base_model=self.base_model,
-                                                  fetch=self.store.adapter_files)
-                state = adapters.load_state_dict(verified)
-                config = verified.config
-            self._swap(target, config, state)
+            self._load(row)
         except (AdapterError, OSError, ValueError, RuntimeError, TypeError) as exc:
             self._failed = (target, sha)
             self.last_error = f"v{target} not loaded, v{self.version} keeps serving: {exc}"
@@ -153,6 +146,22 @@ class LiveAdapter:
             adapters.remove_versions(self.adapters_dir, {
                 a["version"] for a in self.store.adapters() if not a["path"]})
         return True
+
+    def _verified(self, row: dict) -> tuple[Path, adapters.VerifiedAdapter, dict]:
+        """The registry row's folder, checked by its manifest hashes (fetched from the
+        database first where it is missing), and its parsed weights (shapes, finite)."""
+        verified = adapters.verified_copy(self.adapters_dir, row, base_model=self.base_model,
+                                          fetch=self.store.adapter_files)
+        return self.adapters_dir / row["path"], verified, adapters.load_state_dict(verified)
+
+    def _load(self, row: dict | None) -> None:
+        """Serve the registry row's version (None: the base model), or raise saying why not.
+        The vLLM engine's live adapter (chatbot/vllm_engine.py) loads it elsewhere."""
+        if row is None:
+            self._swap(0, None, None)
+            return
+        _, verified, state = self._verified(row)
+        self._swap(row["version"], verified.config, state)
 
     def _slot_targets(self, config: dict | None, state: dict | None
                       ) -> dict[str, torch.Tensor] | None:

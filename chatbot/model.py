@@ -152,12 +152,12 @@ def _locate(name: str, cache_dir: Path) -> tuple[str, str]:
     return name, name
 
 
-def load_model(config: Config) -> LoadedModel:
-    """Load the tokenizer and model the config names, ready for generation (eval mode)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(config: Config) -> tuple[object, str, str]:
+    """(tokenizer, what from_pretrained gets, the model id adapter manifests record) of the
+    model the config names; its weights are not loaded (a front-end that generates on a vLLM
+    server needs only these)."""
+    from transformers import AutoTokenizer
 
-    device = resolve_device(config.device)
-    quantize = resolve_quantization(config.quantize, device)
     path, model_id = _locate(config.model, Path(config.cache_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -168,6 +168,16 @@ def load_model(config: Config) -> LoadedModel:
         raise ModelLoadError(f"{config.model!r} has no chat template; Duet needs a chat model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, path, model_id
+
+
+def load_model(config: Config) -> LoadedModel:
+    """Load the tokenizer and model the config names, ready for generation (eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(config.device)
+    quantize = resolve_quantization(config.quantize, device)
+    tokenizer, path, model_id = load_tokenizer(config)
 
     kwargs: dict = {"dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
     if quantize != "none":

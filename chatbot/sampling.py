@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -72,6 +73,19 @@ class PairStream:
         return self._chunks
 
 
+class Generator(Protocol):
+    """What the service asks of a generation engine: PairGenerator here (transformers, in this
+    process) or chatbot.vllm_engine.VllmGenerator (a vLLM server)."""
+
+    def stream(self, messages: list[dict], n: int = 2,
+               max_new_tokens: int | None = None) -> PairStream: ...
+
+    def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
+                    ) -> list[SampledPair]: ...
+
+    def token_texts(self, token_ids: list[int]) -> list[str]: ...
+
+
 class _PairStreamer(BaseStreamer):
     """Receives the new token of each row at every generation step."""
 
@@ -96,6 +110,32 @@ class _Cancelled(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
                           device=input_ids.device)
+
+
+def encode_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
+    """The conversation in the chat template, ready for the reply; the oldest turns are
+    dropped until it fits in `max_prompt_tokens` (InvalidInput if the last message alone
+    does not). Shared by both engines, so a pair's stored prompt is the same either way."""
+    start = 0
+    while True:
+        ids = tokenizer.apply_chat_template(
+            messages[start:], add_generation_prompt=True, tokenize=True, return_dict=False)
+        if len(ids) <= max_prompt_tokens:
+            return list(ids)
+        if start >= len(messages) - 1:
+            raise InvalidInput(f"the message is too long for the model: {len(ids)} tokens, "
+                               f"at most {max_prompt_tokens}")
+        start += 2 if len(messages) - start > 2 else 1  # drop a user+assistant turn
+
+
+def decode_reply(tokenizer, token_ids: list[int]) -> str:
+    """A reply's text: its tokens without the special ones (the end-of-turn token)."""
+    return tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
+    """Each token's own text (special tokens give "")."""
+    return [tokenizer.decode([t], skip_special_tokens=True) for t in token_ids]
 
 
 def _null_adapter() -> contextlib.AbstractContextManager[int]:
@@ -131,17 +171,7 @@ class PairGenerator:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Encode the conversation with the chat template, dropping the oldest turns to fit."""
-        limit = self.config.max_prompt_tokens
-        start = 0
-        while True:
-            ids = self.tokenizer.apply_chat_template(
-                messages[start:], add_generation_prompt=True, tokenize=True, return_dict=False)
-            if len(ids) <= limit:
-                return list(ids)
-            if start >= len(messages) - 1:
-                raise InvalidInput(f"the message is too long for the model: {len(ids)} tokens, "
-                                   f"at most {limit}")
-            start += 2 if len(messages) - start > 2 else 1  # drop a user+assistant turn
+        return encode_prompt(self.tokenizer, messages, self.config.max_prompt_tokens)
 
     def stream(self, messages: list[dict], n: int = 2,
                max_new_tokens: int | None = None) -> PairStream:
@@ -156,7 +186,7 @@ class PairGenerator:
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each token's own text (special tokens give ""), for per-token log-probabilities."""
-        return [self.tokenizer.decode([t], skip_special_tokens=True) for t in token_ids]
+        return token_texts(self.tokenizer, token_ids)
 
     def sample(self, messages: list[dict]) -> SampledPair:
         stream = self.stream(messages)
@@ -281,4 +311,4 @@ class PairGenerator:
         return tuple(replies)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return decode_reply(self.tokenizer, ids)

@@ -28,7 +28,7 @@ from chatbot.config import Config
 from chatbot.errors import Conflict, InvalidInput, NotFound
 from chatbot.hotswap import LiveAdapter
 from chatbot.limits import RateLimiter
-from chatbot.sampling import PairGenerator, SampledPair
+from chatbot.sampling import Generator, SampledPair
 from chatbot.store import Store
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _cut_at(replies: list[dict]) -> list[int | None]:
 
 
 class ChatService:
-    def __init__(self, config: Config, store: Store, generator: PairGenerator, *,
+    def __init__(self, config: Config, store: Store, generator: Generator, *,
                  model_id: str, live: LiveAdapter | None = None,
                  learner_state: Callable[[], dict] | None = None) -> None:
         self.config = config

@@ -12,7 +12,8 @@ from chatbot.config import Config, learner_argv, learner_parser
 SERVER_ONLY = {"host", "port",
                "max_message_chars", "max_turns", "concurrency", "queue_size",
                "swap_poll_seconds", "start_learner", "learner_nice", "learner_threads",
-               "max_votes_per_minute", "admins", "share", "learner_poll_seconds", "threads"}
+               "max_votes_per_minute", "admins", "share", "learner_poll_seconds", "threads",
+               "engine", "engine_url"}
 
 
 def test_every_learner_setting_reaches_the_learner_child(tmp_path):

@@ -47,7 +47,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from chatbot import api_keys
-from chatbot.errors import Conflict, DuetError, InvalidInput, NotFound, TooBusy
+from chatbot.errors import Conflict, DuetError, EngineError, InvalidInput, NotFound, TooBusy
 from chatbot.limits import Slots
 from chatbot.service import ChatService
 from ui.common import LOCAL_USER
@@ -136,6 +136,7 @@ def error_body(exc: BaseException) -> tuple[int, dict]:
              (NotFound, 404, "invalid_request_error", "not_found"),
              (TooBusy, 429, "rate_limit_error", "rate_limit_exceeded"),
              (Conflict, 409, "invalid_request_error", "conflict"),
+             (EngineError, 503, "server_error", "engine_unavailable"),
              (DuetError, 500, "server_error", None)]
     for kind, status, type_, code in table:
         if isinstance(exc, kind):
