@@ -14,6 +14,7 @@ from pathlib import Path
 
 EMBEDDED_MODEL = "embedded"
 QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 OBJECTIVES = ("pg", "dpo")
 ENGINES = ("transformers", "vllm")  # where the server's replies are generated
 # The longest reply when --max-new-tokens is not given, by where the model runs: a GPU writes
@@ -35,6 +36,7 @@ class Config:
     # model
     model: str = EMBEDDED_MODEL
     quantize: str = "auto"
+    dtype: str = "auto"  # of the unquantized weights (chatbot.model.resolve_dtype)
     device: str = "auto"
     cache_dir: Path = default_cache_dir()
     # sampling
@@ -146,6 +148,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=d.quantize,
                        help="weight quantization: auto = 4-bit NF4 on CUDA, none on CPU "
                             "(default: auto)")
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype,
+                       help="dtype of the unquantized weights, in the server and the learner: "
+                            "auto = bfloat16 on CUDA and on a CPU with native bf16 (AVX-512 BF16 "
+                            "or AMX), float32 on other CPUs (default: auto)")
     group.add_argument("--device", default=d.device,
                        help="torch device, e.g. cpu, cuda, cuda:1 (default: auto = cuda if "
                             "available)")
@@ -305,7 +311,7 @@ def learner_parser() -> argparse.ArgumentParser:
 # the child --threads from --learner-threads (chatbot/learner_process.py).
 LEARNER_FIELDS = (
     "data_dir", "db",
-    "model", "quantize", "device", "cache_dir",
+    "model", "quantize", "dtype", "device", "cache_dir",
     "max_new_tokens", "temperature", "top_p", "max_prompt_tokens", "seed",
     "objective", "learn_every", "lr", "lora_r", "lora_alpha", "beta", "kl_budget", "dpo_beta",
     "clip_eps", "steps_per_round", "replay", "self_samples", "negative_weight", "judge_new",

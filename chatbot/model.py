@@ -5,6 +5,13 @@ can read GGUF but refuses to quantize it, and dequantizing it takes ~20 s, so th
 converts it once to a plain safetensors checkpoint under the cache folder; later loads (and
 bitsandbytes quantization) read that checkpoint in well under a second.
 
+The weights' dtype (`--dtype`): bfloat16 on a GPU and on a CPU with native bf16 arithmetic
+(AVX-512 BF16 or AMX), where decoding, bound by reading the weights, takes half the bytes;
+float32 on other CPUs, which would only emulate bf16. The learner loads the model through
+this same function with the same flag, so it trains and scores the weights the server
+samples from (its LoRA weights and optimizer stay float32: PEFT keeps adapters of a bf16
+base in float32). A 4-bit or 8-bit load keeps its own compute dtype.
+
 Left out: multi-GPU sharding and any hub download beyond what `from_pretrained` does itself.
 """
 
@@ -22,7 +29,13 @@ from pathlib import Path
 
 import torch
 
-from chatbot.config import CPU_MAX_NEW_TOKENS, EMBEDDED_MODEL, GPU_MAX_NEW_TOKENS, Config
+from chatbot.config import (
+    CPU_MAX_NEW_TOKENS,
+    DTYPE_CHOICES,
+    EMBEDDED_MODEL,
+    GPU_MAX_NEW_TOKENS,
+    Config,
+)
 from chatbot.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -40,6 +53,7 @@ class LoadedModel:
     path: str  # what from_pretrained was given
     device: torch.device
     quantize: str  # resolved: none, 8bit or 4bit
+    dtype: torch.dtype = torch.float32  # of the unquantized weights (resolved --dtype)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,6 +78,52 @@ def resolve_quantization(quantize: str, device: torch.device) -> str:
     if quantize == "auto":
         return "4bit" if device.type == "cuda" else "none"
     return quantize
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# /proc/cpuinfo flags of CPUs that compute in bf16 natively (a dot product of bf16 pairs per
+# instruction); without them torch emulates bf16 in float32 and gains nothing.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The flags of the first CPU in /proc/cpuinfo (or in the given text); empty elsewhere."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """torch's own check of its CPU capability where it has one, else /proc/cpuinfo.
+
+    (Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): that is true on any AVX-512 CPU,
+    where oneDNN emulates bf16.)"""
+    checks = [getattr(torch.cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(check) for check in checks):
+        return any(check() for check in checks)
+    return bool(cpu_flags() & NATIVE_BF16_FLAGS)
+
+
+def resolve_dtype(name: str, device: torch.device, native_bf16: bool | None = None
+                  ) -> torch.dtype:
+    """--dtype as a torch dtype. auto: bfloat16 on CUDA (as before the flag existed) and on a
+    CPU with native bf16 (`native_bf16`, by default asked of this CPU), else float32."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+        return torch.bfloat16 if native else torch.float32
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
 
 
 def embedded_gguf_dir() -> Path:
@@ -177,10 +237,16 @@ def load_model(config: Config) -> LoadedModel:
 
     device = resolve_device(config.device)
     quantize = resolve_quantization(config.quantize, device)
+    dtype = resolve_dtype(config.dtype, device)
     tokenizer, path, model_id = load_tokenizer(config)
 
-    kwargs: dict = {"dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
-    if quantize != "none":
+    kwargs: dict = {"dtype": dtype}
+    if quantize != "none":  # its layers' compute dtype is bitsandbytes' (_bnb_config)
+        if config.dtype != "auto":
+            log.warning("--dtype %s is for unquantized weights; %s keeps its own compute dtype",
+                        config.dtype, quantize)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        kwargs["dtype"] = dtype
         kwargs["quantization_config"] = _bnb_config(quantize, device)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
     try:
@@ -194,8 +260,9 @@ def load_model(config: Config) -> LoadedModel:
     model.eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    log.info("loaded %s on %s (quantize=%s)", model_id, device, quantize)
-    return LoadedModel(model, tokenizer, model_id, path, device, quantize)
+    log.info("loaded %s on %s (quantize=%s, dtype=%s)", model_id, device, quantize,
+             str(dtype).removeprefix("torch."))
+    return LoadedModel(model, tokenizer, model_id, path, device, quantize, dtype)
 
 
 # bitsandbytes' 4-bit CPU kernel for CPUs with AVX-512 BF16 (taken at inference, not in

@@ -42,10 +42,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# float32, not --dtype auto: the tests that use these fixtures compute the same numbers on
+# every CPU (auto is bfloat16 on CPUs with native bf16); test_model.py tests the bf16 path.
 @pytest.fixture
 def tiny_config(tiny_model_dir, tmp_path) -> Config:
     return Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", max_new_tokens=8,
-                  cache_dir=tmp_path / "cache", device="cpu")
+                  cache_dir=tmp_path / "cache", device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +55,7 @@ def tiny_loaded(tiny_model_dir):
     """The tiny model loaded once; tests must not leave adapters on it."""
     from chatbot.model import load_model
 
-    return load_model(Config(model=str(tiny_model_dir), device="cpu"))
+    return load_model(Config(model=str(tiny_model_dir), device="cpu", dtype="float32"))
 
 
 class FakeGenerator:

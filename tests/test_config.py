@@ -18,7 +18,8 @@ SERVER_ONLY = {"host", "port",
 
 def test_every_learner_setting_reaches_the_learner_child(tmp_path):
     changed = Config(
-        model="some/model", quantize="4bit", device="cpu", cache_dir=tmp_path / "cache",
+        model="some/model", quantize="4bit", dtype="bfloat16", device="cpu",
+        cache_dir=tmp_path / "cache",
         max_new_tokens=17, temperature=0.6, top_p=0.9, max_prompt_tokens=300, seed=5,
         data_dir=tmp_path / "data", db="postgresql://duet@db.example/duet", objective="dpo",
         learn_every=3,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatbot.config import Config
+from chatbot import model as model_module
+from chatbot.config import Config, add_model_args
 from chatbot.errors import ModelLoadError
-from chatbot.model import load_model, resolve_quantization
+from chatbot.model import (
+    NATIVE_BF16_FLAGS,
+    cpu_flags,
+    cpu_has_native_bf16,
+    load_model,
+    resolve_dtype,
+    resolve_quantization,
+)
+from chatbot.sampling import PairGenerator
+from chatbot.service import ChatService
+from chatbot.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +35,108 @@ def test_auto_quantization_is_4bit_on_cuda_and_none_on_cpu():
     assert resolve_quantization("auto", torch.device("cuda")) == "4bit"
     assert resolve_quantization("auto", torch.device("cpu")) == "none"
     assert resolve_quantization("8bit", torch.device("cpu")) == "8bit"
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu sse2 avx2 avx512f {extra}
+bugs\t\t: sysret_ss_attrs
+"""
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert "avx512_bf16" in cpu_flags(CPUINFO.format(extra="avx512_bf16"))
+    assert not cpu_flags(CPUINFO.format(extra="avx512_vnni")) & NATIVE_BF16_FLAGS
+    assert cpu_flags(CPUINFO.format(extra="amx_tile amx_bf16")) & NATIVE_BF16_FLAGS
+    assert cpu_flags("no flags here") == set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo")
+def test_torchs_bf16_check_agrees_with_proc_cpuinfo():
+    assert cpu_has_native_bf16() == bool(cpu_flags() & NATIVE_BF16_FLAGS)
+
+
+def test_auto_dtype_is_bf16_only_on_cuda_or_a_cpu_with_native_bf16(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu, native_bf16=True) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, native_bf16=False) == torch.float32
+    assert resolve_dtype("auto", cuda, native_bf16=False) == torch.bfloat16  # as before
+    for native in (True, False):  # without the argument, the CPU is asked
+        monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda n=native: n)
+        assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+
+
+def test_an_explicit_dtype_wins_over_the_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu, native_bf16=True) == torch.float32
+    assert resolve_dtype("bfloat16", cpu, native_bf16=False) == torch.bfloat16
+    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
+
+
+def test_an_unknown_dtype_is_a_clear_error(capsys):
+    with pytest.raises(ModelLoadError, match="unknown dtype 'float16': use one of auto, "
+                                             "float32, bfloat16"):
+        resolve_dtype("float16", torch.device("cpu"))
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dtype", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_weights_load_in_the_dtype_asked_for(tiny_config, dtype):
+    loaded = load_model(dataclasses.replace(tiny_config, dtype=dtype))
+    assert loaded.dtype == getattr(torch, dtype)
+    assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
+
+
+def test_a_quantized_load_keeps_its_own_compute_dtype(tiny_config):
+    loaded = load_model(dataclasses.replace(tiny_config, quantize="8bit", dtype="bfloat16"))
+    assert loaded.dtype == torch.float32  # bitsandbytes' CPU compute dtype, not --dtype
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(),
+                    reason="this CPU has no native bf16 (avx512_bf16 / amx_bf16): auto never "
+                           "picks bfloat16 here")
+def test_bf16_serving_and_learning_on_a_native_bf16_cpu(tiny_config):
+    """What --dtype auto runs on this CPU: a pair sampled in bf16, and a learner round on the
+    same bf16 weights whose LoRA weights stay float32 and whose fresh log-probs of a reply
+    match the server's behaviour log-probs (the same weights in the same dtype)."""
+    from learner.batch import Sample
+    from learner.worker import Learner
+
+    config = dataclasses.replace(tiny_config, dtype="auto", steps_per_round=1, replay=0,
+                                 judge_new=False, kl_tripwire=100.0)
+    store = Store(config.db_path)
+    loaded = load_model(config)
+    assert loaded.dtype == torch.bfloat16
+    service = ChatService(config, store, PairGenerator(loaded, config), model_id=loaded.model_id)
+    torch.manual_seed(0)
+    for i, choice in enumerate(["A", "B", "A", "B"]):
+        turn = service.ask("ann", f"Say something about {i}.", "")
+        service.vote("ann", turn["pair_id"], choice)
+
+    learner = Learner(config, store, load_model(config), seed=0)
+    lora = {p.dtype for n, p in learner.model.named_parameters() if "lora_" in n}
+    base = {p.dtype for n, p in learner.model.named_parameters() if "lora_" not in n}
+    assert (lora, base) == ({torch.float32}, {torch.bfloat16})
+    pair = store.pair(None, turn["pair_id"])
+    for reply in pair["replies"]:
+        sample = Sample(reply["id"], pair["prompt_token_ids"], reply["token_ids"],
+                        reply["token_logprobs"])
+        fresh = learner.score([sample])[0]
+        assert math.isfinite(fresh)
+        # bf16 rounding differs between the cached decode and one full forward pass
+        assert fresh == pytest.approx(sum(reply["token_logprobs"]),
+                                      abs=0.01 * len(reply["token_ids"]))
+    lora_before = {n: p.detach().clone() for n, p in learner.model.named_parameters()
+                   if "lora_" in n}
+    step = learner.round()
+    assert step["status"] == "promoted" and step["loss"] is not None
+    assert math.isfinite(step["loss"]) and step["adapter_version"] == 1
+    assert any(not torch.equal(p, lora_before[n])
+               for n, p in learner.model.named_parameters() if "lora_" in n)
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
