@@ -9,8 +9,10 @@ temperature 1 (largest difference measured on this machine: 2e-5; the tolerance 
 temperature-scaled log-probs are 0.4 off, so they would fail); n=1 and the max_new_tokens cap;
 a published adapter is verified, loaded under its name and used (log-probs match a local
 forward pass with that adapter, and differ from the base), the previous one unloaded, and a
-name vLLM lost is loaded again; the base model beside the adapter; `python app.py --engine vllm`
-through the openai client; an unreachable server is a one-line error and loses nothing.
+name vLLM lost is loaded again; an adapter that fails its manifest never reaches vLLM; the
+base model beside the adapter; a stream closed early aborts its request in vLLM;
+`python app.py --engine vllm` through the openai client; an unreachable server is a one-line
+error and loses nothing.
 
 In CI (CI or DUET_REQUIRE_VLLM set) a vLLM that cannot be installed or started fails the
 test; elsewhere it is skipped with the reason.
@@ -19,6 +21,7 @@ test; elsewhere it is skipped with the reason.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -65,8 +68,9 @@ def vllm_python() -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm_url(vllm_python, tmp_path_factory) -> str:
-    """A vLLM server for the embedded model with runtime LoRA loading, warmed up."""
+def vllm_server(vllm_python, tmp_path_factory) -> tuple[str, Path]:
+    """(URL, log file) of a vLLM server for the embedded model with runtime LoRA loading,
+    warmed up. It logs each request's start and abort."""
     model = embedded_checkpoint(Config().cache_dir)
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
@@ -78,7 +82,7 @@ def vllm_url(vllm_python, tmp_path_factory) -> str:
             [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
              "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
              "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8",
-             "--max-loras", "2"],
+             "--max-loras", "2", "--enable-log-requests"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -97,7 +101,7 @@ def vllm_url(vllm_python, tmp_path_factory) -> str:
         # The first request compiles (about 50 s on two cores): not inside a test's timing.
         httpx.post(f"{url}/v1/completions", timeout=600, json={
             "model": str(model), "prompt": [1, 2, 3], "max_tokens": 2})
-        yield url
+        yield url, log_path
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -109,15 +113,21 @@ def vllm_url(vllm_python, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def vllm_url(vllm_server) -> str:
+    return vllm_server[0]
+
+
+@pytest.fixture(scope="module")
 def local_base():
-    """The same checkpoint in this process (float32, CPU), for forward passes."""
-    return load_model(Config(device="cpu")).model
+    """The same checkpoint in this process, float32 as the vLLM server runs it, for forward
+    passes (--dtype auto would be bfloat16 on CPUs with native bf16)."""
+    return load_model(Config(device="cpu", dtype="float32")).model
 
 
 @pytest.fixture
 def config(vllm_url, tmp_path) -> Config:
     return Config(data_dir=tmp_path / "data", engine="vllm", engine_url=vllm_url,
-                  max_new_tokens=MAX_NEW_TOKENS, device="cpu")
+                  max_new_tokens=MAX_NEW_TOKENS, device="cpu", dtype="float32")
 
 
 @pytest.fixture
@@ -183,6 +193,20 @@ def test_one_reply_and_the_length_cap(engine, local_base):
     assert gap(local_base, stream.result) < TOLERANCE
 
 
+def test_a_stream_closed_early_aborts_the_request_in_vllm(config, vllm_server):
+    _, log_path = vllm_server
+    store = Store(config.db_path)
+    generator, _, _ = vllm_engine.connect(dataclasses.replace(config, max_new_tokens=400),
+                                          store)
+    aborted = log_path.read_text().count("Aborted request")
+    stream = generator.stream([{"role": "user", "content": "Count from 1 to 200."}])
+    chunks = iter(stream)
+    next(chunks)
+    chunks.close()  # what the service does when the page or API client goes away
+    assert stream.cancel.is_set() and stream.result is None
+    wait_for(lambda: log_path.read_text().count("Aborted request") > aborted, 20)
+
+
 def test_a_published_adapter_is_loaded_used_and_the_old_one_unloaded(engine, config,
                                                                       local_base, vllm_url):
     from peft import PeftModel
@@ -194,8 +218,7 @@ def test_a_published_adapter_is_loaded_used_and_the_old_one_unloaded(engine, con
     assert version == 1 and v1.startswith("duet-v1-") and v1 in served_names(vllm_url)
     pair = generator.sample(MESSAGES)
     assert pair.adapter_version == 1
-    with_adapter = PeftModel.from_pretrained(load_model(Config(device="cpu")).model,
-                                             folder).eval()
+    with_adapter = PeftModel.from_pretrained(load_model(config).model, folder).eval()
     measured = gap(with_adapter, pair)
     print(f"largest |vLLM - local| log-prob gap, with the adapter: {measured:.2e}")
     assert measured < TOLERANCE
@@ -214,6 +237,17 @@ def test_a_published_adapter_is_loaded_used_and_the_old_one_unloaded(engine, con
     assert v2 not in served_names(vllm_url)
     assert generator.sample(MESSAGES).adapter_version == 2
     assert v2 in served_names(vllm_url)
+
+
+def test_an_adapter_that_fails_its_manifest_never_reaches_vllm(engine, config, vllm_url):
+    store, generator, live = engine
+    folder = publish_random_adapter(config, store, 1, seed=3, rank=8)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))  # zeroed tail
+    assert live.sync() is False
+    assert "does not match its sha256" in live.last_error and live.serving() == (0, None)
+    assert vllm_engine.adapter_name(store.live_adapter()) not in served_names(vllm_url)
+    assert generator.sample(MESSAGES).adapter_version == 0  # the base model keeps serving
 
 
 def test_the_app_serves_pairs_from_vllm(config, tmp_path):
