@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +30,9 @@ from chatbot.store import Store
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oracle", default="you",
-                        help="the hidden preference; noisy-NAME flips 20%% of NAME's votes "
-                             f"(one of {', '.join(sorted(ORACLES))}; default: you)")
+                        help="the hidden preference; noisy-NAME flips 20%% of NAME's votes; "
+                             "re:PATTERN prefers replies matching a regular expression, else "
+                             f"the shorter (one of {', '.join(sorted(ORACLES))}; default: you)")
     parser.add_argument("--votes", type=int, default=64, help="votes to cast (default: 64)")
     parser.add_argument("--eval-prompts", type=int, default=32,
                         help="held-out prompts asked before and after (default: 32)")
@@ -119,5 +121,6 @@ def run(args: argparse.Namespace) -> Path:
     settings = {"oracle": args.oracle, "votes": args.votes, "eval_prompts": args.eval_prompts,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "model": args.model,
                 "extra": args.extra}
-    return write_result(f"api-user-{args.oracle}", settings, results,
+    slug = re.sub(r"[^a-z0-9]+", "-", args.oracle.lower()).strip("-")
+    return write_result(f"api-user-{slug}", settings, results,
                         Path(args.out) if args.out else RESULTS)

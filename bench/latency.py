@@ -1,7 +1,16 @@
-"""latency: vote-to-live. From the vote that completes a --learn-every batch to /status showing
-the new adapter version, through the real server and learner processes (python app.py).
+"""latency: vote-to-live and chat during a round, through the real server and learner processes
+(python app.py).
 
-    python -m bench latency [--rounds 3] [--learn-every 4]
+    python -m bench latency [--rounds 6] [--learn-every 4]
+
+Vote-to-live: from the vote that completes a --learn-every batch to /status showing the new
+adapter version, in rounds where nobody chats meanwhile. Chat during a round: in every other
+round the user keeps asking for pairs while the learner trains; a pair counts when the learner
+was training when it was asked and still when it came back, and its time is compared with a
+pair asked while the learner was idle (one before each round). The first pair (warm-up) is not
+counted.
+
+Left out: several users at once (tests/reliability/test_storm.py), the browser.
 """
 
 from __future__ import annotations
@@ -17,11 +26,15 @@ from pathlib import Path
 from bench.common import RESULTS, write_result
 from bench.oracles import ORACLES
 from bench.simulate import load_prompts
+from chatbot.states import LearnerState
 from chatbot.store import Store
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rounds", type=int, default=3, help="rounds to time (default: 3)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds to time (default: 6)")
+    parser.add_argument("--no-chat-during-rounds", dest="chat_during_rounds",
+                        action="store_false",
+                        help="time vote-to-live only (default: every other round chats)")
     parser.add_argument("--learn-every", type=int, default=4,
                         help="votes per round (default: 4)")
     parser.add_argument("--model", default="embedded", help="model (default: embedded)")
@@ -40,7 +53,7 @@ def run(args: argparse.Namespace) -> Path:
     rng = random.Random(0)
     prompts = load_prompts()
     oracle = ORACLES["shorter"]
-    rows = []
+    rows, idle_asks, round_asks = [], [], []
     with tempfile.TemporaryDirectory(prefix="duet-bench-") as data_dir:
         data = Path(data_dir)
         with running_server("--model", args.model, "--data-dir", str(data),
@@ -48,7 +61,20 @@ def run(args: argparse.Namespace) -> Path:
                             "--max-new-tokens", str(args.max_new_tokens),
                             log_path=data / "server.log", timeout=600) as (url, _):
             client = Client(url, verbose=False)
-            for _ in range(args.rounds):
+
+            def learner() -> str:
+                return client.predict(api_name="/status")["learner"]["state"]
+
+            def timed_ask() -> float:
+                started = time.perf_counter()
+                client.predict(rng.choice(prompts), "", api_name="/ask")
+                return time.perf_counter() - started
+
+            timed_ask()  # the first pair warms the model up; not counted
+            for round_no in range(args.rounds):
+                chatting = args.chat_during_rounds and round_no % 2 == 1
+                wait_until(lambda: learner() == LearnerState.IDLE, args.timeout)
+                idle_asks.append(timed_ask())
                 live = client.predict(api_name="/status")["registry_live_version"]
                 versions_before = len(Store(data / "duet.db").adapters())
                 for _ in range(args.learn_every):
@@ -66,18 +92,41 @@ def run(args: argparse.Namespace) -> Path:
                             status["registry_live_version"] == live:
                         outcome = "rejected"  # the gate kept the live version
                         break
-                    time.sleep(0.25)
+                    if chatting and status["learner"]["state"] == LearnerState.TRAINING:
+                        seconds = timed_ask()
+                        if learner() == LearnerState.TRAINING:  # the round ran all along
+                            round_asks.append(seconds)
+                    else:
+                        time.sleep(0.25)
                 latency = time.perf_counter() - voted
                 step = Store(data / "duet.db").learner_steps(limit=1)
-                rows.append({"outcome": outcome, "vote_to_live_seconds": latency,
+                rows.append({"outcome": outcome, "chat_during_round": chatting,
+                             "vote_to_live_seconds": latency,
                              "learner_round_seconds": step[-1]["seconds"] if step else None,
                              "version": status["live_adapter_version"]})
                 print(json.dumps(rows[-1]))
-    live_latencies = [r["vote_to_live_seconds"] for r in rows if r["outcome"] == "live"]
+    quiet = [r["vote_to_live_seconds"] for r in rows
+             if r["outcome"] == "live" and not r["chat_during_round"]]
     results = {"rounds": rows,
-               "vote_to_live_seconds_median": statistics.median(live_latencies)
-               if live_latencies else None,
-               "vote_to_live_seconds_max": max(live_latencies) if live_latencies else None}
+               "vote_to_live_seconds_median": statistics.median(quiet) if quiet else None,
+               "vote_to_live_seconds_max": max(quiet) if quiet else None,
+               "pair_seconds_idle": idle_asks,
+               "pair_seconds_during_round": round_asks,
+               "pair_seconds_idle_median": statistics.median(idle_asks) if idle_asks else None,
+               "pair_seconds_during_round_median":
+                   statistics.median(round_asks) if round_asks else None}
+    if idle_asks and round_asks:
+        results["during_round_over_idle"] = (results["pair_seconds_during_round_median"]
+                                             / results["pair_seconds_idle_median"])
     settings = {"model": args.model, "learn_every": args.learn_every,
-                "max_new_tokens": args.max_new_tokens, "rounds": args.rounds}
+                "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+                "chat_during_rounds": args.chat_during_rounds}
     return write_result("latency", settings, results, Path(args.out) if args.out else RESULTS)
+
+
+def wait_until(condition, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not reached in {timeout:.0f} s")
+        time.sleep(0.5)

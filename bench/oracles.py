@@ -125,7 +125,18 @@ ORACLES: dict[str, Oracle] = {o.name: o for o in [
 
 
 def make_oracle(name: str, seed: int = 0) -> Oracle:
-    """An oracle by name; `noisy-NAME` is NAME with 20% of its votes flipped."""
+    """An oracle by name; `noisy-NAME` is NAME with 20% of its votes flipped; `re:PATTERN` is a
+    user nobody tuned for: prefers a reply matching the regular expression, else the shorter."""
     if name.startswith("noisy-"):
-        return Noisy(ORACLES[name.removeprefix("noisy-")], 0.2, seed)
+        return Noisy(make_oracle(name.removeprefix("noisy-")), 0.2, seed)
+    if name.startswith("re:"):
+        pattern = name.removeprefix("re:")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {pattern!r} ({exc})") from None
+        return _pattern(name, f"prefers a reply matching {pattern!r}", pattern)
+    if name not in ORACLES:
+        raise ValueError(f"no oracle {name!r}: one of {', '.join(sorted(ORACLES))}, "
+                         "noisy-NAME or re:PATTERN")
     return ORACLES[name]

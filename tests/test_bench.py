@@ -46,6 +46,18 @@ def test_people_like_oracles_break_ties_toward_the_shorter_reply():
     assert ORACLES["list"].prefer("a b c d", "a b") == "tie"  # a clean rule: no tie-break
 
 
+def test_a_user_nobody_tuned_for_is_a_regular_expression_else_the_shorter():
+    oracle = make_oracle(r"re:\bfor (example|instance)\b")
+    assert oracle.satisfied("Bread, for example, rises.") and not oracle.satisfied("Bread.")
+    assert oracle.prefer("Bread.", "Bread, for instance, rises.") == "B"
+    assert oracle.prefer("a b c", "a b") == "B"  # neither matches: the shorter
+    assert make_oracle("noisy-re:x").truth.satisfied("x")
+    with pytest.raises(ValueError, match="not a regular expression"):
+        make_oracle("re:(")
+    with pytest.raises(ValueError, match="no oracle 'nope'"):
+        make_oracle("nope")
+
+
 def test_noisy_annotator_flips_about_a_fifth_and_is_judged_clean():
     noisy = make_oracle("noisy-numbers", seed=3)
     verdicts = [noisy.prefer("one thing", "nothing at all here") for _ in range(2000)]
