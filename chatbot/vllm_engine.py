@@ -94,7 +94,7 @@ class VllmServer:
         parent), asked once."""
         if self._base_model is None:
             with contextlib.closing(self.open("GET", "/v1/models")) as response:
-                models = json.loads(self._read(response))["data"]
+                models = json.loads(self.read(response))["data"]
             self._base_model = next(m["id"] for m in models if not m.get("parent"))
         return self._base_model
 
@@ -126,7 +126,7 @@ class VllmServer:
             raise self.failed(exc) from None
         if response.status_code >= 400:
             with contextlib.closing(response):
-                text = self._read(response)
+                text = self.read(response).decode(errors="replace")
             try:
                 message = json.loads(text)["error"]["message"]
             except (ValueError, KeyError, TypeError):
@@ -136,7 +136,8 @@ class VllmServer:
             raise Refused(response.status_code, message)
         return response
 
-    def _read(self, response: httpx.Response) -> bytes:
+    def read(self, response: httpx.Response) -> bytes:
+        """The rest of an open answer's body."""
         try:
             return response.read()
         except httpx.HTTPError as exc:
@@ -310,7 +311,7 @@ class VllmGenerator:
         version, response = self._open(prompts, n, self.config.max_new_tokens, stream=False,
                                        base=base)
         with contextlib.closing(response):
-            answer = json.loads(self.server._read(response))
+            answer = json.loads(self.server.read(response))
         choices = Choices(n * len(prompts))
         for choice in answer["choices"]:
             choices.add(choice)
