@@ -54,6 +54,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "pairs and compare (needs bench/requirements.txt)")
     add_model_args(parser)
     add_learner_args(parser)
+    # Learning is measured in float32 on every CPU, so runs on AVX2 and AVX-512 machines (and
+    # the kept suite runs and TRL cache) compare; --dtype auto measures the bf16 sampling path.
+    parser.set_defaults(dtype="float32")
 
 
 def run(args: argparse.Namespace) -> Path:

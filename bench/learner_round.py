@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> Path:
             config = dataclasses.replace(base, data_dir=Path(data_dir),
                                          max_batch_votes=n_pairs)
             store = Store(config.db_path)
-            loaded = load_model(config)
+            loaded = load_model(config, training=True)
             tag = device_tag(loaded)
             fill_store(store, loaded, n_pairs, args.reply_tokens, random.Random(n_pairs))
             learner = Learner(config, store, loaded, seed=0)

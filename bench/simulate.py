@@ -211,7 +211,8 @@ class Simulation:
         self.generator = PairGenerator(self.server, self.config, adapter_context=self.live.reading)
         self.service = ChatService(self.config, self.store, self.generator,
                                    model_id=self.server.model_id, live=self.live)
-        self.learner = Learner(self.config, self.store, load_model(self.config), seed=self.seed)
+        self.learner = Learner(self.config, self.store, load_model(self.config, training=True),
+                               seed=self.seed)
         self.evaluator = Evaluator(self.config, self.oracle, self.eval_prompts,
                                    self.server.tokenizer, self.server.device, self.seed)
         self.vote_seconds: list[float] = []

@@ -8,9 +8,14 @@ bitsandbytes quantization) read that checkpoint in well under a second.
 The weights' dtype (`--dtype`): bfloat16 on a GPU and on a CPU with native bf16 arithmetic
 (AVX-512 BF16 or AMX), where decoding, bound by reading the weights, takes half the bytes;
 float32 on other CPUs, which would only emulate bf16. The learner loads the model through
-this same function with the same flag, so it trains and scores the weights the server
-samples from (its LoRA weights and optimizer stay float32: PEFT keeps adapters of a bf16
-base in float32). A 4-bit or 8-bit load keeps its own compute dtype.
+this same function (`training=True`): on a GPU, and with an explicit --dtype, it trains on
+the same weights the server samples from (its LoRA weights and optimizer stay float32: PEFT
+keeps adapters of a bf16 base in float32); on a CPU `auto` keeps the learner in float32, the
+precision its learning rule was measured in (bench learn, the learning tests) - training in
+bf16 on a CPU has not been. The learner's trust region is anchored on its own log-probs at
+the round's start, not on the sampler's, so a bf16 server and a float32 learner agree to
+within the ~1e-2 per token that bf16 rounding moves a log-prob. A 4-bit or 8-bit load keeps
+its own compute dtype.
 
 Left out: multi-GPU sharding and any hub download beyond what `from_pretrained` does itself.
 """
@@ -112,13 +117,16 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & NATIVE_BF16_FLAGS)
 
 
-def resolve_dtype(name: str, device: torch.device, native_bf16: bool | None = None
-                  ) -> torch.dtype:
-    """--dtype as a torch dtype. auto: bfloat16 on CUDA (as before the flag existed) and on a
-    CPU with native bf16 (`native_bf16`, by default asked of this CPU), else float32."""
+def resolve_dtype(name: str, device: torch.device, native_bf16: bool | None = None,
+                  training: bool = False) -> torch.dtype:
+    """--dtype as a torch dtype. auto: bfloat16 on CUDA (as before the flag existed) and, for
+    sampling, on a CPU with native bf16 (`native_bf16`, by default asked of this CPU); else
+    float32, and always float32 for training on a CPU (see the module docstring)."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16
+        if training:
+            return torch.float32
         native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
         return torch.bfloat16 if native else torch.float32
     if name not in DTYPES:
@@ -231,13 +239,14 @@ def load_tokenizer(config: Config) -> tuple[object, str, str]:
     return tokenizer, path, model_id
 
 
-def load_model(config: Config) -> LoadedModel:
-    """Load the tokenizer and model the config names, ready for generation (eval mode)."""
+def load_model(config: Config, training: bool = False) -> LoadedModel:
+    """Load the tokenizer and model the config names, ready for generation (eval mode);
+    `training`: for the learner (the dtype `auto` picks may differ, see resolve_dtype)."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(config.device)
     quantize = resolve_quantization(config.quantize, device)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, training=training)
     tokenizer, path, model_id = load_tokenizer(config)
 
     kwargs: dict = {"dtype": dtype}

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if released or removed:
             log.info("recovered: %d claims released, %d stale folders removed",
                      released, len(removed))
-        learner = Learner(config, store, load_model(config), seed=None)
+        learner = Learner(config, store, load_model(config, training=True), seed=None)
         if args.once:
             step = learner.round()
             print("nothing pending" if step is None else

@@ -28,9 +28,11 @@ EVAL_PROMPTS = 24
 
 
 def simulation(tmp_path, oracle: str, max_new_tokens: int) -> tuple[Config, Simulation]:
-    """The real loop on the embedded model, seed 0, with EVAL_PROMPTS held-out prompts."""
+    """The real loop on the embedded model, seed 0, with EVAL_PROMPTS held-out prompts, in
+    float32 (as the runs that sized these tests): the same computation on every CPU, where
+    --dtype auto would sample in bf16 on some and not on others."""
     config = dataclasses.replace(Config(device="cpu"), data_dir=tmp_path / "data",
-                                 max_new_tokens=max_new_tokens, seed=0)
+                                 max_new_tokens=max_new_tokens, seed=0, dtype="float32")
     train, held_out = split_prompts(load_prompts(), EVAL_PROMPTS, seed=0)
     return config, Simulation(config, ORACLES[oracle], train, held_out, seed=0)
 

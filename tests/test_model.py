@@ -66,6 +66,13 @@ def test_auto_dtype_is_bf16_only_on_cuda_or_a_cpu_with_native_bf16(monkeypatch):
         assert resolve_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
 
 
+def test_the_learner_trains_in_float32_on_a_cpu_unless_told_otherwise():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu, native_bf16=True, training=True) == torch.float32
+    assert resolve_dtype("auto", cuda, training=True) == torch.bfloat16
+    assert resolve_dtype("bfloat16", cpu, native_bf16=True, training=True) == torch.bfloat16
+
+
 def test_an_explicit_dtype_wins_over_the_cpu():
     cpu = torch.device("cpu")
     assert resolve_dtype("float32", cpu, native_bf16=True) == torch.float32
