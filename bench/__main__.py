@@ -12,6 +12,7 @@ from bench.common import remember_commit
 BENCHMARKS = {
     "learn": "bench.learn",
     "pair": "bench.pair",
+    "decode": "bench.decode",
     "learner": "bench.learner_round",
     "swap": "bench.swap",
     "latency": "bench.latency",

@@ -10,14 +10,31 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# The CPU flags that decide which kernels torch and bitsandbytes take (and --dtype auto).
+SIMD_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                        "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve"})
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def machine() -> dict:
     import torch
 
+    from chatbot.model import cpu_flags
+
     info = {"cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.is_available()}
+            "cuda": torch.cuda.is_available(), "cpu": cpu_model(),
+            "cpu_flags": sorted(cpu_flags() & SIMD_FLAGS)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -14,6 +14,17 @@ That is the behaviour log-prob of the design: a fresh forward pass of the same a
 prompt + reply gives the same numbers. The sampling settings (temperature, top-p) are stored
 beside it, so the distribution the tokens were actually drawn from can be recomputed.
 
+Threads. A streamed pair's torch work - `generate` and the log-probs of its replies - all runs
+in the pair's own short-lived sampler thread; the consumer only decodes token ids to text.
+libgomp (torch's OpenMP on Linux) throttles every OpenMP team, putting its workers to sleep
+between the hundreds of small parallel regions of each decode step, as soon as the process
+holds more OpenMP threads than it has CPUs; and a thread that ran one parallel torch op keeps
+its idle team until it exits. When the consumer computed the log-probs itself, its thread
+kept a team, and from the second pair on every decode step ran behind it: on 2 cores a pair
+took 1.4-1.6x its first one's time (`python -m bench decode` times this path).
+`sample_many` runs in the caller's thread: the learner and the benchmarks call it from the
+thread that does their other torch work.
+
 Left out: batching the turns of different users together, speculative decoding.
 """
 
@@ -249,8 +260,9 @@ class PairGenerator:
             try:
                 with self.adapter_context() as version, torch.inference_mode():
                     outcome["version"] = version
-                    outcome["output"] = self._generate(prompt, streamer, stream.cancel, n,
-                                                       max_new_tokens)
+                    output = self._generate(prompt, streamer, stream.cancel, n, max_new_tokens)
+                # Here, not in the consumer's thread: see "Threads" in the module docstring.
+                outcome["replies"] = self._replies(prompt, output)
             except BaseException as exc:  # re-raised in the consuming thread
                 outcome["error"] = exc
                 streamer.end()
@@ -273,9 +285,9 @@ class PairGenerator:
             worker.join()
         if "error" in outcome:
             raise outcome["error"]
-        replies = self._replies(prompt, outcome["output"])
         stream.result = SampledPair(
-            prompt_token_ids=prompt, replies=replies, adapter_version=outcome["version"],
+            prompt_token_ids=prompt, replies=outcome["replies"],
+            adapter_version=outcome["version"],
             temperature=self.config.temperature, top_p=self.config.top_p,
             max_new_tokens=max_new_tokens,
             seconds=time.perf_counter() - started, first_token_seconds=first_token)

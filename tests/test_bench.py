@@ -138,6 +138,41 @@ def test_pair_runs(tiny_model_dir, tmp_path):
     assert 0 < results["time_to_first_token_seconds_median"] < results["pair_seconds_median"] * 5
 
 
+def test_decode_runs_every_dtype_and_times_the_stream(tiny_model_dir, tmp_path):
+    bench(["decode", "--model", str(tiny_model_dir), "--device", "cpu", "--new-tokens", "4",
+           "--repeats", "1", "--dtypes", "float32,bfloat16", "--bandwidth-mb", "8",
+           "--out", str(tmp_path)])
+    results = result(tmp_path, "decode-cpu")
+    assert results["bandwidth"]["read_gb_per_s"] > 0
+    fp32, bf16 = results["dtypes"]["float32"], results["dtypes"]["bfloat16"]
+    assert fp32["weight_bytes_per_step"] == 2 * bf16["weight_bytes_per_step"]
+    for numbers in (fp32, bf16):
+        assert numbers["limit_ms_per_token"] > 0 and numbers["pair_over_single"] > 0
+        assert numbers["pair_streamed_seconds"] > 0 and numbers["pair_hooked_seconds"] > 0
+
+
+def test_decode_arithmetic(tiny_loaded):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.decode import bandwidth_limit_ms, step_seconds, weight_bytes_per_step
+
+    # 64 tokens in 3.2 s, 1 token in 0.05 s: 63 steps of 50 ms
+    assert step_seconds(3.2, 0.05, 64) == pytest.approx(0.05)
+    assert bandwidth_limit_ms(500_000_000, 10e9) == pytest.approx(50.0)
+    # tied embeddings: the output layer reads the shared matrix, counted once
+    model = tiny_loaded.model
+    every = sum(p.numel() * 4 for p in model.parameters())
+    assert weight_bytes_per_step(model) == every
+    # untied: a step reads one row of the input embedding, so it is left out
+    untied = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
+                                          num_hidden_layers=1, num_attention_heads=2,
+                                          tie_word_embeddings=False))
+    all_bytes = sum(p.numel() * 4 for p in untied.parameters())
+    assert weight_bytes_per_step(untied) == all_bytes - 100 * 16 * 4
+    assert weight_bytes_per_step(untied.to(torch.bfloat16)) == (all_bytes - 100 * 16 * 4) // 2
+
+
 def test_learner_round_runs(tiny_model_dir, tmp_path):
     bench(["learner", "--model", str(tiny_model_dir), "--device", "cpu", "--pairs", "2,4",
            "--reply-tokens", "6", "--repeats", "1", "--out", str(tmp_path)])

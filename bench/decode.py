@@ -1,0 +1,251 @@
+"""decode: ms per generated token against the machine's memory-bandwidth limit, per dtype.
+
+Each decode step reads every weight once (for one reply or for a pair alike), so a step can
+take no less than weight bytes / memory bandwidth. The benchmark measures the bandwidth itself
+(a large tensor summed and copied, well beyond any cache), then times plain `generate` for
+one reply and for the pair (n=2) at each dtype this machine runs natively, and reports
+measured / limit and pair / single. A step's time is (T(N tokens) - T(1 token)) / (N - 1), so
+the prompt's prefill is left out.
+
+It also times the project's own streaming path, `PairGenerator.stream`, against plain
+`generate` for the same pair: the same forced length, the same seed, so the same tokens.
+Between them sits `generate` with the stream's streamer and stopping criterion but nobody
+reading the stream, which tells the cost of the hooks from the cost of the reader.
+
+Every measurement runs in a fresh thread, as a pair does in the server, and the main thread
+runs no torch op: a thread that ran one keeps an idle OpenMP team, and libgomp then throttles
+every other thread's team (chatbot/sampling.py, "Threads").
+
+    python -m bench decode [--new-tokens 64] [--repeats 5] [--dtypes float32,bfloat16]
+
+Left out: the KV cache's reads (~5 MB per row at 100 tokens of context for the 135M model,
+under 1% of its weights) and the prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import RESULTS, write_result
+from chatbot.config import Config, add_model_args
+from chatbot.model import cpu_has_native_bf16, load_model, resolve_device
+from chatbot.sampling import PairGenerator, _Cancelled, _PairStreamer
+
+PROMPT = [{"role": "user", "content": "Explain why the sky is blue, in a few sentences."}]
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--new-tokens", type=int, default=64,
+                        help="tokens generated per reply, forced (default: 64)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed runs of each measurement (default: 5)")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated dtypes to time (default: float32, plus bfloat16 "
+                             "where the CPU computes it natively or on CUDA)")
+    parser.add_argument("--bandwidth-mb", type=int, default=512,
+                        help="size of the tensor the bandwidth is measured on, in MB; far "
+                             "beyond the last-level cache (default: 512)")
+    parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
+    add_model_args(parser)
+
+
+# --- arithmetic (unit-tested) ---------------------------------------------------------------
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except an input
+    embedding that is not tied to the output layer (a step reads one row of it)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    return sum(p.numel() * p.element_size() for p in model.parameters()
+               if tied or p is not embedding)
+
+
+def step_seconds(long_seconds: float, short_seconds: float, long_tokens: int,
+                 short_tokens: int = 1) -> float:
+    """Seconds per decode step from two timed generations that differ only in length."""
+    assert long_tokens > short_tokens
+    return (long_seconds - short_seconds) / (long_tokens - short_tokens)
+
+
+def bandwidth_limit_ms(weight_bytes: int, bytes_per_second: float) -> float:
+    """The least time a step can take: reading the weights once at the measured bandwidth."""
+    return 1000.0 * weight_bytes / bytes_per_second
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def in_fresh_thread(work):
+    """work() in a thread of its own, which takes its OpenMP team with it when it ends."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="bench-decode")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def memory_bandwidth(device: torch.device, megabytes: int, repeats: int) -> dict:
+    """Median GB/s of reading a large float32 tensor (sum) and of copying it (read + write)."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    size = source.numel() * 4
+    reads, copies = [], []
+    for _ in range(repeats + 1):  # the first of each is a warm-up
+        _sync(device)
+        started = time.perf_counter()
+        source.sum().item()
+        reads.append(size / (time.perf_counter() - started))
+        started = time.perf_counter()
+        target.copy_(source)
+        _sync(device)
+        copies.append(2 * size / (time.perf_counter() - started))
+    return {"read_gb_per_s": statistics.median(reads[1:]) / 1e9,
+            "copy_gb_per_s": statistics.median(copies[1:]) / 1e9,
+            "read_gb_per_s_runs": [r / 1e9 for r in reads[1:]],
+            "copy_gb_per_s_runs": [c / 1e9 for c in copies[1:]], "megabytes": megabytes}
+
+
+def default_dtypes(device: torch.device) -> list[str]:
+    native = device.type == "cuda" or cpu_has_native_bf16()
+    return ["float32", "bfloat16"] if native else ["float32"]
+
+
+class Timer:
+    """Times generations of one loaded model on one prompt, every one seeded the same."""
+
+    def __init__(self, loaded, config: Config, new_tokens: int) -> None:
+        self.loaded = loaded
+        self.config = config
+        self.new_tokens = new_tokens
+        self.generator = PairGenerator(loaded, config)
+        self.prompt = torch.tensor([self.generator.prompt_ids(PROMPT)], device=loaded.device)
+
+    def _kwargs(self, n: int, tokens: int) -> dict:
+        """What PairGenerator._generate passes, at a forced length."""
+        return dict(input_ids=self.prompt, attention_mask=torch.ones_like(self.prompt),
+                    do_sample=True, temperature=self.config.temperature,
+                    top_p=self.config.top_p, top_k=0, max_new_tokens=tokens,
+                    min_new_tokens=tokens, num_return_sequences=n, output_logits=True,
+                    return_dict_in_generate=True,
+                    pad_token_id=self.loaded.tokenizer.pad_token_id)
+
+    def _timed(self, run) -> float:
+        def timed() -> float:
+            torch.manual_seed(0)
+            _sync(self.loaded.device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                run()
+            _sync(self.loaded.device)
+            return time.perf_counter() - started
+
+        return in_fresh_thread(timed)
+
+    def plain(self, n: int, tokens: int) -> float:
+        return self._timed(lambda: self.loaded.model.generate(**self._kwargs(n, tokens)))
+
+    def hooked(self, n: int) -> float:
+        """generate with the stream's streamer and stopping criterion, nobody reading."""
+        from transformers import StoppingCriteriaList
+
+        stop = StoppingCriteriaList([_Cancelled(threading.Event())])
+        return self._timed(lambda: self.loaded.model.generate(
+            **self._kwargs(n, self.new_tokens), streamer=_PairStreamer(),
+            stopping_criteria=stop))
+
+    def streamed(self, n: int) -> float:
+        """The whole streaming path, as the server runs it, read to the end (the reader in the
+        main thread, which must stay free of torch work)."""
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        for _texts in self.generator.stream(PROMPT, n=n):
+            pass
+        return time.perf_counter() - started
+
+
+def run(args: argparse.Namespace) -> Path:
+    base = dataclasses.replace(Config.from_args(args), max_new_tokens=args.new_tokens)
+    device = resolve_device(base.device)
+    dtypes = args.dtypes.split(",") if args.dtypes else default_dtypes(device)
+    bandwidth = in_fresh_thread(
+        lambda: memory_bandwidth(device, args.bandwidth_mb, max(args.repeats, 5)))
+    bytes_per_second = bandwidth["read_gb_per_s"] * 1e9
+
+    timers = {}
+    for dtype in dtypes:
+        config = dataclasses.replace(base, dtype=dtype)
+        loaded = load_model(config)
+        # The stream stops at the end-of-turn token; forced to full length like the others,
+        # every path writes the same tokens.
+        loaded.model.generation_config.min_new_tokens = args.new_tokens
+        timers[dtype] = Timer(loaded, config, args.new_tokens)
+    for timer in timers.values():  # warm-up
+        timer.plain(1, 2)
+        timer.plain(2, 2)
+
+    runs: dict = {dtype: {k: [] for k in ("single_long", "single_short", "pair_long",
+                                          "pair_short", "pair_hooked", "pair_streamed")}
+                  for dtype in dtypes}
+    n = args.new_tokens
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
+        for dtype, timer in timers.items():
+            times = runs[dtype]
+            times["single_short"].append(timer.plain(1, 1))
+            times["single_long"].append(timer.plain(1, n))
+            times["pair_short"].append(timer.plain(2, 1))
+            times["pair_long"].append(timer.plain(2, n))
+            times["pair_hooked"].append(timer.hooked(2))
+            times["pair_streamed"].append(timer.streamed(2))
+
+    per_dtype = {}
+    for dtype, times in runs.items():
+        median = {k: statistics.median(v) for k, v in times.items()}
+        weights = weight_bytes_per_step(timers[dtype].loaded.model)
+        limit = bandwidth_limit_ms(weights, bytes_per_second)
+        single = 1000 * step_seconds(median["single_long"], median["single_short"], n)
+        pair = 1000 * step_seconds(median["pair_long"], median["pair_short"], n)
+        per_dtype[dtype] = {
+            "weight_bytes_per_step": weights,
+            "limit_ms_per_token": limit,
+            "single_ms_per_token": single,
+            "pair_ms_per_step": pair,  # one token of each reply
+            "single_over_limit": single / limit,
+            "pair_over_limit": pair / limit,
+            "pair_over_single_per_token": pair / single,
+            "single_reply_seconds": median["single_long"],
+            "pair_seconds": median["pair_long"],
+            "pair_over_single": median["pair_long"] / median["single_long"],
+            "pair_hooked_seconds": median["pair_hooked"],
+            "pair_streamed_seconds": median["pair_streamed"],
+            "streamed_minus_plain_seconds": median["pair_streamed"] - median["pair_long"],
+            "hooked_minus_plain_seconds": median["pair_hooked"] - median["pair_long"],
+            "runs_seconds": times,
+        }
+    results = {"bandwidth": bandwidth, "dtypes": per_dtype, "device": str(device),
+               "torch_threads": torch.get_num_threads()}
+    settings = {"model": next(iter(timers.values())).loaded.model_id, "new_tokens": n,
+                "repeats": args.repeats, "dtypes": dtypes, "temperature": base.temperature,
+                "top_p": base.top_p}
+    return write_result(f"decode-{device.type}", settings, results,
+                        Path(args.out) if args.out else RESULTS)
