@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import threading
 import time
@@ -186,6 +187,9 @@ class Timer:
 
 def run(args: argparse.Namespace) -> Path:
     base = dataclasses.replace(Config.from_args(args), max_new_tokens=args.new_tokens)
+    if base.threads:
+        torch.set_num_threads(base.threads)
+    load_before = os.getloadavg()
     device = resolve_device(base.device)
     dtypes = args.dtypes.split(",") if args.dtypes else default_dtypes(device)
     bandwidth = in_fresh_thread(
@@ -243,7 +247,9 @@ def run(args: argparse.Namespace) -> Path:
             "runs_seconds": times,
         }
     results = {"bandwidth": bandwidth, "dtypes": per_dtype, "device": str(device),
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(),
+               # other work on the machine: 1-minute load averages at the start and the end
+               "load_average_before_after": [load_before[0], os.getloadavg()[0]]}
     settings = {"model": next(iter(timers.values())).loaded.model_id, "new_tokens": n,
                 "repeats": args.repeats, "dtypes": dtypes, "temperature": base.temperature,
                 "top_p": base.top_p}

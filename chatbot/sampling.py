@@ -15,15 +15,19 @@ prompt + reply gives the same numbers. The sampling settings (temperature, top-p
 beside it, so the distribution the tokens were actually drawn from can be recomputed.
 
 Threads. A streamed pair's torch work - `generate` and the log-probs of its replies - all runs
-in the pair's own short-lived sampler thread; the consumer only decodes token ids to text.
-libgomp (torch's OpenMP on Linux) throttles every OpenMP team, putting its workers to sleep
-between the hundreds of small parallel regions of each decode step, as soon as the process
-holds more OpenMP threads than it has CPUs; and a thread that ran one parallel torch op keeps
-its idle team until it exits. When the consumer computed the log-probs itself, its thread
-kept a team, and from the second pair on every decode step ran behind it: on 2 cores a pair
-took 1.4-1.6x its first one's time (`python -m bench decode` times this path).
-`sample_many` runs in the caller's thread: the learner and the benchmarks call it from the
-thread that does their other torch work.
+in the pair's own short-lived sampler thread; the reader only turns token ids into text.
+libgomp (torch's OpenMP on Linux) lets a team's idle workers spin between parallel regions
+only while the process holds no more OpenMP threads than CPUs; past that they sleep almost at
+once, and each of a decode step's hundreds of small parallel regions waits for a wake-up. A
+thread that ran one parallel torch op keeps its idle team until it exits: when the reader
+computed the log-probs itself, its thread kept one, and every later pair decoded with
+sleeping workers, about 1.4x the first pair's time on 2 quiet cores. The spinning has its
+price where other processes of the same or a higher priority keep the cores busy: a spinning
+worker then holds a core its partner needs, and on this project's shared 2-core machine a
+pair took 10x longer or more; `OMP_WAIT_POLICY=PASSIVE` in the environment makes the workers
+sleep at once, for such hosts. (The learner child runs at a lower priority, which should keep
+it out of this; not measured.) `sample_many` runs in the caller's thread: the learner and the
+benchmarks call it from the thread that does their other torch work.
 
 Left out: batching the turns of different users together, speculative decoding.
 """
