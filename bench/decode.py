@@ -249,7 +249,8 @@ def run(args: argparse.Namespace) -> Path:
     results = {"bandwidth": bandwidth, "dtypes": per_dtype, "device": str(device),
                "torch_threads": torch.get_num_threads(),
                # other work on the machine: 1-minute load averages at the start and the end
-               "load_average_before_after": [load_before[0], os.getloadavg()[0]]}
+               "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     settings = {"model": next(iter(timers.values())).loaded.model_id, "new_tokens": n,
                 "repeats": args.repeats, "dtypes": dtypes, "temperature": base.temperature,
                 "top_p": base.top_p}
