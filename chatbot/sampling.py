@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -157,32 +157,13 @@ def _null_adapter() -> contextlib.AbstractContextManager[int]:
     return contextlib.nullcontext(0)
 
 
-class PairGenerator:
-    """Samples pairs of replies from a loaded model.
+class StreamingGenerator:
+    """What both engines share: the prompt encoding, the per-request cap, and a whole pair
+    from the stream. A subclass has `tokenizer` and `config` and implements `_run(prompt,
+    stream, n, max_new_tokens)`, an iterator of partial texts that sets `stream.result`."""
 
-    `adapter_context` is entered around each generate call and yields the adapter version in
-    use; the hot-swap module passes one that also keeps that version in place until the
-    pair is complete. Without one, every pair is from the base model (version 0).
-    `base_context` is entered instead where the base model's own replies are asked for
-    (`base=True`): it switches the adapter off meanwhile and yields 0. It may be left out only
-    with `adapter_context`: a model that never carries an adapter is the base model.
-    """
-
-    def __init__(self, loaded: LoadedModel, config: Config,
-                 adapter_context: Callable[[], contextlib.AbstractContextManager[int]]
-                 = _null_adapter,
-                 base_context: Callable[[], contextlib.AbstractContextManager[int]] | None
-                 = None) -> None:
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.device = loaded.device
-        self.config = config
-        self.adapter_context = adapter_context
-        self.base_context = base_context or (
-            _null_adapter if adapter_context is _null_adapter else None)
-        eos = self.model.generation_config.eos_token_id
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
-        self.stop_ids.discard(None)
+    tokenizer: Any
+    config: Config
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Encode the conversation with the chat template, dropping the oldest turns to fit."""
@@ -209,6 +190,38 @@ class PairGenerator:
             pass
         assert stream.result is not None
         return stream.result
+
+    def _run(self, prompt: list[int], stream: PairStream, n: int,
+             max_new_tokens: int) -> Iterator[tuple[str, str]]:
+        raise NotImplementedError
+
+
+class PairGenerator(StreamingGenerator):
+    """Samples pairs of replies from a loaded model.
+
+    `adapter_context` is entered around each generate call and yields the adapter version in
+    use; the hot-swap module passes one that also keeps that version in place until the
+    pair is complete. Without one, every pair is from the base model (version 0).
+    `base_context` is entered instead where the base model's own replies are asked for
+    (`base=True`): it switches the adapter off meanwhile and yields 0. It may be left out only
+    with `adapter_context`: a model that never carries an adapter is the base model.
+    """
+
+    def __init__(self, loaded: LoadedModel, config: Config,
+                 adapter_context: Callable[[], contextlib.AbstractContextManager[int]]
+                 = _null_adapter,
+                 base_context: Callable[[], contextlib.AbstractContextManager[int]] | None
+                 = None) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.config = config
+        self.adapter_context = adapter_context
+        self.base_context = base_context or (
+            _null_adapter if adapter_context is _null_adapter else None)
+        eos = self.model.generation_config.eos_token_id
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        self.stop_ids.discard(None)
 
     def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
                     ) -> list[SampledPair]:

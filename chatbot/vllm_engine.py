@@ -58,9 +58,8 @@ from chatbot.sampling import (
     PairStream,
     Reply,
     SampledPair,
+    StreamingGenerator,
     decode_reply,
-    encode_prompt,
-    token_texts,
 )
 from chatbot.store import Store
 
@@ -267,8 +266,9 @@ def adapter_name(row: dict) -> str:
     return f"duet-v{row['version']}-{row['sha256'][:8]}"
 
 
-class VllmGenerator:
-    """PairGenerator's interface on a vLLM server (see the module docstring)."""
+class VllmGenerator(StreamingGenerator):
+    """PairGenerator's interface on a vLLM server (see the module docstring): each stream is
+    one vLLM request."""
 
     def __init__(self, server: VllmServer, live: VllmLiveAdapter, tokenizer, config: Config,
                  stop_ids: set[int]) -> None:
@@ -277,30 +277,6 @@ class VllmGenerator:
         self.tokenizer = tokenizer
         self.config = config
         self.stop_ids = set(stop_ids)
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return encode_prompt(self.tokenizer, messages, self.config.max_prompt_tokens)
-
-    def token_texts(self, token_ids: list[int]) -> list[str]:
-        return token_texts(self.tokenizer, token_ids)
-
-    def stream(self, messages: list[dict], n: int = 2,
-               max_new_tokens: int | None = None) -> PairStream:
-        """Start `n` replies (2: a pair; 1: one reply) of at most `max_new_tokens` (capped at
-        the server's limit) as one vLLM request; iterate the stream for partial texts."""
-        assert n in (1, 2)
-        limit = min(max_new_tokens or self.config.max_new_tokens, self.config.max_new_tokens)
-        prompt = self.prompt_ids(messages)
-        stream = PairStream(iter(()))
-        stream._chunks = self._run(prompt, stream, n, limit)
-        return stream
-
-    def sample(self, messages: list[dict]) -> SampledPair:
-        stream = self.stream(messages)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
 
     def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
                     ) -> list[SampledPair]:

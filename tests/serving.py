@@ -60,10 +60,16 @@ def running_server(*args: str, log_path: Path, timeout: float = 180.0):
                 time.sleep(0.5)
         yield url, process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process, grace=20)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM a process started with start_new_session=True and its children; SIGKILL them
+    after `grace` seconds."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

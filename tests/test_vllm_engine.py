@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from chatbot.errors import EngineError
 from chatbot.model import embedded_checkpoint, load_model
 from chatbot.service import ChatService
 from chatbot.store import Store
-from tests.serving import ROOT, free_port, running_server, wait_for
+from tests.serving import ROOT, free_port, running_server, stop_process_group, wait_for
 from tests.test_hotswap import publish_random_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(1800)]
@@ -103,13 +102,7 @@ def vllm_server(vllm_python, tmp_path_factory) -> tuple[str, Path]:
             "model": str(model), "prompt": [1, 2, 3], "max_tokens": 2})
         yield url, log_path
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process, grace=30)
 
 
 @pytest.fixture(scope="module")
