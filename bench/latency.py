@@ -48,7 +48,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     from gradio_client import Client
 
-    from tests.serving import running_server
+    from tests.serving import running_server, wait_for
 
     rng = random.Random(0)
     prompts = load_prompts()
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> Path:
             timed_ask()  # the first pair warms the model up; not counted
             for round_no in range(args.rounds):
                 chatting = args.chat_during_rounds and round_no % 2 == 1
-                wait_until(lambda: learner() == LearnerState.IDLE, args.timeout)
+                wait_for(lambda: learner() == LearnerState.IDLE, args.timeout, every=0.5)
                 idle_asks.append(timed_ask())
                 live = client.predict(api_name="/status")["registry_live_version"]
                 versions_before = len(Store(data / "duet.db").adapters())
@@ -123,10 +123,3 @@ def run(args: argparse.Namespace) -> Path:
                 "chat_during_rounds": args.chat_during_rounds}
     return write_result("latency", settings, results, Path(args.out) if args.out else RESULTS)
 
-
-def wait_until(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not reached in {timeout:.0f} s")
-        time.sleep(0.5)
