@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks in one run, on a CUDA machine with the embedded model and the product's
+# defaults there (--device/--quantize/--dtype auto: a 4-bit NF4 base with bf16 compute):
+# the CUDA tests, then bench pair, swap, learner and a short learn.
+#
+#   bash bench/gpu.sh [OUT]        results to OUT (default: bench/results)
+#
+# Each step has its own time limit, so one that hangs does not take the rest with it; the
+# script's status is the number of steps that failed.
+set -uo pipefail
+OUT=${1:-bench/results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+failed=0
+
+step() {  # step SECONDS NAME COMMAND...: run one check, report how it ended and how long it took
+    local limit=$1 name=$2
+    shift 2
+    local started=$SECONDS
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@"
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - started))s"
+    [ "$rc" = 0 ] || failed=$((failed + 1))
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
+$PY -c "import torch, transformers, peft, bitsandbytes as b; print('torch', torch.__version__,
+'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)"
+step 180 "tests/test_cuda.py" $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
+step 120 "bench pair" $PY -m bench pair --out "$OUT"
+step 120 "bench swap" $PY -m bench swap --out "$OUT"
+step 180 "bench learner" $PY -m bench learner --repeats ${LEARNER_REPEATS:-2} --out "$OUT"
+step 300 "bench learn" $PY -m bench learn --oracle numbers --votes ${LEARN_VOTES:-32} \
+    --device auto --dtype auto --tag cuda --out "$OUT"
+echo "=== failed steps: $failed"
+exit "$failed"
