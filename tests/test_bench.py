@@ -183,11 +183,17 @@ def test_learner_round_runs(tiny_model_dir, tmp_path):
 
 def test_swap_runs(tiny_model_dir, tmp_path):
     bench(["swap", "--model", str(tiny_model_dir), "--device", "cpu", "--swaps", "3",
-           "--memory-swaps", "4", "--versions", "2", "--out", str(tmp_path)])
+           "--memory-swaps", "4", "--versions", "2", "--load-swaps", "6", "--load-clients", "2",
+           "--load-tokens", "4", "--out", str(tmp_path)])
     results = result(tmp_path, "swap-cpu")
     assert len(results["swap_ms"]) == 3 and results["swap_ms_max"] >= results["swap_ms_median"]
     assert len(results["blocking_ms"]) == 3
     assert 0 <= results["blocking_ms_median"] <= results["swap_ms_median"]
+    load = results["under_load"]
+    assert load["swaps"] == 6 and load["failed_requests"] == 0, load["failures"]
+    assert load["requests_served"] >= 1 and load["pairs_stored"] == load["requests_served"]
+    assert sum(load["versions_served"].values()) == load["requests_served"]
+    assert set(load["versions_served"]) <= {"1", "2"}
 
 
 def test_latency_runs(tiny_model_dir, tmp_path):
