@@ -30,6 +30,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), default=None,
                         help="run the learning suite (oracles x seeds, Duet vs TRL) instead of "
                              "one oracle; see bench/suite.py")
+    parser.add_argument("--sides", default="duet,trl",
+                        help="with --suite: the sides of each run to run where they are "
+                             "missing, comma-separated: duet, trl (TRL's RLOOTrainer), dpo "
+                             "(DPO trained offline for several epochs on the labelled pairs) "
+                             "(default: duet,trl)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="suite runs at once, one torch thread each (default: 1)")
     parser.add_argument("--summarize", action="store_true",

@@ -3,17 +3,19 @@
     python -m bench learn --suite quick   # 2 oracles x 1 seed, 64 votes (the iteration loop)
     python -m bench learn --suite full    # 4 oracles x 2 seeds at 64 votes, 2 runs on to 128
 
-Each run plays Duet's real loop with a simulated user (bench/simulate.py) and gives TRL the
-same oracle, prompts, model, LoRA shape and number of labelled pairs (bench/trl_baseline.py);
-both are judged by the same Evaluator against the base model's replies. The result is one JSON
-with every run's curves and, at 32, 64 and 128 votes, the mean Duet - TRL win-rate difference
-over runs with a 95% t-interval.
+Each run plays Duet's real loop with a simulated user (bench/simulate.py) and gives each anchor
+the same oracle, prompts, model, LoRA shape and number of labelled pairs: TRL's RLOOTrainer
+(bench/trl_baseline.py, one step per label) and, with `--sides duet,trl,dpo`, DPO trained offline
+for several epochs on the labelled pairs (bench/dpo_baseline.py); all are judged by the same
+Evaluator against the base model's replies. The result is one JSON with every run's curves
+and, at 32, 64 and 128 votes, the mean Duet - anchor win-rate difference over runs with a 95%
+t-interval.
 
 Cost is kept in check: 48-token replies, 16 held-out prompts (two replies each, sampled in one
-batched call), and TRL's side cached in bench/results/trl-cache/ under a key of everything
-that decides its outcome (settings, oracle, seed, TRL version, and the source of the code it
-runs), so a change to Duet's learner does not re-run TRL. `--jobs 2` runs two runs at once, one
-torch thread each.
+batched call), and each anchor's side cached in bench/results/trl-cache/ (dpo-cache/) under a
+key of everything that decides its outcome (settings, oracle, seed, TRL version, and the source
+of the code it runs), so a change to Duet's learner does not re-run the anchors. `--jobs 2`
+runs two runs at once, one torch thread each.
 
 A full suite takes longer than one sitting on two cores, so it resumes: each finished run is
 kept in bench/results/learn-suite-NAME/runs/ under a key of what decides Duet's side (settings,
@@ -56,6 +58,10 @@ SUITES = {
 REPORT_AT = (32, 64, 128)
 TRL_CACHE = "trl-cache"  # a folder beside the suite's result
 TRL_SOURCES = ("trl_baseline.py", "simulate.py", "oracles.py")
+DPO_CACHE = "dpo-cache"
+DPO_SOURCES = ("bench/dpo_baseline.py", "bench/simulate.py", "bench/oracles.py",
+               "learner/batch.py", "chatbot/sampling.py", "chatbot/model.py")
+ANCHOR_NAMES = {"trl": "TRL RLOO", "dpo": "offline DPO"}
 ROOT = Path(__file__).parent.parent
 # What Duet's side of a run executes: a change to any of these re-runs the kept runs.
 DUET_SOURCES = ("learner/*.py", "chatbot/*.py", "bench/simulate.py", "bench/oracles.py",
@@ -94,6 +100,20 @@ def trl_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: in
     blob = json.dumps([settings, oracle, seed, votes, eval_prompts, trl.__version__],
                       sort_keys=True)
     return hashlib.sha256((blob + sources).encode()).hexdigest()[:16]
+
+
+def dpo_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: int) -> str:
+    from bench import dpo_baseline
+
+    settings = {k: config.as_dict()[k] for k in (
+        "model", "quantize", "dtype", "max_new_tokens", "temperature", "top_p", "lora_r",
+        "lora_alpha")}
+    recipe = [dpo_baseline.EPOCHS, dpo_baseline.BATCH, dpo_baseline.LR, dpo_baseline.BETA]
+    digest = hashlib.sha256(json.dumps([settings, oracle, seed, votes, eval_prompts, recipe],
+                                       sort_keys=True).encode())
+    for name in DPO_SOURCES:
+        digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def duet_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: int) -> str:
@@ -168,6 +188,32 @@ def run_trl_side(config: Config, oracle_name: str, seed: int, votes: int, eval_p
     return record
 
 
+def dpo_path(cache: Path, config: Config, oracle_name: str, seed: int, votes: int,
+             eval_prompts: int) -> Path:
+    key = dpo_key(config, oracle_name, seed, votes, eval_prompts)
+    return cache / f"{oracle_name}-s{seed}-{votes}-{key}.json"
+
+
+def run_dpo_side(config: Config, oracle_name: str, seed: int, votes: int, eval_prompts: int,
+                 threads: int | None, cache: Path) -> dict:
+    """The offline DPO anchor of one oracle and seed, cached as soon as it finishes."""
+    from bench.dpo_baseline import run_dpo
+
+    _worker_setup(threads)
+    train, held_out = split_prompts(load_prompts(), eval_prompts, seed=seed)
+    started = time.perf_counter()
+    evaluations = [as_dict(e) for e in run_dpo(
+        dataclasses.replace(config, seed=seed), make_oracle(oracle_name, seed), train,
+        held_out, votes, checkpoints_for(votes), seed=seed)]
+    record = {"oracle": oracle_name, "seed": seed, "votes": votes,
+              "key": dpo_key(config, oracle_name, seed, votes, eval_prompts),
+              "seconds": time.perf_counter() - started, "evaluations": evaluations}
+    path = dpo_path(cache, config, oracle_name, seed, votes, eval_prompts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
 def at(curve: list[dict], votes: int) -> dict | None:
     return next((e for e in curve if e["votes"] == votes), None)
 
@@ -175,11 +221,11 @@ def at(curve: list[dict], votes: int) -> dict | None:
 def summarize(runs: list[dict]) -> dict:
     summary = {}
     for votes in REPORT_AT:
-        pairs = [(at(r["duet"], votes), at(r.get("trl", []), votes)) for r in runs]
+        entry = {}
+        pairs = [(at(r["duet"], votes), at(r.get("trl") or [], votes)) for r in runs]
         pairs = [(d, t) for d, t in pairs if d is not None and t is not None]
-        if not pairs:
-            continue
-        summary[str(votes)] = {
+        if pairs:
+            entry = {
             "duet_win_rate": mean_ci([d["win_rate"] for d, _ in pairs]),
             "trl_win_rate": mean_ci([t["win_rate"] for _, t in pairs]),
             "duet_minus_trl": mean_ci([d["win_rate"] - t["win_rate"] for d, t in pairs]),
@@ -189,21 +235,42 @@ def summarize(runs: list[dict]) -> dict:
                                            for _, t in pairs]),
             "duet_kl": mean_ci([d["kl_per_token"] for d, _ in pairs]),
             "trl_kl": mean_ci([t["kl_per_token"] for _, t in pairs]),
-        }
+            }
+        dpo = [(at(r["duet"], votes), at(r.get("dpo") or [], votes)) for r in runs]
+        dpo = [(d, o) for d, o in dpo if d is not None and o is not None]
+        if dpo:
+            entry.update({
+                "dpo_runs": len(dpo),
+                "dpo_win_rate": mean_ci([o["win_rate"] for _, o in dpo]),
+                "duet_minus_dpo": mean_ci([d["win_rate"] - o["win_rate"] for d, o in dpo]),
+                "dpo_satisfied_gain": mean_ci([o["satisfied_share"] - o["base_satisfied_share"]
+                                               for _, o in dpo]),
+                "dpo_kl": mean_ci([o["kl_per_token"] for _, o in dpo]),
+            })
+        if entry:
+            summary[str(votes)] = entry
     return summary
 
 
 def table(runs: list[dict]) -> str:
-    """Markdown: one row per run, Duet / TRL win rate at each reported vote count, and KL."""
-    lines = ["| oracle | seed | " + " | ".join(f"Duet / TRL @{v}" for v in REPORT_AT)
-             + " | KL Duet / TRL @max |", "|---|---|" + "---|" * (len(REPORT_AT) + 1)]
+    """Markdown: one row per run, Duet / TRL (/ DPO, where run) win rate at each reported vote
+    count, and KL at the run's last count."""
+    sides = ["trl"] + (["dpo"] if any(r.get("dpo") for r in runs) else [])
+    names = " / ".join(["Duet", "TRL", "DPO"][:len(sides) + 1])
+    lines = ["| oracle | seed | " + " | ".join(f"{names} @{v}" for v in REPORT_AT)
+             + f" | KL {names} @max |", "|---|---|" + "---|" * (len(REPORT_AT) + 1)]
+
+    def cell(curves: list, key: str, fmt: str) -> str:
+        if curves[0] is None:
+            return ""
+        return " / ".join("-" if c is None else format(c[key], fmt) for c in curves)
+
     for r in runs:
-        cells = []
-        for v in REPORT_AT:
-            d, t = at(r["duet"], v), at(r.get("trl", []), v)
-            cells.append(f"{d['win_rate']:.2f} / {t['win_rate']:.2f}" if d and t else "")
-        d, t = r["duet"][-1], r["trl"][-1] if r.get("trl") else None
-        kl = f"{d['kl_per_token']:.3f} / {t['kl_per_token']:.3f}" if t else ""
+        cells = [cell([at(r["duet"], v)] + [at(r.get(s) or [], v) for s in sides],
+                      "win_rate", ".2f") for v in REPORT_AT]
+        last = r["duet"][-1]["votes"]
+        kl = cell([r["duet"][-1]] + [at(r.get(s) or [], last) for s in sides],
+                  "kl_per_token", ".3f")
         lines.append(f"| {r['oracle']} | {r['seed']} | " + " | ".join(cells) + f" | {kl} |")
     return "\n".join(lines)
 
@@ -217,6 +284,10 @@ def run_suite(args: argparse.Namespace, config: Config) -> Path:
     config = dataclasses.replace(config, max_new_tokens=args.max_new_tokens)
     out = Path(args.out) if args.out else RESULTS
     cache = out / TRL_CACHE
+    dpo_cache = out / DPO_CACHE
+    sides = args.sides.split(",") if getattr(args, "sides", None) else ["duet", "trl"]
+    if not set(sides) <= {"duet", "trl", "dpo"}:
+        raise SystemExit(f"--sides: {args.sides!r}: choose among duet, trl, dpo")
     started = time.perf_counter()
     threads = 1 if args.jobs > 1 else None
     kept = out / f"learn-suite-{args.suite}" / (args.tag or "runs")
@@ -225,12 +296,15 @@ def run_suite(args: argparse.Namespace, config: Config) -> Path:
     # Keys hash every source file: work each run's two paths out once.
     duet_of = {p: duet_path(kept, *p, duet_key(config, *p, args.eval_prompts)) for p in plan}
     trl_of = {p: trl_path(cache, config, *p, args.eval_prompts) for p in plan}
-    tasks = []  # in plan order, both sides of a run next to each other
+    dpo_of = {p: dpo_path(dpo_cache, config, *p, args.eval_prompts) for p in plan}
+    tasks = []  # in plan order, the sides of a run next to each other
     for p in plan:
-        if not duet_of[p].exists():
+        if "duet" in sides and not duet_of[p].exists():
             tasks.append((run_duet, p, kept))
-        if not trl_of[p].exists():
+        if "trl" in sides and not trl_of[p].exists():
             tasks.append((run_trl_side, p, cache))
+        if "dpo" in sides and not dpo_of[p].exists():
+            tasks.append((run_dpo_side, p, dpo_cache))
     reused = sum(duet_of[p].exists() for p in plan)
     trl_reused = {p for p in plan if trl_of[p].exists()}
     if args.summarize:
@@ -249,13 +323,17 @@ def run_suite(args: argparse.Namespace, config: Config) -> Path:
     else:
         for fn, p, folder in tasks:
             fn(config, *p, args.eval_prompts, threads, folder)
-    runs = []
+    runs = []  # a run is reported once Duet's side and an anchor's are there
     for p in plan:
-        if duet_of[p].exists() and trl_of[p].exists():
+        if duet_of[p].exists() and (trl_of[p].exists() or dpo_of[p].exists()):
             run = json.loads(duet_of[p].read_text())
-            trl = json.loads(trl_of[p].read_text())
-            run.update(trl=trl["evaluations"], trl_seconds=trl["seconds"],
-                       trl_cached=p in trl_reused)
+            if trl_of[p].exists():
+                trl = json.loads(trl_of[p].read_text())
+                run.update(trl=trl["evaluations"], trl_seconds=trl["seconds"],
+                           trl_cached=p in trl_reused)
+            if dpo_of[p].exists():
+                dpo = json.loads(dpo_of[p].read_text())
+                run.update(dpo=dpo["evaluations"], dpo_seconds=dpo["seconds"])
             runs.append(run)
     if not runs:
         raise SystemExit(f"no kept runs of suite {args.suite} match these settings and sources")
@@ -263,7 +341,7 @@ def run_suite(args: argparse.Namespace, config: Config) -> Path:
                "runs_planned": len(plan), "runs_reused": reused,
                "seconds_total": time.perf_counter() - started}
     settings = {**config.as_dict(), "suite": args.suite, "plan": plan,
-                "eval_prompts": args.eval_prompts, "jobs": args.jobs}
+                "eval_prompts": args.eval_prompts, "jobs": args.jobs, "sides": sides}
     name = f"learn-suite-{args.suite}" + (f"-{args.tag}" if args.tag else "")
     path = write_result(name, settings, results, out)
     plot_suite(runs, out / f"{name}.png", title=f"{name} ({config.objective})")
@@ -284,9 +362,10 @@ def plot_suite(runs: list[dict], path: Path, title: str) -> None:
     for ax, r in zip(axes[0], runs):
         ax.plot([e["votes"] for e in r["duet"]], [e["win_rate"] for e in r["duet"]], "o-",
                 label="Duet")
-        if r.get("trl"):
-            ax.plot([e["votes"] for e in r["trl"]], [e["win_rate"] for e in r["trl"]], "s--",
-                    label="TRL RLOO")
+        for side, marker in (("trl", "s--"), ("dpo", "^:")):
+            if r.get(side):
+                ax.plot([e["votes"] for e in r[side]], [e["win_rate"] for e in r[side]],
+                        marker, label=ANCHOR_NAMES[side])
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set(title=f"{r['oracle']} s{r['seed']}", xlabel="votes", ylim=(0, 1))
     axes[0][0].set_ylabel("win rate vs base")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench.__main__ import main as bench
 from bench.oracles import ORACLES, make_oracle
@@ -120,6 +121,56 @@ def test_learn_suite_runs_and_caches_the_trl_side(tiny_model_dir, tmp_path):
     assert "| numbers | 0 |" in third["table"]
     with pytest.raises(SystemExit, match="no kept runs"):  # other settings: none match
         bench(argv + ["--lr", "0.002", "--summarize"])
+def test_learn_suite_runs_the_offline_dpo_anchor(tiny_model_dir, tmp_path):
+    argv = ["learn", "--suite", "quick", "--votes-cap", "4", "--sides", "duet,dpo",
+            "--model", str(tiny_model_dir), "--device", "cpu", "--eval-prompts", "2",
+            "--max-new-tokens", "6", "--learn-every", "2", "--out", str(tmp_path)]
+    bench(argv)
+    first = result(tmp_path, "learn-suite-quick")
+    assert [r["oracle"] for r in first["runs"]] == ["numbers", "you"]
+    assert all([e["votes"] for e in r["dpo"]] == [0, 4] and "trl" not in r
+               for r in first["runs"])
+    assert len(list((tmp_path / "dpo-cache").glob("*.json"))) == 2
+    assert "| oracle | seed | Duet / TRL / DPO @32 |" in first["table"]
+    assert "| numbers | 0 |" in first["table"] and " / - / " in first["table"]  # no TRL side
+    bench(argv)  # cached: the same DPO curves come back without a run
+    second = result(tmp_path, "learn-suite-quick")
+    assert [r["dpo"] for r in second["runs"]] == [r["dpo"] for r in first["runs"]]
+
+
+def test_offline_dpo_moves_the_policy_toward_the_chosen_replies(tiny_model_dir, tmp_path):
+    import dataclasses
+
+    from bench.dpo_baseline import labelled_pairs, reply_logprobs, train_dpo
+    from bench.oracles import make_oracle
+    from chatbot.config import Config
+
+    config = Config(model=str(tiny_model_dir), device="cpu", dtype="float32",
+                    max_new_tokens=8, cache_dir=tmp_path / "cache")
+    pairs = labelled_pairs(config, make_oracle("numbers", 0), ["Say hi.", "Count to three."],
+                           8, seed=0)
+    assert len(pairs) == 8 and all(vote in ("A", "B", "tie") for _, vote in pairs)
+    pairs = [(pair, "A") for pair, _ in pairs]  # a user who always picks the first reply
+    model, trained = train_dpo(dataclasses.replace(config, seed=0), pairs, seed=0)
+    assert trained == sum(bool(p.replies[0].token_ids and p.replies[1].token_ids)
+                          for p, _ in pairs) > 0
+
+    pad = model.config.pad_token_id
+
+    def margins():
+        with torch.no_grad():
+            chosen = reply_logprobs(model, [(p.prompt_token_ids, p.replies[0].token_ids)
+                                            for p, _ in pairs], pad, "cpu")
+            rejected = reply_logprobs(model, [(p.prompt_token_ids, p.replies[1].token_ids)
+                                              for p, _ in pairs], pad, "cpu")
+        return chosen - rejected
+
+    after = margins()
+    with model.disable_adapter():
+        before = margins()
+    assert (after - before).mean().item() > 0.5  # the chosen replies gained on the rejected
+
+
 def test_mean_ci_over_runs():
     from bench.suite import mean_ci
 
