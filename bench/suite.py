@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -162,91 +163,75 @@ def duet_path(kept: Path, oracle_name: str, seed: int, votes: int, key: str) -> 
     return kept / f"{oracle_name}-s{seed}-{votes}-{key}.json"
 
 
-def trl_path(cache: Path, config: Config, oracle_name: str, seed: int, votes: int,
-             eval_prompts: int) -> Path:
-    key = trl_key(config, oracle_name, seed, votes, eval_prompts)
+def anchor_path(side: str, cache: Path, config: Config, oracle_name: str, seed: int,
+                votes: int, eval_prompts: int) -> Path:
+    key = ANCHOR_KEYS[side](config, oracle_name, seed, votes, eval_prompts)
     return cache / f"{oracle_name}-s{seed}-{votes}-{key}.json"
 
 
-def run_trl_side(config: Config, oracle_name: str, seed: int, votes: int, eval_prompts: int,
-                 threads: int | None, cache: Path) -> dict:
-    """TRL's side of one oracle and seed, written to the cache as soon as it finishes."""
-    from bench.trl_baseline import run_trl
+def run_anchor_side(side: str, config: Config, oracle_name: str, seed: int, votes: int,
+                    eval_prompts: int, threads: int | None, cache: Path) -> dict:
+    """One anchor's side (trl or dpo) of one oracle and seed, written to its cache as soon as
+    it finishes."""
+    import importlib
 
+    module, function = ANCHOR_RUNNERS[side]
+    run_anchor = getattr(importlib.import_module(module), function)
     _worker_setup(threads)
     train, held_out = split_prompts(load_prompts(), eval_prompts, seed=seed)
     started = time.perf_counter()
-    evaluations = [as_dict(e) for e in run_trl(
+    evaluations = [as_dict(e) for e in run_anchor(
         dataclasses.replace(config, seed=seed), make_oracle(oracle_name, seed), train,
         held_out, votes, checkpoints_for(votes), seed=seed)]
     record = {"oracle": oracle_name, "seed": seed, "votes": votes,
-              "key": trl_key(config, oracle_name, seed, votes, eval_prompts),
+              "key": ANCHOR_KEYS[side](config, oracle_name, seed, votes, eval_prompts),
               "seconds": time.perf_counter() - started, "evaluations": evaluations}
-    path = trl_path(cache, config, oracle_name, seed, votes, eval_prompts)
+    path = anchor_path(side, cache, config, oracle_name, seed, votes, eval_prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
-def dpo_path(cache: Path, config: Config, oracle_name: str, seed: int, votes: int,
-             eval_prompts: int) -> Path:
-    key = dpo_key(config, oracle_name, seed, votes, eval_prompts)
-    return cache / f"{oracle_name}-s{seed}-{votes}-{key}.json"
-
-
-def run_dpo_side(config: Config, oracle_name: str, seed: int, votes: int, eval_prompts: int,
-                 threads: int | None, cache: Path) -> dict:
-    """The offline DPO anchor of one oracle and seed, cached as soon as it finishes."""
-    from bench.dpo_baseline import run_dpo
-
-    _worker_setup(threads)
-    train, held_out = split_prompts(load_prompts(), eval_prompts, seed=seed)
-    started = time.perf_counter()
-    evaluations = [as_dict(e) for e in run_dpo(
-        dataclasses.replace(config, seed=seed), make_oracle(oracle_name, seed), train,
-        held_out, votes, checkpoints_for(votes), seed=seed)]
-    record = {"oracle": oracle_name, "seed": seed, "votes": votes,
-              "key": dpo_key(config, oracle_name, seed, votes, eval_prompts),
-              "seconds": time.perf_counter() - started, "evaluations": evaluations}
-    path = dpo_path(cache, config, oracle_name, seed, votes, eval_prompts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    return record
+ANCHOR_KEYS = {"trl": trl_key, "dpo": dpo_key}
+ANCHOR_RUNNERS = {"trl": ("bench.trl_baseline", "run_trl"),  # imported where they run
+                  "dpo": ("bench.dpo_baseline", "run_dpo")}
 
 
 def at(curve: list[dict], votes: int) -> dict | None:
     return next((e for e in curve if e["votes"] == votes), None)
 
 
+def anchor_summary(runs: list[dict], votes: int, side: str) -> tuple[list, dict]:
+    """The runs with Duet's and `side`'s evaluation at `votes`, and that anchor's fields."""
+    pairs = [(at(r["duet"], votes), at(r.get(side) or [], votes)) for r in runs]
+    pairs = [(d, a) for d, a in pairs if d is not None and a is not None]
+    if not pairs:
+        return pairs, {}
+    return pairs, {
+        f"{side}_win_rate": mean_ci([a["win_rate"] for _, a in pairs]),
+        f"duet_minus_{side}": mean_ci([d["win_rate"] - a["win_rate"] for d, a in pairs]),
+        f"{side}_satisfied_gain": mean_ci([a["satisfied_share"] - a["base_satisfied_share"]
+                                           for _, a in pairs]),
+        f"{side}_kl": mean_ci([a["kl_per_token"] for _, a in pairs]),
+    }
+
+
 def summarize(runs: list[dict]) -> dict:
     summary = {}
     for votes in REPORT_AT:
         entry = {}
-        pairs = [(at(r["duet"], votes), at(r.get("trl") or [], votes)) for r in runs]
-        pairs = [(d, t) for d, t in pairs if d is not None and t is not None]
-        if pairs:
-            entry = {
-            "duet_win_rate": mean_ci([d["win_rate"] for d, _ in pairs]),
-            "trl_win_rate": mean_ci([t["win_rate"] for _, t in pairs]),
-            "duet_minus_trl": mean_ci([d["win_rate"] - t["win_rate"] for d, t in pairs]),
-            "duet_satisfied_gain": mean_ci([d["satisfied_share"] - d["base_satisfied_share"]
-                                            for d, _ in pairs]),
-            "trl_satisfied_gain": mean_ci([t["satisfied_share"] - t["base_satisfied_share"]
-                                           for _, t in pairs]),
-            "duet_kl": mean_ci([d["kl_per_token"] for d, _ in pairs]),
-            "trl_kl": mean_ci([t["kl_per_token"] for _, t in pairs]),
-            }
-        dpo = [(at(r["duet"], votes), at(r.get("dpo") or [], votes)) for r in runs]
-        dpo = [(d, o) for d, o in dpo if d is not None and o is not None]
-        if dpo:
+        pairs, trl = anchor_summary(runs, votes, "trl")
+        if pairs:  # Duet's own numbers over the runs TRL is compared on
             entry.update({
-                "dpo_runs": len(dpo),
-                "dpo_win_rate": mean_ci([o["win_rate"] for _, o in dpo]),
-                "duet_minus_dpo": mean_ci([d["win_rate"] - o["win_rate"] for d, o in dpo]),
-                "dpo_satisfied_gain": mean_ci([o["satisfied_share"] - o["base_satisfied_share"]
-                                               for _, o in dpo]),
-                "dpo_kl": mean_ci([o["kl_per_token"] for _, o in dpo]),
+                "duet_win_rate": mean_ci([d["win_rate"] for d, _ in pairs]),
+                "duet_satisfied_gain": mean_ci([d["satisfied_share"] - d["base_satisfied_share"]
+                                                for d, _ in pairs]),
+                "duet_kl": mean_ci([d["kl_per_token"] for d, _ in pairs]),
+                **trl,
             })
+        pairs, dpo = anchor_summary(runs, votes, "dpo")
+        if pairs:
+            entry.update({"dpo_runs": len(pairs), **dpo})
         if entry:
             summary[str(votes)] = entry
     return summary
@@ -295,16 +280,16 @@ def run_suite(args: argparse.Namespace, config: Config) -> Path:
 
     # Keys hash every source file: work each run's two paths out once.
     duet_of = {p: duet_path(kept, *p, duet_key(config, *p, args.eval_prompts)) for p in plan}
-    trl_of = {p: trl_path(cache, config, *p, args.eval_prompts) for p in plan}
-    dpo_of = {p: dpo_path(dpo_cache, config, *p, args.eval_prompts) for p in plan}
+    trl_of = {p: anchor_path("trl", cache, config, *p, args.eval_prompts) for p in plan}
+    dpo_of = {p: anchor_path("dpo", dpo_cache, config, *p, args.eval_prompts) for p in plan}
     tasks = []  # in plan order, the sides of a run next to each other
     for p in plan:
         if "duet" in sides and not duet_of[p].exists():
             tasks.append((run_duet, p, kept))
         if "trl" in sides and not trl_of[p].exists():
-            tasks.append((run_trl_side, p, cache))
+            tasks.append((functools.partial(run_anchor_side, "trl"), p, cache))
         if "dpo" in sides and not dpo_of[p].exists():
-            tasks.append((run_dpo_side, p, dpo_cache))
+            tasks.append((functools.partial(run_anchor_side, "dpo"), p, dpo_cache))
     reused = sum(duet_of[p].exists() for p in plan)
     trl_reused = {p for p in plan if trl_of[p].exists()}
     if args.summarize:
