@@ -31,7 +31,7 @@ $PY -c "import torch, transformers, peft, bitsandbytes as b; print('torch', torc
 step 180 "tests/test_cuda.py" $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
 step 120 "bench pair" $PY -m bench pair --out "$OUT"
 step 120 "bench swap" $PY -m bench swap --out "$OUT"
-step 180 "bench learner" $PY -m bench learner --repeats ${LEARNER_REPEATS:-2} --out "$OUT"
+step 180 "bench learner" $PY -m bench learner --pairs 4,16 --repeats 2 --out "$OUT"
 step 300 "bench learn" $PY -m bench learn --oracle numbers --votes ${LEARN_VOTES:-32} \
     --device auto --dtype auto --tag cuda --out "$OUT"
 echo "=== failed steps: $failed"
