@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench.__main__ import main as bench
+from bench.learner_round import PHASES
 from bench.oracles import ORACLES, make_oracle
 from bench.simulate import load_prompts, sign_test_p, split_prompts
 
@@ -230,6 +231,9 @@ def test_learner_round_runs(tiny_model_dir, tmp_path):
     rounds = result(tmp_path, "learner-cpu")["rounds"]
     assert [r["pairs"] for r in rounds] == [2, 4]
     assert all(r["round_seconds"] > 0 and r["floor_seconds"] > 0 for r in rounds)
+    for r in rounds:  # every phase ran, and the phases are parts of the round
+        assert all(r["phase_seconds"][name] > 0 for name in PHASES), r["phase_seconds"]
+        assert sum(r["phase_seconds"].values()) <= r["round_seconds"]
 
 
 def test_swap_runs(tiny_model_dir, tmp_path):
