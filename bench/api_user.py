@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> Path:
                 if status["votes_pending"] == 0 and learner.get("state") != "training":
                     break
                 time.sleep(2)
+            else:
+                print(f"the learner had not used every vote after {args.timeout:.0f} s: "
+                      "measuring the adapter live now")
             time.sleep(5)  # let the server's swap poll pick up the last version
             status = client.predict(api_name="/status")
             after = read_held_out(client, held_out, oracle)
@@ -111,6 +114,7 @@ def run(args: argparse.Namespace) -> Path:
         "p_value_one_sided": one_sided_p(before["satisfied"], after["satisfied"], n),
         "length_ratio": after["mean_words"] / before["mean_words"],
         "live_adapter_version": status["live_adapter_version"],
+        "votes_pending_when_measured": status["votes_pending"],
         "votes": {c: choices.count(c) for c in sorted(set(choices))},
         "rounds": [{k: s.get(k) for k in ("adapter_version", "status", "kl", "heldout_acc",
                                           "live_heldout_acc", "judged_pairs", "seconds")}

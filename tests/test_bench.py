@@ -266,6 +266,7 @@ def test_api_user_runs(tiny_model_dir, tmp_path):
     assert results["before"]["replies"] == results["after"]["replies"] == 4
     assert sum(results["votes"].values()) == 4
     assert results["live_adapter_version"] >= 1 and len(results["rounds"]) >= 1
+    assert results["votes_pending_when_measured"] == 0  # the learner used every vote
     assert 0.0 <= results["p_value_one_sided"] <= 1.0
 
 
