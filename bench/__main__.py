@@ -17,6 +17,7 @@ BENCHMARKS = {
     "swap": "bench.swap",
     "latency": "bench.latency",
     "api-user": "bench.api_user",
+    "feature-share": "bench.feature_share",
     "store": "bench.store",
 }
 

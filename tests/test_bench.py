@@ -270,6 +270,24 @@ def test_api_user_runs(tiny_model_dir, tmp_path):
     assert 0.0 <= results["p_value_one_sided"] <= 1.0
 
 
+def test_feature_share_counts_replies_and_differing_pairs(tiny_model_dir, tmp_path):
+    from bench.feature_share import shares
+
+    oracle = make_oracle("re:x")
+    row = shares(oracle, [("x", "x"), ("x", "y"), ("y", "y"), ("y", "x")])
+    assert row == {"reply_share": 0.5, "differing_pair_share": 0.5}
+    bench(["feature-share", "--model", str(tiny_model_dir), "--device", "cpu", "--pattern",
+           "numbers", "--pattern", "re:.", "--prompts-used", "3", "--batch", "2",
+           "--max-new-tokens", "4", "--out", str(tmp_path)])
+    results = result(tmp_path, "feature-share")
+    assert results["pairs"] == 3
+    assert set(results["features"]) == {"numbers", "re:."}
+    assert 0.0 <= results["features"]["numbers"]["reply_share"] <= 1.0
+    with pytest.raises(ValueError, match="not a regular expression"):
+        bench(["feature-share", "--model", str(tiny_model_dir), "--pattern", "re:(",
+               "--out", str(tmp_path)])
+
+
 def test_one_sided_two_proportion_p():
     from bench.api_user import one_sided_p
 
