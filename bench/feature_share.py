@@ -31,7 +31,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="an oracle name or re:PATTERN; give it once per feature")
     parser.add_argument("--prompts-used", type=int, default=96,
                         help="prompts to sample a pair for (default: 96)")
-    parser.add_argument("--batch", type=int, default=16, help="prompts per generate call")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="prompts per generate call (default: 16)")
     parser.add_argument("--prompts", default=None,
                         help="a file of prompts, one per line (default: bench/data/prompts.txt)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")

@@ -1,8 +1,8 @@
 """learner: seconds per learner round for 4, 16 and 64 voted pairs, against its floor - one
 forward+backward of the policy plus one forward of the reference over the same tokens, timed
 in the same run - and where a round's time goes, phase by phase (reference log-probs, the
-live adapter's margins, training, the KL check, publishing). The replies are the worst case:
-every one is --reply-tokens long.
+live adapter's margins, training, the KL check, writing the adapter). The replies are the
+worst case: every one is --reply-tokens long.
 
     python -m bench learner [--pairs 4,16,64] [--reply-tokens 64]
 
