@@ -18,6 +18,7 @@ BENCHMARKS = {
     "latency": "bench.latency",
     "api-user": "bench.api_user",
     "feature-share": "bench.feature_share",
+    "sweep": "bench.sweep",
     "store": "bench.store",
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +23,20 @@ from bench.suite import SUITES, run_suite
 from chatbot.config import Config, add_learner_args, add_model_args
 
 
+def _oracle_name(name: str) -> str:
+    try:
+        make_oracle(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--oracle", choices=sorted(ORACLES) + [f"noisy-{n}" for n in ORACLES],
-                        default="shorter",
-                        help="the simulated user's hidden preference; noisy-NAME flips 20%% of "
-                             "NAME's votes (default: shorter)")
+    parser.add_argument("--oracle", type=_oracle_name, default="shorter",
+                        help="the simulated user's hidden preference: one of "
+                             f"{', '.join(sorted(ORACLES))}; noisy-NAME flips 20%% of NAME's "
+                             "votes; re:PATTERN prefers replies matching a regular expression, "
+                             "else the shorter (default: shorter)")
     parser.add_argument("--suite", choices=sorted(SUITES), default=None,
                         help="run the learning suite (oracles x seeds, Duet vs TRL) instead of "
                              "one oracle; see bench/suite.py")
@@ -90,7 +100,8 @@ def run(args: argparse.Namespace) -> Path:
             trl_evaluations = run_trl(config, oracle, train, held_out, args.votes,
                                       checkpoints, seed=args.seed)
             trl_seconds = time.perf_counter() - started
-    name = (f"learn-{args.oracle}-{args.objective}" + ("-vs-trl" if args.vs else "")
+    slug = re.sub(r"[^a-z0-9]+", "-", args.oracle.lower()).strip("-")[:60]
+    name = (f"learn-{slug}-{args.objective}" + ("-vs-trl" if args.vs else "")
             + (f"-{args.tag}" if args.tag else ""))
     results = {
         "oracle": oracle.description,
