@@ -64,6 +64,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48,
                         help="reply length limit (default: 48, as in bench learn --suite)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (default: 1)")
+    parser.add_argument("--round-every", type=int, default=None,
+                        help="start a learner round only once this many votes wait, however "
+                             "small --learn-every is: a learner that falls behind the votes, "
+                             "as one sharing its CPU does (default: --learn-every)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds after which every run stops voting and keeps the "
                              "checkpoints it reached (default: none)")
@@ -87,9 +91,24 @@ def variant_config(args: argparse.Namespace, flags: str) -> Config:
     return dataclasses.replace(config, max_new_tokens=args.max_new_tokens)
 
 
+def vote_behind(sim: Simulation, round_every: int) -> None:
+    """One vote, as Simulation.vote_once, but the round starts only once `round_every` votes
+    wait; it then claims them all (up to --max-batch-votes)."""
+    prompt = sim.rng.choice(sim.train_prompts)
+    result = sim.service.ask("simulated-user", prompt, "")
+    sim.service.vote("simulated-user", result["pair_id"], sim.oracle.prefer(*result["replies"]))
+    sim.votes += 1
+    while sim.learner.pending() >= round_every:
+        step = sim.learner.round()
+        if not step:
+            break
+        sim.round_steps.append(step)
+        sim.live.sync()
+
+
 def run_one(config: Config, variant: str, oracle_name: str, seed: int, votes: int,
             checkpoints: list[int], eval_prompts: int, deadline: float | None,
-            threads: int | None, path: Path) -> dict:
+            threads: int | None, path: Path, round_every: int | None = None) -> dict:
     """One run; its JSON is rewritten after every checkpoint (complete: false until the end)."""
     import torch
 
@@ -99,7 +118,7 @@ def run_one(config: Config, variant: str, oracle_name: str, seed: int, votes: in
                         format=f"%(asctime)s {variant} {oracle_name} s{seed} %(message)s")
     train, held_out = split_prompts(load_prompts(), eval_prompts, seed=seed)
     run = {"variant": variant, "oracle": oracle_name, "seed": seed, "votes": votes,
-           "complete": False, "curve": []}
+           "round_every": round_every, "complete": False, "curve": []}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="duet-sweep-") as data_dir:
         sim = Simulation(dataclasses.replace(config, data_dir=Path(data_dir), seed=seed),
@@ -114,7 +133,10 @@ def run_one(config: Config, variant: str, oracle_name: str, seed: int, votes: in
             sim.evaluate()
             keep()
         while sim.votes < votes and (deadline is None or time.time() < deadline):
-            sim.vote_once()
+            if round_every:
+                vote_behind(sim, round_every)
+            else:
+                sim.vote_once()
             if sim.votes in checkpoints:
                 sim.evaluate()
                 keep()
@@ -201,7 +223,7 @@ def run(args: argparse.Namespace) -> Path:
                 tasks.append((configs[name], name, oracle, seed, args.votes, checkpoints,
                               args.eval_prompts, deadline,
                               1 if args.jobs > 1 else None,
-                              folder / f"{name}-{slug}-s{seed}.json"))
+                              folder / f"{name}-{slug}-s{seed}.json", args.round_every))
     started = time.perf_counter()
     if args.jobs > 1:
         import multiprocessing
@@ -213,13 +235,13 @@ def run(args: argparse.Namespace) -> Path:
     else:
         for t in tasks:
             run_one(*t)
-    runs = [json.loads(t[-1].read_text()) for t in tasks if t[-1].exists()]
+    runs = [json.loads(t[-2].read_text()) for t in tasks if t[-2].exists()]
     results = {"summary": summarize(runs, list(variants)), "table": table(runs),
                "runs": runs, "seconds_total": time.perf_counter() - started}
     settings = {"variants": variants, "oracles": args.oracle, "seeds": seeds,
                 "votes": args.votes, "checkpoints": checkpoints,
                 "eval_prompts": args.eval_prompts, "jobs": args.jobs,
-                "time_limit": args.time_limit,
+                "time_limit": args.time_limit, "round_every": args.round_every,
                 "common": configs[next(iter(variants))].as_dict()}
     print(results["table"])
     print(json.dumps(results["summary"], indent=1))

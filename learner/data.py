@@ -16,6 +16,11 @@ Training samples are replies with an advantage (see objectives.py): the new vote
 is a person's time and deserves more than one look), and new absolute feedback (thumbs,
 "both bad"), which judges nothing and trains at once. Ties give no samples.
 
+A round that claims more than `learn_every` new items (the learner fell behind: votes came in
+faster than rounds finish) stands for several rounds: it is cut into slices of `learn_every`
+new items in the order they came, each with the `replay` earlier items a round of its own
+would draw, and the worker trains them slice by slice.
+
 No user holds more than `max_user_share` of the fresh or of the replayed items (see
 chatbot/limits.py).
 
@@ -24,6 +29,7 @@ Left out: prioritised replay, weighting users by how much they agree with others
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -59,19 +65,49 @@ FEEDBACK_REWARD = {"A": 1.0, "B": 1.0, "tie": 0.0, "both_bad": -1.0, "up": 1.0, 
 
 @dataclass
 class RoundData:
-    new_samples: list[Sample] = field(default_factory=list)  # from this round's feedback
-    replay_samples: list[Sample] = field(default_factory=list)  # from earlier feedback
+    # The samples of each feedback item (a vote's two replies stay together), oldest first.
+    new_items: list[list[Sample]] = field(default_factory=list)  # this round's feedback
+    replay_items: list[list[Sample]] = field(default_factory=list)  # earlier feedback
     pairs: list[PreferencePair] = field(default_factory=list)  # what DPO trains on
     judged: list[PreferencePair] = field(default_factory=list)  # the new A/B votes
     judge_only: bool = False  # True: `judged` is kept out of this round's training
     scored_samples: list[Sample] = field(default_factory=list)  # sampled, scored by the RM
     rewards: list[float] = field(default_factory=list)  # FEEDBACK_REWARD of each new item
     replayed_items: int = 0  # earlier votes and ratings trained on this round
+    slices: int = 1  # the rounds of `learn_every` new items this round stands for
+
+    @property
+    def new_samples(self) -> list[Sample]:
+        return [s for item in self.new_items for s in item]
+
+    @property
+    def replay_samples(self) -> list[Sample]:
+        return [s for item in self.replay_items for s in item]
 
     @property
     def samples(self) -> list[Sample]:
         """What the policy gradient trains on."""
         return self.new_samples + self.replay_samples + self.scored_samples
+
+    def sliced_samples(self) -> list[list[Sample]]:
+        """The policy-gradient samples cut into `slices` parts: the new items in the order they
+        came, each part with its share of the replayed items and of the scored samples. A
+        learner that fell behind (votes come faster than rounds finish) then trains slice by
+        slice as the rounds it missed would have, each slice with its own trust region, instead
+        of taking every step on one big batch (see worker.Learner.train)."""
+        k = self.slices
+
+        def share(items: list, i: int) -> list:  # the i-th of k near-equal consecutive parts
+            n = len(items)
+            return items[i * n // k:(i + 1) * n // k]
+
+        parts = []
+        for i in range(k):
+            part = [s for item in share(self.new_items, i) + share(self.replay_items, i)
+                    for s in item] + share(self.scored_samples, i)
+            if part:
+                parts.append(part)
+        return parts
 
 
 class RoundBuilder:
@@ -79,8 +115,9 @@ class RoundBuilder:
 
     def __init__(self, store: Store, replay: int, judge_new: bool = False,
                  max_user_share: float = 1.0, rng: random.Random | None = None,
-                 negative_weight: float = 1.0) -> None:
+                 negative_weight: float = 1.0, learn_every: int | None = None) -> None:
         self.store = store
+        self.learn_every = learn_every  # None: a round is one slice, however many items
         self.negative_weight = negative_weight
         self.replay = replay
         self.judge_new = judge_new
@@ -98,13 +135,17 @@ class RoundBuilder:
             if vote["choice"] in PAIRWISE:
                 data.judged.append(self._preference(vote))
             if not (judge and vote["choice"] in PAIRWISE):
-                self._add(data, data.new_samples, "vote", vote, absolute)
+                self._add(data, data.new_items, "vote", vote, absolute)
             data.rewards.append(FEEDBACK_REWARD[vote["choice"]])
         for rating in self.store.feedback_by_id("ratings", claimed["ratings"]):
-            self._add(data, data.new_samples, "rating", rating, absolute)
+            self._add(data, data.new_items, "rating", rating, absolute)
             data.rewards.append(FEEDBACK_REWARD[rating["thumb"]])
-        for kind, row in self._earlier_items(earlier, fresh_too=judge):
-            self._add(data, data.replay_samples, kind, row, absolute)
+        if self.learn_every:
+            data.slices = max(1, math.ceil(len(data.rewards) / self.learn_every))
+        # Each slice replays as many earlier items as a round of its own would.
+        for kind, row in self._earlier_items(earlier, fresh_too=judge,
+                                             replay=self.replay * data.slices):
+            self._add(data, data.replay_items, kind, row, absolute)
             data.replayed_items += 1
         return data
 
@@ -116,7 +157,8 @@ class RoundBuilder:
 
     # --- helpers -----------------------------------------------------------------------
 
-    def _earlier_items(self, earlier: list[dict], fresh_too: bool) -> list[tuple[str, dict]]:
+    def _earlier_items(self, earlier: list[dict], fresh_too: bool,
+                       replay: int) -> list[tuple[str, dict]]:
         """The votes the last round judged (if they wait to be trained on), then `replay`
         random other earlier items; ties teach nothing and are skipped."""
         earlier = [v for v in earlier if v["choice"] != "tie"]
@@ -126,12 +168,12 @@ class RoundBuilder:
         if fresh_too and last is not None:
             fresh = [("vote", v) for v in earlier if v["used_by_version"] == last]
             picked = fair_pick(fresh, lambda item: item[1]["user_id"], len(fresh), share)
-        if self.replay > 0:
+        if replay > 0:
             taken = {row["id"] for kind, row in picked}
             pool = [("vote", v) for v in earlier if v["id"] not in taken]
             pool += [("rating", r) for r in self.store.used_feedback("ratings")]
             self.rng.shuffle(pool)
-            picked += fair_pick(pool, lambda item: item[1]["user_id"], self.replay, share)
+            picked += fair_pick(pool, lambda item: item[1]["user_id"], replay, share)
         return picked
 
     def _pair(self, pair_id: str) -> dict:
@@ -152,21 +194,20 @@ class RoundBuilder:
         return PreferencePair(self._sample(vote["pair_id"], chosen),
                               self._sample(vote["pair_id"], rejected))
 
-    def _add(self, data: RoundData, samples: list[Sample], kind: str, row: dict,
+    def _add(self, data: RoundData, items: list[list[Sample]], kind: str, row: dict,
              absolute: dict) -> None:
-        """Append the samples one vote or rating gives (and its pair, for DPO)."""
+        """Append the samples one vote or rating gives, as one item (and its pair, for DPO)."""
         if kind == "rating":
             key = ("rating", row["id"], row["side"])
-            samples.append(self._sample(row["pair_id"], row["side"], absolute[key]))
+            items.append([self._sample(row["pair_id"], row["side"], absolute[key])])
         elif row["choice"] == "both_bad":
-            for side in ("A", "B"):
-                key = ("vote", row["id"], side)
-                samples.append(self._sample(row["pair_id"], side, absolute[key]))
+            items.append([self._sample(row["pair_id"], side, absolute[("vote", row["id"], side)])
+                          for side in ("A", "B")])
         elif row["choice"] in PAIRWISE:
             adv_a, adv_b = (damp_negative(a, self.negative_weight) for a in rloo_advantages(
                 torch.tensor([pair_rewards(row["choice"])]))[0].tolist())
-            samples += [self._sample(row["pair_id"], "A", adv_a),
-                        self._sample(row["pair_id"], "B", adv_b)]
+            items.append([self._sample(row["pair_id"], "A", adv_a),
+                          self._sample(row["pair_id"], "B", adv_b)])
             data.pairs.append(self._preference(row))
         # a tie: both replies equally good, no policy-gradient term
 

@@ -320,3 +320,54 @@ def test_a_round_with_more_new_votes_takes_more_steps(learner_config):
     assert step["new_votes"] == 5
     assert store.adapter(step["adapter_version"])["metrics"]["steps"] == 9
     assert len(beats) == 9, "a long round must beat once per step, or it looks dead"
+
+
+def test_a_round_that_fell_behind_trains_slice_by_slice(learner_config, monkeypatch):
+    """Five votes at learn_every=2 are three slices (1, 2, 2 votes in the order they came),
+    each with the replay a round of its own would take and a trust region of its own."""
+    config = dataclasses.replace(learner_config, learn_every=2, steps_per_round=2, replay=1)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "A", "B"])
+    learner = make_learner(config, store)
+    learner.round()  # four earlier votes to replay
+    new_ids = collect_votes(config, store, ["A", "B", "A", "B", "A"])
+    claimed = store.claim_feedback("look", 10)
+    data = learner.builder.build(claimed)
+    store.release_claims("look")
+    assert (data.slices, data.replayed_items) == (3, 3)
+    parts = data.sliced_samples()
+    new_reply = {r["id"]: i for i, pid in enumerate(new_ids)
+                 for r in store.pair(None, pid)["replies"]}
+    assert [sorted({new_reply[s.reply_id] for s in part if s.reply_id in new_reply})
+            for part in parts] == [[0], [1, 2], [3, 4]]
+    assert [sum(s.reply_id not in new_reply for s in part) for part in parts] == [2, 2, 2]
+
+    seen = []  # (slice, anchors present when its step began)
+    accumulate = learner._accumulate_pg
+
+    def spy(samples, anchors):
+        seen.append((tuple(s.reply_id for s in samples), len(anchors)))
+        return accumulate(samples, anchors)
+
+    monkeypatch.setattr(learner, "_accumulate_pg", spy)
+    step = learner.round()
+    assert step["new_votes"] == 5 and step["replayed_votes"] == 3
+    assert [n for _, n in seen] == [0, 1, 0, 1, 0, 1]  # each slice anchors at its first step
+    assert len({key for key, _ in seen}) == 3
+
+
+def test_a_round_on_time_is_one_slice():
+    """learn_every new items (or fewer) are one slice: every sample, in the order it came."""
+    from learner.batch import Sample
+    from learner.data import RoundData
+
+    def item(i):
+        return [Sample(i, [1], [2], [0.0]), Sample(-i, [1], [2], [0.0])]
+
+    data = RoundData(new_items=[item(1), item(2)], replay_items=[item(3)],
+                     scored_samples=item(4))
+    assert [[s.reply_id for s in part] for part in data.sliced_samples()] == [
+        [s.reply_id for s in data.samples]]
+    data.slices = 2
+    assert [[s.reply_id for s in part] for part in data.sliced_samples()] == [
+        [1, -1, 4], [2, -2, 3, -3, -4]]
