@@ -304,3 +304,27 @@ def test_store_bench_times_both_databases(tmp_path, postgres_url):
         for op in ("ask_new_conversation", "vote", "ask_in_conversation", "status_poll"):
             assert 0 < results[database][op]["median_ms"] < 10_000
     assert results["postgresql_over_sqlite_median"]["vote"] > 0
+
+
+def test_sweep_runs_variants_on_the_same_users_and_pairs_them(tiny_model_dir, tmp_path):
+    assert bench(["sweep", "--model", str(tiny_model_dir), "--device", "cpu",
+                  "--variant", "plain=", "--variant", "noreplay=--replay 0 --lr 0.002",
+                  "--oracle", "numbers", "--oracle", "re:a", "--votes", "4",
+                  "--learn-every", "2", "--round-every", "4", "--checkpoints", "0,4",
+                  "--eval-prompts", "1", "--max-new-tokens", "4", "--tag", "t",
+                  "--out", str(tmp_path)]) == 0
+    results = result(tmp_path, "sweep-t")
+    runs = results["runs"]
+    assert sorted((r["variant"], r["oracle"]) for r in runs) == [
+        ("noreplay", "numbers"), ("noreplay", "re:a"), ("plain", "numbers"), ("plain", "re:a")]
+    assert all(r["complete"] and [e["votes"] for e in r["curve"]] == [0, 4] for r in runs)
+    # the learner fell behind: one round of 4 votes, two slices of learn_every = 2
+    assert all([s["new_votes"] for s in r["rounds"]] == [4] for r in runs)
+    settings = json.loads((tmp_path / "sweep-t.json").read_text())["settings"]
+    assert settings["variants"] == {"plain": "", "noreplay": "--replay 0 --lr 0.002"}
+    at4 = results["summary"]["4"]
+    assert at4["plain"]["runs"] == at4["noreplay"]["runs"] == 2
+    assert at4["noreplay_minus_plain"]["runs"] == 2
+    assert (tmp_path / "sweep-t" / "plain-numbers-s0.json").exists()
+    with pytest.raises(SystemExit):
+        bench(["sweep", "--variant", "no flags here", "--oracle", "numbers"])
