@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import re
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, write_result
+from bench.common import RESULTS, slug, write_result
 from bench.oracles import ORACLES, make_oracle, words
 from bench.simulate import load_prompts, split_prompts
 from chatbot.store import Store
@@ -125,6 +124,5 @@ def run(args: argparse.Namespace) -> Path:
     settings = {"oracle": args.oracle, "votes": args.votes, "eval_prompts": args.eval_prompts,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed, "model": args.model,
                 "extra": args.extra}
-    slug = re.sub(r"[^a-z0-9]+", "-", args.oracle.lower()).strip("-")
-    return write_result(f"api-user-{slug}", settings, results,
+    return write_result(f"api-user-{slug(args.oracle)}", settings, results,
                         Path(args.out) if args.out else RESULTS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -59,6 +60,11 @@ def remember_commit() -> None:
     """Record the commit when a benchmark starts (the tree may change while it runs)."""
     global _STARTED_AT_COMMIT
     _STARTED_AT_COMMIT = git_commit()
+
+
+def slug(text: str, limit: int | None = None) -> str:
+    """A file-name part from free text (an oracle's name or pattern): a-z, 0-9 and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit]
 
 
 def write_result(name: str, settings: dict, results: dict, out_dir: Path | None = None) -> Path:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, write_result
+from bench.common import RESULTS, slug, write_result
 from bench.oracles import ORACLES, make_oracle
 from bench.simulate import Simulation, as_dict, load_prompts, split_prompts
 from bench.suite import SUITES, run_suite
@@ -100,8 +99,7 @@ def run(args: argparse.Namespace) -> Path:
             trl_evaluations = run_trl(config, oracle, train, held_out, args.votes,
                                       checkpoints, seed=args.seed)
             trl_seconds = time.perf_counter() - started
-    slug = re.sub(r"[^a-z0-9]+", "-", args.oracle.lower()).strip("-")[:60]
-    name = (f"learn-{slug}-{args.objective}" + ("-vs-trl" if args.vs else "")
+    name = (f"learn-{slug(args.oracle, 60)}-{args.objective}" + ("-vs-trl" if args.vs else "")
             + (f"-{args.tag}" if args.tag else ""))
     results = {
         "oracle": oracle.description,

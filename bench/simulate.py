@@ -217,14 +217,17 @@ class Simulation:
                                    self.server.tokenizer, self.server.device, self.seed)
         self.vote_seconds: list[float] = []
 
-    def vote_once(self) -> str:
+    def vote_once(self, round_every: int | None = None) -> str:
+        """One vote; then a learner round once `round_every` votes wait (default
+        --learn-every; more plays a learner that falls behind the votes, and its round claims
+        all of them, up to --max-batch-votes)."""
         prompt = self.rng.choice(self.train_prompts)
         started = time.perf_counter()
         result = self.service.ask("simulated-user", prompt, "")
         choice = self.oracle.prefer(*result["replies"])
         self.service.vote("simulated-user", result["pair_id"], choice)
         self.votes += 1
-        if self.learner.pending() >= self.config.learn_every:
+        if self.learner.pending() >= (round_every or self.config.learn_every):
             step = self.learner.round()
             if step:
                 self.round_steps.append(step)

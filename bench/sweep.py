@@ -30,10 +30,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from bench.common import RESULTS, write_result
+from bench.common import RESULTS, slug, write_result
 from bench.oracles import make_oracle
 from bench.simulate import Simulation, as_dict, load_prompts, split_prompts
-from bench.suite import mean_ci
+from bench.suite import at, mean_ci
 from chatbot.config import Config, add_learner_args, add_model_args
 
 log = logging.getLogger(__name__)
@@ -91,21 +91,6 @@ def variant_config(args: argparse.Namespace, flags: str) -> Config:
     return dataclasses.replace(config, max_new_tokens=args.max_new_tokens)
 
 
-def vote_behind(sim: Simulation, round_every: int) -> None:
-    """One vote, as Simulation.vote_once, but the round starts only once `round_every` votes
-    wait; it then claims them all (up to --max-batch-votes)."""
-    prompt = sim.rng.choice(sim.train_prompts)
-    result = sim.service.ask("simulated-user", prompt, "")
-    sim.service.vote("simulated-user", result["pair_id"], sim.oracle.prefer(*result["replies"]))
-    sim.votes += 1
-    while sim.learner.pending() >= round_every:
-        step = sim.learner.round()
-        if not step:
-            break
-        sim.round_steps.append(step)
-        sim.live.sync()
-
-
 def run_one(config: Config, variant: str, oracle_name: str, seed: int, votes: int,
             checkpoints: list[int], eval_prompts: int, deadline: float | None,
             threads: int | None, path: Path, round_every: int | None = None) -> dict:
@@ -133,10 +118,7 @@ def run_one(config: Config, variant: str, oracle_name: str, seed: int, votes: in
             sim.evaluate()
             keep()
         while sim.votes < votes and (deadline is None or time.time() < deadline):
-            if round_every:
-                vote_behind(sim, round_every)
-            else:
-                sim.vote_once()
+            sim.vote_once(round_every)
             if sim.votes in checkpoints:
                 sim.evaluate()
                 keep()
@@ -147,15 +129,12 @@ def run_one(config: Config, variant: str, oracle_name: str, seed: int, votes: in
 
 def summarize(runs: list[dict], variants: list[str]) -> dict:
     """Per variant and checkpoint: means over runs; per later variant: paired differences."""
-    def at(run: dict, votes: int) -> dict | None:
-        return next((e for e in run["curve"] if e["votes"] == votes), None)
-
     counts = sorted({e["votes"] for r in runs for e in r["curve"] if e["votes"] > 0})
     summary: dict = {}
     for votes in counts:
         entry = {}
         for v in variants:
-            points = [e for r in runs if r["variant"] == v and (e := at(r, votes))]
+            points = [e for r in runs if r["variant"] == v and (e := at(r["curve"], votes))]
             if points:
                 entry[v] = {
                     "runs": len(points),
@@ -170,11 +149,11 @@ def summarize(runs: list[dict], variants: list[str]) -> dict:
         for v in variants[1:]:
             pairs = []
             for r in runs:
-                if r["variant"] != v or (e := at(r, votes)) is None:
+                if r["variant"] != v or (e := at(r["curve"], votes)) is None:
                     continue
                 twin = next((t for t in runs if t["variant"] == first
                              and (t["oracle"], t["seed"]) == (r["oracle"], r["seed"])), None)
-                if twin and (f := at(twin, votes)):
+                if twin and (f := at(twin["curve"], votes)):
                     pairs.append((e, f))
             if pairs:
                 entry[f"{v}_minus_{first}"] = {
@@ -215,27 +194,24 @@ def run(args: argparse.Namespace) -> Path:
     folder = out / f"sweep-{args.tag}"
     folder.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + args.time_limit if args.time_limit else None
-    tasks = []
-    for seed in seeds:
-        for oracle in args.oracle:
-            slug = re.sub(r"[^a-z0-9]+", "-", oracle.lower()).strip("-")[:40]
-            for name in variants:
-                tasks.append((configs[name], name, oracle, seed, args.votes, checkpoints,
-                              args.eval_prompts, deadline,
-                              1 if args.jobs > 1 else None,
-                              folder / f"{name}-{slug}-s{seed}.json", args.round_every))
+    tasks = [dict(config=configs[name], variant=name, oracle_name=oracle, seed=seed,
+                  votes=args.votes, checkpoints=checkpoints, eval_prompts=args.eval_prompts,
+                  deadline=deadline, threads=1 if args.jobs > 1 else None,
+                  path=folder / f"{name}-{slug(oracle, 40)}-s{seed}.json",
+                  round_every=args.round_every)
+             for seed in seeds for oracle in args.oracle for name in variants]
     started = time.perf_counter()
     if args.jobs > 1:
         import multiprocessing
 
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
-            for future in as_completed([pool.submit(run_one, *t) for t in tasks]):
+            for future in as_completed([pool.submit(run_one, **t) for t in tasks]):
                 future.result()
     else:
         for t in tasks:
-            run_one(*t)
-    runs = [json.loads(t[-2].read_text()) for t in tasks if t[-2].exists()]
+            run_one(**t)
+    runs = [json.loads(t["path"].read_text()) for t in tasks if t["path"].exists()]
     results = {"summary": summarize(runs, list(variants)), "table": table(runs),
                "runs": runs, "seconds_total": time.perf_counter() - started}
     settings = {"variants": variants, "oracles": args.oracle, "seeds": seeds,

@@ -286,34 +286,32 @@ class Learner:
         if (use_dpo and not data.pairs) or (not use_dpo and not data.samples):
             return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0}
         if use_dpo:
-            plan = [None] * self.steps_for(len(data.rewards))
+            schedule = [(None, self.steps_for(len(data.rewards)))]
         else:
-            plan = [part for part in data.sliced_samples()
-                    for _ in range(self.config.steps_per_round)]
+            schedule = [(part, self.config.steps_per_round) for part in data.sliced_samples()]
         losses, kls, skipped, bad_in_a_row = [], [], 0, 0
-        anchors: list[torch.Tensor] = []  # per micro batch: log-probs at the slice's start
-        for i, part in enumerate(plan):
-            if i and part is not plan[i - 1]:
-                anchors = []  # a new slice: a new trust region
-            optimizer.zero_grad(set_to_none=True)
-            loss, kl = (self._accumulate_dpo(data.pairs) if use_dpo
-                        else self._accumulate_pg(part, anchors))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                skipped += 1
-                bad_in_a_row += 1
-                log.warning("skipped a step: loss %s, grad norm %s", loss, grad_norm.item())
+        for part, steps in schedule:
+            anchors: list[torch.Tensor] = []  # per micro batch: log-probs at the slice's start
+            for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                anchors.clear()  # taken from a broken forward pass: take them again
-                if bad_in_a_row >= self.max_bad_steps:
-                    raise RoundFailed(f"{bad_in_a_row} steps in a row had a non-finite loss or "
-                                      "gradient; nothing was published")
-                continue
-            bad_in_a_row = 0
-            optimizer.step()
-            losses.append(loss)
-            kls.append(kl)
-            self.on_step()
+                loss, kl = (self._accumulate_dpo(data.pairs) if use_dpo
+                            else self._accumulate_pg(part, anchors))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+                    skipped += 1
+                    bad_in_a_row += 1
+                    log.warning("skipped a step: loss %s, grad norm %s", loss, grad_norm.item())
+                    optimizer.zero_grad(set_to_none=True)
+                    anchors.clear()  # taken from a broken forward pass: take them again
+                    if bad_in_a_row >= self.max_bad_steps:
+                        raise RoundFailed(f"{bad_in_a_row} steps in a row had a non-finite loss "
+                                          "or gradient; nothing was published")
+                    continue
+                bad_in_a_row = 0
+                optimizer.step()
+                losses.append(loss)
+                kls.append(kl)
+                self.on_step()
         return {"loss": sum(losses) / len(losses) if losses else None,
                 "kl": kls[-1] if kls else None, "skipped_steps": skipped, "steps": len(losses),
                 "clip_fraction": None if use_dpo else self._clip_fraction}
