@@ -144,8 +144,13 @@ def encode_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> li
 
 
 def decode_reply(tokenizer, token_ids: list[int]) -> str:
-    """A reply's text: its tokens without the special ones (the end-of-turn token)."""
-    return tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+    """A reply's text: its tokens without the special ones (the end-of-turn token).
+
+    A NUL character becomes U+FFFD: byte-level vocabularies have a token for the byte 0
+    (SmolLM2's 190), PostgreSQL's text columns refuse NUL, and a pair whose reply sampled it
+    would be lost with an error instead of stored. The token ids keep the token itself.
+    """
+    return tokenizer.decode(token_ids, skip_special_tokens=True).replace("\0", "\ufffd").strip()
 
 
 def token_texts(tokenizer, token_ids: list[int]) -> list[str]:

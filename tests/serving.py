@@ -59,8 +59,32 @@ def running_server(*args: str, log_path: Path, timeout: float = 180.0):
                                        + log_path.read_text()[-3000:]) from None
                 time.sleep(0.5)
         yield url, process
+    except BaseException:
+        # A failing test shows why the server failed: its traceback is in this log, which the
+        # report would not show otherwise (pytest prints a failing test's captured output).
+        print(f"--- the server's log ({log_path}), last {LOG_TAIL} characters ---")
+        print(_tail(log_path))
+        learner_log = _learner_log(args)
+        if learner_log is not None and learner_log.exists():
+            print(f"--- the learner's log ({learner_log}), last {LOG_TAIL} characters ---")
+            print(_tail(learner_log))
+        raise
     finally:
         stop_process_group(process, grace=20)
+
+
+LOG_TAIL = 6000
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-LOG_TAIL:]
+
+
+def _learner_log(args: tuple[str, ...]) -> Path | None:
+    """The learner's log file under the server's --data-dir, if the test named one."""
+    if "--data-dir" in args[:-1]:
+        return Path(args[args.index("--data-dir") + 1]) / "learner.log"
+    return None
 
 
 def stop_process_group(process: subprocess.Popen, grace: float) -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from chatbot.errors import InvalidInput
-from chatbot.sampling import PairGenerator
+from chatbot.sampling import PairGenerator, decode_reply
+from chatbot.store import Store
 
 MESSAGES = [{"role": "user", "content": "Say something nice."}]
 
@@ -123,3 +124,26 @@ def test_one_reply_and_a_request_limit_that_never_exceeds_the_servers(generator,
     assert len(big.result.replies) == 2
     hello = generator.tokenizer.encode("Hello world", add_special_tokens=False)
     assert generator.token_texts(hello) == ["Hello", " world"]
+
+
+def test_a_reply_that_sampled_the_nul_byte_is_stored_on_both_databases(tiny_loaded, db_target):
+    """Byte-level vocabularies have a token for the byte 0, which PostgreSQL's text columns
+    refuse: such a reply is stored with U+FFFD in its text and the token in its ids."""
+    tokenizer = tiny_loaded.tokenizer
+    nul = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\0")
+    ids = tokenizer.encode("a", add_special_tokens=False) + [nul]
+    text = decode_reply(tokenizer, ids)
+    assert text == "a\ufffd"
+    reply = {"text": text, "token_ids": ids, "token_logprobs": [-1.0] * len(ids),
+             "behaviour_logprob": -2.0, "adapter_version": 0, "finish_reason": "length",
+             "n_tokens": len(ids)}
+    pair = {"prompt_token_ids": [1, 2], "adapter_version": 0, "temperature": 0.8,
+            "top_p": 0.95, "max_new_tokens": 2, "seconds": 0.1, "first_token_seconds": 0.01}
+    store = Store(db_target)
+    try:
+        _, pair_id = store.add_turn("ann", None, "hello", pair, [reply, dict(reply)])
+        stored = store.pair("ann", pair_id)
+    finally:
+        store.close()
+    assert [r["token_ids"] for r in stored["replies"]] == [ids, ids]
+    assert [r["text"] for r in stored["replies"]] == [text, text]
