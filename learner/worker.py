@@ -356,9 +356,11 @@ class Learner:
         # Only votes the candidate has not trained on can judge it.
         candidate_list = self.judged_margins(data.judged) if data.judge_only else []
         # The KL of the candidate on the replies most like its own: the round's newest ones (a
-        # full-vocabulary pass per reply is the round's most expensive scoring, so cap it).
-        kl_sum, tokens = self.exact_kl((data.new_samples + data.replay_samples
-                                        + judged_samples)[:KL_REPLIES])
+        # full-vocabulary pass per reply is the round's most expensive scoring, so cap it),
+        # each reply once: the judged replies are the new ones unless --judge-new.
+        kl_samples = {s.reply_id: s for s in (data.new_samples + data.replay_samples
+                                              + judged_samples)}
+        kl_sum, tokens = self.exact_kl(list(kl_samples.values())[:KL_REPLIES])
         kl = kl_sum / tokens if tokens else 0.0
         if self.config.objective == "pg" and stats["steps"]:
             self.kl_control.update(kl, n_steps=stats["steps"])

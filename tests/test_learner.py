@@ -371,3 +371,20 @@ def test_a_round_on_time_is_one_slice():
     data.slices = 2
     assert [[s.reply_id for s in part] for part in data.sliced_samples()] == [
         [1, -1, 4], [2, -2, 3, -3, -4]]
+
+
+def test_the_kl_check_scores_each_reply_once(learner_config, monkeypatch):
+    """Without --judge-new the judged replies are the round's new ones: the exact KL (two
+    full-vocabulary passes per reply) must not pay for them twice."""
+    store = Store(learner_config.db_path)
+    collect_votes(learner_config, store, ["A", "B", "A"])
+    learner = make_learner(learner_config, store)
+    measured = []
+    exact_kl = learner.exact_kl
+    monkeypatch.setattr(learner, "exact_kl",
+                        lambda samples: measured.append([s.reply_id for s in samples])
+                        or exact_kl(samples))
+    step = learner.round()
+    assert step["judged_pairs"] == 3
+    assert len(measured) == 1 and sorted(measured[0]) == sorted(
+        r["id"] for v in store.votes() for r in store.pair(None, v["pair_id"])["replies"])
