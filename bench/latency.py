@@ -5,10 +5,11 @@
 
 Vote-to-live: from the vote that completes a --learn-every batch to /status showing the new
 adapter version, in rounds where nobody chats meanwhile. Chat during a round: in every other
-round the user keeps asking for pairs while the learner trains; a pair counts when the learner
-was training when it was asked and still when it came back, and its time is compared with a
-pair asked while the learner was idle (one before each round). The first pair (warm-up) is not
-counted.
+round the user asks for up to --chat-pairs pairs while the learner trains, then waits for the
+version; a pair counts when the learner was training when it was asked and still when it came
+back, and its time is compared with a pair asked while the learner was idle (one before each
+round). The first pair (warm-up) is not counted. Non-stop chat (--chat-pairs 0) starves the
+learner, which runs at a lower priority: such a round may not go live within --timeout.
 
 Left out: several users at once (tests/reliability/test_storm.py), the browser.
 """
@@ -40,6 +41,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", help="model (default: embedded)")
     parser.add_argument("--max-new-tokens", type=int, default=64,
                         help="reply length limit (default: 64)")
+    parser.add_argument("--chat-pairs", type=int, default=8,
+                        help="pairs the user asks for during a chatting round, then waits "
+                             "(default: 8; 0 = until the version is live)")
+    parser.add_argument("--learner-threads", type=int, default=None,
+                        help="the server's --learner-threads (default: the server's own)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for a version to go live (default: 300)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
@@ -59,6 +65,8 @@ def run(args: argparse.Namespace) -> Path:
         with running_server("--model", args.model, "--data-dir", str(data),
                             "--learn-every", str(args.learn_every),
                             "--max-new-tokens", str(args.max_new_tokens),
+                            *(["--learner-threads", str(args.learner_threads)]
+                              if args.learner_threads else []),
                             log_path=data / "server.log", timeout=600) as (url, _):
             client = Client(url, verbose=False)
 
@@ -82,18 +90,22 @@ def run(args: argparse.Namespace) -> Path:
                     client.predict(pair["pair_id"], oracle.prefer(*pair["replies"]),
                                    api_name="/vote")
                 voted = time.perf_counter()
-                outcome = "timeout"
+                outcome, asked = "timeout", 0
                 while time.perf_counter() - voted < args.timeout:
+                    # Count the versions first: a version registered after /status answered
+                    # would look rejected (the registry's live version not yet moved).
+                    registered = len(Store(data / "duet.db").adapters())
                     status = client.predict(api_name="/status")
                     if status["live_adapter_version"] != live:
                         outcome = "live"
                         break
-                    if len(Store(data / "duet.db").adapters()) > versions_before and \
-                            status["registry_live_version"] == live:
+                    if registered > versions_before and status["registry_live_version"] == live:
                         outcome = "rejected"  # the gate kept the live version
                         break
-                    if chatting and status["learner"]["state"] == LearnerState.TRAINING:
+                    if chatting and status["learner"]["state"] == LearnerState.TRAINING and \
+                            (not args.chat_pairs or asked < args.chat_pairs):
                         seconds = timed_ask()
+                        asked += 1
                         if learner() == LearnerState.TRAINING:  # the round ran all along
                             round_asks.append(seconds)
                     else:
@@ -120,6 +132,7 @@ def run(args: argparse.Namespace) -> Path:
                                              / results["pair_seconds_idle_median"])
     settings = {"model": args.model, "learn_every": args.learn_every,
                 "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-                "chat_during_rounds": args.chat_during_rounds}
+                "chat_during_rounds": args.chat_during_rounds, "chat_pairs": args.chat_pairs,
+                "learner_threads": args.learner_threads}
     return write_result("latency", settings, results, Path(args.out) if args.out else RESULTS)
 

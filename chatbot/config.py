@@ -58,7 +58,7 @@ class Config:
     swap_poll_seconds: float = 2.0
     start_learner: bool = True
     learner_nice: int = 10
-    learner_threads: int | None = None  # None: half the CPU cores (at least 1)
+    learner_threads: int | None = None  # while the server works; None: half the cores
     max_votes_per_minute: int = 30
     admins: tuple[str, ...] = ()  # user names that may roll back (passwords never live here)
     share: bool = False
@@ -206,9 +206,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                             "the server's, so chat stays quick while it trains (0-19, default: "
                             f"{d.learner_nice})")
     group.add_argument("--learner-threads", type=_positive_int, default=None,
-                       help="torch CPU threads of the learner child, fewer than the server's so "
-                            "that training leaves cores for chat (default: half the cores, at "
-                            "least 1)")
+                       help="torch CPU threads of the learner child while the server works, "
+                            "fewer than the server's so that training leaves cores for chat; "
+                            "while the server is idle the learner takes every core (default: "
+                            "half the cores, at least 1)")
     group.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
                        help="require a login; repeat for each user (prefer --auth-file: "
                             "command lines are visible to other local users)")
@@ -303,12 +304,17 @@ def learner_parser() -> argparse.ArgumentParser:
     add_learner_args(parser)
     parser.add_argument("--once", action="store_true",
                         help="run one round over the feedback pending now, then exit")
+    parser.add_argument("--share-cpu-with", type=_positive_int, default=None, metavar="PID",
+                        help="a process on the same CPU that comes first (the server starts "
+                             "the learner with its own pid): --threads while it works, every "
+                             "core while it is idle (default: none, a fixed thread count)")
     return parser
 
 
 # The Config fields `python -m learner` takes, handed on by the server as `--field-name VALUE`
 # (booleans as --name / --no-name). Its torch threads are not among them: the server gives
-# the child --threads from --learner-threads (chatbot/learner_process.py).
+# the child --threads from --learner-threads and --share-cpu-with its own pid
+# (chatbot/learner_process.py, learner/cores.py).
 LEARNER_FIELDS = (
     "data_dir", "db",
     "model", "quantize", "dtype", "device", "cache_dir",

@@ -1,11 +1,11 @@
 """Start the learner as a child process of the server and report how it is doing.
 
 The child is `python -m learner` with the same data folder and the model and learner flags of
-the server's Config, at a lower scheduling priority (`--learner-nice`) and with fewer torch
-threads (`--learner-threads`, default half the cores): chat first, learning second, when they
-share a CPU. Its output goes to `data/learner.log`. The server never waits on it: if
-it dies, chat goes on and `state()` says so, with the exit code and the last error the
-learner wrote to the DB.
+the server's Config, at a lower scheduling priority (`--learner-nice`) and, while the server
+works, with fewer torch threads (`--learner-threads`, default half the cores; every core while
+the server is idle, learner/cores.py): chat first, learning second, when they share a CPU.
+Its output goes to `data/learner.log`. The server never waits on it: if it dies, chat goes
+on and `state()` says so, with the exit code and the last error the learner wrote to the DB.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class LearnerProcess:
 
     def start(self) -> None:
         argv = [sys.executable, "-m", "learner", *learner_argv(self.config),
-                "--threads", str(self.threads())]  # the last --threads wins
+                "--threads", str(self.threads()),  # the last --threads wins
+                "--share-cpu-with", str(os.getpid())]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,

@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             log.info("recovered: %d claims released, %d stale folders removed",
                      released, len(removed))
         learner = Learner(config, store, load_model(config, training=True), seed=None)
+        if args.share_cpu_with:
+            from learner.cores import CpuShare
+
+            share = CpuShare(args.share_cpu_with, config.threads or torch.get_num_threads())
+            learner.pace = share.apply
+            log.info("sharing the CPU with pid %d: %d threads while it works, %d while it "
+                     "is idle", args.share_cpu_with, share.busy_threads, share.idle_threads)
         if args.once:
             step = learner.round()
             print("nothing pending" if step is None else

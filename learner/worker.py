@@ -105,6 +105,7 @@ class Learner:
         self.optimizer_origin: int | None = None  # the version the moments grew from
         self._clip_fraction = 0.0
         self.on_step = lambda: None  # called after every optimizer step (heartbeats)
+        self.pace = lambda: None  # called before every micro batch (learner/cores.py)
 
     # --- weights -----------------------------------------------------------------------
 
@@ -142,6 +143,12 @@ class Learner:
     def _lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def _micro_batches(self, items: list, size: int) -> Iterator[list]:
+        """`chunks`, with a call to `pace` before each: the learner's CPU share may change."""
+        for micro in chunks(items, size):
+            self.pace()
+            yield micro
+
     # --- scoring -----------------------------------------------------------------------
 
     def fill_reference(self, samples: list[Sample]) -> None:
@@ -149,7 +156,8 @@ class Learner:
         missing = [s for s in samples if s.ref is None]
         by_reply: dict[int, list[float]] = {}
         with torch.no_grad(), self.model.disable_adapter():
-            for micro in chunks(list({s.reply_id: s for s in missing}.values()), MICRO_BATCH):
+            for micro in self._micro_batches(list({s.reply_id: s for s in missing}.values()),
+                                             MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
                 logp = token_logprobs(self.model, batch)
                 for row, sample in enumerate(micro):
@@ -164,7 +172,7 @@ class Learner:
         """Summed log-prob of each sample's reply under the weights as they are now."""
         totals = []
         with torch.no_grad():
-            for micro in chunks(samples, MICRO_BATCH):
+            for micro in self._micro_batches(samples, MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
                 totals += token_logprobs(self.model, batch).sum(-1).tolist()
         return totals
@@ -179,7 +187,7 @@ class Learner:
         """
         total, tokens = 0.0, 0
         with torch.no_grad():
-            for micro in chunks(samples, MICRO_BATCH):
+            for micro in self._micro_batches(samples, MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
                 logp = distributions(self.model, batch)
                 with self.model.disable_adapter():
@@ -223,7 +231,7 @@ class Learner:
         normalizer = float(len(samples) * width)  # a constant, not each reply's length
         loss_sum, kl_weighted, clipped = 0.0, 0.0, 0.0
         first_step = not anchors
-        for i, micro in enumerate(chunks(samples, MICRO_BATCH)):
+        for i, micro in enumerate(self._micro_batches(samples, MICRO_BATCH)):
             batch = collate(micro, self.pad_id, self.loaded.device)
             logp = token_logprobs(self.model, batch)
             if first_step:
@@ -242,7 +250,7 @@ class Learner:
 
     def _accumulate_dpo(self, pairs: list[PreferencePair]) -> tuple[float, float]:
         loss_sum, kl_sum, tokens = 0.0, 0.0, 0
-        for micro in chunks(pairs, MICRO_BATCH // 2):
+        for micro in self._micro_batches(pairs, MICRO_BATCH // 2):
             samples = [p.chosen for p in micro] + [p.rejected for p in micro]
             batch = collate(samples, self.pad_id, self.loaded.device)
             logp = token_logprobs(self.model, batch)
@@ -453,4 +461,5 @@ class Learner:
             if time.monotonic() - last_beat > 10:
                 self.store.set_learner_status(pid, LearnerState.IDLE)
                 last_beat = time.monotonic()
+            self.pace()  # keeps the CPU share's view of the server fresh between rounds
             time.sleep(self.config.learner_poll_seconds)

@@ -49,9 +49,10 @@ def test_the_learner_runs_at_a_lower_priority_than_the_server(live_server):
                       and s, 120)
     learner = psutil.Process(status["learner"]["pid"])
     assert learner.nice() >= psutil.Process(server.pid).nice() + 10
-    argv = learner.cmdline()  # fewer torch threads than the server: half the cores
-    threads = argv[len(argv) - 1 - argv[::-1].index("--threads") + 1]
+    argv = learner.cmdline()  # fewer torch threads than the server while it works: half the
+    threads = argv[len(argv) - 1 - argv[::-1].index("--threads") + 1]  # cores
     assert int(threads) == max(1, (os.cpu_count() or 2) // 2)
+    assert argv[argv.index("--share-cpu-with") + 1] == str(server.pid)  # every core when idle
 
 
 def test_a_dead_learner_leaves_the_chat_serving(live_server):
