@@ -7,8 +7,9 @@ Vote-to-live: from the vote that completes a --learn-every batch to /status show
 adapter version, in rounds where nobody chats meanwhile. Chat during a round: in every other
 round the user asks for up to --chat-pairs pairs while the learner trains, then waits for the
 version; a pair counts when the learner was training when it was asked and still when it came
-back, and its time is compared with a pair asked while the learner was idle (one before each
-round). The first pair (warm-up) is not counted. Non-stop chat (--chat-pairs 0) starves the
+back, and its time per decode step (seconds ÷ the longer reply's tokens: replies that stop
+early make a pair quicker) is compared with a pair asked while the learner was idle (one before
+each round). The first pair (warm-up) is not counted. Non-stop chat (--chat-pairs 0) starves the
 learner, which runs at a lower priority: such a round may not go live within --timeout.
 
 Left out: several users at once (tests/reliability/test_storm.py), the browser.
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> Path:
     rng = random.Random(0)
     prompts = load_prompts()
     oracle = ORACLES["shorter"]
-    rows, idle_asks, round_asks = [], [], []
+    rows, idle_asks, round_asks = [], [], []  # (seconds, decode steps) per pair
     with tempfile.TemporaryDirectory(prefix="duet-bench-") as data_dir:
         data = Path(data_dir)
         with running_server("--model", args.model, "--data-dir", str(data),
@@ -73,10 +74,13 @@ def run(args: argparse.Namespace) -> Path:
             def learner() -> str:
                 return client.predict(api_name="/status")["learner"]["state"]
 
-            def timed_ask() -> float:
+            def timed_ask() -> tuple[float, int]:
+                """Seconds for a pair and its decode steps (the longer reply's tokens)."""
                 started = time.perf_counter()
-                client.predict(rng.choice(prompts), "", api_name="/ask")
-                return time.perf_counter() - started
+                pair = client.predict(rng.choice(prompts), "", api_name="/ask")
+                seconds = time.perf_counter() - started
+                replies = Store(data / "duet.db").pair(None, pair["pair_id"])["replies"]
+                return seconds, max(r["n_tokens"] for r in replies)
 
             timed_ask()  # the first pair warms the model up; not counted
             for round_no in range(args.rounds):
@@ -104,10 +108,10 @@ def run(args: argparse.Namespace) -> Path:
                         break
                     if chatting and status["learner"]["state"] == LearnerState.TRAINING and \
                             (not args.chat_pairs or asked < args.chat_pairs):
-                        seconds = timed_ask()
+                        timed = timed_ask()
                         asked += 1
                         if learner() == LearnerState.TRAINING:  # the round ran all along
-                            round_asks.append(seconds)
+                            round_asks.append(timed)
                     else:
                         time.sleep(0.25)
                 latency = time.perf_counter() - voted
@@ -119,17 +123,22 @@ def run(args: argparse.Namespace) -> Path:
                 print(json.dumps(rows[-1]))
     quiet = [r["vote_to_live_seconds"] for r in rows
              if r["outcome"] == "live" and not r["chat_during_round"]]
+    idle_ms = [1000 * t / n for t, n in idle_asks]
+    round_ms = [1000 * t / n for t, n in round_asks]
     results = {"rounds": rows,
                "vote_to_live_seconds_median": statistics.median(quiet) if quiet else None,
                "vote_to_live_seconds_max": max(quiet) if quiet else None,
-               "pair_seconds_idle": idle_asks,
-               "pair_seconds_during_round": round_asks,
-               "pair_seconds_idle_median": statistics.median(idle_asks) if idle_asks else None,
-               "pair_seconds_during_round_median":
-                   statistics.median(round_asks) if round_asks else None}
-    if idle_asks and round_asks:
-        results["during_round_over_idle"] = (results["pair_seconds_during_round_median"]
-                                             / results["pair_seconds_idle_median"])
+               "pair_seconds_idle": [t for t, _ in idle_asks],
+               "pair_seconds_during_round": [t for t, _ in round_asks],
+               "pair_steps_idle": [n for _, n in idle_asks],
+               "pair_steps_during_round": [n for _, n in round_asks],
+               # A pair's time depends on how long its replies ran: compare per decode step.
+               "ms_per_step_idle_median": statistics.median(idle_ms) if idle_ms else None,
+               "ms_per_step_during_round_median":
+                   statistics.median(round_ms) if round_ms else None}
+    if idle_ms and round_ms:
+        results["during_round_over_idle"] = (results["ms_per_step_during_round_median"]
+                                             / results["ms_per_step_idle_median"])
     settings = {"model": args.model, "learn_every": args.learn_every,
                 "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
                 "chat_during_rounds": args.chat_during_rounds, "chat_pairs": args.chat_pairs,

@@ -257,6 +257,10 @@ def test_latency_runs(tiny_model_dir, tmp_path):
     results = result(tmp_path, "latency")
     assert results["rounds"][0]["outcome"] in ("live", "rejected")
     assert results["rounds"][0]["vote_to_live_seconds"] > 0
+    # the idle pair's time per decode step: its longer reply ran 1-4 tokens
+    assert len(results["pair_steps_idle"]) == 1 and 1 <= results["pair_steps_idle"][0] <= 4
+    assert results["ms_per_step_idle_median"] == pytest.approx(
+        1000 * results["pair_seconds_idle"][0] / results["pair_steps_idle"][0])
 
 
 def test_api_user_runs(tiny_model_dir, tmp_path):
