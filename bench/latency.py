@@ -47,6 +47,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "(default: 8; 0 = until the version is live)")
     parser.add_argument("--learner-threads", type=int, default=None,
                         help="the server's --learner-threads (default: the server's own)")
+    parser.add_argument("--learner-idle-threads", type=int, default=None,
+                        help="the server's --learner-idle-threads (default: the server's own)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for a version to go live (default: 300)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> Path:
                             "--max-new-tokens", str(args.max_new_tokens),
                             *(["--learner-threads", str(args.learner_threads)]
                               if args.learner_threads else []),
+                            *(["--learner-idle-threads", str(args.learner_idle_threads)]
+                              if args.learner_idle_threads else []),
                             log_path=data / "server.log", timeout=600) as (url, _):
             client = Client(url, verbose=False)
 
@@ -142,6 +146,7 @@ def run(args: argparse.Namespace) -> Path:
     settings = {"model": args.model, "learn_every": args.learn_every,
                 "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
                 "chat_during_rounds": args.chat_during_rounds, "chat_pairs": args.chat_pairs,
-                "learner_threads": args.learner_threads}
+                "learner_threads": args.learner_threads,
+                "learner_idle_threads": args.learner_idle_threads}
     return write_result("latency", settings, results, Path(args.out) if args.out else RESULTS)
 

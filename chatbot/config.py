@@ -59,6 +59,7 @@ class Config:
     start_learner: bool = True
     learner_nice: int = 10
     learner_threads: int | None = None  # while the server works; None: half the cores
+    learner_idle_threads: int | None = None  # while it is idle; None: every core
     max_votes_per_minute: int = 30
     admins: tuple[str, ...] = ()  # user names that may roll back (passwords never live here)
     share: bool = False
@@ -210,6 +211,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                             "fewer than the server's so that training leaves cores for chat; "
                             "while the server is idle the learner takes every core (default: "
                             "half the cores, at least 1)")
+    group.add_argument("--learner-idle-threads", type=_positive_int, default=None,
+                       help="torch CPU threads of the learner child while the server is idle "
+                            "(default: every core; the same as --learner-threads: a fixed "
+                            "count)")
     group.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
                        help="require a login; repeat for each user (prefer --auth-file: "
                             "command lines are visible to other local users)")
@@ -306,8 +311,12 @@ def learner_parser() -> argparse.ArgumentParser:
                         help="run one round over the feedback pending now, then exit")
     parser.add_argument("--share-cpu-with", type=_positive_int, default=None, metavar="PID",
                         help="a process on the same CPU that comes first (the server starts "
-                             "the learner with its own pid): --threads while it works, every "
-                             "core while it is idle (default: none, a fixed thread count)")
+                             "the learner with its own pid): --threads while it works, "
+                             "--idle-threads while it is idle (default: none, a fixed thread "
+                             "count)")
+    parser.add_argument("--idle-threads", type=_positive_int, default=None,
+                        help="with --share-cpu-with: torch CPU threads while that process is "
+                             "idle (default: every core)")
     return parser
 
 

@@ -2,10 +2,11 @@
 
 The child is `python -m learner` with the same data folder and the model and learner flags of
 the server's Config, at a lower scheduling priority (`--learner-nice`) and, while the server
-works, with fewer torch threads (`--learner-threads`, default half the cores; every core while
-the server is idle, learner/cores.py): chat first, learning second, when they share a CPU.
-Its output goes to `data/learner.log`. The server never waits on it: if it dies, chat goes
-on and `state()` says so, with the exit code and the last error the learner wrote to the DB.
+works, with fewer torch threads (`--learner-threads`, default half the cores; while the server
+is idle `--learner-idle-threads`, default every core: learner/cores.py): chat first, learning
+second, when they share a CPU. Its output goes to `data/learner.log`. The server never waits
+on it: if it dies, chat goes on and `state()` says so, with the exit code and the last error
+the learner wrote to the DB.
 """
 
 from __future__ import annotations
@@ -51,10 +52,17 @@ class LearnerProcess:
     def threads(self) -> int:
         return self.config.learner_threads or max(1, (os.cpu_count() or 2) // 2)
 
-    def start(self) -> None:
-        argv = [sys.executable, "-m", "learner", *learner_argv(self.config),
+    def argv(self) -> list[str]:
+        """The child's command line: the learner flags, its threads, and this process to
+        share the CPU with (learner/cores.py)."""
+        return [sys.executable, "-m", "learner", *learner_argv(self.config),
                 "--threads", str(self.threads()),  # the last --threads wins
-                "--share-cpu-with", str(os.getpid())]
+                "--share-cpu-with", str(os.getpid()),
+                *(["--idle-threads", str(self.config.learner_idle_threads)]
+                  if self.config.learner_idle_threads else [])]
+
+    def start(self) -> None:
+        argv = self.argv()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.share_cpu_with:
             from learner.cores import CpuShare
 
-            share = CpuShare(args.share_cpu_with, config.threads or torch.get_num_threads())
+            share = CpuShare(args.share_cpu_with, config.threads or torch.get_num_threads(),
+                             args.idle_threads)
             learner.pace = share.apply
             log.info("sharing the CPU with pid %d: %d threads while it works, %d while it "
                      "is idle", args.share_cpu_with, share.busy_threads, share.idle_threads)

@@ -12,6 +12,7 @@ from chatbot.config import Config, learner_argv, learner_parser
 SERVER_ONLY = {"host", "port",
                "max_message_chars", "max_turns", "concurrency", "queue_size",
                "swap_poll_seconds", "start_learner", "learner_nice", "learner_threads",
+               "learner_idle_threads",
                "max_votes_per_minute", "admins", "share", "learner_poll_seconds", "threads",
                "engine", "engine_url"}
 
@@ -63,3 +64,18 @@ def test_the_reply_length_follows_the_device_unless_given(monkeypatch):
     assert settings("--device", "cpu").max_new_tokens == CPU_MAX_NEW_TOKENS
     assert settings("--max-new-tokens", "20").max_new_tokens == 20
     assert GPU_MAX_NEW_TOKENS > CPU_MAX_NEW_TOKENS
+
+
+def test_the_learner_child_shares_the_cpu_with_the_server(tmp_path):
+    """--threads while the server works, --idle-threads (if set) while it is idle, and the
+    server's pid to watch; the learner's own parser takes them all."""
+    import os
+
+    from chatbot.learner_process import LearnerProcess
+
+    config = Config(data_dir=tmp_path / "data", learner_threads=1, learner_idle_threads=3)
+    argv = LearnerProcess(config, store=None).argv()[3:]  # after python -m learner
+    args = learner_parser().parse_args(argv)
+    assert (args.threads, args.idle_threads, args.share_cpu_with) == (1, 3, os.getpid())
+    default = LearnerProcess(Config(data_dir=tmp_path / "data"), store=None).argv()
+    assert "--idle-threads" not in default and "--share-cpu-with" in default

@@ -53,6 +53,7 @@ def test_the_learner_runs_at_a_lower_priority_than_the_server(live_server):
     threads = argv[len(argv) - 1 - argv[::-1].index("--threads") + 1]  # cores
     assert int(threads) == max(1, (os.cpu_count() or 2) // 2)
     assert argv[argv.index("--share-cpu-with") + 1] == str(server.pid)  # every core when idle
+    assert "--idle-threads" not in argv
 
 
 def test_a_dead_learner_leaves_the_chat_serving(live_server):
