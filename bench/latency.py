@@ -18,6 +18,7 @@ Left out: several users at once (tests/reliability/test_storm.py), the browser.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> Path:
                               if args.learner_threads else []),
                             *(["--learner-idle-threads", str(args.learner_idle_threads)]
                               if args.learner_idle_threads else []),
-                            log_path=data / "server.log", timeout=600) as (url, _):
+                            log_path=data / "server.log", timeout=600) as (url, _), \
+                contextlib.closing(Store(data / "duet.db")) as store:
             client = Client(url, verbose=False)
 
             def learner() -> str:
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> Path:
                 started = time.perf_counter()
                 pair = client.predict(rng.choice(prompts), "", api_name="/ask")
                 seconds = time.perf_counter() - started
-                replies = Store(data / "duet.db").pair(None, pair["pair_id"])["replies"]
+                replies = store.pair(None, pair["pair_id"])["replies"]
                 return seconds, max(r["n_tokens"] for r in replies)
 
             timed_ask()  # the first pair warms the model up; not counted
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> Path:
                 wait_for(lambda: learner() == LearnerState.IDLE, args.timeout, every=0.5)
                 idle_asks.append(timed_ask())
                 live = client.predict(api_name="/status")["registry_live_version"]
-                versions_before = len(Store(data / "duet.db").adapters())
+                versions_before = len(store.adapters())
                 for _ in range(args.learn_every):
                     pair = client.predict(rng.choice(prompts), "", api_name="/ask")
                     client.predict(pair["pair_id"], oracle.prefer(*pair["replies"]),
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> Path:
                 while time.perf_counter() - voted < args.timeout:
                     # Count the versions first: a version registered after /status answered
                     # would look rejected (the registry's live version not yet moved).
-                    registered = len(Store(data / "duet.db").adapters())
+                    registered = len(store.adapters())
                     status = client.predict(api_name="/status")
                     if status["live_adapter_version"] != live:
                         outcome = "live"
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> Path:
                     else:
                         time.sleep(0.25)
                 latency = time.perf_counter() - voted
-                step = Store(data / "duet.db").learner_steps(limit=1)
+                step = store.learner_steps(limit=1)
                 rows.append({"outcome": outcome, "chat_during_round": chatting,
                              "vote_to_live_seconds": latency,
                              "learner_round_seconds": step[-1]["seconds"] if step else None,
