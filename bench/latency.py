@@ -122,10 +122,18 @@ def run(args: argparse.Namespace) -> Path:
                         time.sleep(0.25)
                 latency = time.perf_counter() - voted
                 step = store.learner_steps(limit=1)
+                registered = store.adapters()
+                metrics = registered[-1]["metrics"] or {} if registered else {}
                 rows.append({"outcome": outcome, "chat_during_round": chatting,
                              "vote_to_live_seconds": latency,
                              "learner_round_seconds": step[-1]["seconds"] if step else None,
-                             "version": status["live_adapter_version"]})
+                             "version": status["live_adapter_version"],
+                             "new_votes": step[-1]["new_votes"] if step else None,
+                             "replayed_votes": step[-1]["replayed_votes"] if step else None,
+                             # where the round's time went, and the threads it ran on
+                             "phase_seconds": metrics.get("phase_seconds"),
+                             "micro_batches_by_threads":
+                                 metrics.get("micro_batches_by_threads")})
                 print(json.dumps(rows[-1]))
     quiet = [r["vote_to_live_seconds"] for r in rows
              if r["outcome"] == "live" and not r["chat_during_round"]]

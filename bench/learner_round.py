@@ -13,9 +13,7 @@ of vote-to-live (`bench latency` times that end to end).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import random
 import statistics
 import tempfile
@@ -88,40 +86,6 @@ def floor_seconds(learner: Learner, samples: list[Sample]) -> float:
     return time.perf_counter() - started
 
 
-# The methods a round spends its time in: loading the live weights, the reference log-probs of
-# new replies, the margins on judged votes (live, and candidate under --judge-new), the
-# training steps, the KL check, and writing the adapter's files (on the model).
-PHASES = ("sync_to_live", "fill_reference", "judged_margins", "train", "exact_kl",
-          "save_pretrained")
-
-
-@contextlib.contextmanager
-def timed_phases(learner: Learner):
-    """Seconds spent in each of PHASES while the block runs (wrapped on this instance only)."""
-    seconds = dict.fromkeys(PHASES, 0.0)
-    sync = torch.cuda.synchronize if learner.loaded.device.type == "cuda" else (lambda: None)
-
-    def timed(name, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                sync()
-                seconds[name] += time.perf_counter() - started
-        return wrapper
-
-    owners = {name: learner.model if name == "save_pretrained" else learner for name in PHASES}
-    for name, owner in owners.items():
-        setattr(owner, name, timed(name, getattr(owner, name)))
-    try:
-        yield seconds
-    finally:
-        for name, owner in owners.items():
-            delattr(owner, name)  # the class's own method shows through again
-
-
 def run(args: argparse.Namespace) -> Path:
     base = Config.from_args(args)
     rows, tag = [], None
@@ -134,8 +98,8 @@ def run(args: argparse.Namespace) -> Path:
             tag = device_tag(loaded)
             fill_store(store, loaded, n_pairs, args.reply_tokens, random.Random(n_pairs))
             learner = Learner(config, store, loaded, seed=0)
-            with timed_phases(learner) as phases:
-                step = learner.round()
+            step = learner.round()
+            phases = dict(learner.phase_seconds)
             samples = [Sample(r["id"], p["prompt_token_ids"], r["token_ids"], r["token_logprobs"])
                        for v in store.votes() for p in [store.pair(None, v["pair_id"])]
                        for r in p["replies"]]

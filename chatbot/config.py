@@ -55,7 +55,7 @@ class Config:
     max_turns: int = 50
     concurrency: int = 2
     queue_size: int = 32
-    swap_poll_seconds: float = 2.0
+    swap_poll_seconds: float = 0.5  # a read of one row; vote-to-live waits half of it
     start_learner: bool = True
     learner_nice: int = 10
     learner_threads: int | None = None  # while the server works; None: half the cores
@@ -85,7 +85,7 @@ class Config:
     keep_versions: int = 5
     max_batch_votes: int = 16
     max_user_share: float = 0.5
-    learner_poll_seconds: float = 1.0
+    learner_poll_seconds: float = 0.5
     threads: int | None = None
 
     @property

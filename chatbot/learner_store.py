@@ -97,6 +97,10 @@ class LearnerVerbs:
         """Votes or ratings some finished round has used (judged or trained on), oldest first."""
         return self._feedback(table, used=True)
 
+    def pending_feedback(self, table: str) -> list[dict]:
+        """Votes or ratings no finished round has used yet, oldest first."""
+        return self._feedback(table, used=False)
+
     def _feedback(self, table: str, *, pair_id: str | None = None,
                   ids: list[int] | None = None, choice: str | None = None,
                   used: bool | None = None) -> list[dict]:

@@ -123,7 +123,8 @@ class RoundBuilder:
         self.judge_new = judge_new
         self.max_user_share = max_user_share
         self.rng = rng or random.Random()
-        self._pairs: dict[str, dict] = {}
+        self._pairs: dict[str, dict] = {}  # pair_id -> the stored pair, read once
+        self._replies: dict[int, dict] = {}  # reply_id -> its reply in `_pairs`
 
     def build(self, claimed: dict[str, list[int]]) -> RoundData:
         absolute = self._absolute_advantages()
@@ -148,6 +149,24 @@ class RoundBuilder:
             self._add(data, data.replay_items, kind, row, absolute)
             data.replayed_items += 1
         return data
+
+    def pending_samples(self) -> list[Sample]:
+        """The replies of the feedback no round has used yet, as samples (ties and their
+        replies, which teach nothing, left out): what the next round will claim."""
+        samples = []
+        for vote in self.store.pending_feedback("votes"):
+            if vote["choice"] != "tie":
+                samples += [self._sample(vote["pair_id"], side) for side in ("A", "B")]
+        for rating in self.store.pending_feedback("ratings"):
+            samples.append(self._sample(rating["pair_id"], rating["side"]))
+        return samples
+
+    def remember_reference(self, reply_id: int, logprobs: list[float]) -> None:
+        """A reply's reference log-probs, computed after its pair was read (and cached in the
+        store too): later samples of that reply carry them, not the pair's stale None (which
+        had every replayed reply's reference computed again, round after round)."""
+        if reply_id in self._replies:
+            self._replies[reply_id]["ref_token_logprobs"] = logprobs
 
     def voted_pairs(self) -> list[PreferencePair]:
         """Every pairwise vote a finished round has used: what a reward model may learn from
@@ -178,7 +197,8 @@ class RoundBuilder:
 
     def _pair(self, pair_id: str) -> dict:
         if pair_id not in self._pairs:
-            self._pairs[pair_id] = self.store.pair(None, pair_id)
+            pair = self._pairs[pair_id] = self.store.pair(None, pair_id)
+            self._replies.update((reply["id"], reply) for reply in pair["replies"])
         return self._pairs[pair_id]
 
     def _sample(self, pair_id: str, side: str, advantage: float = 0.0) -> Sample:

@@ -28,6 +28,7 @@ Left out: multi-GPU training, saving optimizer moments to disk, gradient checkpo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -64,6 +65,12 @@ class RoundFailed(DuetError):
 def chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+def by_length(samples: list[Sample]) -> list[Sample]:
+    """Samples in order of prompt + reply length, so that a micro batch pads its rows to a
+    length near their own (where the order of the samples changes no result)."""
+    return sorted(samples, key=lambda s: len(s.prompt) + len(s.reply))
 
 
 class Learner:
@@ -106,6 +113,10 @@ class Learner:
         self._clip_fraction = 0.0
         self.on_step = lambda: None  # called after every optimizer step (heartbeats)
         self.pace = lambda: None  # called before every micro batch (learner/cores.py)
+        # Where the current round's time goes, and the torch threads its micro batches ran on
+        # (the CPU share changes them): in the round's metrics and log line.
+        self.phase_seconds: dict[str, float] = {}
+        self.micro_batches_by_threads: dict[int, int] = {}
 
     # --- weights -----------------------------------------------------------------------
 
@@ -147,7 +158,22 @@ class Learner:
         """`chunks`, with a call to `pace` before each: the learner's CPU share may change."""
         for micro in chunks(items, size):
             self.pace()
+            threads = torch.get_num_threads()
+            self.micro_batches_by_threads[threads] = \
+                self.micro_batches_by_threads.get(threads, 0) + 1
             yield micro
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """Add the block's seconds to `phase_seconds[name]`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.phase_seconds[name] = (self.phase_seconds.get(name, 0.0)
+                                        + time.perf_counter() - started)
 
     # --- scoring -----------------------------------------------------------------------
 
@@ -156,8 +182,8 @@ class Learner:
         missing = [s for s in samples if s.ref is None]
         by_reply: dict[int, list[float]] = {}
         with torch.no_grad(), self.model.disable_adapter():
-            for micro in self._micro_batches(list({s.reply_id: s for s in missing}.values()),
-                                             MICRO_BATCH):
+            for micro in self._micro_batches(by_length(list({s.reply_id: s for s in missing}
+                                                            .values())), MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
                 logp = token_logprobs(self.model, batch)
                 for row, sample in enumerate(micro):
@@ -165,8 +191,16 @@ class Learner:
         for reply_id, values in by_reply.items():
             if reply_id > 0:  # replies the learner sampled itself are not in the DB
                 self.store.cache_ref_logprobs(reply_id, values)
+                self.builder.remember_reference(reply_id, values)
         for sample in missing:
             sample.ref = by_reply[sample.reply_id]
+
+    def prepare(self) -> None:
+        """While the next round waits for a full batch: the reference log-probs of the
+        pending feedback's replies, which that round would otherwise compute first."""
+        missing = [s for s in self.builder.pending_samples() if s.ref is None]
+        if missing:
+            self.fill_reference(missing)
 
     def score(self, samples: list[Sample]) -> list[float]:
         """Summed log-prob of each sample's reply under the weights as they are now."""
@@ -187,7 +221,7 @@ class Learner:
         """
         total, tokens = 0.0, 0
         with torch.no_grad():
-            for micro in self._micro_batches(samples, MICRO_BATCH):
+            for micro in self._micro_batches(by_length(samples), MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
                 logp = distributions(self.model, batch)
                 with self.model.disable_adapter():
@@ -197,26 +231,40 @@ class Learner:
                 tokens += int(batch.mask.sum().item())
         return total, tokens
 
-    def judged_margins(self, pairs: list[PreferencePair]) -> list[float]:
+    def judged_margins(self, pairs: list[PreferencePair],
+                       known: dict[int, float] | None = None) -> list[float]:
         """Margin per pair under the weights as they are now: the chosen reply's per-token
-        log-ratio to the reference minus the rejected one's.
+        log-ratio to the reference minus the rejected one's. `known`: summed log-probs by
+        reply id already computed at these weights; the other replies are scored here.
 
         Per token, not summed: a summed log-ratio favours the shorter reply whatever the user
         chose (every token of a longer reply adds its own shift), so the gate would reward
         length for its own sake. The base model scores every margin exactly 0.
         """
-        def per_token(samples: list[Sample]) -> list[float]:
-            return [(total - sum(s.ref)) / len(s.reply)
-                    for s, total in zip(samples, self.score(samples))]
+        totals = dict(known or {})
+        unknown = list({s.reply_id: s for p in pairs for s in (p.chosen, p.rejected)
+                        if s.reply_id not in totals}.values())
+        totals.update(zip([s.reply_id for s in unknown], self.score(unknown)))
 
-        chosen = per_token([p.chosen for p in pairs])
-        rejected = per_token([p.rejected for p in pairs])
-        return [c - r for c, r in zip(chosen, rejected)]
+        def per_token(s: Sample) -> float:
+            return (totals[s.reply_id] - sum(s.ref)) / len(s.reply)
+
+        return [per_token(p.chosen) - per_token(p.rejected) for p in pairs]
+
+    def _first_step_replies(self, data: RoundData) -> set[int]:
+        """The replies the round's first optimizer step computes log-probs of, at the live
+        weights (its trust-region anchors): the live margins take those from it."""
+        if data.judge_only:
+            return set()
+        if self.config.objective == "dpo":
+            return {s.reply_id for p in data.pairs for s in (p.chosen, p.rejected)}
+        slices = data.sliced_samples()
+        return {s.reply_id for s in slices[0]} if slices else set()
 
     # --- training ----------------------------------------------------------------------
 
-    def _accumulate_pg(self, samples: list[Sample], anchors: list[torch.Tensor]
-                       ) -> tuple[float, float]:
+    def _accumulate_pg(self, samples: list[Sample], anchors: list[torch.Tensor],
+                       live_totals: dict[int, float] | None = None) -> tuple[float, float]:
         """One step's gradient. The clipped ratio is taken against `anchors`, the per-token
         log-probs at the round's first step (the live weights), filled in on that step: a
         trust region around where the round started, not around the version that sampled
@@ -224,6 +272,8 @@ class Learner:
         at a round's last step in a run where votes trained a round late, and a stale vote
         could be clipped from the first step on; anchored at the round's start, every
         round's first step has the full gradient on every sample.
+        `live_totals` (given while no optimizer step has been taken this round: the weights
+        are the live ones) gets each sample's summed log-prob, for the live margins.
         Same idea as the proximal policy of decoupled PPO (Hilton et al. 2021); the pairwise
         contrast (chosen up, rejected down on one prompt) needs no importance weight to the
         sampler to point the right way."""
@@ -236,6 +286,9 @@ class Learner:
             logp = token_logprobs(self.model, batch)
             if first_step:
                 anchors.append(logp.detach())
+                if live_totals is not None:
+                    live_totals.update(zip([s.reply_id for s in micro],
+                                           logp.detach().sum(-1).tolist()))
             ref = ref_to_tensor(micro, batch.reply_width, self.loaded.device)
             loss, stats = policy_gradient_loss(
                 logp, anchors[i], ref, batch.advantages, batch.mask,
@@ -248,7 +301,8 @@ class Learner:
         self._clip_fraction = clipped / tokens
         return loss_sum, kl_weighted / tokens
 
-    def _accumulate_dpo(self, pairs: list[PreferencePair]) -> tuple[float, float]:
+    def _accumulate_dpo(self, pairs: list[PreferencePair],
+                        live_totals: dict[int, float] | None = None) -> tuple[float, float]:
         loss_sum, kl_sum, tokens = 0.0, 0.0, 0
         for micro in self._micro_batches(pairs, MICRO_BATCH // 2):
             samples = [p.chosen for p in micro] + [p.rejected for p in micro]
@@ -256,6 +310,8 @@ class Learner:
             logp = token_logprobs(self.model, batch)
             ref = ref_to_tensor(samples, batch.reply_width, self.loaded.device)
             seq, seq_ref = logp.sum(-1), (ref * batch.mask).sum(-1)
+            if live_totals is not None:
+                live_totals.update(zip([s.reply_id for s in samples], seq.detach().tolist()))
             n = len(micro)
             loss = dpo_loss(seq[:n], seq[n:], seq_ref[:n], seq_ref[n:],
                             beta=self.config.dpo_beta) * n / len(pairs)
@@ -274,7 +330,7 @@ class Learner:
         return self.config.steps_per_round * max(1, math.ceil(new_items
                                                               / self.config.learn_every))
 
-    def train(self, data: RoundData) -> dict:
+    def train(self, data: RoundData, live_totals: dict[int, float] | None = None) -> dict:
         """The round's optimizer steps. Returns step stats.
 
         Policy gradient: `steps_per_round` steps on each of the round's slices in turn (one
@@ -285,7 +341,9 @@ class Learner:
         who prefers contractions moved the held-out share 0.41 -> 0.45 (p = 0.30, twice) when
         a round took all its steps on one batch under one anchor, and 0.41 -> 0.83 (p = 5e-7)
         slice by slice (bench/results/api-user-contractions-*.json).
-        DPO: `steps_for` steps over all the round's pairs."""
+        DPO: `steps_for` steps over all the round's pairs.
+        `live_totals`: filled with the summed log-prob of each reply the first step saw at the
+        live weights (see _accumulate_pg)."""
         params = self._lora_parameters()
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
@@ -296,14 +354,16 @@ class Learner:
         if use_dpo:
             schedule = [(None, self.steps_for(len(data.rewards)))]
         else:
-            schedule = [(part, self.config.steps_per_round) for part in data.sliced_samples()]
+            schedule = [(by_length(part), self.config.steps_per_round)
+                        for part in data.sliced_samples()]
         losses, kls, skipped, bad_in_a_row = [], [], 0, 0
         for part, steps in schedule:
             anchors: list[torch.Tensor] = []  # per micro batch: log-probs at the slice's start
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
-                loss, kl = (self._accumulate_dpo(data.pairs) if use_dpo
-                            else self._accumulate_pg(part, anchors))
+                live = live_totals if not losses else None  # no step taken: live weights
+                loss, kl = (self._accumulate_dpo(data.pairs, live) if use_dpo
+                            else self._accumulate_pg(part, anchors, live))
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
                 if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                     skipped += 1
@@ -350,25 +410,43 @@ class Learner:
             raise
 
     def _round(self, round_id: str, claimed: dict, started: float) -> dict:
-        self.sync_to_live()
+        self.phase_seconds, self.micro_batches_by_threads = {}, {}
+        with self._phase("sync_to_live"):
+            self.sync_to_live()
         parent = self.adapter_version
         data = self.builder.build(claimed)
         reward_stats = {}
         if self.config.objective == "pg" and self.config.self_samples > 0:
-            data.scored_samples, reward_stats = self.self_sampler.samples(
-                self.builder.voted_pairs(), data.judged)
+            with self._phase("self_samples"):
+                data.scored_samples, reward_stats = self.self_sampler.samples(
+                    self.builder.voted_pairs(), data.judged)
         judged_samples = [s for p in data.judged for s in (p.chosen, p.rejected)]
-        self.fill_reference(data.samples + judged_samples)
-        live_list = self.judged_margins(data.judged)  # before training: the live weights
-        stats = self.train(data)
+        with self._phase("reference"):
+            self.fill_reference(data.samples + judged_samples)
+        # The live weights' log-probs of the judged replies: the first training step computes
+        # those it trains on; the others are scored before training.
+        first_step = self._first_step_replies(data)
+        with self._phase("margins"):
+            before = [s for s in judged_samples if s.reply_id not in first_step]
+            live_totals = dict(zip([s.reply_id for s in before], self.score(before)))
+        with self._phase("train"):
+            stats = self.train(data, live_totals)
+        with self._phase("margins"):
+            missing = {s.reply_id for s in judged_samples} - live_totals.keys()
+            # Without an optimizer step (nothing to train on) the weights are still the live
+            # ones, and judged_margins scores what is missing; after one, nothing may be.
+            assert not (missing and stats["steps"]), f"live log-probs missing for {missing}"
+            live_list = self.judged_margins(data.judged, live_totals)
         # Only votes the candidate has not trained on can judge it.
-        candidate_list = self.judged_margins(data.judged) if data.judge_only else []
+        with self._phase("margins"):
+            candidate_list = self.judged_margins(data.judged) if data.judge_only else []
         # The KL of the candidate on the replies most like its own: the round's newest ones (a
         # full-vocabulary pass per reply is the round's most expensive scoring, so cap it),
         # each reply once: the judged replies are the new ones unless --judge-new.
         kl_samples = {s.reply_id: s for s in (data.new_samples + data.replay_samples
                                               + judged_samples)}
-        kl_sum, tokens = self.exact_kl(list(kl_samples.values())[:KL_REPLIES])
+        with self._phase("kl_check"):
+            kl_sum, tokens = self.exact_kl(list(kl_samples.values())[:KL_REPLIES])
         kl = kl_sum / tokens if tokens else 0.0
         if self.config.objective == "pg" and stats["steps"]:
             self.kl_control.update(kl, n_steps=stats["steps"])
@@ -382,10 +460,14 @@ class Learner:
                    "heldout_acc": candidate_acc, "live_heldout_acc": live_acc,
                    "judged_pairs": len(data.judged), "beta": self.kl_control.beta,
                    "objective": self.config.objective, "steps": stats["steps"],
+                   "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
+                   "micro_batches_by_threads": {str(k): v for k, v in
+                                                sorted(self.micro_batches_by_threads.items())},
                    **reward_stats}
-        folder, sha = adapters.publish(
-            self.config.adapters_dir, version, self.model.save_pretrained,
-            base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)
+        with self._phase("publish"):  # in the log line; the metrics are written before it
+            folder, sha = adapters.publish(
+                self.config.adapters_dir, version, self.model.save_pretrained,
+                base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)
         reward = sum(data.rewards) / len(data.rewards) if data.rewards else None
         step = {"adapter_version": version, "parent_version": parent,
                 "objective": self.config.objective,
@@ -411,9 +493,12 @@ class Learner:
             self.optimizer_origin = version
         else:
             self.adapter_version = None  # the weights are the rejected candidate's
-        log.info("round %s: v%d %s (%s) in %.1f s, loss %s, KL %.4f, %d new + %d replayed",
-                 round_id[:8], version, step["status"], decision.reason, step["seconds"],
-                 stats["loss"], kl, step["new_votes"], step["replayed_votes"])
+        log.info("round %s: v%d %s (%s) in %.1f s (%s; micro batches by threads %s), loss %s, "
+                 "KL %.4f, %d new + %d replayed", round_id[:8], version, step["status"],
+                 decision.reason, step["seconds"],
+                 ", ".join(f"{k} {v:.1f} s" for k, v in self.phase_seconds.items()),
+                 metrics["micro_batches_by_threads"], stats["loss"], kl, step["new_votes"],
+                 step["replayed_votes"])
         self.retire_old_versions()
         return step
 
@@ -429,7 +514,8 @@ class Learner:
     # --- the loop ----------------------------------------------------------------------
 
     def run_forever(self, stop=None) -> None:
-        """Poll for feedback; start a round whenever `learn_every` items are pending."""
+        """Poll for feedback; start a round whenever `learn_every` items are pending, and
+        until then `prepare` it as each item comes in."""
         pid = os.getpid()
         failures, last_beat = 0, 0.0
         self.store.set_learner_status(pid, LearnerState.IDLE)
@@ -441,8 +527,10 @@ class Learner:
                 last_beat = time.monotonic()
 
         self.on_step = beat_while_training
+        prepared_for = 0  # the pending count `prepare` last ran at
         while stop is None or not stop.is_set():
-            if self.pending() >= self.config.learn_every:
+            pending = self.pending()
+            if pending >= self.config.learn_every:
                 self.store.set_learner_status(pid, LearnerState.TRAINING)
                 try:
                     # This process is the database's one learner (learner lock) and between
@@ -458,6 +546,12 @@ class Learner:
                     self.store.set_learner_status(pid, LearnerState.IDLE, last_error=str(exc)[:500])
                     time.sleep(min(60.0, 2.0 ** failures))
                 continue
+            if pending and pending != prepared_for:  # a vote came in: get its round started
+                prepared_for = pending
+                try:
+                    self.prepare()
+                except Exception:  # noqa: BLE001 - the round computes whatever is missing
+                    log.exception("could not prepare the next round")
             if time.monotonic() - last_beat > 10:
                 self.store.set_learner_status(pid, LearnerState.IDLE)
                 last_beat = time.monotonic()

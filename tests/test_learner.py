@@ -155,8 +155,8 @@ def test_rollback_during_a_round_is_not_overridden(learner_config):
     collect_votes(learner_config, store, ["B"])
     original = learner.train
 
-    def train_then_rollback(data):
-        stats = original(data)
+    def train_then_rollback(data, live_totals=None):
+        stats = original(data, live_totals)
         store.set_live(0)  # someone runs `app.py rollback` meanwhile
         return stats
 
@@ -342,18 +342,20 @@ def test_a_round_that_fell_behind_trains_slice_by_slice(learner_config, monkeypa
             for part in parts] == [[0], [1, 2], [3, 4]]
     assert [sum(s.reply_id not in new_reply for s in part) for part in parts] == [2, 2, 2]
 
-    seen = []  # (slice, anchors present when its step began)
+    seen = []  # (slice, anchors present when its step began, live log-probs taken)
     accumulate = learner._accumulate_pg
 
-    def spy(samples, anchors):
-        seen.append((tuple(s.reply_id for s in samples), len(anchors)))
-        return accumulate(samples, anchors)
+    def spy(samples, anchors, live_totals=None):
+        seen.append((tuple(s.reply_id for s in samples), len(anchors), live_totals is not None))
+        return accumulate(samples, anchors, live_totals)
 
     monkeypatch.setattr(learner, "_accumulate_pg", spy)
     step = learner.round()
     assert step["new_votes"] == 5 and step["replayed_votes"] == 3
-    assert [n for _, n in seen] == [0, 1, 0, 1, 0, 1]  # each slice anchors at its first step
-    assert len({key for key, _ in seen}) == 3
+    assert [n for _, n, _ in seen] == [0, 1, 0, 1, 0, 1]  # each slice anchors at its first step
+    assert len({key for key, _, _ in seen}) == 3
+    # Only the first step runs at the live weights: the live margins take its log-probs.
+    assert [live for _, _, live in seen] == [True, False, False, False, False, False]
 
 
 def test_a_round_on_time_is_one_slice():
@@ -388,3 +390,96 @@ def test_the_kl_check_scores_each_reply_once(learner_config, monkeypatch):
     assert step["judged_pairs"] == 3
     assert len(measured) == 1 and sorted(measured[0]) == sorted(
         r["id"] for v in store.votes() for r in store.pair(None, v["pair_id"])["replies"])
+
+
+def _round_spying_on_margins(learner, monkeypatch) -> tuple[dict, list]:
+    """Run a round; return its step and the live margins it gave the gate."""
+    from learner import worker
+
+    decide, seen = worker.gate.decide, []
+
+    def spy(candidate, live, *args, **kwargs):
+        seen.append(list(live))
+        return decide(candidate, live, *args, **kwargs)
+
+    monkeypatch.setattr(worker.gate, "decide", spy)
+    return learner.round(), seen[0]
+
+
+# One slice: the first step sees every judged reply. Three slices of 1, 2 and 2 votes (the
+# learner fell behind): the replies of the last 4 votes are scored before training.
+@pytest.mark.parametrize(("learn_every", "scored_first"), [(8, 0), (2, 8)])
+def test_the_live_margins_from_the_first_step_equal_scoring_before_training(
+        learner_config, monkeypatch, learn_every, scored_first):
+    """The live adapter's margins on the judged votes come from the first training step's
+    log-probs (its trust-region anchors) and from scoring, before training, only the judged
+    replies that step does not see: the same numbers as scoring every one beforehand."""
+    config = dataclasses.replace(learner_config, learn_every=learn_every, replay=2)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "A", "B"])
+    learner = make_learner(config, store)
+    learner.round()  # v1 live: margins that are not all 0
+    collect_votes(config, store, ["B", "A", "A", "B", "A"])
+    claimed = store.claim_feedback("look", 10)
+    data = learner.builder.build(claimed)
+    store.release_claims("look")
+    learner.fill_reference([s for p in data.judged for s in (p.chosen, p.rejected)])
+    expected = learner.judged_margins(data.judged)  # at v1, every reply scored
+    assert any(abs(m) > 1e-4 for m in expected)
+
+    scored = []
+    score = learner.score
+    monkeypatch.setattr(learner, "score", lambda samples: scored.append(len(samples))
+                        or score(samples))
+    step, live = _round_spying_on_margins(learner, monkeypatch)
+    assert step["judged_pairs"] == 5
+    assert live == pytest.approx(expected, abs=1e-5)
+    assert scored[0] == scored_first  # only what the first step does not see
+
+
+def test_replayed_replies_keep_their_reference_log_probs(learner_config):
+    """A reply's reference log-probs are computed once: a later round that replays its vote
+    finds them (they were computed again each time it was replayed)."""
+    config = dataclasses.replace(learner_config, replay=4)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B"])
+    learner = make_learner(config, store)
+    learner.round()
+    new_ids = collect_votes(config, store, ["B", "A"])
+    new_replies = {r["id"] for pid in new_ids for r in store.pair(None, pid)["replies"]}
+    computed = []
+    fill = learner.fill_reference
+    learner.fill_reference = lambda samples: computed.append(
+        {s.reply_id for s in samples if s.ref is None}) or fill(samples)
+    step = learner.round()
+    assert step["replayed_votes"] == 2
+    assert computed == [new_replies]
+
+
+def test_prepare_computes_the_pending_replies_reference_before_the_round(learner_config):
+    """Between rounds the learner computes the reference log-probs of each pending vote's
+    replies as it comes in (ties teach nothing and are skipped), so the round that claims
+    them starts with them known."""
+    config = dataclasses.replace(learner_config, learn_every=4)
+    store = Store(config.db_path)
+    pair_ids = collect_votes(config, store, ["A", "tie", "B"])
+    learner = make_learner(config, store)
+    learner.prepare()
+    refs = {pid: [r["ref_token_logprobs"] for r in store.pair(None, pid)["replies"]]
+            for pid in pair_ids}
+    assert all(ref is not None for pid in (pair_ids[0], pair_ids[2]) for ref in refs[pid])
+    assert refs[pair_ids[1]] == [None, None]
+    expected = learner.builder.pending_samples()[0]
+    by_hand = expected.ref
+    expected.ref = None
+    learner.fill_reference([expected])  # computed again, from scratch
+    assert by_hand == pytest.approx(expected.ref, abs=1e-6)
+
+    collect_votes(config, store, ["A"])
+    computed = []
+    fill = learner.fill_reference
+    learner.fill_reference = lambda samples: computed.append(
+        len({s.reply_id for s in samples if s.ref is None})) or fill(samples)
+    step = learner.round()
+    assert step["new_votes"] == 4
+    assert computed == [2]  # the vote that completed the batch: its two replies
