@@ -67,10 +67,11 @@ def chunks(items: list, size: int) -> Iterator[list]:
         yield items[i:i + size]
 
 
-def by_length(samples: list[Sample]) -> list[Sample]:
-    """Samples in order of prompt + reply length, so that a micro batch pads its rows to a
-    length near their own (where the order of the samples changes no result)."""
-    return sorted(samples, key=lambda s: len(s.prompt) + len(s.reply))
+def by_prompt(samples: list[Sample]) -> list[Sample]:
+    """Samples grouped by prompt, shorter prompts first, then shorter replies: a pair's replies
+    fall in one micro batch, which reads their prompt once (learner/batch.py), and rows are
+    padded to lengths near their own. For passes where the order changes no result."""
+    return sorted(samples, key=lambda s: (len(s.prompt), s.prompt, len(s.reply)))
 
 
 class Learner:
@@ -182,7 +183,7 @@ class Learner:
         missing = [s for s in samples if s.ref is None]
         by_reply: dict[int, list[float]] = {}
         with torch.no_grad(), self.model.disable_adapter():
-            for micro in self._micro_batches(by_length(list({s.reply_id: s for s in missing}
+            for micro in self._micro_batches(by_prompt(list({s.reply_id: s for s in missing}
                                                             .values())), MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
                 logp = token_logprobs(self.model, batch)
@@ -221,7 +222,7 @@ class Learner:
         """
         total, tokens = 0.0, 0
         with torch.no_grad():
-            for micro in self._micro_batches(by_length(samples), MICRO_BATCH):
+            for micro in self._micro_batches(by_prompt(samples), MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
                 logp = distributions(self.model, batch)
                 with self.model.disable_adapter():
@@ -354,7 +355,7 @@ class Learner:
         if use_dpo:
             schedule = [(None, self.steps_for(len(data.rewards)))]
         else:
-            schedule = [(by_length(part), self.config.steps_per_round)
+            schedule = [(by_prompt(part), self.config.steps_per_round)
                         for part in data.sliced_samples()]
         losses, kls, skipped, bad_in_a_row = [], [], 0, 0
         for part, steps in schedule:
