@@ -14,6 +14,7 @@ BENCHMARKS = {
     "pair": "bench.pair",
     "decode": "bench.decode",
     "learner": "bench.learner_round",
+    "shared-prompts": "bench.shared_prompts",
     "swap": "bench.swap",
     "latency": "bench.latency",
     "api-user": "bench.api_user",

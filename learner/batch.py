@@ -7,11 +7,12 @@ reply ends at the last position and only the last R + 1 positions need logits (R
 reply): the prompt never goes through the vocabulary projection. Masks are 1 on reply tokens
 only; prompt and padding never carry loss.
 
-The two replies of a pair share their prompt. When replies in a batch do, the model reads each
-distinct prompt once and continues every reply from its prompt's keys and values
-(`SharedPrompts`): the same numbers, minus one prompt's worth of compute per pair - a fifth of
-the tokens for a one-line question, most of them late in a long conversation. Gradients flow
-through the shared keys and values into the prompt's LoRA weights, as they do on separate rows.
+The two replies of a pair share their prompt. When replies in a batch do, and the prompts are
+long enough for it to pay (SHARE_AT: later turns of a conversation, not a one-line question),
+the model reads each distinct prompt once and continues every reply from its prompt's keys
+and values (`SharedPrompts`): the same numbers, minus one prompt's worth of compute per pair.
+Gradients flow through the shared keys and values into the prompt's LoRA weights, as they do
+on separate rows.
 
 Left out: packing several samples into one row, gradient checkpointing, sharing a prefix that
 is only part of a prompt (earlier turns of one conversation).
@@ -68,10 +69,19 @@ def _right_aligned(rows: list[list[float]], width: int, dtype, fill=0) -> torch.
     return out
 
 
-def _shared_prompts(samples: list[Sample], pad_id: int) -> SharedPrompts | None:
+# Read shared prompts once when that saves at least this share of a batch's tokens: two passes
+# cost more than one over the same tokens. `python -m bench shared-prompts` on the embedded
+# model (2 CPU threads, 4 pairs of 64-token replies), forward+backward against one row per
+# reply: 0.99x at 18% saved (a one-line question), 0.87x at 25%, 0.77x at 30%, 0.52x at 41%
+# (300-token prompts); forward alone 1.03x at 18% (bench/results/shared-prompts-cpu.json).
+SHARE_AT = 0.25
+
+
+def _shared_prompts(samples: list[Sample], pad_id: int, share_at: float) -> SharedPrompts | None:
     distinct: dict[tuple[int, ...], int] = {}
     row_prompt = [distinct.setdefault(tuple(s.prompt), len(distinct)) for s in samples]
-    if len(distinct) == len(samples):
+    saved = sum(len(s.prompt) for s in samples) - sum(map(len, distinct))
+    if not saved or saved < share_at * sum(len(s.prompt) + len(s.reply) for s in samples):
         return None
     prompts = [list(p) for p in distinct]
     width = max(len(s.reply) for s in samples)
@@ -87,7 +97,11 @@ def _shared_prompts(samples: list[Sample], pad_id: int) -> SharedPrompts | None:
         reply_lengths=torch.tensor([len(s.reply) for s in samples]))
 
 
-def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cpu",
+            share_at: float = SHARE_AT) -> Batch:
+    """The samples as one batch; with `shared` set where their prompts repeat enough for the
+    model to read each one once (`share_at`: the share of tokens that saves; 0 = any repeat,
+    inf = never)."""
     assert samples and all(s.reply and s.prompt for s in samples)
     assert all(len(s.reply) == len(s.behaviour) for s in samples)
     sequences = [s.prompt + s.reply for s in samples]
@@ -103,7 +117,7 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cp
         behaviour=_right_aligned([s.behaviour for s in samples], width, torch.float32),
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32))
     batch = Batch(**{k: v.to(device) for k, v in vars(batch).items() if k != "shared"})
-    shared = _shared_prompts(samples, pad_id)
+    shared = _shared_prompts(samples, pad_id, share_at)
     if shared is not None:
         batch.shared = SharedPrompts(**{k: v.to(device) for k, v in vars(shared).items()})
     return batch

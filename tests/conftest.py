@@ -1,20 +1,105 @@
 """Shared fixtures: a tiny random Llama with the embedded model's real tokenizer (built once,
-offline, in seconds), a fake pair generator for store/UI tests, and per-test configs."""
+offline, in seconds), a fake pair generator for store/UI tests, and per-test configs.
+
+With DUET_TEST_CPU_PATH=avx2 the session takes the code paths of a CPU without AVX-512 (see
+force_the_avx2_paths; tests/test_cpu_paths.py runs the tests that depend on them so)."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import os
+import sys
 import threading
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+CPU_PATH = os.environ.get("DUET_TEST_CPU_PATH", "")
+if CPU_PATH == "avx2":  # torch, oneDNN and MKL read these at their first use, after this
+    os.environ.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                      MKL_ENABLE_INSTRUCTIONS="AVX2")
 
 import pytest  # noqa: E402
 
 from chatbot.config import Config  # noqa: E402
 from chatbot.sampling import PairStream, Reply, SampledPair  # noqa: E402
 from tests.postgres import db_target, postgres_server, postgres_url  # noqa: E402, F401
+
+
+class _BitsandbytesWithoutAvx512Bf16(importlib.abc.MetaPathFinder):
+    """Imports bitsandbytes.functional with has_avx512bf16 answering False before the rest of
+    bitsandbytes binds it: its CPU backend asks once, at import, whether to register its AVX-512
+    BF16 4-bit kernel, so patching the imported modules would be too late for that."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.has_avx512bf16 = lambda: False
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def force_the_avx2_paths() -> None:
+    """Take the code paths of a CPU without AVX-512 for the whole session: torch's AVX2
+    kernels and no oneDNN bf16 (the environment set above), bitsandbytes without its AVX-512
+    4-bit kernel and weight repacking, and --dtype auto in float32 (no native bf16 in torch's
+    checks nor in /proc/cpuinfo's flags). Refuses to start if any of it did not apply."""
+    import torch
+
+    from chatbot import model
+
+    if "bitsandbytes" in sys.modules:
+        raise pytest.UsageError("DUET_TEST_CPU_PATH=avx2: bitsandbytes was imported before "
+                                "tests/conftest.py could hide AVX-512 BF16 from it")
+    finder = _BitsandbytesWithoutAvx512Bf16()
+    sys.meta_path.insert(0, finder)
+    try:
+        import bitsandbytes.backends.cpu.ops as bnb_cpu_ops
+        import bitsandbytes.functional as bnb_functional
+        import bitsandbytes.nn.modules as bnb_modules
+    finally:
+        sys.meta_path.remove(finder)
+
+    for name in ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_vnni_supported",
+                 "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        if hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, lambda: False)
+    real_cpu_flags = model.cpu_flags
+
+    def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+        flags = real_cpu_flags(cpuinfo)
+        if cpuinfo is not None:  # a test's own text, not this CPU's
+            return flags
+        return {f for f in flags if not f.startswith(("avx512", "amx"))}
+
+    model.cpu_flags = cpu_flags
+
+    applied = {
+        "torch dispatches to its AVX2 kernels": torch.backends.cpu.get_cpu_capability() == "AVX2",
+        "oneDNN has no bf16": not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        "bitsandbytes sees no AVX-512 BF16": all(
+            m.has_avx512bf16() is False for m in (bnb_functional, bnb_modules, bnb_cpu_ops)),
+        "bitsandbytes' CPU backend sees no AVX-512": bnb_cpu_ops._has_avx512 is False,
+        "the project sees no native bf16": not model.cpu_has_native_bf16(),
+    }
+    missed = [what for what, ok in applied.items() if not ok]
+    if missed:
+        raise pytest.UsageError("DUET_TEST_CPU_PATH=avx2 did not take: not true that "
+                                + "; ".join(missed))
+
+
+def pytest_configure(config):
+    if CPU_PATH == "avx2":
+        force_the_avx2_paths()
+    elif CPU_PATH:
+        raise pytest.UsageError(f"DUET_TEST_CPU_PATH={CPU_PATH!r}: the one forced path is avx2")
 
 
 @pytest.fixture(scope="session")

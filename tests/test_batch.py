@@ -56,6 +56,9 @@ def test_collate_shares_a_prompt_only_when_rows_repeat_it():
     assert batch.shared.prompt_ids.shape[0] == 3
     assert batch.shared.row_prompt.tolist() == [0, 0, 1, 1, 2, 1]
     assert collate([samples[0], samples[2], samples[4]], pad_id=0).shared is None
+    # A short prompt before long replies: two passes would cost more than they save.
+    short = [Sample(0, [5], [7] * 20, [0.0] * 20), Sample(0, [5], [8] * 20, [0.0] * 20)]
+    assert collate(short, pad_id=0).shared is None
 
 
 def test_a_shared_prompt_gives_the_same_distributions(lora_model):

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from bench.__main__ import main as bench
-from bench.learner_round import PHASES
 from bench.oracles import ORACLES, make_oracle
 from bench.simulate import load_prompts, sign_test_p, split_prompts
 
@@ -231,9 +230,23 @@ def test_learner_round_runs(tiny_model_dir, tmp_path):
     rounds = result(tmp_path, "learner-cpu")["rounds"]
     assert [r["pairs"] for r in rounds] == [2, 4]
     assert all(r["round_seconds"] > 0 and r["floor_seconds"] > 0 for r in rounds)
-    for r in rounds:  # every phase ran, and the phases are parts of the round
-        assert all(r["phase_seconds"][name] > 0 for name in PHASES), r["phase_seconds"]
-        assert sum(r["phase_seconds"].values()) <= r["round_seconds"]
+    for r in rounds:  # every phase ran, and the phases before publishing are parts of the round
+        phases = r["phase_seconds"]
+        assert set(phases) == {"sync_to_live", "reference", "margins", "train", "kl_check",
+                               "publish"}, phases
+        assert all(phases[name] > 0 for name in ("reference", "train", "kl_check", "publish"))
+        assert sum(v for k, v in phases.items() if k != "publish") <= r["round_seconds"]
+
+
+def test_shared_prompts_runs(tiny_model_dir, tmp_path):
+    bench(["shared-prompts", "--model", str(tiny_model_dir), "--device", "cpu",
+           "--prompt-tokens", "4,40", "--reply-tokens", "6", "--repeats", "1",
+           "--out", str(tmp_path)])
+    rows = result(tmp_path, "shared-prompts-cpu")["rows"]
+    assert [r["prompt_tokens"] for r in rows] == [4, 40]
+    assert [r["shared_by_default"] for r in rows] == [False, True]
+    assert all(r["forward_seconds"]["shared"] > 0 and r["forward_seconds"]["rows"] > 0
+               for r in rows)
 
 
 def test_swap_runs(tiny_model_dir, tmp_path):
