@@ -38,9 +38,9 @@ def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
     calls = {"n": 0}
     original = learner._accumulate_pg
 
-    def faulty(samples, anchors):
+    def faulty(samples, anchors, live_totals=None):
         calls["n"] += 1
-        loss, kl = original(samples, anchors)
+        loss, kl = original(samples, anchors, live_totals)
         if calls["n"] == 1:  # only the first step goes wrong
             if fault == "nan_loss":
                 return float("nan"), kl
@@ -50,6 +50,9 @@ def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
     learner._accumulate_pg = faulty
     step = learner.round()
     assert step["skipped_steps"] == 1
+    # The live margins came from the retaken first step, still at the live weights (the base
+    # model, which ties every pair).
+    assert step["live_heldout_acc"] == 0.5
     state = learner.optimizer.state[params[0]]
     assert int(state["step"]) == 2  # the optimizer saw the two good steps, not the bad one
     assert any(not torch.equal(p, w) for p, w in zip(params, weights_before))
@@ -60,7 +63,7 @@ def test_non_finite_steps_in_a_row_publish_nothing(tiny_config):
     config = dataclasses.replace(tiny_config, judge_new=False, steps_per_round=4)
     store = voted_store(config, 2)
     learner = Learner(config, store, load_model(config), max_bad_steps=3)
-    learner._accumulate_pg = lambda samples, anchors: (float("nan"), 0.0)
+    learner._accumulate_pg = lambda samples, anchors, live_totals=None: (float("nan"), 0.0)
     with pytest.raises(RoundFailed):
         learner.round()
     assert store.adapters() == []
