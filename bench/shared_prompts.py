@@ -22,7 +22,7 @@ import torch
 from bench.common import RESULTS, device_tag, write_result
 from chatbot.config import Config, add_model_args
 from chatbot.model import load_model
-from learner.batch import Sample, collate, token_logprobs
+from learner.batch import Sample, collate, prompt_tokens_saved, token_logprobs
 from learner.worker import MICRO_BATCH
 
 
@@ -72,11 +72,9 @@ def run(args: argparse.Namespace) -> Path:
                     token_logprobs(model, b)
                 times[name][1].append(time.perf_counter() - started)
         model.zero_grad(set_to_none=True)
-        saved = (sum(len(s.prompt) for s in samples)
-                 - sum(len(p) for p in {tuple(s.prompt) for s in samples}))
-        total = sum(len(s.prompt) + len(s.reply) for s in samples)
         med = {name: [statistics.median(t[1:]) for t in pair] for name, pair in times.items()}
-        rows.append({"prompt_tokens": prompt_tokens, "tokens_saved_share": saved / total,
+        rows.append({"prompt_tokens": prompt_tokens,
+                     "tokens_saved_share": prompt_tokens_saved(samples),
                      "forward_backward_seconds": {k: v[0] for k, v in med.items()},
                      "forward_seconds": {k: v[1] for k, v in med.items()},
                      "shared_over_rows_forward_backward": med["shared"][0] / med["rows"][0],

@@ -77,12 +77,19 @@ def _right_aligned(rows: list[list[float]], width: int, dtype, fill=0) -> torch.
 SHARE_AT = 0.25
 
 
+def prompt_tokens_saved(samples: list[Sample]) -> float:
+    """The share of the samples' tokens that reading each distinct prompt once saves."""
+    saved = (sum(len(s.prompt) for s in samples)
+             - sum(len(p) for p in {tuple(s.prompt) for s in samples}))
+    return saved / sum(len(s.prompt) + len(s.reply) for s in samples)
+
+
 def _shared_prompts(samples: list[Sample], pad_id: int, share_at: float) -> SharedPrompts | None:
+    saved = prompt_tokens_saved(samples)
+    if not saved or saved < share_at:
+        return None
     distinct: dict[tuple[int, ...], int] = {}
     row_prompt = [distinct.setdefault(tuple(s.prompt), len(distinct)) for s in samples]
-    saved = sum(len(s.prompt) for s in samples) - sum(map(len, distinct))
-    if not saved or saved < share_at * sum(len(s.prompt) + len(s.reply) for s in samples):
-        return None
     prompts = [list(p) for p in distinct]
     width = max(len(s.reply) for s in samples)
     reply_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
