@@ -9,7 +9,9 @@ round the user asks for up to --chat-pairs pairs while the learner trains, then 
 version; a pair counts when the learner was training when it was asked and still when it came
 back, and its time per decode step (seconds ÷ the longer reply's tokens: replies that stop
 early make a pair quicker) is compared with a pair asked while the learner was idle (one before
-each round). The first pair (warm-up) is not counted. Non-stop chat (--chat-pairs 0) starves the
+each round). So is each pair the user asks for while voting (the learner starts on the next
+round as each vote comes in: learner/head_start.py). The first pair (warm-up) is not counted.
+Non-stop chat (--chat-pairs 0) starves the
 learner, which runs at a lower priority: such a round may not go live within --timeout.
 
 Left out: several users at once (tests/reliability/test_storm.py), the browser.
@@ -63,7 +65,9 @@ def run(args: argparse.Namespace) -> Path:
     rng = random.Random(0)
     prompts = load_prompts()
     oracle = ORACLES["shorter"]
-    rows, idle_asks, round_asks = [], [], []  # (seconds, decode steps) per pair
+    # (seconds, decode steps) per pair: the learner idle, training, or (while the user votes)
+    # starting on the next round as each vote comes in
+    rows, idle_asks, round_asks, voting_asks = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="duet-bench-") as data_dir:
         data = Path(data_dir)
         with running_server("--model", args.model, "--data-dir", str(data),
@@ -91,12 +95,20 @@ def run(args: argparse.Namespace) -> Path:
             timed_ask()  # the first pair warms the model up; not counted
             for round_no in range(args.rounds):
                 chatting = args.chat_during_rounds and round_no % 2 == 1
-                wait_for(lambda: learner() == LearnerState.IDLE, args.timeout, every=0.5)
+                # Idle: after the round and after the learner's start on the next one (it
+                # says "preparing" within moments of saying "idle" after a round).
+                for _ in range(2):
+                    wait_for(lambda: learner() == LearnerState.IDLE, args.timeout, every=0.5)
+                    time.sleep(1.0)
                 idle_asks.append(timed_ask())
                 live = client.predict(api_name="/status")["registry_live_version"]
                 versions_before = len(store.adapters())
                 for _ in range(args.learn_every):
+                    started = time.perf_counter()
                     pair = client.predict(rng.choice(prompts), "", api_name="/ask")
+                    seconds = time.perf_counter() - started
+                    voting_asks.append((seconds, max(r["n_tokens"] for r in store.pair(
+                        None, pair["pair_id"])["replies"])))
                     client.predict(pair["pair_id"], oracle.prefer(*pair["replies"]),
                                    api_name="/vote")
                 voted = time.perf_counter()
@@ -139,6 +151,7 @@ def run(args: argparse.Namespace) -> Path:
              if r["outcome"] == "live" and not r["chat_during_round"]]
     idle_ms = [1000 * t / n for t, n in idle_asks]
     round_ms = [1000 * t / n for t, n in round_asks]
+    voting_ms = [1000 * t / n for t, n in voting_asks]
     results = {"rounds": rows,
                "vote_to_live_seconds_median": statistics.median(quiet) if quiet else None,
                "vote_to_live_seconds_max": max(quiet) if quiet else None,
@@ -149,9 +162,16 @@ def run(args: argparse.Namespace) -> Path:
                # A pair's time depends on how long its replies ran: compare per decode step.
                "ms_per_step_idle_median": statistics.median(idle_ms) if idle_ms else None,
                "ms_per_step_during_round_median":
-                   statistics.median(round_ms) if round_ms else None}
+                   statistics.median(round_ms) if round_ms else None,
+               "pair_seconds_while_voting": [t for t, _ in voting_asks],
+               "pair_steps_while_voting": [n for _, n in voting_asks],
+               "ms_per_step_while_voting_median":
+                   statistics.median(voting_ms) if voting_ms else None}
     if idle_ms and round_ms:
         results["during_round_over_idle"] = (results["ms_per_step_during_round_median"]
+                                             / results["ms_per_step_idle_median"])
+    if idle_ms and voting_ms:
+        results["while_voting_over_idle"] = (results["ms_per_step_while_voting_median"]
                                              / results["ms_per_step_idle_median"])
     settings = {"model": args.model, "learn_every": args.learn_every,
                 "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,

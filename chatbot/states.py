@@ -17,6 +17,7 @@ class LearnerState(StrEnum):
 
     STARTING = "starting"
     IDLE = "idle"
+    PREPARING = "preparing"  # between rounds: starting on the next one (learner/worker.prepare)
     TRAINING = "training"
     STOPPED = "stopped"
 

@@ -125,6 +125,7 @@ class RoundBuilder:
         self.rng = rng or random.Random()
         self._pairs: dict[str, dict] = {}  # pair_id -> the stored pair, read once
         self._replies: dict[int, dict] = {}  # reply_id -> its reply in `_pairs`
+        self._drawn: tuple[tuple, list[tuple[str, int]]] | None = None  # see _draw
 
     def build(self, claimed: dict[str, list[int]]) -> RoundData:
         absolute = self._absolute_advantages()
@@ -149,6 +150,13 @@ class RoundBuilder:
             self._add(data, data.replay_items, kind, row, absolute)
             data.replayed_items += 1
         return data
+
+    def draft(self) -> RoundData:
+        """The round the pending feedback would make if it were claimed now, with the replay
+        that round will draw (see _draw): what the learner can start on before it comes."""
+        pending = {kind: [row["id"] for row in self.store.pending_feedback(kind)]
+                   for kind in ("votes", "ratings")}
+        return self.build(pending)
 
     def pending_samples(self) -> list[Sample]:
         """The replies of the feedback no round has used yet, as samples (ties and their
@@ -180,6 +188,7 @@ class RoundBuilder:
                        replay: int) -> list[tuple[str, dict]]:
         """The votes the last round judged (if they wait to be trained on), then `replay`
         random other earlier items; ties teach nothing and are skipped."""
+        used_votes = len(earlier)  # ties too: a round of ties is a new round all the same
         earlier = [v for v in earlier if v["choice"] != "tie"]
         share = self.max_user_share if self.store.feedback_users() > 1 else 1.0
         picked: list[tuple[str, dict]] = []
@@ -191,9 +200,22 @@ class RoundBuilder:
             taken = {row["id"] for kind, row in picked}
             pool = [("vote", v) for v in earlier if v["id"] not in taken]
             pool += [("rating", r) for r in self.store.used_feedback("ratings")]
-            self.rng.shuffle(pool)
-            picked += fair_pick(pool, lambda item: item[1]["user_id"], replay, share)
+            picked += self._draw(pool, replay, share, used_votes)
         return picked
+
+    def _draw(self, pool: list[tuple[str, dict]], replay: int, share: float,
+              used_votes: int) -> list[tuple[str, dict]]:
+        """`replay` items of the pool at random, the same ones for as long as the pool and the
+        request stay the same: the learner draws the next round's replay when the last round
+        ends, to start on it (learner/head_start.py), and the round then trains on that draw."""
+        key = (tuple((kind, row["id"]) for kind, row in pool), replay, share, used_votes)
+        if self._drawn is None or self._drawn[0] != key:
+            shuffled = list(pool)
+            self.rng.shuffle(shuffled)
+            picked = fair_pick(shuffled, lambda item: item[1]["user_id"], replay, share)
+            self._drawn = (key, [(kind, row["id"]) for kind, row in picked])
+        by_key = {(kind, row["id"]): (kind, row) for kind, row in pool}
+        return [by_key[item] for item in self._drawn[1]]
 
     def _pair(self, pair_id: str) -> dict:
         if pair_id not in self._pairs:

@@ -52,6 +52,7 @@ from chatbot.store import Store
 from learner import gate
 from learner.batch import Sample, collate, distributions, ref_to_tensor, token_logprobs
 from learner.data import PreferencePair, RoundBuilder, RoundData
+from learner.head_start import HeadStart, sample_key
 from learner.objectives import AdaptiveKLController, dpo_loss, k3_kl, policy_gradient_loss
 from learner.reward import SelfSampler
 
@@ -112,6 +113,7 @@ class Learner:
         self.pad_id = loaded.tokenizer.pad_token_id
         self.self_sampler = SelfSampler(self.model, loaded.tokenizer, config, loaded.device,
                                         self.pad_id, random.Random(seed))
+        self.head_start: HeadStart | None = None  # the next round's first step, begun
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_origin: int | None = None  # the version the moments grew from
         self._clip_fraction = 0.0
@@ -200,11 +202,48 @@ class Learner:
             sample.ref = by_reply[sample.reply_id]
 
     def prepare(self) -> None:
-        """While the next round waits for a full batch: the reference log-probs of the
-        pending feedback's replies, which that round would otherwise compute first."""
+        """While the next round waits for a full batch, what it would otherwise do first: the
+        pending feedback's reference log-probs, then (policy gradient) its first step's terms
+        for the samples known so far - the replayed votes, then each pending vote
+        (learner/head_start.py)."""
         missing = [s for s in self.builder.pending_samples() if s.ref is None]
         if missing:
             self.fill_reference(missing)
+        if self.config.objective == "pg":
+            self._start_next_round()
+
+    def _start_next_round(self) -> None:
+        """Add the terms of the next round's known samples to the head start."""
+        self.sync_to_live()
+        draft = self.builder.draft()
+        slices = draft.sliced_samples()
+        if draft.slices != 1 or not slices:
+            return
+        head = self.head_start
+        if head is None or not head.fits(self.adapter_version, self.kl_control.beta):
+            head = HeadStart(self.adapter_version, self.kl_control.beta)
+        todo = head.rest_of(slices[0])
+        if todo is None:  # a sample it summed is no longer in the draft: start again
+            head = HeadStart(self.adapter_version, self.kl_control.beta)
+            todo = slices[0]
+        self.head_start = head
+        if not todo:
+            return
+        self.fill_reference(todo)
+        params = self._lora_parameters()
+        for p in params:
+            p.grad = None
+        try:
+            loss, kl_tokens, clipped = self._pg_terms(by_prompt(todo), head.anchors,
+                                                      head.live_totals, normalizer=1.0)
+            head.add_grads(params)
+        except BaseException:
+            self.head_start = None  # half-summed: the round computes its first step whole
+            raise
+        head.loss_sum += loss
+        head.kl_tokens += kl_tokens
+        head.clipped_tokens += clipped
+        head.done.update(map(sample_key, todo))
 
     def score(self, samples: list[Sample]) -> list[float]:
         """Summed log-prob of each sample's reply under the weights as they are now."""
@@ -267,43 +306,70 @@ class Learner:
 
     # --- training ----------------------------------------------------------------------
 
-    def _accumulate_pg(self, samples: list[Sample], anchors: list[torch.Tensor],
-                       live_totals: dict[int, float] | None = None) -> tuple[float, float]:
-        """One step's gradient. The clipped ratio is taken against `anchors`, the per-token
-        log-probs at the round's first step (the live weights), filled in on that step: a
-        trust region around where the round started, not around the version that sampled
-        the reply. Against the stored behaviour log-probs, 31-65% of the tokens were clipped
-        at a round's last step in a run where votes trained a round late, and a stale vote
-        could be clipped from the first step on; anchored at the round's start, every
+    def _accumulate_pg(self, samples: list[Sample], anchors: dict[int, torch.Tensor],
+                       live_totals: dict[int, float] | None = None,
+                       head: HeadStart | None = None) -> tuple[float, float]:
+        """One step's gradient. The clipped ratio is taken against `anchors` (reply id ->
+        per-token log-probs at the round's first step, the live weights, filled in on that
+        step): a trust region around where the round started, not around the version that
+        sampled the reply. Against the stored behaviour log-probs, 31-65% of the tokens were
+        clipped at a round's last step in a run where votes trained a round late, and a stale
+        vote could be clipped from the first step on; anchored at the round's start, every
         round's first step has the full gradient on every sample.
         `live_totals` (given while no optimizer step has been taken this round: the weights
         are the live ones) gets each sample's summed log-prob, for the live margins.
+        `head`: the first step's terms already summed for some of the samples, between rounds
+        (learner/head_start.py); only the rest are computed here.
         Same idea as the proximal policy of decoupled PPO (Hilton et al. 2021); the pairwise
         contrast (chosen up, rejected down on one prompt) needs no importance weight to the
         sampler to point the right way."""
         width = max(len(s.reply) for s in samples)
         normalizer = float(len(samples) * width)  # a constant, not each reply's length
-        loss_sum, kl_weighted, clipped = 0.0, 0.0, 0.0
-        first_step = not anchors
-        for i, micro in enumerate(self._micro_batches(samples, MICRO_BATCH)):
-            batch = collate(micro, self.pad_id, self.loaded.device)
-            logp = token_logprobs(self.model, batch)
-            if first_step:
-                anchors.append(logp.detach())
-                if live_totals is not None:
-                    live_totals.update(zip([s.reply_id for s in micro],
-                                           logp.detach().sum(-1).tolist()))
-            ref = ref_to_tensor(micro, batch.reply_width, self.loaded.device)
-            loss, stats = policy_gradient_loss(
-                logp, anchors[i], ref, batch.advantages, batch.mask,
-                beta=self.kl_control.beta, clip_eps=self.config.clip_eps, normalizer=normalizer)
-            loss.backward()
-            loss_sum += loss.item()
-            kl_weighted += stats["kl"] * batch.mask.sum().item()
-            clipped += stats["clip_fraction"] * batch.mask.sum().item()
+        todo, loss_sum, kl_tokens, clipped = samples, 0.0, 0.0, 0.0
+        if head is not None:
+            todo = head.rest_of(samples)
+            assert todo is not None, "the head start has samples this step does not"
+            head.put_grads(self._lora_parameters(), normalizer)
+            anchors.update(head.anchors)
+            if live_totals is not None:
+                live_totals.update(head.live_totals)
+            loss_sum, kl_tokens, clipped = (head.loss_sum / normalizer, head.kl_tokens,
+                                            head.clipped_tokens)
+        if todo:
+            more = self._pg_terms(todo, anchors, live_totals, normalizer)
+            loss_sum, kl_tokens, clipped = (loss_sum + more[0], kl_tokens + more[1],
+                                            clipped + more[2])
         tokens = max(sum(len(s.reply) for s in samples), 1)
         self._clip_fraction = clipped / tokens
-        return loss_sum, kl_weighted / tokens
+        return loss_sum, kl_tokens / tokens
+
+    def _pg_terms(self, samples: list[Sample], anchors: dict[int, torch.Tensor],
+                  live_totals: dict[int, float] | None,
+                  normalizer: float) -> tuple[float, float, float]:
+        """Backpropagate the samples' policy-gradient loss terms (gradients add up in the
+        parameters' .grad); a sample not in `anchors` is anchored at this pass's log-probs.
+        Returns the loss, and the KL and the clipped tokens summed over the samples' tokens."""
+        loss_sum, kl_tokens, clipped = 0.0, 0.0, 0.0
+        for micro in self._micro_batches(samples, MICRO_BATCH):
+            batch = collate(micro, self.pad_id, self.loaded.device)
+            logp = token_logprobs(self.model, batch)
+            fresh = logp.detach()
+            anchor = torch.zeros_like(fresh)
+            for row, sample in enumerate(micro):
+                n = len(sample.reply)
+                anchor[row, -n:] = anchors.setdefault(sample.reply_id, fresh[row, -n:])
+            if live_totals is not None:
+                live_totals.update(zip([s.reply_id for s in micro], fresh.sum(-1).tolist()))
+            ref = ref_to_tensor(micro, batch.reply_width, self.loaded.device)
+            loss, stats = policy_gradient_loss(
+                logp, anchor, ref, batch.advantages, batch.mask,
+                beta=self.kl_control.beta, clip_eps=self.config.clip_eps, normalizer=normalizer)
+            loss.backward()
+            micro_tokens = batch.mask.sum().item()
+            loss_sum += loss.item()
+            kl_tokens += stats["kl"] * micro_tokens
+            clipped += stats["clip_fraction"] * micro_tokens
+        return loss_sum, kl_tokens, clipped
 
     def _accumulate_dpo(self, pairs: list[PreferencePair],
                         live_totals: dict[int, float] | None = None) -> tuple[float, float]:
@@ -334,7 +400,8 @@ class Learner:
         return self.config.steps_per_round * max(1, math.ceil(new_items
                                                               / self.config.learn_every))
 
-    def train(self, data: RoundData, live_totals: dict[int, float] | None = None) -> dict:
+    def train(self, data: RoundData, live_totals: dict[int, float] | None = None,
+              head: HeadStart | None = None) -> dict:
         """The round's optimizer steps. Returns step stats.
 
         Policy gradient: `steps_per_round` steps on each of the round's slices in turn (one
@@ -347,7 +414,9 @@ class Learner:
         slice by slice (bench/results/api-user-contractions-*.json).
         DPO: `steps_for` steps over all the round's pairs.
         `live_totals`: filled with the summed log-prob of each reply the first step saw at the
-        live weights (see _accumulate_pg)."""
+        live weights (see _accumulate_pg).
+        `head`: the first step's terms summed between rounds (learner/head_start.py), used if
+        it was for these weights and every sample in it is in the first slice."""
         params = self._lora_parameters()
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
@@ -360,14 +429,22 @@ class Learner:
         else:
             schedule = [(by_prompt(part), self.config.steps_per_round)
                         for part in data.sliced_samples()]
+        if use_dpo or not (head and head.fits(self.adapter_version, self.kl_control.beta)
+                           and head.rest_of(schedule[0][0]) is not None):
+            head = None
         losses, kls, skipped, bad_in_a_row = [], [], 0, 0
         for part, steps in schedule:
-            anchors: list[torch.Tensor] = []  # per micro batch: log-probs at the slice's start
+            anchors: dict[int, torch.Tensor] = {}  # reply id -> log-probs at the slice's start
             for _ in range(steps):
                 optimizer.zero_grad(set_to_none=True)
                 live = live_totals if not losses else None  # no step taken: live weights
-                loss, kl = (self._accumulate_dpo(data.pairs, live) if use_dpo
-                            else self._accumulate_pg(part, anchors, live))
+                if use_dpo:
+                    loss, kl = self._accumulate_dpo(data.pairs, live)
+                elif head is not None:  # the first step, begun between rounds
+                    loss, kl = self._accumulate_pg(part, anchors, live, head=head)
+                else:
+                    loss, kl = self._accumulate_pg(part, anchors, live)
+                head = None
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
                 if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                     skipped += 1
@@ -433,8 +510,9 @@ class Learner:
         with self._phase("margins"):
             before = [s for s in judged_samples if s.reply_id not in first_step]
             live_totals = dict(zip([s.reply_id for s in before], self.score(before)))
+        head, self.head_start = self.head_start, None
         with self._phase("train"):
-            stats = self.train(data, live_totals)
+            stats = self.train(data, live_totals, head)
         with self._phase("margins"):
             missing = {s.reply_id for s in judged_samples} - live_totals.keys()
             # Without an optimizer step (nothing to train on) the weights are still the live
@@ -519,7 +597,7 @@ class Learner:
 
     def run_forever(self, stop=None) -> None:
         """Poll for feedback; start a round whenever `learn_every` items are pending, and
-        until then `prepare` it as each item comes in."""
+        until then `prepare` it: when the last round has ended, and as each item comes in."""
         pid = os.getpid()
         failures, last_beat = 0, 0.0
         self.store.set_learner_status(pid, LearnerState.IDLE)
@@ -531,7 +609,7 @@ class Learner:
                 last_beat = time.monotonic()
 
         self.on_step = beat_while_training
-        prepared_for = 0  # the pending count `prepare` last ran at
+        prepared_for: int | None = None  # the pending count `prepare` last ran at
         while stop is None or not stop.is_set():
             pending = self.pending()
             if pending >= self.config.learn_every:
@@ -543,6 +621,7 @@ class Learner:
                     self.store.release_claims()
                     self.round()
                     failures = 0
+                    prepared_for = None  # the next round starts from here
                     self.store.set_learner_status(pid, LearnerState.IDLE)
                 except Exception as exc:  # noqa: BLE001 - one bad round must not end learning
                     failures += 1
@@ -550,12 +629,15 @@ class Learner:
                     self.store.set_learner_status(pid, LearnerState.IDLE, last_error=str(exc)[:500])
                     time.sleep(min(60.0, 2.0 ** failures))
                 continue
-            if pending and pending != prepared_for:  # a vote came in: get its round started
+            if pending != prepared_for:  # a round ended or a vote came in: start the next
                 prepared_for = pending
+                self.store.set_learner_status(pid, LearnerState.PREPARING)
                 try:
                     self.prepare()
                 except Exception:  # noqa: BLE001 - the round computes whatever is missing
                     log.exception("could not prepare the next round")
+                self.store.set_learner_status(pid, LearnerState.IDLE)
+                last_beat = time.monotonic()
             if time.monotonic() - last_beat > 10:
                 self.store.set_learner_status(pid, LearnerState.IDLE)
                 last_beat = time.monotonic()

@@ -155,8 +155,8 @@ def test_rollback_during_a_round_is_not_overridden(learner_config):
     collect_votes(learner_config, store, ["B"])
     original = learner.train
 
-    def train_then_rollback(data, live_totals=None):
-        stats = original(data, live_totals)
+    def train_then_rollback(data, live_totals=None, head=None):
+        stats = original(data, live_totals, head)
         store.set_live(0)  # someone runs `app.py rollback` meanwhile
         return stats
 
@@ -345,14 +345,15 @@ def test_a_round_that_fell_behind_trains_slice_by_slice(learner_config, monkeypa
     seen = []  # (slice, anchors present when its step began, live log-probs taken)
     accumulate = learner._accumulate_pg
 
-    def spy(samples, anchors, live_totals=None):
+    def spy(samples, anchors, live_totals=None, **kwargs):
         seen.append((tuple(s.reply_id for s in samples), len(anchors), live_totals is not None))
-        return accumulate(samples, anchors, live_totals)
+        return accumulate(samples, anchors, live_totals, **kwargs)
 
     monkeypatch.setattr(learner, "_accumulate_pg", spy)
     step = learner.round()
     assert step["new_votes"] == 5 and step["replayed_votes"] == 3
-    assert [n for _, n, _ in seen] == [0, 1, 0, 1, 0, 1]  # each slice anchors at its first step
+    # each slice anchors at its first step: every one of its replies
+    assert [n for _, n, _ in seen] == [0, 4, 0, 6, 0, 6]
     assert len({key for key, _, _ in seen}) == 3
     # Only the first step runs at the live weights: the live margins take its log-probs.
     assert [live for _, _, live in seen] == [True, False, False, False, False, False]
@@ -483,3 +484,91 @@ def test_prepare_computes_the_pending_replies_reference_before_the_round(learner
     step = learner.round()
     assert step["new_votes"] == 4
     assert computed == [2]  # the vote that completed the batch: its two replies
+
+
+def _lora_state(learner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in learner.model.named_parameters() if "lora_" in n}
+
+
+def test_a_round_begun_between_rounds_takes_the_same_steps(learner_config, monkeypatch):
+    """The head start (the first step's terms of the replayed votes, drawn when the last round
+    ended, and of each pending vote as it came in) leaves the round only the last vote's
+    replies to compute for its first step, and gives the same weights, live margins and loss
+    as a round that computes the whole step."""
+    import copy
+
+    config = dataclasses.replace(learner_config, learn_every=4, replay=2, steps_per_round=2)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "A", "B"])
+    learner = make_learner(config, store)
+    learner.round()  # v1 live, with optimizer moments; four votes to replay
+    learner.prepare()  # nothing pending: the replay's terms
+    assert sum(learner.head_start.done.values()) == 4  # two replayed votes, two replies each
+    collect_votes(config, store, ["B", "A", "A"])
+    learner.prepare()
+    head = learner.head_start
+    assert sum(head.done.values()) == 10 and head.version == 1
+    last = collect_votes(config, store, ["B"])
+    last_replies = {r["id"] for r in store.pair(None, last[0])["replies"]}
+
+    claimed = store.claim_feedback("look", 10)
+    data = learner.builder.build(claimed)
+    store.release_claims("look")
+    assert data.replayed_items == 2  # the draw the head start was computed on
+    learner.fill_reference(data.samples)
+    start = (_lora_state(learner), copy.deepcopy(learner.optimizer.state_dict()))
+
+    computed = []
+    terms = learner._pg_terms
+    monkeypatch.setattr(learner, "_pg_terms", lambda samples, *args: computed.append(
+        {s.reply_id for s in samples}) or terms(samples, *args))
+    live_head: dict[int, float] = {}
+    with_head = learner.train(data, live_head, head)
+    weights_head = _lora_state(learner)
+    assert computed[0] == last_replies and len(computed[1]) == 12
+
+    with torch.no_grad():  # back to v1 and its moments, then the whole step
+        for n, p in learner.model.named_parameters():
+            if n in start[0]:
+                p.copy_(start[0][n])
+    learner.optimizer.load_state_dict(start[1])
+    live_whole: dict[int, float] = {}
+    whole = learner.train(data, live_whole)
+    assert len(computed[2]) == 12  # the first step computed every reply
+
+    assert live_head.keys() == live_whole.keys() and len(live_head) == 12
+    assert [live_head[k] for k in live_whole] == pytest.approx(list(live_whole.values()),
+                                                               abs=1e-4)
+    assert with_head["loss"] == pytest.approx(whole["loss"], rel=1e-4, abs=1e-6)
+    assert with_head["kl"] == pytest.approx(whole["kl"], rel=1e-4, abs=1e-7)
+    for name, value in _lora_state(learner).items():
+        torch.testing.assert_close(weights_head[name], value, rtol=1e-4, atol=1e-6)
+    moved = max((weights_head[n] - start[0][n]).abs().max().item() for n in start[0])
+    assert moved > 1e-4  # the steps moved the weights: the comparison is not of no-ops
+
+
+def test_a_head_start_for_other_samples_or_weights_is_not_used(learner_config, monkeypatch):
+    """A head start that summed a sample the round does not train on (a vote another round
+    took), or computed at weights that are no longer live, is dropped: the round computes its
+    whole first step."""
+    config = dataclasses.replace(learner_config, learn_every=2, replay=0, steps_per_round=1)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A"])
+    learner = make_learner(config, store)
+    learner.prepare()
+    assert sum(learner.head_start.done.values()) == 2
+    computed = []
+    terms = learner._pg_terms
+    monkeypatch.setattr(learner, "_pg_terms", lambda samples, *args: computed.append(
+        len(samples)) or terms(samples, *args))
+    second = collect_votes(config, store, ["B"])[0]
+    data = learner.builder.build({"votes": [v["id"] for v in store.votes()
+                                            if v["pair_id"] == second], "ratings": []})
+    learner.train(data, {}, learner.head_start)
+    assert computed == [2]  # the head start's vote is not in this round: the whole step
+
+    learner.head_start.version = 7  # as if another version had gone live since
+    computed.clear()
+    learner.round()
+    assert computed == [4]
+    assert learner.head_start is None  # a round takes it, used or not

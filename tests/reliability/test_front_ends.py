@@ -79,7 +79,7 @@ def test_two_front_ends_share_one_database_and_one_learner(tiny_model_dir, tmp_p
                     == s["registry_live_version"] and s, 60)
                 assert status["live_adapter_version"] >= version
                 assert status["swap_error"] is None
-                assert status["learner"]["state"] in ("idle", "training")
+                assert status["learner"]["state"] in ("idle", "preparing", "training")
                 assert status["votes_pending"] == 0
             for front in ("front1", "front2"):  # fetched from the database, no shared folder
                 assert (tmp_path / front / "adapters" / f"v{version}" / "manifest.json").exists()

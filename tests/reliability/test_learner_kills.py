@@ -42,7 +42,7 @@ def wait_until_running(store: Store, pid: int, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = store.learner_status()
-        if status and status["pid"] == pid and status["state"] in ("idle", "training"):
+        if status and status["pid"] == pid and status["state"] in ("idle", "preparing", "training"):
             return
         time.sleep(0.05)
     raise AssertionError("the learner did not start")

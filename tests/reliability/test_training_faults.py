@@ -38,9 +38,9 @@ def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
     calls = {"n": 0}
     original = learner._accumulate_pg
 
-    def faulty(samples, anchors, live_totals=None):
+    def faulty(samples, anchors, live_totals=None, **kwargs):
         calls["n"] += 1
-        loss, kl = original(samples, anchors, live_totals)
+        loss, kl = original(samples, anchors, live_totals, **kwargs)
         if calls["n"] == 1:  # only the first step goes wrong
             if fault == "nan_loss":
                 return float("nan"), kl
@@ -63,7 +63,8 @@ def test_non_finite_steps_in_a_row_publish_nothing(tiny_config):
     config = dataclasses.replace(tiny_config, judge_new=False, steps_per_round=4)
     store = voted_store(config, 2)
     learner = Learner(config, store, load_model(config), max_bad_steps=3)
-    learner._accumulate_pg = lambda samples, anchors, live_totals=None: (float("nan"), 0.0)
+    learner._accumulate_pg = lambda samples, anchors, live_totals=None, **kwargs: (
+        float("nan"), 0.0)
     with pytest.raises(RoundFailed):
         learner.round()
     assert store.adapters() == []
