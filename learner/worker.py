@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 MICRO_BATCH = 8  # replies per forward/backward; gradients are accumulated across them
 KL_REPLIES = 16  # replies the candidate's exact KL to the base is measured on, per round
+# The reference's full distributions over the next round's KL replies, computed between rounds
+# and kept until it runs, up to this many bytes (16 replies of 64 tokens of the embedded
+# model's 49,152-word vocabulary in float32: 200 MB); beyond it the round computes them.
+KEEP_REFERENCE_BYTES = 512 * 2**20
 
 
 class RoundFailed(DuetError):
@@ -69,6 +73,16 @@ class RoundFailed(DuetError):
 def chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+def kl_replies(data: RoundData) -> list[Sample]:
+    """The replies a round measures its candidate's KL on: those most like the candidate's own,
+    the round's newest (a full-vocabulary pass per reply is the round's most expensive
+    scoring, so KL_REPLIES at most), each reply once: the judged replies are the new ones
+    unless --judge-new."""
+    judged = [s for p in data.judged for s in (p.chosen, p.rejected)]
+    replies = {s.reply_id: s for s in data.new_samples + data.replay_samples + judged}
+    return list(replies.values())[:KL_REPLIES]
 
 
 def by_prompt(samples: list[Sample]) -> list[Sample]:
@@ -111,9 +125,13 @@ class Learner:
                                     negative_weight=config.negative_weight,
                                     learn_every=config.learn_every)
         self.pad_id = loaded.tokenizer.pad_token_id
+        self.vocab_size = loaded.model.config.vocab_size
         self.self_sampler = SelfSampler(self.model, loaded.tokenizer, config, loaded.device,
                                         self.pad_id, random.Random(seed))
         self.head_start: HeadStart | None = None  # the next round's first step, begun
+        # reply id -> the reference's log-probs over the vocabulary at each of its tokens, for
+        # the next round's KL check (computed between rounds; see kl_replies)
+        self.reference_distributions: dict[int, torch.Tensor] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.optimizer_origin: int | None = None  # the version the moments grew from
         self._clip_fraction = 0.0
@@ -183,39 +201,64 @@ class Learner:
 
     # --- scoring -----------------------------------------------------------------------
 
-    def fill_reference(self, samples: list[Sample]) -> None:
-        """Compute (once, then cached in the DB) each reply's log-probs under the base model."""
-        missing = [s for s in samples if s.ref is None]
+    def fill_reference(self, samples: list[Sample], keep: list[Sample] = ()) -> None:
+        """Compute (once, then cached in the DB) each reply's log-probs under the base model.
+        `keep`: replies whose full reference distributions to keep for the next KL check, in
+        the same pass (`reference_distributions`, up to KEEP_REFERENCE_BYTES)."""
+        kept = self.reference_distributions
+        budget = KEEP_REFERENCE_BYTES - sum(t.numel() * t.element_size() for t in kept.values())
+        keep_ids = set()
+        for sample in keep:
+            size = len(sample.reply) * self.vocab_size * 4  # float32
+            if sample.reply_id not in kept and sample.reply_id not in keep_ids and size <= budget:
+                keep_ids.add(sample.reply_id)
+                budget -= size
+        unknown = {s.reply_id for s in list(samples) + list(keep) if s.ref is None}
+        todo = {s.reply_id: s for s in list(samples) + list(keep)
+                if s.reply_id in unknown | keep_ids}
         by_reply: dict[int, list[float]] = {}
         with torch.no_grad(), self.model.disable_adapter():
-            for micro in self._micro_batches(by_prompt(list({s.reply_id: s for s in missing}
-                                                            .values())), MICRO_BATCH):
+            for micro in self._micro_batches(by_prompt(list(todo.values())), MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
-                logp = token_logprobs(self.model, batch)
+                everything = distributions(self.model, batch)
+                logp = everything.gather(-1, batch.targets[..., None])[..., 0] * batch.mask
                 for row, sample in enumerate(micro):
-                    by_reply[sample.reply_id] = logp[row, -len(sample.reply):].tolist()
-        for reply_id, values in by_reply.items():
+                    n = len(sample.reply)
+                    by_reply[sample.reply_id] = logp[row, -n:].tolist()
+                    if sample.reply_id in keep_ids:
+                        kept[sample.reply_id] = everything[row, -n:].clone()
+        for reply_id in unknown:
+            values = by_reply[reply_id]
             if reply_id > 0:  # replies the learner sampled itself are not in the DB
                 self.store.cache_ref_logprobs(reply_id, values)
                 self.builder.remember_reference(reply_id, values)
-        for sample in missing:
-            sample.ref = by_reply[sample.reply_id]
+        for sample in list(samples) + list(keep):
+            if sample.ref is None:
+                sample.ref = by_reply[sample.reply_id]
 
     def prepare(self) -> None:
         """While the next round waits for a full batch, what it would otherwise do first: the
-        pending feedback's reference log-probs, then (policy gradient) its first step's terms
-        for the samples known so far - the replayed votes, then each pending vote
-        (learner/head_start.py)."""
-        missing = [s for s in self.builder.pending_samples() if s.ref is None]
-        if missing:
-            self.fill_reference(missing)
-        if self.config.objective == "pg":
-            self._start_next_round()
-
-    def _start_next_round(self) -> None:
-        """Add the terms of the next round's known samples to the head start."""
-        self.sync_to_live()
+        pending feedback's reference log-probs, the reference distributions of its KL check,
+        and (policy gradient) its first step's terms for the samples known so far - the
+        replayed votes, then each pending vote (learner/head_start.py)."""
+        started = time.perf_counter()
         draft = self.builder.draft()
+        keep = kl_replies(draft)
+        wanted = {s.reply_id for s in keep}
+        for reply_id in set(self.reference_distributions) - wanted:
+            del self.reference_distributions[reply_id]
+        self.fill_reference(self.builder.pending_samples(), keep)
+        if self.config.objective == "pg":
+            self._start_next_round(draft)
+        log.info("next round prepared in %.1f s: %d new and %d replayed items, first-step terms "
+                 "of %d samples, %d reference distributions kept", time.perf_counter() - started,
+                 len(draft.new_items), len(draft.replay_items),
+                 sum(self.head_start.done.values()) if self.head_start else 0,
+                 len(self.reference_distributions))
+
+    def _start_next_round(self, draft: RoundData) -> None:
+        """Add the terms of the next round's known samples (`draft`) to the head start."""
+        self.sync_to_live()
         slices = draft.sliced_samples()
         if draft.slices != 1 or not slices:
             return
@@ -256,22 +299,32 @@ class Learner:
 
     def exact_kl(self, samples: list[Sample]) -> tuple[float, int]:
         """KL(pi(.|prefix) || ref(.|prefix)) summed over the whole vocabulary at each reply
-        position, summed over positions; and the number of positions.
+        position, summed over positions; and the number of positions. The reference's
+        distributions come from `reference_distributions` where they were kept (a pass of the
+        policy alone), else from a reference pass here.
 
         Exact at each position, whichever token was sampled there, unlike k3 on the stored
         tokens: after training, the rejected replies' tokens are unlikely under the policy,
         and k3 on them would report a large KL that the policy's own samples do not have.
         """
+        kept = self.reference_distributions
         total, tokens = 0.0, 0
         with torch.no_grad():
-            for micro in self._micro_batches(by_prompt(samples), MICRO_BATCH):
-                batch = collate(micro, self.pad_id, self.loaded.device)
-                logp = distributions(self.model, batch)
-                with self.model.disable_adapter():
-                    ref = distributions(self.model, batch)
-                kl = (logp.exp() * (logp - ref)).sum(-1)  # (B, R)
-                total += (kl * batch.mask).sum().item()
-                tokens += int(batch.mask.sum().item())
+            for group in ([s for s in samples if s.reply_id in kept],
+                          [s for s in samples if s.reply_id not in kept]):
+                for micro in self._micro_batches(by_prompt(group), MICRO_BATCH):
+                    batch = collate(micro, self.pad_id, self.loaded.device)
+                    logp = distributions(self.model, batch)
+                    if micro[0].reply_id in kept:
+                        ref = torch.zeros_like(logp)
+                        for row, sample in enumerate(micro):
+                            ref[row, -len(sample.reply):] = kept[sample.reply_id]
+                    else:
+                        with self.model.disable_adapter():
+                            ref = distributions(self.model, batch)
+                    kl = (logp.exp() * (logp - ref)).sum(-1)  # (B, R)
+                    total += (kl * batch.mask).sum().item()
+                    tokens += int(batch.mask.sum().item())
         return total, tokens
 
     def judged_margins(self, pairs: list[PreferencePair],
@@ -503,7 +556,8 @@ class Learner:
                     self.builder.voted_pairs(), data.judged)
         judged_samples = [s for p in data.judged for s in (p.chosen, p.rejected)]
         with self._phase("reference"):
-            self.fill_reference(data.samples + judged_samples)
+            # the KL check's reference distributions in the same pass, where not kept yet
+            self.fill_reference(data.samples + judged_samples, kl_replies(data))
         # The live weights' log-probs of the judged replies: the first training step computes
         # those it trains on; the others are scored before training.
         first_step = self._first_step_replies(data)
@@ -522,13 +576,9 @@ class Learner:
         # Only votes the candidate has not trained on can judge it.
         with self._phase("margins"):
             candidate_list = self.judged_margins(data.judged) if data.judge_only else []
-        # The KL of the candidate on the replies most like its own: the round's newest ones (a
-        # full-vocabulary pass per reply is the round's most expensive scoring, so cap it),
-        # each reply once: the judged replies are the new ones unless --judge-new.
-        kl_samples = {s.reply_id: s for s in (data.new_samples + data.replay_samples
-                                              + judged_samples)}
         with self._phase("kl_check"):
-            kl_sum, tokens = self.exact_kl(list(kl_samples.values())[:KL_REPLIES])
+            kl_sum, tokens = self.exact_kl(kl_replies(data))
+        self.reference_distributions.clear()
         kl = kl_sum / tokens if tokens else 0.0
         if self.config.objective == "pg" and stats["steps"]:
             self.kl_control.update(kl, n_steps=stats["steps"])

@@ -450,8 +450,8 @@ def test_replayed_replies_keep_their_reference_log_probs(learner_config):
     new_replies = {r["id"] for pid in new_ids for r in store.pair(None, pid)["replies"]}
     computed = []
     fill = learner.fill_reference
-    learner.fill_reference = lambda samples: computed.append(
-        {s.reply_id for s in samples if s.ref is None}) or fill(samples)
+    learner.fill_reference = lambda samples, keep=(): computed.append(
+        {s.reply_id for s in samples if s.ref is None}) or fill(samples, keep)
     step = learner.round()
     assert step["replayed_votes"] == 2
     assert computed == [new_replies]
@@ -479,8 +479,8 @@ def test_prepare_computes_the_pending_replies_reference_before_the_round(learner
     collect_votes(config, store, ["A"])
     computed = []
     fill = learner.fill_reference
-    learner.fill_reference = lambda samples: computed.append(
-        len({s.reply_id for s in samples if s.ref is None})) or fill(samples)
+    learner.fill_reference = lambda samples, keep=(): computed.append(
+        len({s.reply_id for s in samples if s.ref is None})) or fill(samples, keep)
     step = learner.round()
     assert step["new_votes"] == 4
     assert computed == [2]  # the vote that completed the batch: its two replies
@@ -572,3 +572,45 @@ def test_a_head_start_for_other_samples_or_weights_is_not_used(learner_config, m
     learner.round()
     assert computed == [4]
     assert learner.head_start is None  # a round takes it, used or not
+
+
+def test_the_kl_check_reads_the_reference_distributions_kept_between_rounds(learner_config,
+                                                                           monkeypatch):
+    """prepare keeps the reference's distributions over the next round's KL replies (the
+    pending and replayed ones), the round adds those of the vote that completed it in its
+    reference pass, and its KL check then runs the policy alone: the same KL as with a
+    reference pass."""
+    from learner.worker import kl_replies
+
+    config = dataclasses.replace(learner_config, learn_every=4, replay=2)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "A", "B"])
+    learner = make_learner(config, store)
+    learner.round()
+    collect_votes(config, store, ["B", "A", "A"])
+    learner.prepare()
+    draft = learner.builder.draft()
+    assert set(learner.reference_distributions) == {s.reply_id for s in kl_replies(draft)}
+    assert len(learner.reference_distributions) == 10  # 3 pending + 2 replayed votes
+
+    collect_votes(config, store, ["B"])
+    measured = []
+    exact_kl = learner.exact_kl
+
+    def spy(samples):
+        kept = dict(learner.reference_distributions)
+        assert {s.reply_id for s in samples} <= kept.keys()
+        with_kept = exact_kl(samples)
+        learner.reference_distributions.clear()  # now with a reference pass
+        with_pass = exact_kl(samples)
+        learner.reference_distributions.update(kept)
+        measured.append((len(samples), with_kept, with_pass))
+        return with_kept
+
+    monkeypatch.setattr(learner, "exact_kl", spy)
+    learner.round()
+    (n, (kl_kept, tokens_kept), (kl_pass, tokens_pass)), = measured
+    assert n == 12 and tokens_kept == tokens_pass
+    assert kl_pass > 1e-4  # v1 differs from the base: not 0 against 0
+    assert kl_kept == pytest.approx(kl_pass, rel=1e-4)
+    assert learner.reference_distributions == {}  # not held past the round
