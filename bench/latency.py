@@ -10,7 +10,10 @@ version; a pair counts when the learner was training when it was asked and still
 back, and its time per decode step (seconds ÷ the longer reply's tokens: replies that stop
 early make a pair quicker) is compared with a pair asked while the learner was idle (one before
 each round). So is each pair the user asks for while voting (the learner starts on the next
-round as each vote comes in: learner/head_start.py). The first pair (warm-up) is not counted.
+round as each vote comes in: learner/head_start.py). The user votes as soon as a pair is
+there, or after --read-seconds: the learner's start on the next round runs at its low
+priority, so it gets little done while the server samples the next pair. The first pair
+(warm-up) is not counted.
 Non-stop chat (--chat-pairs 0) starves the
 learner, which runs at a lower priority: such a round may not go live within --timeout.
 
@@ -26,6 +29,7 @@ import random
 import statistics
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from bench.common import RESULTS, write_result
@@ -52,6 +56,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the server's --learner-threads (default: the server's own)")
     parser.add_argument("--learner-idle-threads", type=int, default=None,
                         help="the server's --learner-idle-threads (default: the server's own)")
+    parser.add_argument("--read-seconds", type=float, default=0.0,
+                        help="seconds the user takes to read a pair before voting (default: 0, "
+                             "votes at once: the server is never idle while they vote)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for a version to go live (default: 300)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
@@ -109,6 +116,7 @@ def run(args: argparse.Namespace) -> Path:
                     seconds = time.perf_counter() - started
                     voting_asks.append((seconds, max(r["n_tokens"] for r in store.pair(
                         None, pair["pair_id"])["replies"])))
+                    time.sleep(args.read_seconds)
                     client.predict(pair["pair_id"], oracle.prefer(*pair["replies"]),
                                    api_name="/vote")
                 voted = time.perf_counter()
@@ -135,10 +143,18 @@ def run(args: argparse.Namespace) -> Path:
                 latency = time.perf_counter() - voted
                 step = store.learner_steps(limit=1)
                 registered = store.adapters()
+                # How long the learner took to start the round after the last vote (finishing
+                # what it was preparing): the round ends at its row's time.
+                last_vote = max((datetime.fromisoformat(v["created_at"]) for v in store.votes()),
+                                default=None)
+                start_gap = ((datetime.fromisoformat(step[-1]["created_at"]) - last_vote)
+                             .total_seconds() - step[-1]["seconds"]
+                             if step and last_vote else None)
                 metrics = registered[-1]["metrics"] or {} if registered else {}
                 rows.append({"outcome": outcome, "chat_during_round": chatting,
                              "vote_to_live_seconds": latency,
                              "learner_round_seconds": step[-1]["seconds"] if step else None,
+                             "vote_to_round_start_seconds": start_gap,
                              "version": status["live_adapter_version"],
                              "new_votes": step[-1]["new_votes"] if step else None,
                              "replayed_votes": step[-1]["replayed_votes"] if step else None,
@@ -176,7 +192,7 @@ def run(args: argparse.Namespace) -> Path:
     settings = {"model": args.model, "learn_every": args.learn_every,
                 "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
                 "chat_during_rounds": args.chat_during_rounds, "chat_pairs": args.chat_pairs,
-                "learner_threads": args.learner_threads,
+                "read_seconds": args.read_seconds, "learner_threads": args.learner_threads,
                 "learner_idle_threads": args.learner_idle_threads}
     return write_result("latency", settings, results, Path(args.out) if args.out else RESULTS)
 
