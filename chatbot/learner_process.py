@@ -50,7 +50,11 @@ class LearnerProcess:
         self.log_path = Path(config.data_dir) / "learner.log"
 
     def threads(self) -> int:
-        return self.config.learner_threads or max(1, (os.cpu_count() or 2) // 2)
+        """--learner-threads, or half the cores this process may run on (as learner/cores.py
+        counts them: a container's CPU affinity, not the machine's cores)."""
+        from learner.cores import all_cores
+
+        return self.config.learner_threads or max(1, all_cores() // 2)
 
     def argv(self) -> list[str]:
         """The child's command line: the learner flags, its threads, and this process to

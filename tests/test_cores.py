@@ -84,3 +84,16 @@ def test_apply_sets_torchs_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_learners_share_is_half_the_cores_this_process_may_use(tmp_path, monkeypatch):
+    """The server gives the learner child half the cores it may run on (its CPU affinity, as
+    in a container limited to some cores), not half the machine's; --learner-threads wins."""
+    from chatbot.config import Config
+    from chatbot.learner_process import LearnerProcess
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert LearnerProcess(Config(data_dir=tmp_path), store=None).threads() == 3
+    config = Config(data_dir=tmp_path, learner_threads=5)
+    assert LearnerProcess(config, store=None).threads() == 5
