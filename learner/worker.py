@@ -10,8 +10,10 @@ folder's files, for front-ends on other hosts) - and only then marks the feedbac
 in the same commit. If anything fails before that commit, the claims are released and the
 feedback stays pending; a crash at any moment loses no vote.
 
-Between rounds, as each vote comes in, the learner computes its replies' reference log-probs
-(`prepare`), so a round that a vote completes starts with the others' done.
+Between rounds (`prepare`: when a round ends, and as each vote comes in) the learner does what
+the next round would do first: the new replies' reference log-probs, the reference's
+distributions for its KL check, and its first step's terms for the samples known so far
+(learner/head_start.py), so a round that a vote completes starts with the others' done.
 
 Guards: gradient norm clipped to 1.0; a step whose loss or gradient is not finite is skipped
 (no parameter or optimizer change), and `max_bad_steps` such steps in a round fail the round
