@@ -266,10 +266,14 @@ def test_swap_runs(tiny_model_dir, tmp_path):
 
 def test_latency_runs(tiny_model_dir, tmp_path):
     bench(["latency", "--model", str(tiny_model_dir), "--rounds", "1", "--learn-every", "2",
-           "--max-new-tokens", "4", "--out", str(tmp_path)])
+           "--max-new-tokens", "4", "--read-seconds", "0.1", "--out", str(tmp_path)])
     results = result(tmp_path, "latency")
     assert results["rounds"][0]["outcome"] in ("live", "rejected")
     assert results["rounds"][0]["vote_to_live_seconds"] > 0
+    # the round starts after the vote that completed it, and ends before the version is live
+    start_gap = results["rounds"][0]["vote_to_round_start_seconds"]
+    assert 0 <= start_gap < results["rounds"][0]["vote_to_live_seconds"]
+    assert len(results["pair_steps_while_voting"]) == 2  # one pair per vote
     # the idle pair's time per decode step: its longer reply ran 1-4 tokens
     assert len(results["pair_steps_idle"]) == 1 and 1 <= results["pair_steps_idle"][0] <= 4
     assert results["ms_per_step_idle_median"] == pytest.approx(
