@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,9 @@ from learner.objectives import (
 )
 
 PAIRWISE = ("A", "B")
+# Stored pairs the builder keeps in memory (~10 KB each with 64-token replies), the most recently
+# used: a replay draws from every earlier vote, and a long-lived learner must not hold them all.
+PAIRS_KEPT = 8192
 
 
 @dataclass
@@ -123,7 +127,8 @@ class RoundBuilder:
         self.judge_new = judge_new
         self.max_user_share = max_user_share
         self.rng = rng or random.Random()
-        self._pairs: dict[str, dict] = {}  # pair_id -> the stored pair, read once
+        # pair_id -> the stored pair, read once and kept while among the PAIRS_KEPT last used
+        self._pairs: OrderedDict[str, dict] = OrderedDict()
         self._replies: dict[int, dict] = {}  # reply_id -> its reply in `_pairs`
         self._drawn: tuple[tuple, list[tuple[str, int]]] | None = None  # see _draw
 
@@ -218,10 +223,16 @@ class RoundBuilder:
         return [by_key[item] for item in self._drawn[1]]
 
     def _pair(self, pair_id: str) -> dict:
-        if pair_id not in self._pairs:
-            pair = self._pairs[pair_id] = self.store.pair(None, pair_id)
-            self._replies.update((reply["id"], reply) for reply in pair["replies"])
-        return self._pairs[pair_id]
+        if pair_id in self._pairs:
+            self._pairs.move_to_end(pair_id)
+            return self._pairs[pair_id]
+        pair = self._pairs[pair_id] = self.store.pair(None, pair_id)
+        self._replies.update((reply["id"], reply) for reply in pair["replies"])
+        if len(self._pairs) > PAIRS_KEPT:  # read again from the store if it is needed again
+            _, dropped = self._pairs.popitem(last=False)
+            for reply in dropped["replies"]:
+                self._replies.pop(reply["id"], None)
+        return pair
 
     def _sample(self, pair_id: str, side: str, advantage: float = 0.0) -> Sample:
         pair = self._pair(pair_id)

@@ -614,3 +614,38 @@ def test_the_kl_check_reads_the_reference_distributions_kept_between_rounds(lear
     assert kl_pass > 1e-4  # v1 differs from the base: not 0 against 0
     assert kl_kept == pytest.approx(kl_pass, rel=1e-4)
     assert learner.reference_distributions == {}  # not held past the round
+
+
+def test_the_builder_keeps_the_pairs_it_used_last_and_reads_the_others_again(tmp_path,
+                                                                             monkeypatch):
+    """A long-lived learner must not hold every stored pair a replay ever drew: the builder
+    keeps the last PAIRS_KEPT, and a pair it dropped is read again, with the reference
+    log-probs cached in the store since."""
+    from learner import data
+
+    monkeypatch.setattr(data, "PAIRS_KEPT", 2)
+    store = Store(tmp_path / "duet.db")
+    pair_ids = []
+    for i in range(3):
+        replies = [{"text": t, "token_ids": [5, 6], "token_logprobs": [-1.0, -2.0],
+                    "behaviour_logprob": -3.0, "adapter_version": 0, "finish_reason": "stop",
+                    "n_tokens": 2} for t in ("a", "b")]
+        pair = {"prompt_token_ids": [1, 2, 3], "adapter_version": 0, "temperature": 0.8,
+                "top_p": 0.95, "max_new_tokens": 2, "seconds": 0.0, "first_token_seconds": 0.0}
+        pair_ids.append(store.add_turn("ann", None, f"prompt {i}", pair, replies)[1])
+    reads = []
+    read = store.pair
+    monkeypatch.setattr(store, "pair", lambda *args: reads.append(args[1]) or read(*args))
+    builder = data.RoundBuilder(store, replay=0)
+
+    first = builder._sample(pair_ids[0], "A")
+    store.cache_ref_logprobs(first.reply_id, [-0.5, -0.25])
+    builder.remember_reference(first.reply_id, [-0.5, -0.25])
+    assert builder._sample(pair_ids[0], "A").ref == [-0.5, -0.25]  # kept: not read again
+    builder._sample(pair_ids[1], "B")
+    builder._sample(pair_ids[2], "B")  # the third: the least recently used one goes
+    assert reads == pair_ids
+    again = builder._sample(pair_ids[0], "A")
+    assert reads == pair_ids + [pair_ids[0]]
+    assert again.ref == [-0.5, -0.25] and again.reply == [5, 6]
+    assert len(builder._pairs) == 2 and len(builder._replies) == 4
