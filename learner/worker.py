@@ -249,7 +249,8 @@ class Learner:
         wanted = {s.reply_id for s in keep}
         for reply_id in set(self.reference_distributions) - wanted:
             del self.reference_distributions[reply_id]
-        self.fill_reference(self.builder.pending_samples(), keep)
+        # the draft's samples too: other objects for the same replies, which its terms read
+        self.fill_reference(self.builder.pending_samples() + draft.samples, keep)
         if self.config.objective == "pg":
             self._start_next_round(draft)
         log.info("next round prepared in %.1f s: %d new and %d replayed items, first-step terms "
