@@ -87,7 +87,7 @@ class LearnerProcess:
             self.process.wait()
 
     def state(self) -> dict:
-        """running / idle / training / stopped, with pid, exit code and last error."""
+        """starting / idle / preparing / training / stopped, with pid, exit code and last error."""
         if self.process is None:
             return learner_state(self.store)
         state = learner_state(self.store, heartbeat_stale_s=None)
