@@ -91,13 +91,16 @@ def run(args: argparse.Namespace) -> Path:
             def learner() -> str:
                 return client.predict(api_name="/status")["learner"]["state"]
 
-            def timed_ask() -> tuple[float, int]:
-                """Seconds for a pair and its decode steps (the longer reply's tokens)."""
+            def ask() -> tuple[dict, tuple[float, int]]:
+                """A pair, with its seconds and decode steps (the longer reply's tokens)."""
                 started = time.perf_counter()
                 pair = client.predict(rng.choice(prompts), "", api_name="/ask")
                 seconds = time.perf_counter() - started
                 replies = store.pair(None, pair["pair_id"])["replies"]
-                return seconds, max(r["n_tokens"] for r in replies)
+                return pair, (seconds, max(r["n_tokens"] for r in replies))
+
+            def timed_ask() -> tuple[float, int]:
+                return ask()[1]
 
             timed_ask()  # the first pair warms the model up; not counted
             for round_no in range(args.rounds):
@@ -111,11 +114,8 @@ def run(args: argparse.Namespace) -> Path:
                 live = client.predict(api_name="/status")["registry_live_version"]
                 versions_before = len(store.adapters())
                 for _ in range(args.learn_every):
-                    started = time.perf_counter()
-                    pair = client.predict(rng.choice(prompts), "", api_name="/ask")
-                    seconds = time.perf_counter() - started
-                    voting_asks.append((seconds, max(r["n_tokens"] for r in store.pair(
-                        None, pair["pair_id"])["replies"])))
+                    pair, timed = ask()
+                    voting_asks.append(timed)
                     time.sleep(args.read_seconds)
                     client.predict(pair["pair_id"], oracle.prefer(*pair["replies"]),
                                    api_name="/vote")

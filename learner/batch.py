@@ -171,10 +171,23 @@ def distributions(model, batch: Batch) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def taken(logp: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """From log-probs over the vocabulary (B, R, V), those of the reply tokens (B, R)."""
+    return logp.gather(-1, batch.targets[..., None])[..., 0] * batch.mask
+
+
 def token_logprobs(model, batch: Batch) -> torch.Tensor:
     """Per-token log-probs (B, R) of the reply tokens under `model` as it is now."""
-    logp = distributions(model, batch).gather(-1, batch.targets[..., None])[..., 0]
-    return logp * batch.mask
+    return taken(distributions(model, batch), batch)
+
+
+def right_aligned_rows(rows: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per-reply tensors (each reply's length first) as one batch shaped like `like`, each
+    ending at the last position as the replies do; zeros before."""
+    out = torch.zeros_like(like)
+    for i, row in enumerate(rows):
+        out[i, like.shape[1] - row.shape[0]:] = row
+    return out
 
 
 def ref_to_tensor(samples: list[Sample], width: int, device) -> torch.Tensor:

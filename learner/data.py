@@ -89,6 +89,11 @@ class RoundData:
         return [s for item in self.replay_items for s in item]
 
     @property
+    def judged_samples(self) -> list[Sample]:
+        """The replies of the judged pairs, chosen then rejected."""
+        return [s for p in self.judged for s in (p.chosen, p.rejected)]
+
+    @property
     def samples(self) -> list[Sample]:
         """What the policy gradient trains on."""
         return self.new_samples + self.replay_samples + self.scored_samples
@@ -162,17 +167,6 @@ class RoundBuilder:
         pending = {kind: [row["id"] for row in self.store.pending_feedback(kind)]
                    for kind in ("votes", "ratings")}
         return self.build(pending)
-
-    def pending_samples(self) -> list[Sample]:
-        """The replies of the feedback no round has used yet, as samples (ties and their
-        replies, which teach nothing, left out): what the next round will claim."""
-        samples = []
-        for vote in self.store.pending_feedback("votes"):
-            if vote["choice"] != "tie":
-                samples += [self._sample(vote["pair_id"], side) for side in ("A", "B")]
-        for rating in self.store.pending_feedback("ratings"):
-            samples.append(self._sample(rating["pair_id"], rating["side"]))
-        return samples
 
     def remember_reference(self, reply_id: int, logprobs: list[float]) -> None:
         """A reply's reference log-probs, computed after its pair was read (and cached in the

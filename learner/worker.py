@@ -52,7 +52,15 @@ from chatbot.model import LoadedModel
 from chatbot.states import AdapterStatus, LearnerState, RoundOutcome
 from chatbot.store import Store
 from learner import gate
-from learner.batch import Sample, collate, distributions, ref_to_tensor, token_logprobs
+from learner.batch import (
+    Sample,
+    collate,
+    distributions,
+    ref_to_tensor,
+    right_aligned_rows,
+    taken,
+    token_logprobs,
+)
 from learner.data import PreferencePair, RoundBuilder, RoundData
 from learner.head_start import HeadStart, sample_key
 from learner.objectives import AdaptiveKLController, dpo_loss, k3_kl, policy_gradient_loss
@@ -82,8 +90,8 @@ def kl_replies(data: RoundData) -> list[Sample]:
     the round's newest (a full-vocabulary pass per reply is the round's most expensive
     scoring, so KL_REPLIES at most), each reply once: the judged replies are the new ones
     unless --judge-new."""
-    judged = [s for p in data.judged for s in (p.chosen, p.rejected)]
-    replies = {s.reply_id: s for s in data.new_samples + data.replay_samples + judged}
+    replies = {s.reply_id: s for s in data.new_samples + data.replay_samples
+               + data.judged_samples}
     return list(replies.values())[:KL_REPLIES]
 
 
@@ -215,15 +223,15 @@ class Learner:
             if sample.reply_id not in kept and sample.reply_id not in keep_ids and size <= budget:
                 keep_ids.add(sample.reply_id)
                 budget -= size
-        unknown = {s.reply_id for s in list(samples) + list(keep) if s.ref is None}
-        todo = {s.reply_id: s for s in list(samples) + list(keep)
-                if s.reply_id in unknown | keep_ids}
+        every = list(samples) + list(keep)
+        unknown = {s.reply_id for s in every if s.ref is None}
+        todo = {s.reply_id: s for s in every if s.reply_id in unknown | keep_ids}
         by_reply: dict[int, list[float]] = {}
         with torch.no_grad(), self.model.disable_adapter():
             for micro in self._micro_batches(by_prompt(list(todo.values())), MICRO_BATCH):
                 batch = collate(micro, self.pad_id, self.loaded.device)
                 everything = distributions(self.model, batch)
-                logp = everything.gather(-1, batch.targets[..., None])[..., 0] * batch.mask
+                logp = taken(everything, batch)
                 for row, sample in enumerate(micro):
                     n = len(sample.reply)
                     by_reply[sample.reply_id] = logp[row, -n:].tolist()
@@ -234,7 +242,7 @@ class Learner:
             if reply_id > 0:  # replies the learner sampled itself are not in the DB
                 self.store.cache_ref_logprobs(reply_id, values)
                 self.builder.remember_reference(reply_id, values)
-        for sample in list(samples) + list(keep):
+        for sample in every:
             if sample.ref is None:
                 sample.ref = by_reply[sample.reply_id]
 
@@ -249,8 +257,7 @@ class Learner:
         wanted = {s.reply_id for s in keep}
         for reply_id in set(self.reference_distributions) - wanted:
             del self.reference_distributions[reply_id]
-        # the draft's samples too: other objects for the same replies, which its terms read
-        self.fill_reference(self.builder.pending_samples() + draft.samples, keep)
+        self.fill_reference(draft.samples + draft.judged_samples, keep)
         if self.config.objective == "pg":
             self._start_next_round(draft)
         log.info("next round prepared in %.1f s: %d new and %d replayed items, first-step terms "
@@ -273,9 +280,8 @@ class Learner:
             head = HeadStart(self.adapter_version, self.kl_control.beta)
             todo = slices[0]
         self.head_start = head
-        if not todo:
+        if not todo:  # (prepare has filled in the draft's reference log-probs)
             return
-        self.fill_reference(todo)
         params = self._lora_parameters()
         for p in params:
             p.grad = None
@@ -318,10 +324,8 @@ class Learner:
                 for micro in self._micro_batches(by_prompt(group), MICRO_BATCH):
                     batch = collate(micro, self.pad_id, self.loaded.device)
                     logp = distributions(self.model, batch)
-                    if micro[0].reply_id in kept:
-                        ref = torch.zeros_like(logp)
-                        for row, sample in enumerate(micro):
-                            ref[row, -len(sample.reply):] = kept[sample.reply_id]
+                    if micro[0].reply_id in kept:  # the whole group is
+                        ref = right_aligned_rows([kept[s.reply_id] for s in micro], logp)
                     else:
                         with self.model.disable_adapter():
                             ref = distributions(self.model, batch)
@@ -410,10 +414,9 @@ class Learner:
             batch = collate(micro, self.pad_id, self.loaded.device)
             logp = token_logprobs(self.model, batch)
             fresh = logp.detach()
-            anchor = torch.zeros_like(fresh)
-            for row, sample in enumerate(micro):
-                n = len(sample.reply)
-                anchor[row, -n:] = anchors.setdefault(sample.reply_id, fresh[row, -n:])
+            anchor = right_aligned_rows(
+                [anchors.setdefault(s.reply_id, fresh[row, -len(s.reply):])
+                 for row, s in enumerate(micro)], fresh)
             if live_totals is not None:
                 live_totals.update(zip([s.reply_id for s in micro], fresh.sum(-1).tolist()))
             ref = ref_to_tensor(micro, batch.reply_width, self.loaded.device)
@@ -557,7 +560,7 @@ class Learner:
             with self._phase("self_samples"):
                 data.scored_samples, reward_stats = self.self_sampler.samples(
                     self.builder.voted_pairs(), data.judged)
-        judged_samples = [s for p in data.judged for s in (p.chosen, p.rejected)]
+        judged_samples = data.judged_samples
         with self._phase("reference"):
             # the KL check's reference distributions in the same pass, where not kept yet
             self.fill_reference(data.samples + judged_samples, kl_replies(data))

@@ -470,7 +470,7 @@ def test_prepare_computes_the_pending_replies_reference_before_the_round(learner
             for pid in pair_ids}
     assert all(ref is not None for pid in (pair_ids[0], pair_ids[2]) for ref in refs[pid])
     assert refs[pair_ids[1]] == [None, None]
-    expected = learner.builder.pending_samples()[0]
+    expected = learner.builder.draft().new_samples[0]
     by_hand = expected.ref
     expected.ref = None
     learner.fill_reference([expected])  # computed again, from scratch
