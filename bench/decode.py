@@ -53,6 +53,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth-mb", type=int, default=512,
                         help="size of the tensor the bandwidth is measured on, in MB; far "
                              "beyond the last-level cache (default: 512)")
+    parser.add_argument("--compare-pair-kernels", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="on a CPU, also time each dtype with --pair-kernels off (plain "
+                             "generate only; default: on)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
     add_model_args(parser)
 
@@ -127,6 +131,16 @@ def memory_bandwidth(device: torch.device, megabytes: int, repeats: int) -> dict
             "copy_gb_per_s_runs": [c / 1e9 for c in copies[1:]], "megabytes": megabytes}
 
 
+def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool
+             ) -> list[tuple[str, str, str]]:
+    """(label, dtype, --pair-kernels) of each model to time: every dtype as the server loads
+    it, and on a CPU, when asked, also with --pair-kernels off (chatbot/pair_kernels.py)."""
+    out = [(dtype, dtype, "auto") for dtype in dtypes]
+    if compare_pair_kernels and device.type == "cpu":
+        out += [(f"{dtype}, pair kernels off", dtype, "off") for dtype in dtypes]
+    return out
+
+
 def default_dtypes(device: torch.device) -> list[str]:
     native = device.type == "cuda" or cpu_has_native_bf16()
     return ["float32", "bfloat16"] if native else ["float32"]
@@ -197,39 +211,42 @@ def run(args: argparse.Namespace) -> Path:
     bytes_per_second = bandwidth["read_gb_per_s"] * 1e9
 
     timers = {}
-    for dtype in dtypes:
-        config = dataclasses.replace(base, dtype=dtype)
+    for label, dtype, kernels in variants(dtypes, device, args.compare_pair_kernels):
+        config = dataclasses.replace(base, dtype=dtype, pair_kernels=kernels)
         loaded = load_model(config)
         # The stream stops at the end-of-turn token; forced to full length like the others,
         # every path writes the same tokens.
         loaded.model.generation_config.min_new_tokens = args.new_tokens
-        timers[dtype] = Timer(loaded, config, args.new_tokens)
+        timers[label] = Timer(loaded, config, args.new_tokens)
     for timer in timers.values():  # warm-up
         timer.plain(1, 2)
         timer.plain(2, 2)
 
-    runs: dict = {dtype: {k: [] for k in ("single_long", "single_short", "pair_long",
+    runs: dict = {label: {k: [] for k in ("single_long", "single_short", "pair_long",
                                           "pair_short", "pair_hooked", "pair_streamed")}
-                  for dtype in dtypes}
+                  for label in timers}
     n = args.new_tokens
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
-        for dtype, timer in timers.items():
-            times = runs[dtype]
+        for label, timer in timers.items():
+            times = runs[label]
             times["single_short"].append(timer.plain(1, 1))
             times["single_long"].append(timer.plain(1, n))
             times["pair_short"].append(timer.plain(2, 1))
             times["pair_long"].append(timer.plain(2, n))
+            if timer.config.pair_kernels == "off":  # the comparison is of plain generate
+                continue
             times["pair_hooked"].append(timer.hooked(2))
             times["pair_streamed"].append(timer.streamed(2))
 
     per_dtype = {}
-    for dtype, times in runs.items():
-        median = {k: statistics.median(v) for k, v in times.items()}
-        weights = weight_bytes_per_step(timers[dtype].loaded.model)
+    for label, times in runs.items():
+        median = {k: statistics.median(v) if v else None for k, v in times.items()}
+        weights = weight_bytes_per_step(timers[label].loaded.model)
         limit = bandwidth_limit_ms(weights, bytes_per_second)
         single = 1000 * step_seconds(median["single_long"], median["single_short"], n)
         pair = 1000 * step_seconds(median["pair_long"], median["pair_short"], n)
-        per_dtype[dtype] = {
+        hooked, streamed = median["pair_hooked"], median["pair_streamed"]
+        per_dtype[label] = {
             "weight_bytes_per_step": weights,
             "limit_ms_per_token": limit,
             "single_ms_per_token": single,
@@ -240,10 +257,11 @@ def run(args: argparse.Namespace) -> Path:
             "single_reply_seconds": median["single_long"],
             "pair_seconds": median["pair_long"],
             "pair_over_single": median["pair_long"] / median["single_long"],
-            "pair_hooked_seconds": median["pair_hooked"],
-            "pair_streamed_seconds": median["pair_streamed"],
-            "streamed_minus_plain_seconds": median["pair_streamed"] - median["pair_long"],
-            "hooked_minus_plain_seconds": median["pair_hooked"] - median["pair_long"],
+            "pair_hooked_seconds": hooked,
+            "pair_streamed_seconds": streamed,
+            "streamed_minus_plain_seconds": (None if streamed is None
+                                             else streamed - median["pair_long"]),
+            "hooked_minus_plain_seconds": None if hooked is None else hooked - median["pair_long"],
             "runs_seconds": times,
         }
     results = {"bandwidth": bandwidth, "dtypes": per_dtype, "device": str(device),
@@ -252,7 +270,8 @@ def run(args: argparse.Namespace) -> Path:
                "load_average_before_after": [load_before[0], os.getloadavg()[0]],
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     settings = {"model": next(iter(timers.values())).loaded.model_id, "new_tokens": n,
-                "repeats": args.repeats, "dtypes": dtypes, "temperature": base.temperature,
+                "repeats": args.repeats, "dtypes": dtypes, "variants": list(timers),
+                "temperature": base.temperature,
                 "top_p": base.top_p}
     return write_result(f"decode-{device.type}", settings, results,
                         Path(args.out) if args.out else RESULTS)

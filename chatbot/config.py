@@ -15,6 +15,7 @@ from pathlib import Path
 EMBEDDED_MODEL = "embedded"
 QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+PAIR_KERNEL_CHOICES = ("auto", "off")  # chatbot.pair_kernels
 OBJECTIVES = ("pg", "dpo")
 ENGINES = ("transformers", "vllm")  # where the server's replies are generated
 # The longest reply when --max-new-tokens is not given, by where the model runs: a GPU writes
@@ -37,6 +38,7 @@ class Config:
     model: str = EMBEDDED_MODEL
     quantize: str = "auto"
     dtype: str = "auto"  # of the unquantized weights (chatbot.model.resolve_dtype)
+    pair_kernels: str = "auto"  # chatbot.pair_kernels
     device: str = "auto"
     cache_dir: Path = default_cache_dir()
     # sampling
@@ -153,6 +155,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="dtype of the unquantized weights, in the server and the learner: "
                             "auto = bfloat16 on CUDA and on a CPU with native bf16 (AVX-512 BF16 "
                             "or AMX), float32 on other CPUs (default: auto)")
+    group.add_argument("--pair-kernels", choices=PAIR_KERNEL_CHOICES, default=d.pair_kernels,
+                       help="a pair's decode step on a CPU: auto = time the model's layers at "
+                            "load and compute two rows as two matrix-vector products where "
+                            "that is faster; off = torch's kernels throughout (default: auto)")
     group.add_argument("--device", default=d.device,
                        help="torch device, e.g. cpu, cuda, cuda:1 (default: auto = cuda if "
                             "available)")

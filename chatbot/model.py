@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from chatbot import pair_kernels
 from chatbot.config import (
     CPU_MAX_NEW_TOKENS,
     DTYPE_CHOICES,
@@ -267,6 +268,8 @@ def load_model(config: Config, training: bool = False) -> LoadedModel:
     else:
         _check_cpu_quantized_shapes(model, device, config.model)
     model.eval()
+    if quantize == "none" and not training and config.pair_kernels == "auto":
+        pair_kernels.install(model)  # a no-op off the CPU
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     log.info("loaded %s on %s (quantize=%s, dtype=%s)", model_id, device, quantize,
