@@ -114,14 +114,16 @@ def install(model: torch.nn.Module, choose: Callable[[torch.Tensor], bool] | Non
                              "torch_ms": 1000 * torch_s, "batched_ms": 1000 * batched_s}
         return report
 
+    started = time.perf_counter()
     report = _in_fresh_thread(decide)
+    seconds = time.perf_counter() - started
     switched = 0
     for layer in layers:
         if report[tuple(layer.weight.shape)]["batched"]:
             layer.__class__ = PairLinear
             switched += 1
-    log.info("pair decode: %d of %d linear layers take two matrix-vector products (%s)",
-             switched, len(layers), ", ".join(
+    log.info("pair decode: %d of %d linear layers take two matrix-vector products (timed in "
+             "%.2f s: %s)", switched, len(layers), seconds, ", ".join(
                  f"{s[0]}x{s[1]} " + (f"{r['batched_ms']:.2f} vs {r['torch_ms']:.2f} ms"
                                      if "torch_ms" in r else "chosen")
                  + (" switched" if r["batched"] else "") for s, r in report.items()))

@@ -200,6 +200,10 @@ def test_decode_runs_every_dtype_and_times_the_stream(tiny_model_dir, tmp_path):
     for numbers in (fp32, bf16):
         assert numbers["limit_ms_per_token"] > 0 and numbers["pair_over_single"] > 0
         assert numbers["pair_streamed_seconds"] > 0 and numbers["pair_hooked_seconds"] > 0
+    # each dtype again with the pair kernels off: plain generate only
+    for dtype in ("float32", "bfloat16"):
+        off = results["dtypes"][f"{dtype}, pair kernels off"]
+        assert off["pair_over_single"] > 0 and off["pair_streamed_seconds"] is None
 
 
 def test_decode_arithmetic(tiny_loaded):

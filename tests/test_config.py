@@ -14,7 +14,8 @@ SERVER_ONLY = {"host", "port",
                "swap_poll_seconds", "start_learner", "learner_nice", "learner_threads",
                "learner_idle_threads",
                "max_votes_per_minute", "admins", "share", "learner_poll_seconds", "threads",
-               "engine", "engine_url"}
+               "engine", "engine_url",
+               "pair_kernels"}  # the learner never installs them (chatbot/model.py)
 
 
 def test_every_learner_setting_reaches_the_learner_child(tmp_path):
