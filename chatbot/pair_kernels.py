@@ -9,12 +9,16 @@ product as a batch of two one-row products (`torch.bmm` over the weight, expande
 copied) took what one row takes: the second read of a layer's weights comes from the cache.
 In bf16 without native bf16 arithmetic it was the other way round (1.0-1.3x slower).
 
-So nothing is assumed: `install` times both kernels on each of the model's own weight shapes
-(a few hundred ms for the 135M model, in a fresh thread) and switches a layer only where the
-batched one is clearly faster, and `--pair-kernels off` leaves every layer alone. A switched
-layer takes the other kernel only for an input of exactly two rows with gradients off: the
-prefill, training and every other batch size run torch's own. The results agree to float
-rounding (~1e-5), not bit for bit.
+So nothing is assumed: `install` times both kernels on the model's own weights, shape by
+shape (a few hundred ms for the 135M model, in a fresh thread), and switches a layer only
+where the batched one is clearly faster; `--pair-kernels off` leaves every layer alone. A
+timing run goes through every layer of a shape in turn, as a decode step does, so their
+weights come from memory, not from a cache the previous run warmed. A switched layer takes
+the batched kernel only for an input of exactly two rows with gradients off - a pair's
+decode steps, and the output layer at the pair's prefill (transformers keeps only the last
+position's logits); other prefills, training and every other batch size run torch's own.
+The results agree to float rounding (~1e-5 in float32), not bit for bit. If the timing
+fails, the model keeps torch's kernels and the log says why.
 
 Left out: GPUs (their matrix products have no such gap), quantized layers, batches of more
 than two rows (four rows gained 3-18% in float32 here, too little to calibrate for).
@@ -35,43 +39,48 @@ log = logging.getLogger(__name__)
 
 # The batched kernel must beat torch's by this factor on a shape to be used for it.
 MARGIN = 0.9
-REPEATS = 5
+REPEATS = 5  # timed passes of each kernel through the layers of a shape
 
 
 class PairLinear(torch.nn.Linear):
     """nn.Linear whose two-row products, without gradients, are two matrix-vector products."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != 2 * self.in_features or torch.is_grad_enabled():
+        if (x.numel() != 2 * self.in_features or x.shape[-1] != self.in_features
+                or torch.is_grad_enabled()):
             return super().forward(x)
-        out = torch.bmm(x.reshape(2, 1, self.in_features), self.weight.t().expand(2, -1, -1))
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return two_rows(x.reshape(2, 1, self.in_features), self.weight,
+                        self.bias).view(*x.shape[:-1], self.out_features)
+
+
+def two_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (2, 1, in) times weight (out, in)^T, plus bias: two matrix-vector products."""
+    batched = weight.t().expand(2, -1, -1)
+    if bias is None:
+        return torch.bmm(x, batched)
+    return torch.baddbmm(bias.view(1, 1, -1).expand(2, 1, -1), x, batched)
 
 
 def _plain_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return [m for m in model.modules() if type(m) is torch.nn.Linear]
 
 
-def _median_seconds(run: Callable[[], object]) -> float:
-    run()
-    times = []
-    for _ in range(REPEATS):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def time_kernels(weight: torch.Tensor) -> tuple[float, float]:
-    """Median seconds of a two-row product with `weight` by torch's kernel and by the
-    batched one (PairLinear's), interleaved."""
+def time_kernels(layers: list[torch.nn.Linear]) -> tuple[float, float]:
+    """Median seconds of a two-row product through every one of `layers` (all of one shape)
+    by torch's kernel and by the batched one (PairLinear's), the two alternating."""
+    weight = layers[0].weight
     x = torch.randn(2, 1, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    batched = weight.t().expand(2, -1, -1)
+    kernels = (lambda w, b: F.linear(x, w, b), lambda w, b: two_rows(x, w, b))
+    times: tuple[list[float], list[float]] = ([], [])
     with torch.inference_mode():
-        return (_median_seconds(lambda: F.linear(x, weight)),
-                _median_seconds(lambda: torch.bmm(x, batched)))
+        for repeat in range(REPEATS + 1):  # the first is a warm-up
+            for kernel, kept in zip(kernels, times):
+                started = time.perf_counter()
+                for layer in layers:
+                    kernel(layer.weight, layer.bias)
+                if repeat:
+                    kept.append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _in_fresh_thread(work: Callable[[], object]) -> object:
@@ -82,7 +91,7 @@ def _in_fresh_thread(work: Callable[[], object]) -> object:
     def run() -> None:
         try:
             box["value"] = work()
-        except Exception as exc:  # noqa: BLE001 - re-raised in the caller
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             box["error"] = exc
 
     thread = threading.Thread(target=run, name="pair-kernels")
@@ -93,35 +102,42 @@ def _in_fresh_thread(work: Callable[[], object]) -> object:
     return box["value"]
 
 
-def install(model: torch.nn.Module, choose: Callable[[torch.Tensor], bool] | None = None
+def install(model: torch.nn.Module, choose: Callable[[torch.nn.Linear], bool] | None = None
             ) -> dict[tuple[int, int], dict]:
     """Switch the model's plain linear layers to PairLinear where the batched kernel is faster
-    for their weight's shape. `choose(weight)` decides for a shape (default: time both).
-    Returns, per shape, whether it was switched and the times that decided it."""
+    for their weight's shape. `choose(layer)` decides for a shape (default: time both).
+    Returns, per shape, whether it was switched and the times that decided it (per pass
+    through the layers of that shape)."""
     layers = _plain_linears(model)
-    if not layers or layers[0].weight.device.type != "cpu":
+    if not layers or any(layer.weight.device.type != "cpu" for layer in layers):
         return {}
-    weights = {tuple(m.weight.shape): m.weight for m in layers}
+    by_shape: dict[tuple[int, int], list[torch.nn.Linear]] = {}
+    for layer in layers:
+        by_shape.setdefault(tuple(layer.weight.shape), []).append(layer)
 
     def decide() -> dict[tuple[int, int], dict]:
         report = {}
-        for shape, weight in weights.items():
+        for shape, alike in by_shape.items():
             if choose is not None:
-                report[shape] = {"batched": bool(choose(weight))}
+                report[shape] = {"batched": bool(choose(alike[0]))}
                 continue
-            torch_s, batched_s = time_kernels(weight.detach())
+            torch_s, batched_s = time_kernels(alike)
             report[shape] = {"batched": batched_s < MARGIN * torch_s,
                              "torch_ms": 1000 * torch_s, "batched_ms": 1000 * batched_s}
         return report
 
     started = time.perf_counter()
-    report = _in_fresh_thread(decide)
+    try:
+        report = _in_fresh_thread(decide)
+    except Exception as exc:  # noqa: BLE001 - a model that runs slower, never one that fails
+        log.warning("pair decode: could not time the kernels (%s); torch's kernels throughout",
+                    exc)
+        return {}
     seconds = time.perf_counter() - started
-    switched = 0
     for layer in layers:
         if report[tuple(layer.weight.shape)]["batched"]:
             layer.__class__ = PairLinear
-            switched += 1
+    switched = sum(type(layer) is PairLinear for layer in layers)
     log.info("pair decode: %d of %d linear layers take two matrix-vector products (timed in "
              "%.2f s: %s)", switched, len(layers), seconds, ", ".join(
                  f"{s[0]}x{s[1]} " + (f"{r['batched_ms']:.2f} vs {r['torch_ms']:.2f} ms"

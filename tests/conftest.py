@@ -129,10 +129,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 # float32, not --dtype auto: the tests that use these fixtures compute the same numbers on
 # every CPU (auto is bfloat16 on CPUs with native bf16); test_model.py tests the bf16 path.
+# The pair kernels off: `auto` picks them by timing, which would make these tests take one
+# kernel or the other by chance; tests/test_pair_kernels.py runs them switched on.
 @pytest.fixture
 def tiny_config(tiny_model_dir, tmp_path) -> Config:
     return Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", max_new_tokens=8,
-                  cache_dir=tmp_path / "cache", device="cpu", dtype="float32")
+                  cache_dir=tmp_path / "cache", device="cpu", dtype="float32",
+                  pair_kernels="off")
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +143,8 @@ def tiny_loaded(tiny_model_dir):
     """The tiny model loaded once; tests must not leave adapters on it."""
     from chatbot.model import load_model
 
-    return load_model(Config(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    return load_model(Config(model=str(tiny_model_dir), device="cpu", dtype="float32",
+                             pair_kernels="off"))
 
 
 class FakeGenerator:
