@@ -10,18 +10,19 @@ copied) took what one row takes: the second read of a layer's weights comes from
 In bf16 without native bf16 arithmetic it was the other way round (1.0-1.3x slower).
 
 So nothing is assumed: `install` times both kernels on the model's own weights, shape by
-shape (a few hundred ms for the 135M model, in a fresh thread), and switches a layer only
-where the batched one is clearly faster; `--pair-kernels off` leaves every layer alone. A
-timing run goes through every layer of a shape in turn, as a decode step does, so their
-weights come from memory, not from a cache the previous run warmed. A switched layer takes
-the batched kernel only for an input of exactly two rows with gradients off - a pair's
-decode steps, and the output layer at the pair's prefill (transformers keeps only the last
-position's logits); other prefills, training and every other batch size run torch's own.
-The results agree to float rounding (~1e-5 in float32), not bit for bit. If the timing
-fails, the model keeps torch's kernels and the log says why.
+shape (1.8 s for the 135M model in float32 on that CPU, in a fresh thread), and switches a
+layer only where the batched one is clearly faster; `--pair-kernels off` leaves every layer
+alone. A timing run goes through every layer of a shape in turn, as a decode step does, so
+their weights come from memory, not from a cache the previous run warmed. A switched layer
+takes the batched kernel only for an input of exactly two rows with gradients off - a
+pair's decode steps, and the output layer at the pair's prefill (transformers keeps only
+the last position's logits); other prefills, training and every other batch size run
+torch's own. The results agree to float rounding (~1e-5 in float32), not bit for bit. If
+the timing fails, the model keeps torch's kernels and the log says why.
 
-Left out: GPUs (their matrix products have no such gap), quantized layers, batches of more
-than two rows (four rows gained 3-18% in float32 here, too little to calibrate for).
+Left out: GPUs (`install` does nothing off the CPU; not measured there), quantized layers,
+batches of more than two rows (four rows gained 3-18% in float32 here, too little to time
+for).
 """
 
 from __future__ import annotations
