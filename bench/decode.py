@@ -38,6 +38,7 @@ from bench.common import RESULTS, write_result
 from chatbot.config import Config, add_model_args
 from chatbot.model import cpu_has_native_bf16, load_model, resolve_device
 from chatbot.sampling import PairGenerator, _Cancelled, _PairStreamer
+from chatbot.threads import in_fresh_thread
 
 PROMPT = [{"role": "user", "content": "Explain why the sky is blue, in a few sentences."}]
 
@@ -90,24 +91,6 @@ def bandwidth_limit_ms(weight_bytes: int, bytes_per_second: float) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def in_fresh_thread(work):
-    """work() in a thread of its own, which takes its OpenMP team with it when it ends."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["value"] = work()
-        except BaseException as exc:  # re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="bench-decode")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def memory_bandwidth(device: torch.device, megabytes: int, repeats: int) -> dict:
@@ -175,7 +158,7 @@ class Timer:
             _sync(self.loaded.device)
             return time.perf_counter() - started
 
-        return in_fresh_thread(timed)
+        return in_fresh_thread(timed, name="bench-decode")
 
     def plain(self, n: int, tokens: int) -> float:
         return self._timed(lambda: self.loaded.model.generate(**self._kwargs(n, tokens)))

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import logging
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from chatbot.threads import in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +85,6 @@ def time_kernels(layers: list[torch.nn.Linear]) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def _in_fresh_thread(work: Callable[[], object]) -> object:
-    """work() in a thread of its own: a thread that ran a parallel torch op keeps an idle
-    OpenMP team, which slows every other thread's (chatbot/sampling.py, "Threads")."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["value"] = work()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="pair-kernels")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def install(model: torch.nn.Module, choose: Callable[[torch.nn.Linear], bool] | None = None
             ) -> dict[tuple[int, int], dict]:
     """Switch the model's plain linear layers to PairLinear where the batched kernel is faster
@@ -129,7 +111,7 @@ def install(model: torch.nn.Module, choose: Callable[[torch.nn.Linear], bool] | 
 
     started = time.perf_counter()
     try:
-        report = _in_fresh_thread(decide)
+        report = in_fresh_thread(decide, name="pair-kernels")
     except Exception as exc:  # noqa: BLE001 - a model that runs slower, never one that fails
         log.warning("pair decode: could not time the kernels (%s); torch's kernels throughout",
                     exc)
