@@ -62,6 +62,7 @@ def publish_versions(config: Config, store: Store, count: int) -> None:
     """Publish `count` LoRA adapters with random weights, as a learner would."""
     from peft import LoraConfig, get_peft_model
 
+    config = dataclasses.replace(config, pair_kernels="off")  # nothing here decodes
     for version in range(1, count + 1):
         torch.manual_seed(version)
         peft_model = get_peft_model(load_model(config).model, LoraConfig(

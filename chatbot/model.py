@@ -242,7 +242,9 @@ def load_tokenizer(config: Config) -> tuple[object, str, str]:
 
 def load_model(config: Config, training: bool = False) -> LoadedModel:
     """Load the tokenizer and model the config names, ready for generation (eval mode);
-    `training`: for the learner (the dtype `auto` picks may differ, see resolve_dtype)."""
+    `training`: for the learner (the dtype `auto` picks may differ, see resolve_dtype). A
+    model for sampling on a CPU gets the pair kernels its timing picks (chatbot/pair_kernels,
+    --pair-kernels); the learner's never does."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(config.device)
