@@ -5,18 +5,28 @@
 #
 #   bash bench/gpu.sh [OUT]        results to OUT (default: bench/results)
 #
-# Each step has its own time limit, so one that hangs does not take the rest with it; the
-# script's status is the number of steps that failed.
+# Each step has its own time limit, so one that hangs does not take the rest with it, and no
+# step runs past GPU_BUDGET seconds from the start (default 480: the whole run fits one device
+# call with time to spare); the last step, a short learn, gets what is left. LEARN_VOTES sets
+# its length (default 24). The script's status is the number of steps that failed.
 set -uo pipefail
 OUT=${1:-bench/results}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+BUDGET=${GPU_BUDGET:-480}
 failed=0
 
 step() {  # step SECONDS NAME COMMAND...: run one check, report how it ended and how long it took
     local limit=$1 name=$2
     shift 2
+    local left=$((BUDGET - SECONDS))
+    [ "$limit" -le "$left" ] || limit=$left
+    if [ "$limit" -lt 30 ]; then
+        echo "=== $name: not run, ${left}s of the ${BUDGET}s budget left"
+        failed=$((failed + 1))
+        return
+    fi
     local started=$SECONDS
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@"
@@ -25,14 +35,15 @@ step() {  # step SECONDS NAME COMMAND...: run one check, report how it ended and
     [ "$rc" = 0 ] || failed=$((failed + 1))
 }
 
+git log -1 --format='tree of commit %h (%s)' 2>/dev/null || echo "tree of commit ${DUET_COMMIT:-unknown}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 $PY -c "import torch, transformers, peft, bitsandbytes as b; print('torch', torch.__version__,
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)"
-step 180 "tests/test_cuda.py" $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
+step 120 "tests/test_cuda.py" $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
 step 120 "bench pair" $PY -m bench pair --out "$OUT"
-step 120 "bench swap" $PY -m bench swap --out "$OUT"
-step 180 "bench learner" $PY -m bench learner --pairs 4,16 --repeats 2 --out "$OUT"
-step 300 "bench learn" $PY -m bench learn --oracle numbers --votes ${LEARN_VOTES:-32} \
+step 90 "bench swap" $PY -m bench swap --out "$OUT"
+step 120 "bench learner" $PY -m bench learner --pairs 4,16 --repeats 2 --out "$OUT"
+step "$BUDGET" "bench learn" $PY -m bench learn --oracle numbers --votes "${LEARN_VOTES:-24}" \
     --device auto --dtype auto --tag cuda --out "$OUT"
 echo "=== failed steps: $failed"
 exit "$failed"
