@@ -56,6 +56,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the server's --learner-threads (default: the server's own)")
     parser.add_argument("--learner-idle-threads", type=int, default=None,
                         help="the server's --learner-idle-threads (default: the server's own)")
+    parser.add_argument("--pair-kernels", choices=["auto", "off"], default=None,
+                        help="the server's --pair-kernels (default: the server's own)")
     parser.add_argument("--read-seconds", type=float, default=0.0,
                         help="seconds the user takes to read a pair before voting (default: 0, "
                              "votes at once: the server is never idle while they vote)")
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> Path:
                               if args.learner_threads else []),
                             *(["--learner-idle-threads", str(args.learner_idle_threads)]
                               if args.learner_idle_threads else []),
+                            *(["--pair-kernels", args.pair_kernels] if args.pair_kernels else []),
                             log_path=data / "server.log", timeout=600) as (url, _), \
                 contextlib.closing(Store(data / "duet.db")) as store:
             client = Client(url, verbose=False)
@@ -193,6 +196,7 @@ def run(args: argparse.Namespace) -> Path:
                 "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
                 "chat_during_rounds": args.chat_during_rounds, "chat_pairs": args.chat_pairs,
                 "read_seconds": args.read_seconds, "learner_threads": args.learner_threads,
-                "learner_idle_threads": args.learner_idle_threads}
+                "learner_idle_threads": args.learner_idle_threads,
+                "pair_kernels": args.pair_kernels}
     return write_result("latency", settings, results, Path(args.out) if args.out else RESULTS)
 

@@ -270,7 +270,8 @@ def test_swap_runs(tiny_model_dir, tmp_path):
 
 def test_latency_runs(tiny_model_dir, tmp_path):
     bench(["latency", "--model", str(tiny_model_dir), "--rounds", "1", "--learn-every", "2",
-           "--max-new-tokens", "4", "--read-seconds", "0.1", "--out", str(tmp_path)])
+           "--max-new-tokens", "4", "--read-seconds", "0.1", "--pair-kernels", "off",
+           "--out", str(tmp_path)])
     results = result(tmp_path, "latency")
     assert results["rounds"][0]["outcome"] in ("live", "rejected")
     assert results["rounds"][0]["vote_to_live_seconds"] > 0
