@@ -180,11 +180,16 @@ def swaps_under_load(config: Config, store: Store, loaded, live: LiveAdapter, sw
     while not pair_seconds and not failures:  # the users are in the middle of their pairs
         time.sleep(0.05)
     started = time.perf_counter()
-    timings, rss_track = [], []
+    timings, track = [], collections.defaultdict(list)
     for i in range(args.load_swaps):
         timings.append(swap(i))
-        if (i + 1) % 10 == 0:  # a leak grows with the swaps; a warm-up settles
-            rss_track.append(psutil.Process().memory_info().rss / 2**20)
+        if (i + 1) % 10 == 0:  # a leak grows with the swaps (or the pairs); a warm-up settles
+            track["rss_mb"].append(psutil.Process().memory_info().rss / 2**20)
+            track["threads"].append(psutil.Process().num_threads())
+            with lock:
+                track["pairs"].append(len(pair_seconds))
+            if torch.cuda.is_available():
+                track["cuda_mb"].append(torch.cuda.memory_allocated() / 2**20)
     seconds = time.perf_counter() - started
     stop.set()
     for thread in users:
@@ -202,6 +207,11 @@ def swaps_under_load(config: Config, store: Store, loaded, live: LiveAdapter, sw
         "versions_served": {str(v): n for v, n in sorted(versions.items())},
         "rss_mb_before": rss_before / 2**20, "rss_mb_after": rss_after / 2**20,
         "rss_mb_growth": (rss_after - rss_before) / 2**20,
-        "rss_mb_every_10_swaps": rss_track,
+        "rss_mb_every_10_swaps": track["rss_mb"],
+        # what came with the memory: pairs served so far, the process's threads (each pair
+        # is sampled in a thread of its own) and, on a GPU, the CUDA memory allocated
+        "pairs_every_10_swaps": track["pairs"],
+        "threads_every_10_swaps": track["threads"],
+        "cuda_mb_every_10_swaps": track["cuda_mb"] or None,
         "pairs_stored": stored,  # of requests_served: each served pair is in the store
     }

@@ -255,15 +255,20 @@ def test_shared_prompts_runs(tiny_model_dir, tmp_path):
 
 def test_swap_runs(tiny_model_dir, tmp_path):
     bench(["swap", "--model", str(tiny_model_dir), "--device", "cpu", "--swaps", "3",
-           "--memory-swaps", "4", "--versions", "2", "--load-swaps", "6", "--load-clients", "2",
+           "--memory-swaps", "4", "--versions", "2", "--load-swaps", "10", "--load-clients", "2",
            "--load-tokens", "4", "--out", str(tmp_path)])
     results = result(tmp_path, "swap-cpu")
     assert len(results["swap_ms"]) == 3 and results["swap_ms_max"] >= results["swap_ms_median"]
     assert len(results["blocking_ms"]) == 3
     assert 0 <= results["blocking_ms_median"] <= results["swap_ms_median"]
     load = results["under_load"]
-    assert load["swaps"] == 6 and load["failed_requests"] == 0, load["failures"]
+    assert load["swaps"] == 10 and load["failed_requests"] == 0, load["failures"]
     assert load["requests_served"] >= 1 and load["pairs_stored"] == load["requests_served"]
+    # tracked at the 10th swap: the pairs served by then, the threads, no CUDA on a CPU
+    assert len(load["rss_mb_every_10_swaps"]) == 1
+    assert 1 <= load["pairs_every_10_swaps"][0] <= load["requests_served"]
+    assert load["threads_every_10_swaps"][0] >= 3  # the main thread and the two users
+    assert load["cuda_mb_every_10_swaps"] is None
     assert sum(load["versions_served"].values()) == load["requests_served"]
     assert set(load["versions_served"]) <= {"1", "2"}
 
