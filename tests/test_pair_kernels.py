@@ -96,6 +96,11 @@ def test_install_times_every_shape_and_reports_the_times(tiny_model_dir):
     assert set(report) == {(64, 64), (128, 64), (64, 128), (model.config.vocab_size, 64)}
     for numbers in report.values():
         assert numbers["torch_ms"] > 0 and numbers["batched_ms"] > 0
+        assert numbers["batched"] == (numbers["batched_ms"]
+                                      < pair_kernels.MARGIN * numbers["torch_ms"])
+    for layer in model.modules():  # each layer as its shape's timing decided
+        if isinstance(layer, torch.nn.Linear):
+            assert (type(layer) is PairLinear) == report[tuple(layer.weight.shape)]["batched"]
 
 
 def test_a_timing_that_fails_leaves_torchs_kernels(tiny_model_dir, monkeypatch, caplog):
