@@ -38,7 +38,8 @@ step() {  # step SECONDS NAME COMMAND...: run one check, report how it ended and
     [ "$rc" = 0 ] || failed=$((failed + 1))
 }
 
-git log -1 --format='tree of commit %h (%s)' 2>/dev/null || echo "tree of commit ${DUET_COMMIT:-unknown}"
+# DUET_COMMIT, where given, wins: a device's copy of .git may lag the tree it was sent
+echo "tree of commit ${DUET_COMMIT:-$(git log -1 --format='%h (%s)' 2>/dev/null || echo unknown)}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 $PY -c "import torch, transformers, peft, bitsandbytes as b; print('torch', torch.__version__,
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)"
