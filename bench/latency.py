@@ -3,19 +3,21 @@
 
     python -m bench latency [--rounds 6] [--learn-every 4]
 
-Vote-to-live: from the vote that completes a --learn-every batch to /status showing the new
-adapter version, in rounds where nobody chats meanwhile. Chat during a round: in every other
-round the user asks for up to --chat-pairs pairs while the learner trains, then waits for the
-version; a pair counts when the learner was training when it was asked and still when it came
-back, and its time per decode step (seconds ÷ the longer reply's tokens: replies that stop
-early make a pair quicker) is compared with a pair asked while the learner was idle (one before
-each round). So is each pair the user asks for while voting (the learner starts on the next
-round as each vote comes in: learner/head_start.py). The user votes as soon as a pair is
-there, or after --read-seconds: the learner's start on the next round runs at its low
-priority, so it gets little done while the server samples the next pair. The first pair
-(warm-up) is not counted.
-Non-stop chat (--chat-pairs 0) starves the
-learner, which runs at a lower priority: such a round may not go live within --timeout.
+Vote-to-live: from the vote that completes a --learn-every batch to /status showing a new
+adapter version, in rounds where nobody chats meanwhile and the round's version goes live: the
+round's preview (its first step, learner/worker.py) where there is one, else the round's own
+version; and to the round's own version (vote_to_round_live_seconds: what vote-to-live was
+before the preview). Chat during a round: in every other round the user asks for up to
+--chat-pairs pairs while the learner trains, then waits for the version; a pair counts when the
+learner was training when it was asked and still when it came back, and its time per decode
+step (seconds ÷ the longer reply's tokens: replies that stop early make a pair quicker) is
+compared with a pair asked while the learner was idle (one before each round). So is each pair
+the user asks for while voting (the learner starts on the next round as each vote comes in:
+learner/head_start.py). The user votes as soon as a pair is there, or after --read-seconds: the
+learner's start on the next round runs at its low priority, so it gets little done while the
+server samples the next pair. The first pair (warm-up) is not counted. Non-stop chat
+(--chat-pairs 0) starves the learner, which runs at a lower priority: such a round may not go
+live within --timeout.
 
 Left out: several users at once (tests/reliability/test_storm.py), the browser.
 """
@@ -58,6 +60,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the server's --learner-idle-threads (default: the server's own)")
     parser.add_argument("--pair-kernels", choices=["auto", "off"], default=None,
                         help="the server's --pair-kernels (default: the server's own)")
+    parser.add_argument("--preview", action=argparse.BooleanOptionalAction, default=None,
+                        help="the server's --preview / --no-preview (default: the server's own)")
     parser.add_argument("--read-seconds", type=float, default=0.0,
                         help="seconds the user takes to read a pair before voting (default: 0, "
                              "votes at once: the server is never idle while they vote)")
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> Path:
                             *(["--learner-idle-threads", str(args.learner_idle_threads)]
                               if args.learner_idle_threads else []),
                             *(["--pair-kernels", args.pair_kernels] if args.pair_kernels else []),
+                            *([] if args.preview is None else
+                              ["--preview" if args.preview else "--no-preview"]),
                             log_path=data / "server.log", timeout=600) as (url, _), \
                 contextlib.closing(Store(data / "duet.db")) as store:
             client = Client(url, verbose=False)
@@ -115,7 +121,7 @@ def run(args: argparse.Namespace) -> Path:
                     time.sleep(1.0)
                 idle_asks.append(timed_ask())
                 live = client.predict(api_name="/status")["registry_live_version"]
-                versions_before = len(store.adapters())
+                steps_before = [s["id"] for s in store.learner_steps(limit=1)]
                 for _ in range(args.learn_every):
                     pair, timed = ask()
                     voting_asks.append(timed)
@@ -123,17 +129,22 @@ def run(args: argparse.Namespace) -> Path:
                     client.predict(pair["pair_id"], oracle.prefer(*pair["replies"]),
                                    api_name="/vote")
                 voted = time.perf_counter()
-                outcome, asked = "timeout", 0
+                outcome, asked, first_live, first_version = "timeout", 0, None, None
                 while time.perf_counter() - voted < args.timeout:
-                    # Count the versions first: a version registered after /status answered
-                    # would look rejected (the registry's live version not yet moved).
-                    registered = len(store.adapters())
+                    # Read the round's row first: a version promoted after /status answered
+                    # would look not yet served.
+                    step = store.learner_steps(limit=1)
+                    done = step if step and [step[-1]["id"]] != steps_before else None
                     status = client.predict(api_name="/status")
-                    if status["live_adapter_version"] != live:
+                    serving = status["live_adapter_version"]
+                    if first_live is None and serving != live:  # the preview, or the round's
+                        first_live = time.perf_counter() - voted
+                        first_version = serving
+                    if done and done[-1]["status"] != "promoted":
+                        outcome = done[-1]["status"]  # rejected (or failed): the gate kept
+                        break  # the version the round started from
+                    if done and serving == done[-1]["adapter_version"]:
                         outcome = "live"
-                        break
-                    if registered > versions_before and status["registry_live_version"] == live:
-                        outcome = "rejected"  # the gate kept the live version
                         break
                     if chatting and status["learner"]["state"] == LearnerState.TRAINING and \
                             (not args.chat_pairs or asked < args.chat_pairs):
@@ -143,7 +154,7 @@ def run(args: argparse.Namespace) -> Path:
                             round_asks.append(timed)
                     else:
                         time.sleep(0.25)
-                latency = time.perf_counter() - voted
+                round_latency = time.perf_counter() - voted
                 step = store.learner_steps(limit=1)
                 registered = store.adapters()
                 # How long the learner took to start the round after the last vote (finishing
@@ -155,7 +166,10 @@ def run(args: argparse.Namespace) -> Path:
                              if step and last_vote else None)
                 metrics = registered[-1]["metrics"] or {} if registered else {}
                 rows.append({"outcome": outcome, "chat_during_round": chatting,
-                             "vote_to_live_seconds": latency,
+                             "vote_to_live_seconds": first_live,
+                             "first_live_version": first_version,
+                             "vote_to_round_live_seconds":
+                                 round_latency if outcome == "live" else None,
                              "learner_round_seconds": step[-1]["seconds"] if step else None,
                              "vote_to_round_start_seconds": start_gap,
                              "version": status["live_adapter_version"],
@@ -164,16 +178,22 @@ def run(args: argparse.Namespace) -> Path:
                              # where the round's time went, and the threads it ran on
                              "phase_seconds": metrics.get("phase_seconds"),
                              "micro_batches_by_threads":
-                                 metrics.get("micro_batches_by_threads")})
+                                 metrics.get("micro_batches_by_threads"),
+                             "preview": metrics.get("preview")})
                 print(json.dumps(rows[-1]))
     quiet = [r["vote_to_live_seconds"] for r in rows
              if r["outcome"] == "live" and not r["chat_during_round"]]
+    quiet_round = [r["vote_to_round_live_seconds"] for r in rows
+                   if r["outcome"] == "live" and not r["chat_during_round"]]
     idle_ms = [1000 * t / n for t, n in idle_asks]
     round_ms = [1000 * t / n for t, n in round_asks]
     voting_ms = [1000 * t / n for t, n in voting_asks]
     results = {"rounds": rows,
                "vote_to_live_seconds_median": statistics.median(quiet) if quiet else None,
                "vote_to_live_seconds_max": max(quiet) if quiet else None,
+               "vote_to_round_live_seconds_median":
+                   statistics.median(quiet_round) if quiet_round else None,
+               "vote_to_round_live_seconds_max": max(quiet_round) if quiet_round else None,
                "pair_seconds_idle": [t for t, _ in idle_asks],
                "pair_seconds_during_round": [t for t, _ in round_asks],
                "pair_steps_idle": [n for _, n in idle_asks],
@@ -197,6 +217,6 @@ def run(args: argparse.Namespace) -> Path:
                 "chat_during_rounds": args.chat_during_rounds, "chat_pairs": args.chat_pairs,
                 "read_seconds": args.read_seconds, "learner_threads": args.learner_threads,
                 "learner_idle_threads": args.learner_idle_threads,
-                "pair_kernels": args.pair_kernels}
+                "pair_kernels": args.pair_kernels, "preview": args.preview}
     return write_result("latency", settings, results, Path(args.out) if args.out else RESULTS)
 

@@ -78,6 +78,7 @@ class Config:
     dpo_beta: float = 0.1
     clip_eps: float = 0.2
     steps_per_round: int = 2
+    preview: bool = True  # publish a round's first step while it takes the others
     replay: int = 4
     self_samples: int = 0
     negative_weight: float = 1.0
@@ -270,6 +271,12 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps-per-round", type=_positive_int, default=d.steps_per_round,
                        help="optimizer steps per --learn-every new votes in a round "
                             f"(default: {d.steps_per_round})")
+    group.add_argument("--preview", action=argparse.BooleanOptionalAction, default=d.preview,
+                       help="publish a round's weights after its first optimizer step, gated "
+                            "as the round's own are, while it takes the others: its votes go "
+                            "live after one step; the round's version replaces it, and if that "
+                            "one is rejected, the version the round started from is live again "
+                            "(default: on)")
     group.add_argument("--replay", type=int, default=d.replay,
                        help="earlier votes replayed beside the new ones in each round "
                             f"(default: {d.replay})")
@@ -335,8 +342,8 @@ LEARNER_FIELDS = (
     "model", "quantize", "dtype", "device", "cache_dir",
     "max_new_tokens", "temperature", "top_p", "max_prompt_tokens", "seed",
     "objective", "learn_every", "lr", "lora_r", "lora_alpha", "beta", "kl_budget", "dpo_beta",
-    "clip_eps", "steps_per_round", "replay", "self_samples", "negative_weight", "judge_new",
-    "kl_tripwire", "gate_z", "keep_versions", "max_batch_votes", "max_user_share",
+    "clip_eps", "steps_per_round", "preview", "replay", "self_samples", "negative_weight",
+    "judge_new", "kl_tripwire", "gate_z", "keep_versions", "max_batch_votes", "max_user_share",
 )
 
 

@@ -148,8 +148,78 @@ class LearnerVerbs:
     def next_adapter_version(self) -> int:
         return (self.db.one("select max(version) as v from adapters")["v"] or 0) + 1
 
+    @staticmethod
+    def _register(cur: Cursor, adapter: dict, files: dict[str, bytes] | None,
+                  stamp: str) -> dict:
+        """Insert a published adapter (and its files); `live` only if the live version is still
+        its parent (else rejected: someone rolled back meanwhile), retiring that one. Returns
+        the row as inserted."""
+        adapter = dict(adapter)
+        live_version = cur.value("select version from adapters where status = ?",
+                                 (AdapterStatus.LIVE,)) or 0
+        if adapter["status"] == AdapterStatus.LIVE and live_version != adapter["parent_version"]:
+            adapter["status"] = AdapterStatus.REJECTED
+            adapter["reason"] = "the live version changed while this candidate trained"
+        if adapter["status"] == AdapterStatus.LIVE:
+            cur.run("update adapters set status = ?, updated_at = ? where status = ?",
+                    (AdapterStatus.RETIRED, stamp, AdapterStatus.LIVE))
+        cur.insert("adapters", {**adapter, "metrics": json.dumps(adapter.get("metrics", {})),
+                                "created_at": stamp, "updated_at": stamp})
+        for name, data in (files or {}).items():
+            cur.insert("adapter_files", {"version": adapter["version"], "name": name,
+                                         "data": data})
+        return adapter
+
+    @staticmethod
+    def _withdraw(cur: Cursor, preview: int, parent: int, reason: str, stamp: str) -> bool:
+        """If `preview` is live: retire it and make `parent` (0: the base model) live again."""
+        if cur.value("select version from adapters where status = ?",
+                     (AdapterStatus.LIVE,)) != preview:
+            return False
+        cur.run("update adapters set status = ?, reason = ?, updated_at = ? where version = ?",
+                (AdapterStatus.RETIRED, reason, stamp, preview))
+        if parent:
+            cur.run("update adapters set status = ?, updated_at = ? where version = ?",
+                    (AdapterStatus.LIVE, stamp, parent))
+        return True
+
+    def publish_preview(self, adapter: dict, files: dict[str, bytes] | None = None) -> str:
+        """Register a round's preview (its weights after the first optimizer step; see
+        learner/worker.py) while the round goes on: live if its parent still is, else rejected.
+        It uses no feedback: the round's own version does, when it finishes. Returns the
+        status."""
+        with self.db.transaction() as cur:
+            if cur.dialect.lock_registry:
+                cur.run(cur.dialect.lock_registry)
+            return self._register(cur, adapter, files, now())["status"]
+
+    def withdraw_preview(self, preview: int, parent: int, reason: str) -> bool:
+        """A preview whose round failed: if it is live, put its parent back. True if it was."""
+        with self.db.transaction() as cur:
+            if cur.dialect.lock_registry:
+                cur.run(cur.dialect.lock_registry)
+            return self._withdraw(cur, preview, parent, reason, now())
+
+    def withdraw_unfinished_preview(self) -> int | None:
+        """At the learner's start: a live preview whose round left no learner_steps row (the
+        learner died during it) goes, and its parent is live again, so the round's votes,
+        still pending, train from where that round started. Returns the withdrawn version."""
+        with self.db.transaction() as cur:
+            if cur.dialect.lock_registry:
+                cur.run(cur.dialect.lock_registry)
+            row = cur.one("select version, parent_version, metrics from adapters "
+                          "where status = ?", (AdapterStatus.LIVE,))
+            round_id = json.loads(row["metrics"] or "{}").get("preview_of") if row else None
+            if not round_id or cur.one("select id from learner_steps where round_id = ?",
+                                       (round_id,)):
+                return None
+            self._withdraw(cur, row["version"], row["parent_version"] or 0,
+                           "its round never finished (the learner stopped)", now())
+            return row["version"]
+
     def finish_round(self, round_id: str, adapter: dict, step: dict,
-                     files: dict[str, bytes] | None = None) -> str:
+                     files: dict[str, bytes] | None = None,
+                     preview_parent: int | None = None) -> str:
         """Register a published adapter (and, given `files`, keep its files), use the round's
         feedback, and log the step: one commit.
 
@@ -157,27 +227,22 @@ class LearnerVerbs:
         `rejected`. A promotion only happens if the live version is still the adapter's parent;
         if someone rolled back meanwhile, the candidate is stored as rejected instead. Either
         way the round's claimed feedback is now used by this version. Returns the status.
+        `preview_parent`: the adapter's parent is this round's preview, and the version the
+        round started from is this one: if the adapter is not promoted and the preview is
+        still live, the preview is retired and that version is live again (the round's
+        outcome stands, not its first step's).
         """
         with self.db.transaction() as cur:
             if cur.dialect.lock_registry:
                 cur.run(cur.dialect.lock_registry)
             stamp = now()
-            adapter = dict(adapter)
-            live_version = cur.value("select version from adapters where status = ?",
-                                     (AdapterStatus.LIVE,)) or 0
-            stale = live_version != adapter["parent_version"]
-            if adapter["status"] == AdapterStatus.LIVE and stale:
-                adapter["status"] = AdapterStatus.REJECTED
-                adapter["reason"] = "the live version changed while this candidate trained"
+            adapter = self._register(cur, adapter, files, stamp)
+            if adapter["status"] != AdapterStatus.LIVE:
                 step = {**step, "status": RoundOutcome.REJECTED}
-            if adapter["status"] == AdapterStatus.LIVE:
-                cur.run("update adapters set status = ?, updated_at = ? where status = ?",
-                        (AdapterStatus.RETIRED, stamp, AdapterStatus.LIVE))
-            cur.insert("adapters", {**adapter, "metrics": json.dumps(adapter.get("metrics", {})),
-                                    "created_at": stamp, "updated_at": stamp})
-            for name, data in (files or {}).items():
-                cur.insert("adapter_files", {"version": adapter["version"], "name": name,
-                                             "data": data})
+                if preview_parent is not None:
+                    self._withdraw(cur, adapter["parent_version"], preview_parent,
+                                   f"withdrawn: its round's v{adapter['version']} was rejected",
+                                   stamp)
             for table in FEEDBACK_TABLES:
                 cur.run(f"update {table} set used_by_version = ?, used_at = ? "
                         "where claimed_by = ? and used_by_version is null",

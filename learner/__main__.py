@@ -2,9 +2,10 @@
 
 Only one learner may run per database (`Store.take_learner_lock`: a file lock beside a SQLite
 file, an advisory lock on PostgreSQL). On start it gives back claims a killed learner left
-behind and deletes adapter folders the registry does not know (a crash between writing a
-folder and registering it). Its adapters folder is its own (--data-dir); with PostgreSQL the
-files it publishes also go into the database, for front-ends on other hosts.
+behind, withdraws the preview of a round it died in (learner/worker.py), and deletes adapter
+folders the registry does not know (a crash between writing a folder and registering it). Its
+adapters folder is its own (--data-dir); with PostgreSQL the files it publishes also go into
+the database, for front-ends on other hosts.
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         if config.threads:
             torch.set_num_threads(config.threads)
         released = store.release_claims()
+        withdrawn = store.withdraw_unfinished_preview()
         registered = {a["version"] for a in store.adapters() if a["path"]}
         removed = adapters.remove_stale(config.adapters_dir, registered)
-        if released or removed:
-            log.info("recovered: %d claims released, %d stale folders removed",
-                     released, len(removed))
+        if released or removed or withdrawn:
+            log.info("recovered: %d claims released, %d stale folders removed%s", released,
+                     len(removed), f", the preview v{withdrawn} of an unfinished round "
+                     "withdrawn" if withdrawn else "")
         learner = Learner(config, store, load_model(config, training=True), seed=None)
         if args.share_cpu_with:
             from learner.cores import CpuShare

@@ -10,6 +10,15 @@ folder's files, for front-ends on other hosts) - and only then marks the feedbac
 in the same commit. If anything fails before that commit, the claims are released and the
 feedback stays pending; a crash at any moment loses no vote.
 
+The preview (--preview, on by default): after a round's first optimizer step the learner checks
+those weights as it checks the round's candidate (the same KL tripwire, and under --judge-new
+the same gate) and, if they pass, publishes them live while it takes the round's other steps,
+so a vote is served after one step instead of all of them. A preview uses no feedback and moves
+no KL coefficient, and the round's candidate is computed as without it; when the round ends its
+version replaces the preview, and if that one is rejected (or the round fails, or the learner
+dies during it: checked at start), the version the round started from is live again. The cost:
+one more pass of the policy over the round's KL replies.
+
 Between rounds (`prepare`: when a round ends, and as each vote comes in) the learner does what
 the next round would do first: the new replies' reference log-probs, the reference's
 distributions for its KL check, and its first step's terms for the samples known so far
@@ -41,7 +50,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -150,7 +159,9 @@ class Learner:
         # Where the current round's time goes, and the torch threads its micro batches ran on
         # (the CPU share changes them): in the round's metrics and log line.
         self.phase_seconds: dict[str, float] = {}
+        self._open_phase: list | None = None  # [name, since] of the phase being timed
         self.micro_batches_by_threads: dict[int, int] = {}
+        self._preview: tuple[int, int] | None = None  # (version, parent) of a live preview
 
     # --- weights -----------------------------------------------------------------------
 
@@ -199,15 +210,27 @@ class Learner:
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
-        """Add the block's seconds to `phase_seconds[name]`."""
-        started = time.perf_counter()
+        """Add the block's seconds to `phase_seconds[name]`; a phase inside another one counts
+        for itself only (the preview inside training)."""
+        outer = self._open_phase
+        if outer is not None:
+            self._add_phase_time(outer)
+        self._open_phase = [name, time.perf_counter()]
         try:
             yield
         finally:
-            if self.loaded.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.phase_seconds[name] = (self.phase_seconds.get(name, 0.0)
-                                        + time.perf_counter() - started)
+            self._add_phase_time(self._open_phase)
+            self._open_phase = outer
+            if outer is not None:  # the outer phase goes on from here
+                outer[1] = time.perf_counter()
+
+    def _add_phase_time(self, phase: list) -> None:
+        """Add the time since `phase` = [name, since] to its name, and restart it from now."""
+        if self.loaded.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.phase_seconds[phase[0]] = self.phase_seconds.get(phase[0], 0.0) + now - phase[1]
+        phase[1] = now
 
     # --- scoring -----------------------------------------------------------------------
 
@@ -460,7 +483,8 @@ class Learner:
                                                               / self.config.learn_every))
 
     def train(self, data: RoundData, live_totals: dict[int, float] | None = None,
-              head: HeadStart | None = None) -> dict:
+              head: HeadStart | None = None,
+              after_first_step: Callable[[], None] | None = None) -> dict:
         """The round's optimizer steps. Returns step stats.
 
         Policy gradient: `steps_per_round` steps on each of the round's slices in turn (one
@@ -475,7 +499,9 @@ class Learner:
         `live_totals`: filled with the summed log-prob of each reply the first step saw at the
         live weights (see _accumulate_pg).
         `head`: the first step's terms summed between rounds (learner/head_start.py), used if
-        it was for these weights and every sample in it is in the first slice."""
+        it was for these weights and every sample in it is in the first slice.
+        `after_first_step`: called once the first optimizer step is taken, if more follow (the
+        preview); it must leave the weights as they are."""
         params = self._lora_parameters()
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
@@ -492,9 +518,11 @@ class Learner:
                            and head.rest_of(schedule[0][0]) is not None):
             head = None
         losses, kls, skipped, bad_in_a_row = [], [], 0, 0
+        planned, tried = sum(steps for _, steps in schedule), 0
         for part, steps in schedule:
             anchors: dict[int, torch.Tensor] = {}  # reply id -> log-probs at the slice's start
             for _ in range(steps):
+                tried += 1
                 optimizer.zero_grad(set_to_none=True)
                 live = live_totals if not losses else None  # no step taken: live weights
                 if use_dpo:
@@ -520,11 +548,70 @@ class Learner:
                 losses.append(loss)
                 kls.append(kl)
                 self.on_step()
+                if after_first_step is not None and len(losses) == 1 and tried < planned:
+                    after_first_step()
         return {"loss": sum(losses) / len(losses) if losses else None,
                 "kl": kls[-1] if kls else None, "skipped_steps": skipped, "steps": len(losses),
                 "clip_fraction": None if use_dpo else self._clip_fraction}
 
     # --- one round ---------------------------------------------------------------------
+
+    def _live_margins(self, data: RoundData, live_totals: dict[int, float],
+                      stepped: bool) -> list[float]:
+        """The live adapter's margins on the round's judged votes, from the log-probs at the
+        live weights. Without an optimizer step (nothing to train on) the weights are still
+        the live ones, and judged_margins scores what is missing; after one, nothing may be."""
+        missing = {s.reply_id for s in data.judged_samples} - live_totals.keys()
+        assert not (missing and stepped), f"live log-probs missing for {missing}"
+        return self.judged_margins(data.judged, live_totals)
+
+    def _check(self, data: RoundData, live_list: list[float]
+               ) -> tuple[float, list[float], gate.GateDecision]:
+        """The gate on the weights as they are now: their exact per-token KL to the base over
+        the round's KL replies, and (under --judge-new) their margins on the votes they have
+        not trained on, against the live adapter's `live_list`."""
+        # Only votes the candidate has not trained on can judge it.
+        candidate_list = self.judged_margins(data.judged) if data.judge_only else []
+        kl_sum, tokens = self.exact_kl(kl_replies(data))
+        kl = kl_sum / tokens if tokens else 0.0
+        return kl, candidate_list, gate.decide(candidate_list, live_list, kl,
+                                               self.config.kl_tripwire, self.config.gate_z)
+
+    def preview(self, round_id: str, data: RoundData, live_totals: dict[int, float],
+                parent: int) -> dict:
+        """After the round's first optimizer step: gate the weights as they are and, if they
+        pass, publish them live (see the module's docstring). The weights, the optimizer and
+        the KL coefficient are left as they are. Returns what it did, for the round's metrics:
+        the version (None if not live), its KL and the gate's reason."""
+        with self._phase("preview"):
+            live_list = self._live_margins(data, live_totals, stepped=True)
+            kl, candidate_list, decision = self._check(data, live_list)
+            done = {"version": None, "kl": kl, "note": decision.reason}
+            if not decision.promote:
+                log.info("round %s: its first step is not published: %s", round_id[:8],
+                         decision.reason)
+                return done
+            version = self.store.next_adapter_version()
+            metrics = {"preview_of": round_id, "steps": 1, "kl": kl,
+                       "beta": self.kl_control.beta, "objective": self.config.objective,
+                       "heldout_acc": gate.preference_accuracy(candidate_list),
+                       "live_heldout_acc": gate.preference_accuracy(live_list),
+                       "judged_pairs": len(data.judged)}
+            folder, sha = adapters.publish(
+                self.config.adapters_dir, version, self.model.save_pretrained,
+                base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)
+            status = self.store.publish_preview(
+                {"version": version, "path": folder.name, "parent_version": parent,
+                 "base_model": self.loaded.model_id, "sha256": sha,
+                 "status": AdapterStatus.LIVE, "metrics": metrics,
+                 "reason": f"preview: round {round_id[:8]} after its first step"},
+                files=adapters.folder_files(folder) if self.store.keeps_adapter_files else None)
+            if status == AdapterStatus.LIVE:
+                self._preview = (version, parent)
+                done["version"] = version
+            log.info("round %s: its first step published as v%d (%s), KL %.4f", round_id[:8],
+                     version, status, kl)
+        return done
 
     def pending(self) -> int:
         counts = self.store.pending_counts()
@@ -538,10 +625,13 @@ class Learner:
         if not claimed["votes"] and not claimed["ratings"]:
             return None
         started = time.perf_counter()
+        self._preview = None
         try:
             return self._round(round_id, claimed, started)
         except BaseException as exc:
             self.store.release_claims(round_id)
+            if self._preview is not None:  # the round's outcome stands, and it has none
+                self.store.withdraw_preview(*self._preview, reason="withdrawn: its round failed")
             self.adapter_version = None  # weights may be half-trained: reload the live ones
             if isinstance(exc, Exception):
                 self.store.log_failed_round(round_id, {
@@ -571,27 +661,24 @@ class Learner:
             before = [s for s in judged_samples if s.reply_id not in first_step]
             live_totals = dict(zip([s.reply_id for s in before], self.score(before)))
         head, self.head_start = self.head_start, None
+        preview: dict = {}
         with self._phase("train"):
-            stats = self.train(data, live_totals, head)
+            stats = self.train(
+                data, live_totals, head,
+                after_first_step=(lambda: preview.update(self.preview(round_id, data,
+                                                                      live_totals, parent)))
+                if self.config.preview else None)
         with self._phase("margins"):
-            missing = {s.reply_id for s in judged_samples} - live_totals.keys()
-            # Without an optimizer step (nothing to train on) the weights are still the live
-            # ones, and judged_margins scores what is missing; after one, nothing may be.
-            assert not (missing and stats["steps"]), f"live log-probs missing for {missing}"
-            live_list = self.judged_margins(data.judged, live_totals)
-        # Only votes the candidate has not trained on can judge it.
-        with self._phase("margins"):
-            candidate_list = self.judged_margins(data.judged) if data.judge_only else []
+            live_list = self._live_margins(data, live_totals, stepped=bool(stats["steps"]))
         with self._phase("kl_check"):
-            kl_sum, tokens = self.exact_kl(kl_replies(data))
+            kl, candidate_list, decision = self._check(data, live_list)
         self.reference_distributions.clear()
-        kl = kl_sum / tokens if tokens else 0.0
         if self.config.objective == "pg" and stats["steps"]:
             self.kl_control.update(kl, n_steps=stats["steps"])
         live_acc = gate.preference_accuracy(live_list)
         candidate_acc = gate.preference_accuracy(candidate_list)
-        decision = gate.decide(candidate_list, live_list, kl, self.config.kl_tripwire,
-                               self.config.gate_z)
+        if self._preview is not None:  # the preview is live: it is this version's parent
+            parent = self._preview[0]
         version = self.store.next_adapter_version()
         metrics = {"loss": stats["loss"], "kl": kl, "train_k3": stats["kl"],
                    "clip_fraction": stats.get("clip_fraction"),
@@ -601,7 +688,7 @@ class Learner:
                    "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
                    "micro_batches_by_threads": {str(k): v for k, v in
                                                 sorted(self.micro_batches_by_threads.items())},
-                   **reward_stats}
+                   **({"preview": preview} if preview else {}), **reward_stats}
         with self._phase("publish"):  # in the log line; the metrics are written before it
             folder, sha = adapters.publish(
                 self.config.adapters_dir, version, self.model.save_pretrained,
@@ -623,7 +710,9 @@ class Learner:
                        "status": (AdapterStatus.LIVE if decision.promote
                                   else AdapterStatus.REJECTED),
                        "metrics": metrics, "reason": decision.reason}, step,
-            files=adapters.folder_files(folder) if self.store.keeps_adapter_files else None)
+            files=adapters.folder_files(folder) if self.store.keeps_adapter_files else None,
+            preview_parent=self._preview[1] if self._preview else None)
+        self._preview = None
         step["status"] = (RoundOutcome.PROMOTED if status == AdapterStatus.LIVE
                           else RoundOutcome.REJECTED)
         if status == AdapterStatus.LIVE:

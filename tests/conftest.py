@@ -133,9 +133,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 # kernel or the other by chance; tests/test_pair_kernels.py runs them switched on.
 @pytest.fixture
 def tiny_config(tiny_model_dir, tmp_path) -> Config:
+    """The tiny model's settings. Without the preview (a version per round's first step):
+    tests count versions by rounds; tests/test_preview.py and the process tests take it on."""
     return Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", max_new_tokens=8,
                   cache_dir=tmp_path / "cache", device="cpu", dtype="float32",
-                  pair_kernels="off")
+                  pair_kernels="off", preview=False)
 
 
 @pytest.fixture(scope="session")

@@ -26,8 +26,9 @@ def test_every_learner_setting_reaches_the_learner_child(tmp_path):
         data_dir=tmp_path / "data", db="postgresql://duet@db.example/duet", objective="dpo",
         learn_every=3,
         lr=2e-4, lora_r=4, lora_alpha=8, beta=0.07, kl_budget=0.3, dpo_beta=0.2, clip_eps=0.1,
-        steps_per_round=5, replay=7, self_samples=2, negative_weight=0.25, judge_new=True,
-        kl_tripwire=0.9, gate_z=2.0, keep_versions=4, max_batch_votes=9, max_user_share=0.4)
+        steps_per_round=5, preview=False, replay=7, self_samples=2, negative_weight=0.25,
+        judge_new=True, kl_tripwire=0.9, gate_z=2.0, keep_versions=4, max_batch_votes=9,
+        max_user_share=0.4)
     handed = Config.from_args(learner_parser().parse_args(learner_argv(changed)))
     default = Config()
     for field in dataclasses.fields(Config):
@@ -42,7 +43,7 @@ def test_every_learner_setting_reaches_the_learner_child(tmp_path):
 def test_defaults_and_false_switches_arrive_too(tmp_path):
     config = Config(data_dir=tmp_path / "data", judge_new=False)
     argv = learner_argv(config)
-    assert "--no-judge-new" in argv and "--threads" not in argv
+    assert "--no-judge-new" in argv and "--threads" not in argv and "--preview" in argv
     handed = Config.from_args(learner_parser().parse_args(argv))
     for field in dataclasses.fields(Config):
         if field.name not in SERVER_ONLY:

@@ -155,8 +155,8 @@ def test_rollback_during_a_round_is_not_overridden(learner_config):
     collect_votes(learner_config, store, ["B"])
     original = learner.train
 
-    def train_then_rollback(data, live_totals=None, head=None):
-        stats = original(data, live_totals, head)
+    def train_then_rollback(data, live_totals=None, head=None, **kwargs):
+        stats = original(data, live_totals, head, **kwargs)
         store.set_live(0)  # someone runs `app.py rollback` meanwhile
         return stats
 

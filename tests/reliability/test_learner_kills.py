@@ -125,6 +125,10 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path, db_target)
         code = learner.wait(30)
     assert code == 143, "SIGTERM must end the learner as a SIGTERM, with 143"
     check_invariants(store, config, loaded.model_id, acked, live)
+    # the live version is a round's, or the preview of a round that finished (the learner
+    # withdraws the preview of a round it died in when it starts again)
+    preview_of = (store.live_adapter()["metrics"] or {}).get("preview_of")
+    assert not preview_of or preview_of in {s["round_id"] for s in store.learner_steps()}
     names = [p.name for p in config.adapters_dir.iterdir()]
     assert not [n for n in names if n.startswith(adapters.TMP_PREFIX)]
     registered = {a["path"] for a in store.adapters() if a["path"]}

@@ -1,0 +1,202 @@
+"""The preview: a round's weights after its first optimizer step go live while it takes the
+others (learner/worker.py). It changes nothing the round computes; the round's outcome stands,
+whether the round is promoted, rejected, fails, or the learner dies during it."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from chatbot.states import AdapterStatus
+from chatbot.store import Store
+from learner.gate import GateDecision
+from learner.worker import kl_replies
+from tests.test_learner import collect_votes, make_learner
+
+
+@pytest.fixture
+def preview_config(tiny_config):
+    return dataclasses.replace(tiny_config, preview=True, lr=3e-3, steps_per_round=2,
+                               judge_new=False, replay=0, kl_tripwire=100.0)
+
+
+def lora_state(learner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in learner.model.named_parameters() if "lora_" in n}
+
+
+def test_the_first_step_goes_live_then_the_rounds_version_replaces_it(preview_config):
+    store = Store(preview_config.db_path)
+    collect_votes(preview_config, store, ["A", "B", "A", "B"])
+    learner = make_learner(preview_config, store)
+    live_during_round = []
+    publish = store.publish_preview
+
+    def publish_and_look(adapter, files=None):
+        status = publish(adapter, files)
+        live_during_round.append((store.live_adapter_version(),
+                                  store.pending_counts()["votes_pending"]))
+        return status
+
+    store.publish_preview = publish_and_look
+    step = learner.round()
+
+    # v1 was live during the round, its votes still pending (the round had not finished)
+    assert live_during_round == [(1, 4)]
+    preview, final = store.adapter(1), store.adapter(2)
+    assert preview["status"] == AdapterStatus.RETIRED and preview["parent_version"] == 0
+    assert preview["metrics"]["steps"] == 1 and preview["metrics"]["preview_of"]
+    assert final["status"] == AdapterStatus.LIVE and final["parent_version"] == 1
+    assert final["metrics"]["preview"]["version"] == 1
+    assert step["status"] == "promoted" and step["adapter_version"] == 2
+    assert {v["used_by_version"] for v in store.votes()} == {2}  # the round's version
+    assert "preview" in final["metrics"]["phase_seconds"]
+    # the preview is the first step, not the round's weights nor the base's
+    from chatbot import adapters
+
+    first = adapters.load_state_dict(adapters.verified_copy(
+        preview_config.adapters_dir, preview, base_model=learner.loaded.model_id,
+        fetch=store.adapter_files))
+    last = adapters.load_state_dict(adapters.verified_copy(
+        preview_config.adapters_dir, final, base_model=learner.loaded.model_id,
+        fetch=store.adapter_files))
+    lora_b = [k for k in first if "lora_B" in k]
+    assert lora_b and all(k in last for k in lora_b)
+    assert any(first[k].abs().max() > 0 for k in lora_b)  # B starts at zero: it moved
+    assert any(not torch.equal(first[k], last[k]) for k in lora_b)
+
+
+def test_the_round_computes_the_same_weights_with_or_without_the_preview(preview_config):
+    store = Store(preview_config.db_path)
+    collect_votes(preview_config, store, ["A", "B", "B"])
+    learner = make_learner(preview_config, store)
+    claimed = store.claim_feedback("look", 10)
+    data = learner.builder.build(claimed)
+    store.release_claims("look")
+    learner.fill_reference(data.samples + data.judged_samples, kl_replies(data))
+    start = lora_state(learner)
+
+    previews, live = [], {}
+    with_preview = learner.train(data, live, after_first_step=lambda: previews.append(
+        learner.preview("look", data, live, parent=0)))
+    weights_with = lora_state(learner)
+    moments_with = copy.deepcopy(learner.optimizer.state_dict())
+    assert [p["version"] for p in previews] == [1] and store.live_adapter_version() == 1
+
+    with torch.no_grad():  # back to the start, with a fresh optimizer, and again without
+        for n, p in learner.model.named_parameters():
+            if n in start:
+                p.copy_(start[n])
+    learner.optimizer = None
+    without = learner.train(data, {})
+    assert with_preview == without  # loss, KL, steps, clip fraction: to the last bit
+    for name, value in lora_state(learner).items():
+        assert torch.equal(weights_with[name], value), name
+    moments = learner.optimizer.state_dict()["state"]
+    for key, state in moments_with["state"].items():
+        assert all(torch.equal(state[k], moments[key][k]) for k in state)
+    assert any(not torch.equal(start[n], weights_with[n]) for n in start)  # not a no-op
+
+
+def test_a_rejected_round_puts_back_the_version_it_started_from(preview_config, monkeypatch):
+    store = Store(preview_config.db_path)
+    collect_votes(preview_config, store, ["A", "B"])
+    learner = make_learner(preview_config, store)
+    checks = []
+    check = learner._check
+
+    def the_second_check_rejects(data, live_list):
+        kl, candidate_list, decision = check(data, live_list)
+        checks.append(decision.promote)
+        if len(checks) == 2:  # the round's candidate, after the preview passed
+            decision = GateDecision(False, "rejected by the test")
+        return kl, candidate_list, decision
+
+    monkeypatch.setattr(learner, "_check", the_second_check_rejects)
+    step = learner.round()
+    assert checks == [True, True] and step["status"] == "rejected"
+    assert store.live_adapter_version() == 0  # the base model, as before the round
+    assert store.adapter(1)["status"] == AdapterStatus.RETIRED
+    assert "rejected" in store.adapter(1)["reason"]
+    assert store.adapter(2)["status"] == AdapterStatus.REJECTED
+    assert store.pending_counts()["votes_pending"] == 0  # used by the rejected version
+    learner.sync_to_live()  # the next round starts from the base again, moments kept
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(learner.model)
+    assert all(torch.equal(state[k], learner.initial_lora[k]) for k in state)
+    assert learner.optimizer is not None
+
+
+def test_a_round_that_fails_after_its_preview_withdraws_it(preview_config, monkeypatch):
+    store = Store(preview_config.db_path)
+    collect_votes(preview_config, store, ["A", "B"])
+    learner = make_learner(preview_config, store)
+    check = learner._check
+    calls = []
+
+    def fail_on_the_second(data, live_list):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the disk is full")
+        return check(data, live_list)
+
+    monkeypatch.setattr(learner, "_check", fail_on_the_second)
+    with pytest.raises(RuntimeError):
+        learner.round()
+    assert store.adapter(1)["status"] == AdapterStatus.RETIRED  # it was live, then withdrawn
+    assert store.live_adapter_version() == 0
+    assert store.pending_counts()["votes_pending"] == 2  # nothing lost, nothing used
+
+
+def test_a_preview_that_fails_its_check_is_not_published(preview_config):
+    store = Store(preview_config.db_path)
+    collect_votes(preview_config, store, ["A", "B"])
+    config = dataclasses.replace(preview_config, lr=1.0, kl_tripwire=1e-6, beta=0.0)
+    learner = make_learner(config, store)
+    step = learner.round()
+    assert step["status"] == "rejected" and step["adapter_version"] == 1
+    assert [a["version"] for a in store.adapters()] == [1]  # the round's version alone
+    assert store.adapter(1)["metrics"]["preview"]["version"] is None
+    assert "tripwire" in store.adapter(1)["metrics"]["preview"]["note"]
+
+
+def test_one_step_rounds_have_no_preview(preview_config):
+    store = Store(preview_config.db_path)
+    collect_votes(preview_config, store, ["A", "B"])
+    learner = make_learner(dataclasses.replace(preview_config, steps_per_round=1), store)
+    step = learner.round()
+    assert step["adapter_version"] == 1 and len(store.adapters()) == 1
+    assert "preview" not in store.adapter(1)["metrics"]
+
+
+def test_at_start_a_preview_whose_round_never_finished_is_withdrawn(db_target):
+    store = Store(db_target)
+    try:
+        def register(version, parent, status, round_id=None):
+            metrics = {"preview_of": round_id} if round_id else {}
+            store.publish_preview({"version": version, "path": f"v{version}",
+                                   "parent_version": parent, "base_model": "m",
+                                   "sha256": "0" * 64, "status": status,
+                                   "metrics": metrics, "reason": "test"})
+
+        register(1, 0, AdapterStatus.LIVE)
+        assert store.withdraw_unfinished_preview() is None  # not a preview
+        register(2, 1, AdapterStatus.LIVE, round_id="done")
+        store.finish_round("done", {"version": 3, "path": "v3", "parent_version": 2,
+                                    "base_model": "m", "sha256": "0" * 64,
+                                    "status": AdapterStatus.LIVE, "metrics": {}},
+                           {"adapter_version": 3, "status": "promoted"})
+        store.set_live(2)  # an admin rolls back to a preview whose round finished: it stays
+        assert store.withdraw_unfinished_preview() is None
+        assert store.live_adapter_version() == 2
+        store.set_live(3)
+        register(4, 3, AdapterStatus.LIVE, round_id="died")  # the learner died in its round
+        assert store.withdraw_unfinished_preview() == 4
+        assert store.live_adapter_version() == 3
+        assert store.adapter(4)["status"] == AdapterStatus.RETIRED
+        assert store.withdraw_unfinished_preview() is None  # once
+    finally:
+        store.close()
