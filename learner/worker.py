@@ -11,13 +11,14 @@ in the same commit. If anything fails before that commit, the claims are release
 feedback stays pending; a crash at any moment loses no vote.
 
 The preview (--preview, on by default): after a round's first optimizer step the learner checks
-those weights as it checks the round's candidate (the same KL tripwire, and under --judge-new
-the same gate) and, if they pass, publishes them live while it takes the round's other steps,
-so a vote is served after one step instead of all of them. A preview uses no feedback and moves
-no KL coefficient, and the round's candidate is computed as without it; when the round ends its
-version replaces the preview, and if that one is rejected (or the round fails, or the learner
-dies during it: checked at start), the version the round started from is live again. The cost:
-one more pass of the policy over the round's KL replies.
+those weights as it checks the round's candidate (the same KL tripwire, on the newest half of
+its KL replies, and under --judge-new the same gate) and, if they pass, publishes them live
+while it takes the round's other steps, so a vote is served after one step instead of all of
+them. A preview uses no feedback and moves no KL coefficient, and the round's candidate is
+computed as without it; when the round ends its version replaces the preview, and if that one
+is rejected (or the round fails, or the learner dies during it: checked at start), the version
+the round started from is live again. The cost: one more pass of the policy over
+PREVIEW_KL_REPLIES replies.
 
 Between rounds (`prepare`: when a round ends, and as each vote comes in) the learner does what
 the next round would do first: the new replies' reference log-probs, the reference's
@@ -79,6 +80,10 @@ log = logging.getLogger(__name__)
 
 MICRO_BATCH = 8  # replies per forward/backward; gradients are accumulated across them
 KL_REPLIES = 16  # replies the candidate's exact KL to the base is measured on, per round
+# The preview's check reads the first half of them: the newest votes' replies, the ones its one
+# step trained on (in a round that fell behind, its first slice's). That pass is most of the
+# time between its step and its going live.
+PREVIEW_KL_REPLIES = 8
 # The reference's full distributions over the next round's KL replies, computed between rounds
 # and kept until it runs, up to this many bytes (16 replies of 64 tokens of the embedded
 # model's 49,152-word vocabulary in float32: 200 MB); beyond it the round computes them.
@@ -565,14 +570,14 @@ class Learner:
         assert not (missing and stepped), f"live log-probs missing for {missing}"
         return self.judged_margins(data.judged, live_totals)
 
-    def _check(self, data: RoundData, live_list: list[float]
+    def _check(self, data: RoundData, live_list: list[float], replies: int = KL_REPLIES
                ) -> tuple[float, list[float], gate.GateDecision]:
         """The gate on the weights as they are now: their exact per-token KL to the base over
-        the round's KL replies, and (under --judge-new) their margins on the votes they have
-        not trained on, against the live adapter's `live_list`."""
+        the first `replies` of the round's KL replies, and (under --judge-new) their margins
+        on the votes they have not trained on, against the live adapter's `live_list`."""
         # Only votes the candidate has not trained on can judge it.
         candidate_list = self.judged_margins(data.judged) if data.judge_only else []
-        kl_sum, tokens = self.exact_kl(kl_replies(data))
+        kl_sum, tokens = self.exact_kl(kl_replies(data)[:replies])
         kl = kl_sum / tokens if tokens else 0.0
         return kl, candidate_list, gate.decide(candidate_list, live_list, kl,
                                                self.config.kl_tripwire, self.config.gate_z)
@@ -585,7 +590,7 @@ class Learner:
         the version (None if not live), its KL and the gate's reason."""
         with self._phase("preview"):
             live_list = self._live_margins(data, live_totals, stepped=True)
-            kl, candidate_list, decision = self._check(data, live_list)
+            kl, candidate_list, decision = self._check(data, live_list, PREVIEW_KL_REPLIES)
             done = {"version": None, "kl": kl, "note": decision.reason}
             if not decision.promote:
                 log.info("round %s: its first step is not published: %s", round_id[:8],

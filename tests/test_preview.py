@@ -13,7 +13,7 @@ import torch
 from chatbot.states import AdapterStatus
 from chatbot.store import Store
 from learner.gate import GateDecision
-from learner.worker import kl_replies
+from learner.worker import PREVIEW_KL_REPLIES, kl_replies
 from tests.test_learner import collect_votes, make_learner
 
 
@@ -200,3 +200,17 @@ def test_at_start_a_preview_whose_round_never_finished_is_withdrawn(db_target):
         assert store.withdraw_unfinished_preview() is None  # once
     finally:
         store.close()
+
+
+def test_the_preview_checks_the_newest_half_of_the_rounds_kl_replies(preview_config,
+                                                                      monkeypatch):
+    store = Store(preview_config.db_path)
+    collect_votes(preview_config, store, ["A", "B", "A", "B", "A", "B"])
+    learner = make_learner(dataclasses.replace(preview_config, learn_every=6), store)
+    checked = []
+    exact_kl = learner.exact_kl
+    monkeypatch.setattr(learner, "exact_kl", lambda samples: checked.append(
+        [s.reply_id for s in samples]) or exact_kl(samples))
+    learner.round()
+    preview, final = checked
+    assert len(final) == 12 and preview == final[:PREVIEW_KL_REPLIES] == final[:8]
