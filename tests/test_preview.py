@@ -107,8 +107,8 @@ def test_a_rejected_round_puts_back_the_version_it_started_from(preview_config, 
     checks = []
     check = learner._check
 
-    def the_second_check_rejects(data, live_list):
-        kl, candidate_list, decision = check(data, live_list)
+    def the_second_check_rejects(data, live_list, *replies):
+        kl, candidate_list, decision = check(data, live_list, *replies)
         checks.append(decision.promote)
         if len(checks) == 2:  # the round's candidate, after the preview passed
             decision = GateDecision(False, "rejected by the test")
@@ -137,11 +137,11 @@ def test_a_round_that_fails_after_its_preview_withdraws_it(preview_config, monke
     check = learner._check
     calls = []
 
-    def fail_on_the_second(data, live_list):
+    def fail_on_the_second(data, live_list, *replies):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("the disk is full")
-        return check(data, live_list)
+        return check(data, live_list, *replies)
 
     monkeypatch.setattr(learner, "_check", fail_on_the_second)
     with pytest.raises(RuntimeError):
