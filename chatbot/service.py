@@ -305,7 +305,8 @@ class ChatService:
 
 
 def rollback(store: Store, config: Config, to: int | None = None) -> dict:
-    """Make an earlier adapter version live (default: the live version's parent; 0 = base).
+    """Make an earlier adapter version live (default: the version the live one's round started
+    from, its parent or its preview's parent: the round is undone whole; 0 = base).
 
     The target's files are checked against its manifest first, so a rollback never points
     the server at an adapter it would refuse to load.
@@ -316,6 +317,9 @@ def rollback(store: Store, config: Config, to: int | None = None) -> dict:
         if live is None:
             raise Conflict("the base model (v0) is live; there is nothing to roll back")
         to = live["parent_version"] or 0
+        parent = store.adapter(to) if to else None
+        if parent and (parent["metrics"] or {}).get("preview_of"):  # the round's first step
+            to = parent["parent_version"] or 0  # (learner/worker.py): the round it started from
     if to:
         row = store.adapter(to)
         if row is None:

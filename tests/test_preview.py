@@ -214,3 +214,15 @@ def test_the_preview_checks_the_newest_half_of_the_rounds_kl_replies(preview_con
     learner.round()
     preview, final = checked
     assert len(final) == 12 and preview == final[:PREVIEW_KL_REPLIES] == final[:8]
+
+
+def test_a_rollback_undoes_the_whole_round_not_its_second_step(preview_config):
+    from chatbot.service import rollback
+
+    store = Store(preview_config.db_path)
+    collect_votes(preview_config, store, ["A", "B"])
+    make_learner(preview_config, store).round()
+    assert store.live_adapter_version() == 2 and store.adapter(2)["parent_version"] == 1
+    assert rollback(store, preview_config)["live_adapter_version"] == 0  # past the preview v1
+    assert rollback(store, preview_config, to=1)["live_adapter_version"] == 1  # asked for
+    assert rollback(store, preview_config)["live_adapter_version"] == 0  # a preview's parent
