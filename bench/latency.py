@@ -140,9 +140,10 @@ def run(args: argparse.Namespace) -> Path:
                     if first_live is None and serving != live:  # the preview, or the round's
                         first_live = time.perf_counter() - voted
                         first_version = serving
-                    if done and done[-1]["status"] != "promoted":
-                        outcome = done[-1]["status"]  # rejected (or failed): the gate kept
-                        break  # the version the round started from
+                    if done and done[-1]["status"] != "promoted" and \
+                            serving == status["registry_live_version"]:
+                        outcome = done[-1]["status"]  # rejected (or failed): the version the
+                        break  # round started from is served (its preview withdrawn)
                     if done and serving == done[-1]["adapter_version"]:
                         outcome = "live"
                         break

@@ -201,17 +201,18 @@ class LearnerVerbs:
             return self._withdraw(cur, preview, parent, reason, now())
 
     def withdraw_unfinished_preview(self) -> int | None:
-        """At the learner's start: a live preview whose round left no learner_steps row (the
-        learner died during it) goes, and its parent is live again, so the round's votes,
-        still pending, train from where that round started. Returns the withdrawn version."""
+        """At the learner's start and before each round: a live preview whose round did not
+        finish (the learner died during it, or the round failed and so did the withdrawal)
+        goes, and its parent is live again, so the round's votes, still pending, train from
+        where that round started. Returns the withdrawn version."""
         with self.db.transaction() as cur:
             if cur.dialect.lock_registry:
                 cur.run(cur.dialect.lock_registry)
             row = cur.one("select version, parent_version, metrics from adapters "
                           "where status = ?", (AdapterStatus.LIVE,))
             round_id = json.loads(row["metrics"] or "{}").get("preview_of") if row else None
-            if not round_id or cur.one("select id from learner_steps where round_id = ?",
-                                       (round_id,)):
+            if not round_id or cur.one("select id from learner_steps where round_id = ? and "
+                                       "status != ?", (round_id, "failed")):
                 return None
             self._withdraw(cur, row["version"], row["parent_version"] or 0,
                            "its round never finished (the learner stopped)", now())

@@ -589,33 +589,41 @@ class Learner:
         the KL coefficient are left as they are. Returns what it did, for the round's metrics:
         the version (None if not live), its KL and the gate's reason."""
         with self._phase("preview"):
-            live_list = self._live_margins(data, live_totals, stepped=True)
-            kl, candidate_list, decision = self._check(data, live_list, PREVIEW_KL_REPLIES)
-            done = {"version": None, "kl": kl, "note": decision.reason}
-            if not decision.promote:
-                log.info("round %s: its first step is not published: %s", round_id[:8],
-                         decision.reason)
-                return done
-            version = self.store.next_adapter_version()
-            metrics = {"preview_of": round_id, "steps": 1, "kl": kl,
-                       "beta": self.kl_control.beta, "objective": self.config.objective,
-                       "heldout_acc": gate.preference_accuracy(candidate_list),
-                       "live_heldout_acc": gate.preference_accuracy(live_list),
-                       "judged_pairs": len(data.judged)}
-            folder, sha = adapters.publish(
-                self.config.adapters_dir, version, self.model.save_pretrained,
-                base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)
-            status = self.store.publish_preview(
-                {"version": version, "path": folder.name, "parent_version": parent,
-                 "base_model": self.loaded.model_id, "sha256": sha,
-                 "status": AdapterStatus.LIVE, "metrics": metrics,
-                 "reason": f"preview: round {round_id[:8]} after its first step"},
-                files=adapters.folder_files(folder) if self.store.keeps_adapter_files else None)
-            if status == AdapterStatus.LIVE:
-                self._preview = (version, parent)
-                done["version"] = version
-            log.info("round %s: its first step published as v%d (%s), KL %.4f", round_id[:8],
-                     version, status, kl)
+            try:
+                return self._preview_now(round_id, data, live_totals, parent)
+            except Exception as exc:  # noqa: BLE001 - the round goes on without its preview
+                log.exception("round %s: its first step could not be published", round_id[:8])
+                return {"version": None, "kl": None, "note": f"failed: {exc}"[:300]}
+
+    def _preview_now(self, round_id: str, data: RoundData, live_totals: dict[int, float],
+                     parent: int) -> dict:
+        live_list = self._live_margins(data, live_totals, stepped=True)
+        kl, candidate_list, decision = self._check(data, live_list, PREVIEW_KL_REPLIES)
+        done = {"version": None, "kl": kl, "note": decision.reason}
+        if not decision.promote:
+            log.info("round %s: its first step is not published: %s", round_id[:8],
+                     decision.reason)
+            return done
+        version = self.store.next_adapter_version()
+        metrics = {"preview_of": round_id, "steps": 1, "kl": kl,
+                   "beta": self.kl_control.beta, "objective": self.config.objective,
+                   "heldout_acc": gate.preference_accuracy(candidate_list),
+                   "live_heldout_acc": gate.preference_accuracy(live_list),
+                   "judged_pairs": len(data.judged)}
+        folder, sha = adapters.publish(
+            self.config.adapters_dir, version, self.model.save_pretrained,
+            base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)
+        status = self.store.publish_preview(
+            {"version": version, "path": folder.name, "parent_version": parent,
+             "base_model": self.loaded.model_id, "sha256": sha,
+             "status": AdapterStatus.LIVE, "metrics": metrics,
+             "reason": f"preview: round {round_id[:8]} after its first step"},
+            files=adapters.folder_files(folder) if self.store.keeps_adapter_files else None)
+        if status == AdapterStatus.LIVE:
+            self._preview = (version, parent)
+            done["version"] = version
+        log.info("round %s: its first step published as v%d (%s), KL %.4f", round_id[:8],
+                 version, status, kl)
         return done
 
     def pending(self) -> int:
@@ -735,9 +743,12 @@ class Learner:
         return step
 
     def retire_old_versions(self) -> None:
-        """Keep the newest `keep_versions` adapter folders (and always the live one)."""
+        """Keep the folders of the newest `keep_versions` rounds' versions (and always the live
+        one's); a preview's folder goes once it is no longer live: its round's version
+        replaced it, or it was withdrawn."""
         on_disk = [a for a in self.store.adapters() if a["path"]]
-        keep = {a["version"] for a in on_disk[-self.config.keep_versions:]}
+        rounds = [a for a in on_disk if not (a["metrics"] or {}).get("preview_of")]
+        keep = {a["version"] for a in rounds[-self.config.keep_versions:]}
         for row in on_disk:
             if row["version"] not in keep and row["status"] != AdapterStatus.LIVE:
                 shutil.rmtree(self.config.adapters_dir / row["path"], ignore_errors=True)
@@ -767,8 +778,10 @@ class Learner:
                 try:
                     # This process is the database's one learner (learner lock) and between
                     # rounds it holds no claim: any claim left is a failed round's whose
-                    # release failed too (the database was gone): give it back now.
+                    # release failed too (the database was gone): give it back now; the same
+                    # for its preview, if it is still live.
                     self.store.release_claims()
+                    self.store.withdraw_unfinished_preview()
                     self.round()
                     failures = 0
                     prepared_for = None  # the next round starts from here

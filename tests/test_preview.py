@@ -28,37 +28,40 @@ def lora_state(learner) -> dict[str, torch.Tensor]:
 
 
 def test_the_first_step_goes_live_then_the_rounds_version_replaces_it(preview_config):
+    from chatbot import adapters
+
     store = Store(preview_config.db_path)
     collect_votes(preview_config, store, ["A", "B", "A", "B"])
     learner = make_learner(preview_config, store)
-    live_during_round = []
+    during_round = []
     publish = store.publish_preview
 
     def publish_and_look(adapter, files=None):
         status = publish(adapter, files)
-        live_during_round.append((store.live_adapter_version(),
-                                  store.pending_counts()["votes_pending"]))
+        during_round.append((store.live_adapter_version(),
+                             store.pending_counts()["votes_pending"],
+                             adapters.load_state_dict(adapters.verified_copy(
+                                 preview_config.adapters_dir, store.adapter(adapter["version"]),
+                                 base_model=learner.loaded.model_id,
+                                 fetch=store.adapter_files))))
         return status
 
     store.publish_preview = publish_and_look
     step = learner.round()
 
     # v1 was live during the round, its votes still pending (the round had not finished)
-    assert live_during_round == [(1, 4)]
+    [(live, pending, first)] = during_round
+    assert (live, pending) == (1, 4)
     preview, final = store.adapter(1), store.adapter(2)
     assert preview["status"] == AdapterStatus.RETIRED and preview["parent_version"] == 0
     assert preview["metrics"]["steps"] == 1 and preview["metrics"]["preview_of"]
+    assert preview["path"] is None  # its folder went with it
     assert final["status"] == AdapterStatus.LIVE and final["parent_version"] == 1
     assert final["metrics"]["preview"]["version"] == 1
     assert step["status"] == "promoted" and step["adapter_version"] == 2
     assert {v["used_by_version"] for v in store.votes()} == {2}  # the round's version
     assert "preview" in final["metrics"]["phase_seconds"]
     # the preview is the first step, not the round's weights nor the base's
-    from chatbot import adapters
-
-    first = adapters.load_state_dict(adapters.verified_copy(
-        preview_config.adapters_dir, preview, base_model=learner.loaded.model_id,
-        fetch=store.adapter_files))
     last = adapters.load_state_dict(adapters.verified_copy(
         preview_config.adapters_dir, final, base_model=learner.loaded.model_id,
         fetch=store.adapter_files))
@@ -198,6 +201,10 @@ def test_at_start_a_preview_whose_round_never_finished_is_withdrawn(db_target):
         assert store.live_adapter_version() == 3
         assert store.adapter(4)["status"] == AdapterStatus.RETIRED
         assert store.withdraw_unfinished_preview() is None  # once
+        # a round that failed, and whose withdrawal failed too: the learner's next round does it
+        register(5, 3, AdapterStatus.LIVE, round_id="failed")
+        store.log_failed_round("failed", {"note": "the database went away"})
+        assert store.withdraw_unfinished_preview() == 5 and store.live_adapter_version() == 3
     finally:
         store.close()
 
@@ -217,12 +224,80 @@ def test_the_preview_checks_the_newest_half_of_the_rounds_kl_replies(preview_con
 
 
 def test_a_rollback_undoes_the_whole_round_not_its_second_step(preview_config):
+    from chatbot.errors import Conflict
     from chatbot.service import rollback
 
     store = Store(preview_config.db_path)
     collect_votes(preview_config, store, ["A", "B"])
-    make_learner(preview_config, store).round()
+    learner = make_learner(preview_config, store)
+    learner.round()
     assert store.live_adapter_version() == 2 and store.adapter(2)["parent_version"] == 1
     assert rollback(store, preview_config)["live_adapter_version"] == 0  # past the preview v1
-    assert rollback(store, preview_config, to=1)["live_adapter_version"] == 1  # asked for
-    assert rollback(store, preview_config)["live_adapter_version"] == 0  # a preview's parent
+    with pytest.raises(Conflict, match="deleted"):
+        rollback(store, preview_config, to=1)  # its folder went when v2 replaced it
+
+    # during a round, with its preview live: back to where the round started, and the
+    # round's version does not go live over the rollback
+    store.set_live(2)
+    collect_votes(preview_config, store, ["B", "A"])
+    publish = store.publish_preview
+
+    def publish_then_roll_back(adapter, files=None):
+        status = publish(adapter, files)
+        assert rollback(store, preview_config)["live_adapter_version"] == 2
+        return status
+
+    store.publish_preview = publish_then_roll_back
+    step = learner.round()
+    assert step["status"] == "rejected" and store.live_adapter_version() == 2
+
+
+def test_two_learners_with_and_without_the_preview_take_the_same_rounds(preview_config):
+    """Through whole rounds: replayed votes, the head start, the KL coefficient and the gate."""
+    config = dataclasses.replace(preview_config, learn_every=2, replay=2)
+    steps, weights = {}, {}
+    for preview in (True, False):
+        folder = config.data_dir.parent / f"preview-{preview}"
+        run = dataclasses.replace(config, preview=preview, data_dir=folder)
+        store = Store(run.db_path)
+        collect_votes(run, store, ["A", "B"])
+        torch.manual_seed(0)  # the same LoRA initialisation
+        learner = make_learner(run, store)
+        learner.round()
+        learner.prepare()  # the next round's head start: the replayed votes
+        collect_votes(run, store, ["B", "A"])
+        learner.prepare()
+        learner.round()
+        steps[preview] = [{k: s[k] for k in ("loss", "kl", "beta", "new_votes",
+                                             "replayed_votes", "status")}
+                          for s in store.learner_steps()]
+        weights[preview] = lora_state(learner)
+        assert len(store.adapters()) == (4 if preview else 2)
+    assert steps[True] == steps[False]
+    assert all(torch.equal(weights[True][n], weights[False][n]) for n in weights[False])
+
+
+def test_a_preview_that_cannot_be_published_leaves_the_round_going(preview_config):
+    store = Store(preview_config.db_path)
+    collect_votes(preview_config, store, ["A", "B"])
+    learner = make_learner(preview_config, store)
+
+    def full_disk(adapter, files=None):
+        raise OSError("no space left on device")
+
+    store.publish_preview = full_disk
+    step = learner.round()
+    assert step["status"] == "promoted" and step["adapter_version"] == 1
+    assert store.adapter(1)["metrics"]["preview"]["note"].startswith("failed: no space left")
+    assert store.pending_counts()["votes_pending"] == 0
+
+
+def test_a_previews_folder_goes_once_it_is_not_live(preview_config):
+    store = Store(preview_config.db_path)
+    learner = make_learner(dataclasses.replace(preview_config, keep_versions=2), store)
+    for choices in (["A", "B"], ["B", "A"], ["A", "A"]):
+        collect_votes(preview_config, store, choices)
+        learner.round()
+    on_disk = {a["version"] for a in store.adapters() if a["path"]}
+    assert on_disk == {4, 6}  # the last two rounds' versions; the previews 1, 3, 5 are gone
+    assert sorted(p.name for p in preview_config.adapters_dir.iterdir()) == ["v4", "v6"]
