@@ -302,7 +302,8 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
                             "held-out votes by this many standard errors (default: "
                             f"{d.gate_z}, one-sided 5%%)")
     group.add_argument("--keep-versions", type=_positive_int, default=d.keep_versions,
-                       help=f"adapter folders kept on disk (default: {d.keep_versions})")
+                       help="rounds whose adapter folders are kept on disk (a preview's goes "
+                            f"once it is not live; default: {d.keep_versions})")
     group.add_argument("--max-batch-votes", type=_positive_int, default=d.max_batch_votes,
                        help=f"most new votes claimed in one round (default: {d.max_batch_votes})")
     group.add_argument("--max-user-share", type=float, default=d.max_user_share,
