@@ -52,7 +52,9 @@ def server(tiny_model_dir, tmp_path_factory):
         import time
 
         deadline = time.monotonic() + 120
-        while client.predict(api_name="/status")["live_adapter_version"] < 1:
+        # the round's own version served (its preview's folder goes once it is not live)
+        while not ((s := client.predict(api_name="/status"))["votes_pending"] == 0
+                   and s["live_adapter_version"] == s["registry_live_version"] >= 1):
             assert time.monotonic() < deadline
             time.sleep(0.5)
         yield url, process, data
@@ -68,8 +70,10 @@ def test_listens_on_loopback_only(server):
 def test_database_and_adapters_cannot_be_downloaded(server):
     url, _, data = server
     db = data / "db" / "duet.db"
-    manifest = data / "db" / "adapters" / "v1" / "manifest.json"
-    weights = data / "db" / "adapters" / "v1" / "adapter_model.safetensors"
+    from chatbot.store import Store
+
+    folder = data / "db" / "adapters" / Store(db).live_adapter()["path"]
+    manifest, weights = folder / "manifest.json", folder / "adapter_model.safetensors"
     assert db.exists() and manifest.exists()
     for path in (db, manifest, weights, data / "db" / "learner.log"):
         for route in (f"gradio_api/file={path}", f"file={path}", f"gradio_api/file/{path}"):

@@ -147,8 +147,10 @@ def test_a_kill_inside_publish_loses_nothing(tiny_model_dir, tmp_path, stage, mo
     but before the rename, and after the rename but before the registry commit."""
     from learner.worker import Learner
 
+    # The round's own publishing (the preview's goes through the same adapters.publish; its
+    # withdrawal after a kill: tests/test_preview.py)
     config = Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", device="cpu",
-                    max_new_tokens=8, judge_new=False, db=db_of(db_target))
+                    max_new_tokens=8, judge_new=False, db=db_of(db_target), preview=False)
     store = Store(config.db_url)
     loaded = load_model(config)
     service = ChatService(config, store, PairGenerator(loaded, config), model_id=loaded.model_id)
