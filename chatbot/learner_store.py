@@ -149,15 +149,20 @@ class LearnerVerbs:
         return (self.db.one("select max(version) as v from adapters")["v"] or 0) + 1
 
     @staticmethod
+    def _live_version(cur: Cursor) -> int:
+        """The live version inside a transaction (0: the base model)."""
+        return cur.value("select version from adapters where status = ?",
+                         (AdapterStatus.LIVE,)) or 0
+
+    @staticmethod
     def _register(cur: Cursor, adapter: dict, files: dict[str, bytes] | None,
                   stamp: str) -> dict:
         """Insert a published adapter (and its files); `live` only if the live version is still
         its parent (else rejected: someone rolled back meanwhile), retiring that one. Returns
         the row as inserted."""
         adapter = dict(adapter)
-        live_version = cur.value("select version from adapters where status = ?",
-                                 (AdapterStatus.LIVE,)) or 0
-        if adapter["status"] == AdapterStatus.LIVE and live_version != adapter["parent_version"]:
+        if adapter["status"] == AdapterStatus.LIVE and \
+                LearnerVerbs._live_version(cur) != adapter["parent_version"]:
             adapter["status"] = AdapterStatus.REJECTED
             adapter["reason"] = "the live version changed while this candidate trained"
         if adapter["status"] == AdapterStatus.LIVE:
@@ -173,8 +178,7 @@ class LearnerVerbs:
     @staticmethod
     def _withdraw(cur: Cursor, preview: int, parent: int, reason: str, stamp: str) -> bool:
         """If `preview` is live: retire it and make `parent` (0: the base model) live again."""
-        if cur.value("select version from adapters where status = ?",
-                     (AdapterStatus.LIVE,)) != preview:
+        if LearnerVerbs._live_version(cur) != preview:
             return False
         cur.run("update adapters set status = ?, reason = ?, updated_at = ? where version = ?",
                 (AdapterStatus.RETIRED, reason, stamp, preview))

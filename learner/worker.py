@@ -605,26 +605,32 @@ class Learner:
                      decision.reason)
             return done
         version = self.store.next_adapter_version()
-        metrics = {"preview_of": round_id, "steps": 1, "kl": kl,
-                   "beta": self.kl_control.beta, "objective": self.config.objective,
-                   "heldout_acc": gate.preference_accuracy(candidate_list),
-                   "live_heldout_acc": gate.preference_accuracy(live_list),
-                   "judged_pairs": len(data.judged)}
-        folder, sha = adapters.publish(
-            self.config.adapters_dir, version, self.model.save_pretrained,
-            base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)
+        row, files = self._publish(version, parent, {
+            "preview_of": round_id, "steps": 1, "kl": kl, "beta": self.kl_control.beta,
+            "objective": self.config.objective,
+            "heldout_acc": gate.preference_accuracy(candidate_list),
+            "live_heldout_acc": gate.preference_accuracy(live_list),
+            "judged_pairs": len(data.judged)})
         status = self.store.publish_preview(
-            {"version": version, "path": folder.name, "parent_version": parent,
-             "base_model": self.loaded.model_id, "sha256": sha,
-             "status": AdapterStatus.LIVE, "metrics": metrics,
-             "reason": f"preview: round {round_id[:8]} after its first step"},
-            files=adapters.folder_files(folder) if self.store.keeps_adapter_files else None)
+            {**row, "status": AdapterStatus.LIVE,
+             "reason": f"preview: round {round_id[:8]} after its first step"}, files=files)
         if status == AdapterStatus.LIVE:
             self._preview = (version, parent)
             done["version"] = version
         log.info("round %s: its first step published as v%d (%s), KL %.4f", round_id[:8],
                  version, status, kl)
         return done
+
+    def _publish(self, version: int, parent: int, metrics: dict
+                 ) -> tuple[dict, dict[str, bytes] | None]:
+        """Write the trainable adapter as `v{version}` (adapters.publish). Returns its registry
+        row, less its status and reason, and the files the store keeps with it (PostgreSQL)."""
+        folder, sha = adapters.publish(
+            self.config.adapters_dir, version, self.model.save_pretrained,
+            base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)
+        row = {"version": version, "path": folder.name, "parent_version": parent,
+               "base_model": self.loaded.model_id, "sha256": sha, "metrics": metrics}
+        return row, adapters.folder_files(folder) if self.store.keeps_adapter_files else None
 
     def pending(self) -> int:
         counts = self.store.pending_counts()
@@ -703,9 +709,7 @@ class Learner:
                                                 sorted(self.micro_batches_by_threads.items())},
                    **({"preview": preview} if preview else {}), **reward_stats}
         with self._phase("publish"):  # in the log line; the metrics are written before it
-            folder, sha = adapters.publish(
-                self.config.adapters_dir, version, self.model.save_pretrained,
-                base_model=self.loaded.model_id, parent_version=parent, metrics=metrics)
+            row, files = self._publish(version, parent, metrics)
         reward = sum(data.rewards) / len(data.rewards) if data.rewards else None
         step = {"adapter_version": version, "parent_version": parent,
                 "objective": self.config.objective,
@@ -718,12 +722,9 @@ class Learner:
                 "seconds": time.perf_counter() - started,
                 "note": decision.reason}
         status = self.store.finish_round(
-            round_id, {"version": version, "path": folder.name, "parent_version": parent,
-                       "base_model": self.loaded.model_id, "sha256": sha,
-                       "status": (AdapterStatus.LIVE if decision.promote
-                                  else AdapterStatus.REJECTED),
-                       "metrics": metrics, "reason": decision.reason}, step,
-            files=adapters.folder_files(folder) if self.store.keeps_adapter_files else None,
+            round_id, {**row, "status": (AdapterStatus.LIVE if decision.promote
+                                         else AdapterStatus.REJECTED),
+                       "reason": decision.reason}, step, files=files,
             preview_parent=self._preview[1] if self._preview else None)
         self._preview = None
         step["status"] = (RoundOutcome.PROMOTED if status == AdapterStatus.LIVE
