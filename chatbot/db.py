@@ -411,7 +411,20 @@ def m004_adapter_files(cur: Cursor) -> None:
          "name text, data {blob}, primary key (version, name))")
 
 
-MIGRATIONS = [m001_initial, m002_judged_pairs, m003_api_keys, m004_adapter_files]
+def m005_corrections(cur: Cursor) -> None:
+    """A person's rewrite of a reply (a demonstration): one per pair, tied to its user, with
+    the side it started from (A or B; null when unknown), its text, its token ids under the
+    chat template (filled by the learner when it first reads it), and the feedback columns:
+    pending -> claimed -> used by a version, as votes and ratings."""
+    _ddl(cur,
+         "create table corrections (id {id}, pair_id text references pairs(id), "
+         f"user_id text, side text, text text, token_ids text, created_at text, {_FEEDBACK})",
+         "create unique index idx_corrections_pair_id on corrections (pair_id)",
+         "create index idx_corrections_used_by_version on corrections (used_by_version)")
+
+
+MIGRATIONS = [m001_initial, m002_judged_pairs, m003_api_keys, m004_adapter_files,
+              m005_corrections]
 
 
 def connect(target: str | Path) -> Database:

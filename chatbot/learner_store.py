@@ -17,7 +17,7 @@ from chatbot.errors import NotFound
 from chatbot.limits import fair_pick
 from chatbot.states import AdapterStatus, LearnerState, RoundOutcome
 
-FEEDBACK_TABLES = ("votes", "ratings")
+FEEDBACK_TABLES = ("votes", "ratings", "corrections")
 
 
 class LearnerVerbs:
@@ -29,21 +29,25 @@ class LearnerVerbs:
         row = self.db.one(
             "select (select count(*) from votes) as votes_total, "
             "(select count(*) from votes where used_by_version is null) as votes_pending, "
-            "(select count(*) from ratings where used_by_version is null) as ratings_pending")
+            "(select count(*) from ratings where used_by_version is null) as ratings_pending, "
+            "(select count(*) from corrections) as corrections_total, "
+            "(select count(*) from corrections where used_by_version is null) "
+            "as corrections_pending")
         return {key: int(value) for key, value in row.items()}
 
     def feedback_users(self) -> int:
-        """How many users have ever voted or rated."""
+        """How many users have ever voted, rated or corrected."""
         with self.db.read() as cur:
             return self._feedback_users(cur)
 
     @staticmethod
     def _feedback_users(cur: Cursor) -> int:
         return int(cur.value("select count(*) as n from (select user_id from votes "
-                             "union select user_id from ratings) as feedback_users"))
+                             "union select user_id from ratings "
+                             "union select user_id from corrections) as feedback_users"))
 
     def claim_feedback(self, round_id: str, limit: int, max_user_share: float = 1.0) -> dict:
-        """Mark up to `limit` pending votes and up to `limit` pending ratings as taken by
+        """Mark up to `limit` pending votes, ratings and corrections (each) as taken by
         this round, oldest first, no user holding more than `max_user_share` of either
         (no cap while only one user has ever given feedback). Rows another claim is taking
         at this moment are skipped, never taken twice."""
@@ -89,16 +93,27 @@ class LearnerVerbs:
         """Ratings, oldest first: all, or those of one pair, or with these ids."""
         return self._feedback("ratings", pair_id=pair_id, ids=ids)
 
+    def corrections(self, *, ids: list[int] | None = None) -> list[dict]:
+        """Corrections, oldest first: all, or those with these ids."""
+        return [json_columns(row, "token_ids") for row in self._feedback("corrections", ids=ids)]
+
+    def cache_correction_tokens(self, correction_id: int, token_ids: list[int]) -> None:
+        """The correction's token ids under the chat template (the learner encodes them)."""
+        with self.db.transaction() as cur:
+            cur.run("update corrections set token_ids = ? where id = ?",
+                    (json.dumps(token_ids), correction_id))
+
     def feedback_by_id(self, table: str, ids: list[int]) -> list[dict]:
-        """The votes or ratings with these ids, oldest first."""
+        """The votes, ratings or corrections with these ids, oldest first."""
         return self._feedback(table, ids=ids)
 
     def used_feedback(self, table: str) -> list[dict]:
-        """Votes or ratings some finished round has used (judged or trained on), oldest first."""
+        """Feedback of one kind some finished round has used (judged or trained on), oldest
+        first."""
         return self._feedback(table, used=True)
 
     def pending_feedback(self, table: str) -> list[dict]:
-        """Votes or ratings no finished round has used yet, oldest first."""
+        """Feedback of one kind no finished round has used yet, oldest first."""
         return self._feedback(table, used=False)
 
     def _feedback(self, table: str, *, pair_id: str | None = None,

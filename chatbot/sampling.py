@@ -153,6 +153,20 @@ def decode_reply(tokenizer, token_ids: list[int]) -> str:
     return tokenizer.decode(token_ids, skip_special_tokens=True).replace("\0", "\ufffd").strip()
 
 
+def end_of_turn_id(model, tokenizer) -> int:
+    """The token a finished reply ends with: the first of the generation config's end ids."""
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    return tokenizer.eos_token_id if eos is None else eos
+
+
+def reply_token_ids(tokenizer, end_id: int, text: str) -> list[int]:
+    """A reply written by a person (a correction) as the model would have sampled it under
+    the chat template: its text's tokens, then the end-of-turn token (it is finished).
+    The inverse of `decode_reply` for a reply that stopped on its own."""
+    return list(tokenizer.encode(text.strip(), add_special_tokens=False)) + [end_id]
+
+
 def token_texts(tokenizer, token_ids: list[int]) -> list[str]:
     """Each token's own text (special tokens give "")."""
     return [tokenizer.decode([t], skip_special_tokens=True) for t in token_ids]

@@ -1,5 +1,5 @@
 """ChatService: the verbs the UI and the API call - ask, regenerate, continue, complete, vote,
-rate, compare with the base model, status.
+correct, rate, compare with the base model, status.
 
 It checks input, asks the generator for a pair, and stores what happened; it knows nothing
 of Gradio. Identity is a user id string that the caller has already authenticated.
@@ -228,6 +228,21 @@ class ChatService:
     def vote(self, user: str, pair_id: str, choice: str) -> dict:
         self.feedback_limit.check(user, "votes")
         result = self.store.record_vote(user, str(pair_id), str(choice))
+        return {"ok": True, **result}
+
+    def correct(self, user: str, pair_id: str, text: str, side: str | None = None,
+                choice: str | None = None) -> dict:
+        """A person's rewrite of a reply of the pair: the strongest label they can give (better
+        than every reply sampled for that turn). The conversation goes on from it; `choice`, if
+        given, is a vote stored with it. See Store.record_correction for the rules."""
+        self.feedback_limit.check(user, "votes")
+        try:
+            text = clean_message(text, self.config.max_message_chars)
+        except InvalidInput as exc:
+            raise InvalidInput(str(exc).replace("the message", "the edited reply", 1)) from None
+        result = self.store.record_correction(user, str(pair_id), text,
+                                              None if side in (None, "") else str(side),
+                                              None if choice in (None, "") else str(choice))
         return {"ok": True, **result}
 
     def rate(self, user: str, pair_id: str, side: str, thumb: str) -> dict:

@@ -17,7 +17,10 @@ adapter version that round published or rejected. A claim is only a mark; a lear
 dies leaves claims behind, which `release_claims` clears on its next start (one learner per
 database: `take_learner_lock`).
 
-A pair has two replies (A, B) and status open -> voted (or discarded when regenerated). The
+A pair has two replies (A, B) and status open -> voted, or open -> corrected when the person
+rewrote a reply instead of voting (or discarded when regenerated). A correction (a person's
+rewrite of the latest reply, chatbot/store.py `record_correction`) is feedback like a vote:
+pending -> claimed -> used, one per pair, and the conversation goes on from its text. The
 OpenAI-compatible API's `n=1` stores a "pair" with reply A alone and status `single`: it can
 be rated (thumbs on A) but not voted on. API keys are stored as sha256 hashes only.
 
@@ -41,6 +44,11 @@ from chatbot.learner_store import LearnerVerbs
 CHOICES = ("A", "B", "tie", "both_bad")
 SIDES = ("A", "B")
 THUMBS = ("up", "down")
+
+
+def _check_choice(choice: str) -> None:
+    if choice not in CHOICES:
+        raise InvalidInput(f"choice must be one of {', '.join(CHOICES)}; got {choice!r}")
 
 
 class Store(LearnerVerbs):
@@ -112,7 +120,8 @@ class Store(LearnerVerbs):
             "select m.id, r.finish_reason, r.n_tokens from messages m "
             "join replies r on r.pair_id = m.pair_id "
             "left join votes v on v.pair_id = m.pair_id "
-            "where m.conversation_id = ? and m.role = 'assistant' "
+            "left join corrections c on c.pair_id = m.pair_id "
+            "where m.conversation_id = ? and m.role = 'assistant' and c.id is null "
             "and r.side = case when v.choice = 'B' then 'B' else 'A' end", (conversation_id,))
         return {r["id"]: {"finish_reason": r["finish_reason"], "n_tokens": r["n_tokens"]}
                 for r in rows}
@@ -238,32 +247,108 @@ class Store(LearnerVerbs):
         The continuation is reply A on `A` and `tie`, B on `B`, and A on `both_bad` (the
         conversation must go on from something; the vote still says neither was good).
         """
-        if choice not in CHOICES:
-            raise InvalidInput(f"choice must be one of {', '.join(CHOICES)}; got {choice!r}")
+        _check_choice(choice)
         with self.db.transaction() as cur:
-            pair = self._owned_pair(cur, user_id, pair_id, lock=True)
-            if pair["status"] == "single":
-                raise Conflict("this reply was served alone (n=1), so there is nothing to "
-                               "compare: rate it with a thumb instead")
-            if cur.one("select id from votes where pair_id = ?", (pair_id,)):
-                raise Conflict("this pair already has a vote")
-            if pair["status"] != "open":
-                raise Conflict("this pair was replaced by a regenerated one")
-            stamp = now()
-            vote_id = cur.insert("votes", {"pair_id": pair_id, "user_id": user_id,
-                                           "choice": choice, "created_at": stamp},
-                                 returning="id")
-            side = "B" if choice == "B" else "A"
-            text = cur.value("select text from replies where pair_id = ? and side = ?",
-                             (pair_id, side))
-            position = cur.value("select position from messages where id = ?",
-                                 (pair["message_id"],))
-            self._add_message(cur, pair["conversation_id"], position + 1, "assistant", text,
-                              pair_id, stamp)
-            cur.run("update pairs set status = 'voted' where id = ?", (pair_id,))
-            cur.run("update conversations set updated_at = ? where id = ?",
-                    (stamp, pair["conversation_id"]))
+            return self._vote(cur, user_id, pair_id, choice)
+
+    def _vote(self, cur: Cursor, user_id: str, pair_id: str, choice: str) -> dict:
+        pair = self._owned_pair(cur, user_id, pair_id, lock=True)
+        if pair["status"] == "single":
+            raise Conflict("this reply was served alone (n=1), so there is nothing to "
+                           "compare: rate it with a thumb instead")
+        if cur.one("select id from votes where pair_id = ?", (pair_id,)):
+            raise Conflict("this pair already has a vote")
+        if pair["status"] == "corrected":
+            raise Conflict("you rewrote a reply of this pair: your edit is its feedback, and "
+                           "the conversation goes on from it")
+        if pair["status"] != "open":
+            raise Conflict("this pair was replaced by a regenerated one")
+        stamp = now()
+        vote_id = cur.insert("votes", {"pair_id": pair_id, "user_id": user_id,
+                                       "choice": choice, "created_at": stamp}, returning="id")
+        side = "B" if choice == "B" else "A"
+        text = cur.value("select text from replies where pair_id = ? and side = ?",
+                         (pair_id, side))
+        self._continue_with(cur, pair, text, stamp)
+        cur.run("update pairs set status = 'voted' where id = ?", (pair_id,))
         return {"vote_id": vote_id, "pair_id": pair_id, "choice": choice, "continued_with": side}
+
+    def _continue_with(self, cur: Cursor, pair: dict, text: str, stamp: str) -> None:
+        """Add the assistant message that answers the pair's user message."""
+        position = cur.value("select position from messages where id = ?", (pair["message_id"],))
+        self._add_message(cur, pair["conversation_id"], position + 1, "assistant", text,
+                          pair["id"], stamp)
+        cur.run("update conversations set updated_at = ? where id = ?",
+                (stamp, pair["conversation_id"]))
+
+    def record_correction(self, user_id: str, pair_id: str, text: str, side: str | None = None,
+                          choice: str | None = None) -> dict:
+        """Store a person's rewrite of a reply of the pair (a demonstration: better than every
+        reply sampled for it) and continue the conversation from the rewritten text.
+
+        `side`: the reply the edit started from (A or B; None if not known). `choice`: a vote
+        cast in the same request, stored first (the edit then replaces the reply the vote
+        continued with). On an open pair the edit is the turn's feedback and closes it (no
+        vote can follow); after a vote, or on a reply served alone (n=1), it replaces the
+        reply the conversation went on from. Only a conversation's latest reply can be
+        rewritten. A second correction of the same pair replaces the first until a learner
+        round has taken it; after that it cannot change (Conflict). `text` is checked by the
+        caller (ChatService.correct).
+        """
+        if side is not None and side not in SIDES:
+            raise InvalidInput(f"side must be A or B; got {side!r}")
+        if choice is not None:
+            _check_choice(choice)
+        with self.db.transaction() as cur:
+            vote = self._vote(cur, user_id, pair_id, choice) if choice is not None else None
+            pair = self._owned_pair(cur, user_id, pair_id, lock=True)
+            if pair["status"] == "discarded":
+                raise Conflict("this pair was replaced by a regenerated one")
+            if pair["status"] == "single" and side not in (None, "A"):
+                raise InvalidInput("this reply was served alone (n=1): it is side A; there is "
+                                   f"no side {side}")
+            old = cur.one("select * from corrections where pair_id = ?" + cur.dialect.for_update,
+                          (pair_id,))
+            if old and old["claimed_by"] is not None:
+                raise Conflict("your earlier edit of this reply was already used for learning "
+                               "and cannot change")
+            stamp = now()
+            if pair["status"] == "open":  # the edit answers the turn
+                self._continue_with(cur, pair, text, stamp)
+                cur.run("update pairs set status = 'corrected' where id = ?", (pair_id,))
+            else:
+                self._rewrite_last_reply(cur, pair, text, stamp)
+            row = {"side": side, "text": text, "token_ids": None, "created_at": stamp}
+            if old:
+                cur.run("update corrections set side = ?, text = ?, token_ids = ?, "
+                        "created_at = ? where id = ?", [*row.values(), old["id"]])
+                correction_id = old["id"]
+            else:
+                correction_id = cur.insert("corrections", {"pair_id": pair_id,
+                                                           "user_id": user_id, **row},
+                                           returning="id")
+        return {"correction_id": correction_id, "pair_id": pair_id, "replaced": old is not None,
+                **({"vote_id": vote["vote_id"], "choice": choice} if vote else {})}
+
+    @staticmethod
+    def _rewrite_last_reply(cur: Cursor, pair: dict, text: str, stamp: str) -> None:
+        """Replace the assistant message that answered the pair, if it is the conversation's
+        last message (a later turn was written after the old text)."""
+        message = cur.one("select id, position from messages where pair_id = ? and "
+                          "role = 'assistant'", (pair["id"],))
+        last = cur.value("select max(position) as last from messages where conversation_id = ?",
+                         (pair["conversation_id"],))
+        if message is None or message["position"] != last:
+            raise Conflict("only the latest reply of a conversation can be edited")
+        cur.run("update messages set content = ? where id = ?", (text, message["id"]))
+        cur.run("update conversations set updated_at = ? where id = ?",
+                (stamp, pair["conversation_id"]))
+
+    def correction(self, pair_id: str) -> dict | None:
+        """The pair's correction, if it has one."""
+        with self.db.read() as cur:
+            row = cur.one("select * from corrections where pair_id = ?", (pair_id,))
+        return json_columns(row, "token_ids") if row else None
 
     def record_rating(self, user_id: str, pair_id: str, side: str, thumb: str) -> dict:
         """Thumbs up/down on one reply. A rating not yet used by the learner can be changed."""
@@ -300,6 +385,17 @@ class Store(LearnerVerbs):
             "join replies ra on ra.pair_id = p.id and ra.side = 'A' "
             "join replies rb on rb.pair_id = p.id and rb.side = 'B' "
             "where v.choice in ('A', 'B') order by v.id")
+
+    def correction_rows(self) -> list[dict]:
+        """Every correction with the turn's place and the texts of the pair's sampled replies
+        (b_text is None for a reply served alone)."""
+        return self.db.query(
+            "select c.text, c.side, p.conversation_id, m.position, "
+            "ra.text as a_text, rb.text as b_text "
+            "from corrections c join pairs p on p.id = c.pair_id "
+            "join messages m on m.id = p.message_id "
+            "join replies ra on ra.pair_id = p.id and ra.side = 'A' "
+            "left join replies rb on rb.pair_id = p.id and rb.side = 'B' order by c.id")
 
     # --- API keys ---------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ class Sample:
     reply_id: int
     prompt: list[int]
     reply: list[int]
-    behaviour: list[float]
+    behaviour: list[float] | None  # None: no sampler made it (a person's rewrite)
     advantage: float = 0.0
     ref: list[float] | None = None  # cached reference log-probs, when known
 
@@ -52,7 +52,7 @@ class Batch:
     position_ids: torch.Tensor  # (B, L)
     targets: torch.Tensor  # (B, R) the last R tokens of each row
     mask: torch.Tensor  # (B, R) 1 on reply tokens
-    behaviour: torch.Tensor  # (B, R) behaviour log-probs, 0 where mask is 0
+    behaviour: torch.Tensor  # (B, R) behaviour log-probs, 0 where mask is 0 or none is known
     advantages: torch.Tensor  # (B,)
     shared: SharedPrompts | None = None  # set when two rows or more have the same prompt
 
@@ -110,7 +110,7 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cp
     model to read each one once (`share_at`: the share of tokens that saves; 0 = any repeat,
     inf = never)."""
     assert samples and all(s.reply and s.prompt for s in samples)
-    assert all(len(s.reply) == len(s.behaviour) for s in samples)
+    assert all(s.behaviour is None or len(s.reply) == len(s.behaviour) for s in samples)
     sequences = [s.prompt + s.reply for s in samples]
     width = max(len(s.reply) for s in samples)
     input_ids = _right_aligned(sequences, max(map(len, sequences)), torch.long, fill=pad_id)
@@ -121,7 +121,7 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cp
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         targets=input_ids[:, -width:],
         mask=_right_aligned([[1.0] * len(s.reply) for s in samples], width, torch.float32),
-        behaviour=_right_aligned([s.behaviour for s in samples], width, torch.float32),
+        behaviour=_right_aligned([s.behaviour or [] for s in samples], width, torch.float32),
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32))
     batch = Batch(**{k: v.to(device) for k, v in vars(batch).items() if k != "shared"})
     shared = _shared_prompts(samples, pad_id, share_at)

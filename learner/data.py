@@ -16,6 +16,16 @@ Training samples are replies with an advantage (see objectives.py): the new vote
 is a person's time and deserves more than one look), and new absolute feedback (thumbs,
 "both bad"), which judges nothing and trains at once. Ties give no samples.
 
+A correction (a person's rewrite of a reply) is a demonstration: better than every reply
+sampled for that turn, as DITTO treats one (Shaikh et al. 2025, "Show, Don't Tell"). Its item
+is the rewrite and the pair's sampled replies with the leave-one-out advantages of rewards
+(1, 0, 0): +1 for the rewrite, -1/2 for each sample (-1 for a reply served alone); for DPO, a
+pair (rewrite > sample) per sample. It trains at once, and each later round replays the newest
+`replay` earlier corrections besides its random replay: a person's rewrite is the strongest
+label they give, and there are few of them. The rewrite's tokens are its text encoded under
+the chat template (`encode_reply`), cached in the store; it has no behaviour log-probs (no
+sampler made it: the trust region is anchored at the round's start, see learner/worker.py).
+
 A round that claims more than `learn_every` new items (the learner fell behind: votes came in
 faster than rounds finish) stands for several rounds: it is cut into slices of `learn_every`
 new items in the order they came, each with the `replay` earlier items a round of its own
@@ -29,13 +39,16 @@ Left out: prioritised replay, weighting users by how much they agree with others
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from chatbot.learner_store import FEEDBACK_TABLES
 from chatbot.limits import fair_pick
 from chatbot.store import Store
 from learner.batch import Sample
@@ -64,7 +77,11 @@ class PreferencePair:
 
 # What one new feedback item says about the replies, for the round's "reward" metric: +1 for a
 # preferred reply or a thumbs up, 0 for a tie, -1 for "both bad" or a thumbs down.
-FEEDBACK_REWARD = {"A": 1.0, "B": 1.0, "tie": 0.0, "both_bad": -1.0, "up": 1.0, "down": -1.0}
+FEEDBACK_REWARD = {"A": 1.0, "B": 1.0, "tie": 0.0, "both_bad": -1.0, "up": 1.0, "down": -1.0,
+                   "correction": 1.0}
+# A correction's Sample.reply_id: CORRECTION_IDS - its id, apart from the stored replies' ids
+# (positive) and those of the replies the learner samples itself (-1, -2, ...).
+CORRECTION_IDS = -(2**40)
 
 
 @dataclass
@@ -124,8 +141,10 @@ class RoundBuilder:
 
     def __init__(self, store: Store, replay: int, judge_new: bool = False,
                  max_user_share: float = 1.0, rng: random.Random | None = None,
-                 negative_weight: float = 1.0, learn_every: int | None = None) -> None:
+                 negative_weight: float = 1.0, learn_every: int | None = None,
+                 encode_reply: Callable[[str], list[int]] | None = None) -> None:
         self.store = store
+        self.encode_reply = encode_reply  # a rewrite's text -> its reply token ids
         self.learn_every = learn_every  # None: a round is one slice, however many items
         self.negative_weight = negative_weight
         self.replay = replay
@@ -136,6 +155,8 @@ class RoundBuilder:
         self._pairs: OrderedDict[str, dict] = OrderedDict()
         self._replies: dict[int, dict] = {}  # reply_id -> its reply in `_pairs`
         self._drawn: tuple[tuple, list[tuple[str, int]]] | None = None  # see _draw
+        # correction id -> (token ids, reference log-probs or None) of the rewrite
+        self._rewrites: dict[int, tuple[list[int], list[float] | None]] = {}
 
     def build(self, claimed: dict[str, list[int]]) -> RoundData:
         absolute = self._absolute_advantages()
@@ -152,6 +173,9 @@ class RoundBuilder:
         for rating in self.store.feedback_by_id("ratings", claimed["ratings"]):
             self._add(data, data.new_items, "rating", rating, absolute)
             data.rewards.append(FEEDBACK_REWARD[rating["thumb"]])
+        for correction in self.store.corrections(ids=claimed.get("corrections", [])):
+            self._add(data, data.new_items, "correction", correction, absolute)
+            data.rewards.append(FEEDBACK_REWARD["correction"])
         if self.learn_every:
             data.slices = max(1, math.ceil(len(data.rewards) / self.learn_every))
         # Each slice replays as many earlier items as a round of its own would.
@@ -165,7 +189,7 @@ class RoundBuilder:
         """The round the pending feedback would make if it were claimed now, with the replay
         that round will draw (see _draw): what the learner can start on before it comes."""
         pending = {kind: [row["id"] for row in self.store.pending_feedback(kind)]
-                   for kind in ("votes", "ratings")}
+                   for kind in FEEDBACK_TABLES}
         return self.build(pending)
 
     def remember_reference(self, reply_id: int, logprobs: list[float]) -> None:
@@ -174,12 +198,19 @@ class RoundBuilder:
         had every replayed reply's reference computed again, round after round)."""
         if reply_id in self._replies:
             self._replies[reply_id]["ref_token_logprobs"] = logprobs
+        elif CORRECTION_IDS - reply_id in self._rewrites:  # kept here only, not in the store
+            tokens, _ = self._rewrites[CORRECTION_IDS - reply_id]
+            self._rewrites[CORRECTION_IDS - reply_id] = (tokens, logprobs)
 
     def voted_pairs(self) -> list[PreferencePair]:
-        """Every pairwise vote a finished round has used: what a reward model may learn from
-        (the round's new votes are not among them: they judge)."""
-        return [self._preference(v) for v in self.store.used_feedback("votes")
-                if v["choice"] in PAIRWISE]
+        """Every pairwise vote a finished round has used, and every used correction against
+        each of its pair's samples: what a reward model may learn from (the round's new votes
+        are not among them: they judge)."""
+        used = {row["id"] for row in self.store.used_feedback("corrections")}
+        return ([self._preference(v) for v in self.store.used_feedback("votes")
+                 if v["choice"] in PAIRWISE]
+                + [pair for c in self.store.corrections(ids=sorted(used))
+                   for pair in self._correction_pairs(c)])
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -200,6 +231,9 @@ class RoundBuilder:
             pool = [("vote", v) for v in earlier if v["id"] not in taken]
             pool += [("rating", r) for r in self.store.used_feedback("ratings")]
             picked += self._draw(pool, replay, share, used_votes)
+            corrections = self.store.used_feedback("corrections")
+            picked += [("correction", c) for c in fair_pick(
+                corrections[::-1], lambda row: row["user_id"], replay, share)]
         return picked
 
     def _draw(self, pool: list[tuple[str, dict]], replay: int, share: float,
@@ -235,6 +269,29 @@ class RoundBuilder:
                       reply=reply["token_ids"], behaviour=reply["token_logprobs"],
                       advantage=advantage, ref=reply["ref_token_logprobs"])
 
+    def _rewrite(self, correction: dict, advantage: float = 0.0) -> Sample:
+        """The correction's rewrite as a sample of its pair's prompt."""
+        pair = self._pair(correction["pair_id"])
+        if correction["id"] not in self._rewrites:
+            tokens = correction["token_ids"]
+            if isinstance(tokens, str):
+                tokens = json.loads(tokens)
+            if tokens is None:
+                assert self.encode_reply is not None, "a correction needs encode_reply"
+                tokens = self.encode_reply(correction["text"])
+                self.store.cache_correction_tokens(correction["id"], tokens)
+            self._rewrites[correction["id"]] = (tokens, None)
+        tokens, ref = self._rewrites[correction["id"]]
+        return Sample(reply_id=CORRECTION_IDS - correction["id"],
+                      prompt=pair["prompt_token_ids"], reply=tokens, behaviour=None,
+                      advantage=advantage, ref=ref)
+
+    def _correction_pairs(self, correction: dict) -> list[PreferencePair]:
+        """(rewrite > sample) for each reply sampled for the corrected turn."""
+        sides = [r["side"] for r in self._pair(correction["pair_id"])["replies"]]
+        return [PreferencePair(self._rewrite(correction), self._sample(correction["pair_id"], s))
+                for s in sides]
+
     def _preference(self, vote: dict) -> PreferencePair:
         chosen = vote["choice"]
         rejected = "B" if chosen == "A" else "A"
@@ -244,7 +301,16 @@ class RoundBuilder:
     def _add(self, data: RoundData, items: list[list[Sample]], kind: str, row: dict,
              absolute: dict) -> None:
         """Append the samples one vote or rating gives, as one item (and its pair, for DPO)."""
-        if kind == "rating":
+        if kind == "correction":
+            sides = [r["side"] for r in self._pair(row["pair_id"])["replies"]]
+            rewards = torch.tensor([[1.0] + [0.0] * len(sides)])
+            first, *rest = rloo_advantages(rewards)[0].tolist()
+            items.append([self._rewrite(row, first)]
+                         + [self._sample(row["pair_id"], side,
+                                         damp_negative(adv, self.negative_weight))
+                            for side, adv in zip(sides, rest)])
+            data.pairs.extend(self._correction_pairs(row))
+        elif kind == "rating":
             key = ("rating", row["id"], row["side"])
             items.append([self._sample(row["pair_id"], row["side"], absolute[key])])
         elif row["choice"] == "both_bad":

@@ -44,6 +44,7 @@ Left out: multi-GPU training, saving optimizer moments to disk, gradient checkpo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -59,6 +60,7 @@ from chatbot import adapters
 from chatbot.config import Config
 from chatbot.errors import AdapterError, DuetError
 from chatbot.model import LoadedModel
+from chatbot.sampling import end_of_turn_id, reply_token_ids
 from chatbot.states import AdapterStatus, LearnerState, RoundOutcome
 from chatbot.store import Store
 from learner import gate
@@ -147,7 +149,10 @@ class Learner:
                                     max_user_share=config.max_user_share,
                                     rng=random.Random(seed),
                                     negative_weight=config.negative_weight,
-                                    learn_every=config.learn_every)
+                                    learn_every=config.learn_every,
+                                    encode_reply=functools.partial(
+                                        reply_token_ids, loaded.tokenizer,
+                                        end_of_turn_id(loaded.model, loaded.tokenizer)))
         self.pad_id = loaded.tokenizer.pad_token_id
         self.vocab_size = loaded.model.config.vocab_size
         self.self_sampler = SelfSampler(self.model, loaded.tokenizer, config, loaded.device,
@@ -267,9 +272,9 @@ class Learner:
                         kept[sample.reply_id] = everything[row, -n:].clone()
         for reply_id in unknown:
             values = by_reply[reply_id]
-            if reply_id > 0:  # replies the learner sampled itself are not in the DB
+            if reply_id > 0:  # not the learner's own samples, nor a person's rewrite
                 self.store.cache_ref_logprobs(reply_id, values)
-                self.builder.remember_reference(reply_id, values)
+            self.builder.remember_reference(reply_id, values)
         for sample in every:
             if sample.ref is None:
                 sample.ref = by_reply[sample.reply_id]
@@ -634,14 +639,15 @@ class Learner:
 
     def pending(self) -> int:
         counts = self.store.pending_counts()
-        return counts["votes_pending"] + counts["ratings_pending"]
+        return (counts["votes_pending"] + counts["ratings_pending"]
+                + counts["corrections_pending"])
 
     def round(self) -> dict | None:
         """Run one round over the feedback pending now. Returns the learner_steps row."""
         round_id = uuid.uuid4().hex
         claimed = self.store.claim_feedback(round_id, self.config.max_batch_votes,
                                             self.config.max_user_share)
-        if not claimed["votes"] and not claimed["ratings"]:
+        if not any(claimed.values()):
             return None
         started = time.perf_counter()
         self._preview = None
@@ -715,7 +721,7 @@ class Learner:
                 "objective": self.config.objective,
                 "status": RoundOutcome.PROMOTED if decision.promote else RoundOutcome.REJECTED,
                 "loss": stats["loss"], "kl": kl, "reward": reward, "beta": self.kl_control.beta,
-                "votes_used": len(claimed["votes"]) + len(claimed["ratings"]),
+                "votes_used": sum(map(len, claimed.values())),
                 "new_votes": len(data.rewards), "replayed_votes": data.replayed_items,
                 "skipped_steps": stats["skipped_steps"], "heldout_acc": candidate_acc,
                 "live_heldout_acc": live_acc, "judged_pairs": len(data.judged),

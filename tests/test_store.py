@@ -43,9 +43,11 @@ def test_migrations_build_every_table_once(db_target):
     Store(db_target).close()
     store = Store(db_target)  # reopening applies nothing twice
     assert {"users", "conversations", "messages", "pairs", "replies", "votes", "ratings",
-            "adapters", "learner_steps", "api_keys", "adapter_files"} <= store.db.tables()
+            "adapters", "learner_steps", "api_keys", "adapter_files", "corrections"
+            } <= store.db.tables()
     assert store.db.applied_migrations() == [m.__name__ for m in MIGRATIONS] == [
-        "m001_initial", "m002_judged_pairs", "m003_api_keys", "m004_adapter_files"]
+        "m001_initial", "m002_judged_pairs", "m003_api_keys", "m004_adapter_files",
+        "m005_corrections"]
     assert "judged_pairs" in store.db.columns("learner_steps")
     if store.db.dialect.name == "sqlite":
         assert store.db.query("pragma journal_mode")[0]["journal_mode"] == "wal"
@@ -53,7 +55,7 @@ def test_migrations_build_every_table_once(db_target):
 
 def test_a_sqlite_file_made_by_sqlite_utils_opens_and_migrates(tmp_path):
     """Files made before the store spoke PostgreSQL recorded m001-m003 in sqlite-utils'
-    table: they are not run again, only m004 is."""
+    table: they are not run again, only m004 and later are."""
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
     old.executescript(
@@ -67,8 +69,9 @@ def test_a_sqlite_file_made_by_sqlite_utils_opens_and_migrates(tmp_path):
         "create table adapters (version integer primary key, path text);")
     old.close()
     store = Store(path)
-    assert store.db.applied_migrations()[-1] == "m004_adapter_files"
-    assert "adapter_files" in store.db.tables() and "votes" not in store.db.tables()
+    assert store.db.applied_migrations()[-2:] == ["m004_adapter_files", "m005_corrections"]
+    assert {"adapter_files", "corrections"} <= store.db.tables()
+    assert "votes" not in store.db.tables()
 
 
 def test_add_turn_stores_message_pair_and_both_replies(store):
