@@ -1,30 +1,80 @@
-"""api-user: a simulated user with a hidden preference votes through the public API of a real
-`python app.py` (server + learner child), and the held-out satisfaction share is measured
-through the same API before and after.
+"""api-user: simulated users with a hidden preference chat, vote and correct through the
+OpenAI-compatible API of a real `python app.py` (server + learner child, the product's
+defaults), and the held-out satisfaction share is measured through the same API before and
+after.
 
     python -m bench api-user --oracle you --votes 64
+    python -m bench api-user --oracle can --votes 32 --correct-every 8 \\
+        --correction-text "Here is what I can tell you."
+    python -m bench api-user --suite corrections     # users x seeds x arms, resumable
 
-Before voting, and again once the learner has used every vote, the user asks each held-out
-prompt in a new conversation (never voted on, so never trained on) and reads both replies.
-The result is the share of those replies that satisfy the preference, before and after, with
-a one-sided two-proportion z-test, and the mean reply length (collapse check).
+A user asks for a pair (`n=2` through the `openai` package), reads it at their pace (`instant`:
+votes as soon as it comes; `reader`: --reader-seconds after it came) and votes through
+`POST /v1/feedback`. With --correct-every N a correction falls due every N interactions: at
+the first interaction from then on whose preferred reply lacks the feature, the user sends the
+vote with a rewrite of that reply (bench/oracles.py `corrected`: their own sentence with the
+feature first, the rest kept). An interaction is one pair: a run with corrections has as many
+as one without.
 
-Left out: several users, the browser (tests/test_browser.py drives the page).
+Before voting, and again once the learner has used every vote and correction, the user asks
+each held-out prompt (never voted on, so never trained on) for a pair and reads both replies:
+the share that satisfies the preference, before and after, with a one-sided two-proportion
+z-test, and the mean reply length. In a suite, the base model's held-out replies of a seed are
+read once, by the seed's first run, and every user of that seed is scored on the same texts
+(the arms are then compared on one baseline); `before_from` says which run read them.
+
+A suite's users are preferences in a fifth to a half of the base model's replies, as
+`python -m bench feature-share` measured them (bench/results/feature-share.json); it refuses
+a user outside that range, or not measured, and says why. Each run is kept in the suite's
+folder as it finishes, and a rerun skips the runs already there.
+
+Left out: the browser (tests/test_browser.py drives the page), several users on one server.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import RESULTS, slug, write_result
-from bench.oracles import ORACLES, make_oracle, words
+from bench.oracles import ORACLES, corrected, make_oracle, words
 from bench.simulate import load_prompts, split_prompts
 from chatbot.store import Store
+
+CONTRACTIONS = (r"re:\b(\w+n't|I'm|I'd|I'll|I've|you're|you'll|you've|we're|we'll|they're|"
+                r"it's|that's|there's|here's|let's|what's)\b")
+# The users a suite may name: their preference, and the sentence they put first when they fix
+# a reply (it must have the feature). `noisy-NAME` is NAME with 20% of its votes flipped.
+USERS = {
+    "contractions": (CONTRACTIONS, "That's a good question."),
+    "can": ("can", "Here is what I can tell you."),
+    "you": ("you", "Here is an answer for you."),
+    "numbers": ("numbers", "There are two sides to this."),
+}
+SHARE_RANGE = (0.2, 0.5)  # the learning claim's range of base-model feature shares
+FEATURE_SHARES = RESULTS / "feature-share.json"
+
+
+@dataclass(frozen=True)
+class Suite:
+    users: tuple[str, ...]
+    seeds: tuple[int, ...]
+    correct_every: tuple[int, ...]  # the arms: 0 = votes only
+    paces: tuple[str, ...] = ("instant",)
+    interactions: int = 32
+
+
+SUITES = {
+    "corrections": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0, 8)),
+    "corrections-quick": Suite(("contractions", "can"), (0,), (0, 8)),
+}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +82,20 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the hidden preference; noisy-NAME flips 20%% of NAME's votes; "
                              "re:PATTERN prefers replies matching a regular expression, else "
                              f"the shorter (one of {', '.join(sorted(ORACLES))}; default: you)")
-    parser.add_argument("--votes", type=int, default=64, help="votes to cast (default: 64)")
+    parser.add_argument("--votes", type=int, default=64,
+                        help="interactions (pairs voted on) (default: 64)")
+    parser.add_argument("--correct-every", type=int, default=0,
+                        help="a correction falls due every N interactions (default: 0, none)")
+    parser.add_argument("--correction-text", default=None,
+                        help="the sentence with the feature the user puts first when they fix "
+                             "a reply (needed with --correct-every)")
+    parser.add_argument("--pace", choices=("instant", "reader"), default="instant",
+                        help="instant: vote as soon as the pair comes; reader: after "
+                             "--reader-seconds (default: instant)")
+    parser.add_argument("--reader-seconds", type=float, default=10.0,
+                        help="a reader's time per pair (default: 10)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default=None,
+                        help="run a suite of users x seeds x arms instead of one run")
     parser.add_argument("--eval-prompts", type=int, default=32,
                         help="held-out prompts asked before and after (default: 32)")
     parser.add_argument("--max-new-tokens", type=int, default=48,
@@ -42,7 +105,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="a file of prompts, one per line (default: bench/data/prompts.txt)")
     parser.add_argument("--model", default="embedded", help="model (default: embedded)")
     parser.add_argument("--timeout", type=float, default=900.0,
-                        help="seconds to wait for the learner to use every vote (default: 900)")
+                        help="seconds to wait for the learner to use everything (default: 900)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="further flags for app.py, e.g. --extra --objective dpo")
@@ -58,71 +121,301 @@ def one_sided_p(before: int, after: int, n: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def read_held_out(client, prompts: list[str], oracle) -> dict:
+def held_out_texts(client, prompts: list[str]) -> list[str]:
     texts = []
     for prompt in prompts:
-        turn = client.predict(prompt, "", api_name="/ask")
-        texts += turn["replies"]
+        completion = client.chat.completions.create(
+            model="duet", messages=[{"role": "user", "content": prompt}], n=2)
+        texts += [choice.message.content for choice in completion.choices]
+    return texts
+
+
+def scored(texts: list[str], oracle) -> dict:
     return {"satisfied": sum(map(oracle.truth.satisfied, texts)), "replies": len(texts),
             "mean_words": sum(map(words, texts)) / len(texts), "sample": texts[:4]}
 
 
-def run(args: argparse.Namespace) -> Path:
+def learner_done(status: dict) -> bool:
+    """Every vote and correction used, and no round running."""
+    return (status["votes_pending"] == 0 and status.get("corrections_pending", 0) == 0
+            and (status.get("learner") or {}).get("state") != "training")
+
+
+def vote_to_live(store: Store) -> list[float]:
+    """Seconds from each vote or correction to the first live version trained on it: its
+    round's preview where there was one, else the round's own version if promoted."""
+    adapters = {a["version"]: a for a in store.adapters()}
+    steps = {s["adapter_version"]: s for s in store.learner_steps()}
+    previews = {(a["metrics"] or {}).get("preview_of"): a for a in adapters.values()
+                if (a["metrics"] or {}).get("preview_of")}
+    seconds = []
+    for row in store.votes() + store.corrections():
+        step = steps.get(row["used_by_version"])
+        if step is None:
+            continue
+        live = previews.get(step["round_id"])
+        if live is None and step["status"] == "promoted":
+            live = adapters[step["adapter_version"]]
+        if live is not None:
+            seconds.append(_stamp(live["created_at"]) - _stamp(row["created_at"]))
+    return seconds
+
+
+def _stamp(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()
+
+
+def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: int,
+            correction_text: str | None, pace: str, reader_seconds: float, eval_prompts: int,
+            max_new_tokens: int, model: str, timeout: float, extra: list[str],
+            prompts_file: str | None = None, before_texts: list[str] | None = None) -> dict:
+    """One user's run; `before_texts`: the base model's held-out replies, read already."""
+    import httpx
     from gradio_client import Client
+    from openai import OpenAI
 
     from tests.serving import running_server
 
-    oracle = make_oracle(args.oracle, args.seed)
-    prompts = load_prompts(Path(args.prompts)) if args.prompts else load_prompts()
-    train, held_out = split_prompts(prompts, args.eval_prompts, seed=args.seed)
-    rng = random.Random(args.seed)
+    oracle = make_oracle(oracle_name, seed)
+    if correct_every and not correction_text:
+        raise ValueError("--correct-every needs --correction-text: the sentence the user adds")
+    if correction_text:
+        corrected(oracle, "", correction_text)  # the text must have the feature
+    prompts = load_prompts(Path(prompts_file)) if prompts_file else load_prompts()
+    train, held_out = split_prompts(prompts, eval_prompts, seed=seed)
+    rng = random.Random(seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="duet-api-user-") as data_dir:
         data = Path(data_dir)
-        with running_server("--model", args.model, "--data-dir", str(data),
-                            "--max-new-tokens", str(args.max_new_tokens), "--seed",
-                            str(args.seed), "--max-votes-per-minute", "0", *args.extra,
+        with running_server("--model", model, "--data-dir", str(data),
+                            "--max-new-tokens", str(max_new_tokens), "--seed", str(seed),
+                            "--max-votes-per-minute", "0", *extra,
                             log_path=data / "server.log", timeout=600) as (url, _):
-            client = Client(url, verbose=False)
-            before = read_held_out(client, held_out, oracle)
-            choices = []
-            for _ in range(args.votes):
-                turn = client.predict(rng.choice(train), "", api_name="/ask")
-                choice = oracle.prefer(*turn["replies"])
-                client.predict(turn["pair_id"], choice, api_name="/vote")
+            client = OpenAI(base_url=url + "v1", api_key="local", max_retries=0, timeout=600)
+            status = Client(url, verbose=False).predict
+            read_before = before_texts is None
+            if read_before:
+                before_texts = held_out_texts(client, held_out)
+            choices, corrections, due, asked = [], 0, 0, []
+            for i in range(interactions):
+                if correct_every and i % correct_every == correct_every - 1:
+                    due += 1
+                completion = client.chat.completions.create(
+                    model="duet", n=2, messages=[{"role": "user", "content": rng.choice(train)}])
+                shown = time.monotonic()
+                a, b = (choice.message.content for choice in completion.choices)
+                choice = oracle.prefer(a, b)
+                body = {"pair_id": completion.pair_id, "choice": choice}
+                side = "B" if choice == "B" else "A"
+                rewrite = corrected(oracle, a if side == "A" else b, correction_text) \
+                    if due else None
+                if rewrite is not None:
+                    body.update(correction=rewrite, side=side)
+                    due -= 1
+                    corrections += 1
+                if pace == "reader":
+                    time.sleep(max(0.0, reader_seconds - (time.monotonic() - shown)))
+                httpx.post(url + "v1/feedback", json=body, timeout=60).raise_for_status()
                 choices.append(choice)
-            deadline = time.monotonic() + args.timeout
-            while time.monotonic() < deadline:
-                status = client.predict(api_name="/status")
-                learner = status.get("learner") or {}
-                if status["votes_pending"] == 0 and learner.get("state") != "training":
+                asked.append(time.monotonic() - shown)
+            deadline = time.monotonic() + timeout
+            while not learner_done(status(api_name="/status")):
+                if time.monotonic() > deadline:
+                    print(f"the learner had not used everything after {timeout:.0f} s: "
+                          "measuring the adapter live now")
                     break
                 time.sleep(2)
-            else:
-                print(f"the learner had not used every vote after {args.timeout:.0f} s: "
-                      "measuring the adapter live now")
             time.sleep(5)  # let the server's swap poll pick up the last version
-            status = client.predict(api_name="/status")
-            after = read_held_out(client, held_out, oracle)
-            steps = Store(data / "duet.db").learner_steps()
+            final = status(api_name="/status")
+            after_texts = held_out_texts(client, held_out)
+            store = Store(data / "duet.db")
+            steps = store.learner_steps()
+            seconds_to_live = vote_to_live(store)
+            store.close()
+    before, after = scored(before_texts, oracle), scored(after_texts, oracle)
     n = before["replies"]
-    results = {
-        "before": before, "after": after,
+    rounds = [s for s in steps if s.get("adapter_version") is not None]
+    return {
+        "before": before, "after": after, "before_texts": before_texts,
+        "before_read_here": read_before,
         "satisfied_share_before": before["satisfied"] / n,
         "satisfied_share_after": after["satisfied"] / n,
         "p_value_one_sided": one_sided_p(before["satisfied"], after["satisfied"], n),
         "length_ratio": after["mean_words"] / before["mean_words"],
-        "live_adapter_version": status["live_adapter_version"],
-        "votes_pending_when_measured": status["votes_pending"],
+        "live_adapter_version": final["live_adapter_version"],
+        "votes_pending_when_measured": final["votes_pending"],
+        "corrections_pending_when_measured": final.get("corrections_pending"),
         "votes": {c: choices.count(c) for c in sorted(set(choices))},
-        "rounds": [{k: s.get(k) for k in ("adapter_version", "status", "kl", "heldout_acc",
-                                          "live_heldout_acc", "judged_pairs", "seconds")}
+        "corrections": corrections,
+        "kl_last_round": rounds[-1]["kl"] if rounds else None,
+        "round_sizes": [s["new_votes"] for s in rounds],
+        "rounds": [{k: s.get(k) for k in ("adapter_version", "status", "kl", "loss",
+                                          "new_votes", "replayed_votes", "seconds")}
                    for s in steps],
+        "vote_to_live_seconds_median": (statistics.median(seconds_to_live)
+                                        if seconds_to_live else None),
         "seconds_total": time.perf_counter() - started,
     }
-    print({k: v for k, v in results.items() if k not in ("before", "after", "rounds")})
-    settings = {"oracle": args.oracle, "votes": args.votes, "eval_prompts": args.eval_prompts,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "model": args.model,
-                "extra": args.extra}
-    return write_result(f"api-user-{slug(args.oracle)}", settings, results,
-                        Path(args.out) if args.out else RESULTS)
+
+
+def summary(result: dict) -> dict:
+    return {k: result[k] for k in ("satisfied_share_before", "satisfied_share_after",
+                                   "p_value_one_sided", "length_ratio", "corrections",
+                                   "round_sizes", "vote_to_live_seconds_median",
+                                   "seconds_total")}
+
+
+def run(args: argparse.Namespace) -> Path:
+    if args.suite:
+        return run_suite(args)
+    results = run_one(oracle_name=args.oracle, seed=args.seed, interactions=args.votes,
+                      correct_every=args.correct_every, correction_text=args.correction_text,
+                      pace=args.pace, reader_seconds=args.reader_seconds,
+                      eval_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens,
+                      model=args.model, timeout=args.timeout, extra=args.extra,
+                      prompts_file=args.prompts)
+    results.pop("before_texts")
+    print(summary(results))
+    return write_result(f"api-user-{slug(args.oracle)}", run_settings(args, args.oracle,
+                                                                      args.seed),
+                        results, Path(args.out) if args.out else RESULTS)
+
+
+def run_settings(args: argparse.Namespace, oracle: str, seed: int, **changes) -> dict:
+    return {"oracle": oracle, "votes": args.votes, "correct_every": args.correct_every,
+            "correction_text": args.correction_text, "pace": args.pace,
+            "reader_seconds": args.reader_seconds, "eval_prompts": args.eval_prompts,
+            "max_new_tokens": args.max_new_tokens, "seed": seed, "model": args.model,
+            "extra": args.extra, **changes}
+
+
+# --- suites ------------------------------------------------------------------------------
+
+def check_user(name: str, shares_file: Path = FEATURE_SHARES) -> tuple[str, str]:
+    """The user's (oracle name, correction text), if their feature's base share was measured
+    and lies in SHARE_RANGE; else ValueError saying why."""
+    base = name.removeprefix("noisy-")
+    if base not in USERS:
+        raise ValueError(f"no suite user {name!r}: one of {', '.join(USERS)} (or noisy-NAME)")
+    oracle, text = USERS[base]
+    features = (json.loads(shares_file.read_text())["results"]["features"]
+                if shares_file.exists() else {})
+    if oracle not in features:
+        raise ValueError(f"the share of {base!r} among the base model's replies was not "
+                         f"measured: python -m bench feature-share --pattern '{oracle}'")
+    share = features[oracle]["reply_share"]
+    low, high = SHARE_RANGE
+    if not low <= share <= high:
+        raise ValueError(f"{base!r} is in {share:.0%} of the base model's replies, outside "
+                         f"the claim's range {low:.0%}-{high:.0%}")
+    return ("noisy-" if name.startswith("noisy-") else "") + oracle, text
+
+
+def run_suite(args: argparse.Namespace) -> Path:
+    suite = SUITES[args.suite]
+    users = {name: check_user(name) for name in suite.users}  # refuse before any run
+    folder = Path(args.out or RESULTS) / f"api-user-suite-{args.suite}"
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in suite.seeds:
+        for name, (oracle, text) in users.items():
+            for pace in suite.paces:
+                for every in suite.correct_every:
+                    path = folder / f"{name}-s{seed}-{pace}-every{every}.json"
+                    if not path.exists():
+                        run_to_file(args, path, folder, name, oracle, text, seed, pace, every,
+                                    suite.interactions)
+                    runs.append(json.loads(path.read_text()))
+    table_text = table(runs)
+    (folder / "table.md").write_text(table_text)
+    print(table_text)
+    plot(runs, folder / "suite.png")
+    return write_result(f"api-user-suite-{args.suite}", {
+        "suite": args.suite, "users": list(suite.users), "seeds": list(suite.seeds),
+        "correct_every": list(suite.correct_every), "paces": list(suite.paces),
+        "interactions": suite.interactions, "eval_prompts": args.eval_prompts,
+        "max_new_tokens": args.max_new_tokens, "model": args.model, "extra": args.extra},
+        headline(runs), Path(args.out or RESULTS))
+
+
+def run_to_file(args, path: Path, folder: Path, name: str, oracle: str, text: str, seed: int,
+                pace: str, every: int, interactions: int) -> None:
+    before_path = folder / f"before-s{seed}.json"
+    before = json.loads(before_path.read_text()) if before_path.exists() else None
+    result = run_one(oracle_name=oracle, seed=seed, interactions=interactions,
+                     correct_every=every, correction_text=text, pace=pace,
+                     reader_seconds=args.reader_seconds, eval_prompts=args.eval_prompts,
+                     max_new_tokens=args.max_new_tokens, model=args.model,
+                     timeout=args.timeout, extra=args.extra, prompts_file=args.prompts,
+                     before_texts=before["texts"] if before else None)
+    if before is None:
+        before_path.write_text(json.dumps({"texts": result["before_texts"],
+                                           "read_by": path.name}, indent=1) + "\n")
+    result["before_from"] = before["read_by"] if before else path.name
+    result.pop("before_texts")
+    print(name, seed, pace, every, summary(result))
+    write_result(path.stem, run_settings(args, oracle, seed, user=name, pace=pace,
+                                         correct_every=every, votes=interactions,
+                                         correction_text=text), result, folder)
+
+
+def headline(runs: list[dict]) -> dict:
+    """Per arm and pace: the share of runs significant at 5%, and the mean gain with a 95%
+    t-interval."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        s = run["settings"]
+        groups.setdefault(f"{s['pace']}-every{s['correct_every']}", []).append(run["results"])
+    out = {}
+    for key, results in groups.items():
+        gains = [r["satisfied_share_after"] - r["satisfied_share_before"] for r in results]
+        mean = statistics.fmean(gains)
+        half = (2.0 * statistics.stdev(gains) / math.sqrt(len(gains))) if len(gains) > 1 else None
+        out[key] = {"runs": len(results),
+                    "significant_share": sum(r["p_value_one_sided"] < 0.05 for r in results)
+                    / len(results),
+                    "mean_gain": mean, "gain_ci95": [mean - half, mean + half] if half else None,
+                    "length_ratio_min": min(r["length_ratio"] for r in results)}
+    return out
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| user | seed | pace | corrections every | share before → after | p | words "
+             "after ÷ before | corrections | rounds (new items) | vote-to-live median s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        s, r = run["settings"], run["results"]
+        live = r["vote_to_live_seconds_median"]
+        lines.append(
+            f"| {s['user']} | {s['seed']} | {s['pace']} | {s['correct_every'] or '-'} | "
+            f"{r['satisfied_share_before']:.2f} → {r['satisfied_share_after']:.2f} | "
+            f"{r['p_value_one_sided']:.3g} | {r['length_ratio']:.2f} | {r['corrections']} | "
+            f"{r['round_sizes']} | {'-' if live is None else f'{live:.0f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = sorted({(r["settings"]["user"], r["settings"]["seed"]) for r in runs})
+    for offset, every in enumerate(sorted({r["settings"]["correct_every"] for r in runs})):
+        gains = {(r["settings"]["user"], r["settings"]["seed"]):
+                 r["results"]["satisfied_share_after"] - r["results"]["satisfied_share_before"]
+                 for r in runs if r["settings"]["correct_every"] == every}
+        ax.bar([i + 0.4 * offset for i in range(len(labels))],
+               [gains.get(label, 0.0) for label in labels], width=0.4,
+               label=f"a correction every {every}" if every else "votes only")
+    ax.set_xticks([i + 0.2 for i in range(len(labels))],
+                  [f"{user}\nseed {seed}" for user, seed in labels], fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("held-out share: after - before")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -9,7 +9,11 @@ still pick one - the shorter, since people rarely say "tie" (`tie_break="shorter
 annotator flips a share of their votes at random (human annotators agree with each other
 only ~70-75% of the time). Evaluation always judges by the clean preference (`truth`).
 
-Left out: preferences that depend on the prompt, several users who disagree.
+A user who fixes a reply (`corrected`) keeps it as it is and puts first a sentence of their own
+that has the feature they want: the edit a person makes when a reply lacks one thing.
+
+Left out: preferences that depend on the prompt, several users who disagree, edits that
+rewrite a reply throughout.
 """
 
 from __future__ import annotations
@@ -122,6 +126,18 @@ ORACLES: dict[str, Oracle] = {o.name: o for o in [
              r"[.!?][\"')]*\s*\Z"),
     _pattern("can", "prefers a reply with the word 'can' (23%)", r"\bcan\b"),
 ]}
+
+
+def corrected(oracle: Oracle, reply: str, addition: str) -> str | None:
+    """The reply as a user with `oracle`'s preference rewrites it: `addition` (a sentence with
+    the feature) first, the rest kept; None when the reply has the feature already (nothing
+    to fix). ValueError if `addition` itself does not have the feature."""
+    if not oracle.truth.satisfied(addition):
+        raise ValueError(f"the correction text {addition!r} does not have the feature "
+                         f"{oracle.truth.name!r} wants")
+    if oracle.truth.satisfied(reply):
+        return None
+    return f"{addition} {reply.strip()}".strip()
 
 
 def make_oracle(name: str, seed: int = 0) -> Oracle:

@@ -105,9 +105,11 @@ def kl_replies(data: RoundData) -> list[Sample]:
     """The replies a round measures its candidate's KL on: those most like the candidate's own,
     the round's newest (a full-vocabulary pass per reply is the round's most expensive
     scoring, so KL_REPLIES at most), each reply once: the judged replies are the new ones
-    unless --judge-new."""
+    unless --judge-new. Sampled replies only: a person's rewrite is what the policy is taught
+    to move toward, and the KL at its positions would say how far it moved there, not how far
+    its own replies are from the base's."""
     replies = {s.reply_id: s for s in data.new_samples + data.replay_samples
-               + data.judged_samples}
+               + data.judged_samples if s.behaviour is not None}
     return list(replies.values())[:KL_REPLIES]
 
 

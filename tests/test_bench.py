@@ -298,13 +298,45 @@ def test_latency_runs(tiny_model_dir, tmp_path):
 
 def test_api_user_runs(tiny_model_dir, tmp_path):
     bench(["api-user", "--model", str(tiny_model_dir), "--votes", "4", "--eval-prompts", "2",
-           "--max-new-tokens", "4", "--out", str(tmp_path), "--extra", "--learn-every", "2"])
+           "--max-new-tokens", "4", "--correct-every", "2", "--correction-text",
+           "Here is an answer for you.", "--out", str(tmp_path),
+           "--extra", "--learn-every", "2"])
     results = result(tmp_path, "api-user-you")
     assert results["before"]["replies"] == results["after"]["replies"] == 4
     assert sum(results["votes"].values()) == 4
+    # the tiny model's replies never say "you": each due correction is made
+    assert results["corrections"] == 2
     assert results["live_adapter_version"] >= 1 and len(results["rounds"]) >= 1
     assert results["votes_pending_when_measured"] == 0  # the learner used every vote
+    assert results["corrections_pending_when_measured"] == 0  # and every correction
+    assert results["vote_to_live_seconds_median"] > 0
     assert 0.0 <= results["p_value_one_sided"] <= 1.0
+
+
+def test_a_simulated_correction_puts_the_feature_first_and_keeps_the_reply():
+    from bench.oracles import corrected
+
+    oracle = make_oracle("can")
+    assert corrected(oracle, "Rain falls.", "I can help.") == "I can help. Rain falls."
+    assert corrected(oracle, "You can see it.", "I can help.") is None  # nothing to fix
+    with pytest.raises(ValueError, match="does not have the feature"):
+        corrected(oracle, "Rain falls.", "Hello there.")
+
+
+def test_a_suite_takes_only_users_in_the_claims_range(tmp_path):
+    from bench.api_user import check_user
+
+    shares = tmp_path / "feature-share.json"
+    shares.write_text(json.dumps({"results": {"features": {
+        "can": {"reply_share": 0.29}, "you": {"reply_share": 0.08}}}}))
+    assert check_user("can", shares) == ("can", "Here is what I can tell you.")
+    assert check_user("noisy-can", shares)[0] == "noisy-can"
+    with pytest.raises(ValueError, match="8% of the base model's replies, outside"):
+        check_user("you", shares)
+    with pytest.raises(ValueError, match="not measured"):
+        check_user("numbers", shares)
+    with pytest.raises(ValueError, match="no suite user"):
+        check_user("tall", shares)
 
 
 def test_feature_share_counts_replies_and_differing_pairs(tiny_model_dir, tmp_path):

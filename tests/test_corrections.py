@@ -15,7 +15,7 @@ from chatbot.service import ChatService
 from chatbot.store import Store
 from learner.batch import Sample
 from learner.data import CORRECTION_IDS
-from learner.worker import Learner, RoundFailed
+from learner.worker import Learner, RoundFailed, kl_replies
 from tests.test_store import add_turn
 
 
@@ -260,6 +260,8 @@ def test_the_round_item_of_a_correction_and_its_replay(learner_config):
     assert item[0].behaviour is None and item[0].reply[-1] == end_of_turn_id(
         learner.loaded.model, learner.loaded.tokenizer)
     assert [p.chosen.reply_id for p in data.pairs] == [item[0].reply_id] * 2  # for DPO
+    # the KL check reads the sampled replies only
+    assert [s.reply_id for s in kl_replies(data)] == [s.reply_id for s in item[1:]]
     store.release_claims("r1")
     learner.round()  # the first correction: used by v1
     learner.round()  # the second, with the first replayed
