@@ -1,7 +1,8 @@
 """Duet: chat with two replies per turn, vote, and let the model learn from the votes.
 
     python app.py                        serve the chat on http://127.0.0.1:7860 (+ learner)
-    python app.py export --out F.jsonl   write the voted pairs in TRL's preference format
+    python app.py export --out F.jsonl   write votes and corrections as TRL preference rows
+    python app.py export --out F.jsonl --sft   ... or the corrections as TRL SFT rows
     python app.py rollback [--to N]      make an earlier adapter version live again
     python app.py keys add USER          make an API key for the OpenAI-compatible API
 
@@ -37,8 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(parser)
     add_learner_args(parser)
     commands = parser.add_subparsers(dest="command", metavar="{export,rollback,keys}")
-    export = commands.add_parser("export", help="write the voted pairs as TRL preference JSONL")
+    export = commands.add_parser("export", help="write the feedback as TRL JSONL: votes and "
+                                 "corrections as preference rows (or, with --sft, corrections "
+                                 "as SFT rows)")
     export.add_argument("--out", required=True, help="the JSONL file to write")
+    export.add_argument("--sft", action="store_true",
+                        help="write one SFT row per correction instead (the conversation "
+                             "up to that turn, then the rewrite: TRL's `messages` format)")
     rollback = commands.add_parser("rollback", help="make an earlier adapter version live")
     rollback.add_argument("--to", type=int, default=None,
                           help="version to make live (0 = base model; default: the live "
@@ -138,12 +144,17 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
             learner.stop()
 
 
-def export(config: Config, out: str) -> None:
-    from chatbot.export import export_preferences
+def export(config: Config, out: str, sft: bool) -> None:
+    from chatbot.export import export_preferences, export_sft
     from chatbot.store import Store
 
-    count = export_preferences(Store(config.db_url), out)
-    print(f"wrote {count} preference pairs to {out}")
+    store = Store(config.db_url)
+    if sft:
+        print(f"wrote {export_sft(store, out)} SFT rows (one per correction) to {out}")
+        return
+    counts = export_preferences(store, out)
+    print(f"wrote {sum(counts.values())} preference pairs to {out} ({counts['votes']} from "
+          f"votes, {counts['corrections']} from corrections)")
 
 
 def rollback(config: Config, to: int | None) -> None:
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config.from_args(args)
     try:
         if args.command == "export":
-            export(config, args.out)
+            export(config, args.out, args.sft)
         elif args.command == "rollback":
             rollback(config, args.to)
         elif args.command == "keys":

@@ -277,25 +277,38 @@ class ChatService:
                 "can_continue": can_continue}
 
     def compare_with_base(self, user: str, prompts: int = 3) -> dict:
-        """What the votes changed: for the first messages of the user's latest conversations
-        (`prompts` of them), one reply of the base model beside one of the live adapter, each
-        sampled afresh at the server's settings, each with its `cut_at`. Nothing is stored.
+        """What the feedback changed: for `prompts` of the user's prompts, one reply of the
+        base model beside one of the live adapter, each sampled afresh at the server's
+        settings, each with its `cut_at`. Nothing is stored.
+
+        The prompts are first the turns whose reply the user rewrote, newest edit first (the
+        conversation up to that turn's message, and the rewrite as `correction`: the reply the
+        adapter was taught), then the first messages of their latest conversations
+        (`correction` None). `earlier_messages` counts what came before `prompt`.
         Costs two batched generations; while the base model's replies are written the chat
         waits (the adapter is off for everyone meanwhile)."""
         version = self.live.version if self.live else self.store.live_adapter_version()
-        texts = self.store.recent_prompts(user, prompts)
-        if not version or not texts:
+        chosen = self.store.corrected_prompts(user, prompts)
+        # `prompts` first messages are enough: each corrected turn repeats at most one
+        for text in self.store.recent_prompts(user, prompts):
+            messages = [{"role": "user", "content": text}]
+            if len(chosen) < prompts and all(c["messages"] != messages for c in chosen):
+                chosen.append({"messages": messages, "correction": None})
+        if not version or not chosen:
             return {"live_adapter_version": version, "rows": []}
-        conversations = [[{"role": "user", "content": t}] for t in texts]
+        conversations = [c["messages"] for c in chosen]
         live = self.generator.sample_many(conversations, n=1)
         base = self.generator.sample_many(conversations, n=1, base=True)
         rows = []
-        for text, from_live, from_base in zip(texts, live, base):
+        for turn, from_live, from_base in zip(chosen, live, base):
             _, (live_reply,) = _pair_columns(from_live)
             _, (base_reply,) = _pair_columns(from_base)
             cut_base, cut_live = _cut_at([base_reply, live_reply])
-            rows.append({"prompt": text, "base": base_reply["text"], "live": live_reply["text"],
-                         "base_cut_at": cut_base, "live_cut_at": cut_live})
+            rows.append({"prompt": turn["messages"][-1]["content"],
+                         "earlier_messages": len(turn["messages"]) - 1,
+                         "correction": turn["correction"], "base": base_reply["text"],
+                         "live": live_reply["text"], "base_cut_at": cut_base,
+                         "live_cut_at": cut_live})
         return {"live_adapter_version": live[0].adapter_version, "rows": rows}
 
     def dashboard(self) -> dict:

@@ -138,6 +138,29 @@ class Store(LearnerVerbs):
             (user_id, limit))
         return [r["content"] for r in rows]
 
+    def corrected_prompts(self, user_id: str, limit: int = 3) -> list[dict]:
+        """The turns whose reply the user rewrote, newest edit first, distinct: each as
+        `messages` (role and content of the conversation up to and including the turn's user
+        message) and `correction` (the rewrite)."""
+        found, seen = [], set()
+        with self.db.read() as cur:
+            places = cur.rows(
+                "select c.text, p.conversation_id, m.position from corrections c "
+                "join pairs p on p.id = c.pair_id join messages m on m.id = p.message_id "
+                "where c.user_id = ? order by c.created_at desc, c.id desc", (user_id,))
+            for place in places:
+                if len(found) == limit:
+                    break
+                messages = cur.rows(
+                    "select role, content from messages where conversation_id = ? and "
+                    "position <= ? order by position", (place["conversation_id"],
+                                                        place["position"]))
+                key = tuple((m["role"], m["content"]) for m in messages)
+                if key not in seen:
+                    seen.add(key)
+                    found.append({"messages": messages, "correction": place["text"]})
+        return found
+
     def add_turn(self, user_id: str, conversation_id: str | None, message: str,
                  pair: dict, replies: list[dict]) -> tuple[str, str]:
         """Store a user message and the pair of replies to it; start a conversation if needed.

@@ -66,3 +66,46 @@ def test_empty_message_is_refused(api):
     client, _ = api
     with pytest.raises(Exception, match="empty"):
         client.predict("   ", "", api_name="/ask")
+
+
+def test_correct_rewrites_the_reply_alone_or_with_a_vote(api):
+    client, data = api
+    store = Store(data / "duet.db")
+    before = client.predict(api_name="/status")
+    asked = client.predict("Say something kind.", "", api_name="/ask")
+    result = client.predict(asked["pair_id"], " You are doing great. ", "", "",
+                            api_name="/correct")
+    assert (result["pair_id"], result["replaced"]) == (asked["pair_id"], False)
+    assert "vote_id" not in result and store.votes(pair_id=asked["pair_id"]) == []
+    again = client.predict(asked["pair_id"], "You are doing well.", "B", "",
+                           api_name="/correct")
+    assert again["replaced"] is True and again["correction_id"] == result["correction_id"]
+    (row,) = [c for c in store.corrections() if c["pair_id"] == asked["pair_id"]]
+    assert (row["text"], row["side"]) == ("You are doing well.", "B")
+    assert store.messages(asked["conversation_id"])[-1]["content"] == "You are doing well."
+    after = client.predict(api_name="/status")
+    assert after["corrections_total"] == before["corrections_total"] + 1
+    assert after["corrections_pending"] == before["corrections_pending"] + 1
+
+    voted = client.predict("Name a colour.", "", api_name="/ask")
+    both = client.predict(voted["pair_id"], "Blue.", "A", "A", api_name="/correct")
+    assert both["choice"] == "A"
+    assert [(v["id"], v["choice"]) for v in store.votes(pair_id=voted["pair_id"])] == [
+        (both["vote_id"], "A")]
+
+
+@pytest.mark.parametrize("pair,text,side,choice,message", [
+    ("PAIR", "   ", "", "", "the edited reply is empty"),
+    ("PAIR", "fine", "C", "", "side must be A or B"),
+    ("PAIR", "fine", "", "maybe", "choice must be one of"),
+    ("no-such-pair", "fine", "", "", "no pair"),
+])
+def test_bad_corrections_raise_a_clear_error(api, pair, text, side, choice, message):
+    client, data = api
+    pair_id = client.predict("hi", "", api_name="/ask")["pair_id"]
+    with pytest.raises(Exception, match=message):
+        client.predict(pair_id if pair == "PAIR" else pair, text, side, choice,
+                       api_name="/correct")
+    store = Store(data / "duet.db")
+    assert store.pair(None, pair_id)["status"] == "open"
+    assert all(c["pair_id"] != pair_id for c in store.corrections())

@@ -130,6 +130,39 @@ def test_a_vote_through_feedback_is_stored_once(client, store):
     assert [v["choice"] for v in store.votes(pair_id=pair_id)] == ["B"]
 
 
+def test_a_correction_through_feedback_answers_the_turn_and_replaces_itself(client, store):
+    pair_id = client.chat.completions.create(model="duet", messages=MESSAGES, n=2).pair_id
+    corrected = feedback(client, pair_id=pair_id, correction="  I am well, thank you.  ",
+                         side="B")
+    assert (corrected["kind"], corrected["pair_id"], corrected["replaced"]) == (
+        "correction", pair_id, False)
+    assert "vote_id" not in corrected and store.votes() == []
+    conversation_id = store.pair(LOCAL_USER, pair_id)["conversation_id"]
+    assert store.messages(conversation_id)[-1]["content"] == "I am well, thank you."
+    again = feedback(client, pair_id=pair_id, correction="Fine, thanks!")
+    assert again["replaced"] is True and again["correction_id"] == corrected["correction_id"]
+    assert [(c["text"], c["side"]) for c in store.corrections()] == [("Fine, thanks!", None)]
+    assert store.messages(conversation_id)[-1]["content"] == "Fine, thanks!"
+    with pytest.raises(openai.ConflictError, match="your edit is its feedback"):
+        feedback(client, pair_id=pair_id, choice="A")  # the rewrite was the turn's feedback
+    store.claim_feedback("round-1", limit=10)
+    with pytest.raises(openai.ConflictError, match="already used for learning"):
+        feedback(client, pair_id=pair_id, correction="Third try")
+    assert [c["text"] for c in store.corrections()] == ["Fine, thanks!"]
+
+
+def test_a_correction_with_a_choice_is_a_vote_too(client, store):
+    pair_id = client.chat.completions.create(model="duet", messages=MESSAGES, n=2).pair_id
+    result = feedback(client, pair_id=pair_id, choice="B", side="B", correction="reply B, better")
+    assert (result["kind"], result["choice"]) == ("correction", "B")
+    assert [(v["id"], v["choice"]) for v in store.votes(pair_id=pair_id)] == [
+        (result["vote_id"], "B")]
+    assert [(c["id"], c["side"], c["text"]) for c in store.corrections()] == [
+        (result["correction_id"], "B", "reply B, better")]
+    conversation_id = store.pair(LOCAL_USER, pair_id)["conversation_id"]
+    assert store.messages(conversation_id)[-1]["content"] == "reply B, better"
+
+
 def test_n1_is_one_stored_reply_that_takes_a_thumb_but_not_a_vote(client, store):
     completion = client.chat.completions.create(model="duet", messages=MESSAGES)
     assert [c.message.content for c in completion.choices] == ["reply A"]
@@ -194,6 +227,15 @@ def test_bad_completion_requests_get_openai_errors(server, client, store, body, 
      "either choice"),
     ({"pair_id": "PAIR"}, openai.BadRequestError, "either choice"),
     ({"choice": "A"}, openai.BadRequestError, "pair_id"),
+    ({"pair_id": "PAIR", "correction": "   "}, openai.BadRequestError, "edited reply is empty"),
+    ({"pair_id": "PAIR", "correction": 7}, openai.BadRequestError, "correction"),
+    ({"pair_id": "PAIR", "correction": "x", "side": "A", "thumb": "up"}, openai.BadRequestError,
+     "cannot come with a thumb"),
+    ({"pair_id": "PAIR", "correction": "x", "side": "C"}, openai.BadRequestError,
+     "side must be A or B"),
+    ({"pair_id": "PAIR", "correction": "x", "choice": "maybe"}, openai.BadRequestError,
+     "choice must be one of"),
+    ({"pair_id": "no-such-pair", "correction": "x"}, openai.NotFoundError, "no pair"),
 ])
 def test_bad_feedback_gets_openai_errors(client, store, body, error, words):
     if body.get("pair_id") == "PAIR":
@@ -202,7 +244,9 @@ def test_bad_feedback_gets_openai_errors(client, store, body, error, words):
     with pytest.raises(error, match=words) as raised:
         feedback(client, **body)
     assert raised.value.body["type"] == "invalid_request_error"
-    assert store.votes() == [] and store.ratings() == []
+    assert store.votes() == [] and store.ratings() == [] and store.corrections() == []
+    if body.get("pair_id", "no-such-pair") != "no-such-pair":
+        assert store.pair(LOCAL_USER, body["pair_id"])["status"] == "open"
 
 
 def test_invalid_json_is_a_400_in_openai_shape(server):
@@ -221,7 +265,9 @@ def test_feedback_over_the_rate_limit_is_429(store, fake_generator, tmp_path):
         feedback(client, pair_id=pair_id, side="A", thumb="up")
         with pytest.raises(openai.RateLimitError, match="too many votes"):
             feedback(client, pair_id=pair_id, choice="A")
-    assert store.votes() == []
+        with pytest.raises(openai.RateLimitError, match="too many votes"):
+            feedback(client, pair_id=pair_id, correction="better")  # the same limit
+    assert store.votes() == [] and store.corrections() == []
 
 
 def test_a_client_that_leaves_a_stream_frees_its_generation_slot(store, fake_generator,
@@ -273,6 +319,10 @@ def test_with_logins_a_key_from_the_keys_command_is_the_identity(store, fake_gen
         assert store.pair("alice", completion.pair_id)["user_id"] == "alice"
         with pytest.raises(openai.NotFoundError):
             feedback(client_for(url, bob), pair_id=completion.pair_id, choice="A")
+        with pytest.raises(openai.NotFoundError, match="no pair"):  # as if there were none
+            feedback(client_for(url, bob), pair_id=completion.pair_id, correction="mine now")
+        assert store.corrections() == [] and store.pair("alice", completion.pair_id)[
+            "status"] == "open"
         feedback(client_for(url, alice), pair_id=completion.pair_id, choice="A")
         assert [v["user_id"] for v in store.votes()] == ["alice"]
     assert app.main(["--data-dir", str(tmp_path), "keys", "remove", "alice"]) == 0

@@ -121,6 +121,56 @@ def test_running_agreement_weights_rounds_by_their_judged_pairs():
     assert "94% of the last 32 voted pairs" in text
 
 
+def test_the_learning_tab_counts_corrections_beside_votes(service):
+    from ui.dashboard import status_markdown
+
+    turn = service.ask("ann", "Hi", "")
+    service.correct("ann", turn["pair_id"], "Hello there!", side="A", choice="A")
+    service.correct("ann", service.ask("ann", "Bye", "")["pair_id"], "Goodbye!")
+    status = service.status()
+    assert (status["votes_total"], status["corrections_total"],
+            status["corrections_pending"]) == (1, 2, 2)
+    text = status_markdown({**status, "steps": []})
+    assert "**Votes:** 1 total, 1 waiting for the learner" in text
+    assert "**corrections:** 2 total, 2 waiting" in text
+
+
+def test_compare_with_base_prefers_the_turns_the_user_rewrote(service, fake_generator, store):
+    from ui.dashboard import compare_heading
+
+    first = service.ask("ann", "plain question", "")
+    service.vote("ann", first["pair_id"], "A")
+    turn = service.ask("ann", "Name a colour", "")
+    service.vote("ann", turn["pair_id"], "A")
+    turn = service.ask("ann", "Another one", turn["conversation_id"])
+    service.correct("ann", turn["pair_id"], "Green.", side="B")
+    service.ask("ann", "newest question", "")  # newer than the rewrite: still comes after it
+    store.finish_round("round-1", {"version": 1, "path": "v1", "parent_version": 0,
+                                   "base_model": "fake", "sha256": "x", "status": "live"},
+                       {"status": "live"})
+    fake_generator.adapter_version = 1
+    rows = service.compare_with_base("ann", prompts=3)["rows"]
+    assert [(r["prompt"], r["earlier_messages"], r["correction"], r["live"]) for r in rows] == [
+        ("Another one", 2, "Green.", "v1 on Another one"),
+        ("newest question", 0, None, "v1 on newest question"),
+        ("Name a colour", 0, None, "v1 on Name a colour")]
+    # the rewritten turn is asked with its conversation, as the adapter learnt it
+    (conversations, _, _), _ = fake_generator.batches[-2:]
+    assert conversations[0] == [{"role": "user", "content": "Name a colour"},
+                                {"role": "assistant", "content": "reply A"},
+                                {"role": "user", "content": "Another one"}]
+    heading = compare_heading(rows[0])
+    assert "after 2 earlier messages" in heading and "**Your rewrite of the reply:** Green." \
+        in heading
+    assert compare_heading(rows[1]) == "**You asked:** newest question"
+    # a rewritten first message is asked once, with its rewrite
+    service.correct("ann", first["pair_id"], "A plain answer.")
+    rows = service.compare_with_base("ann", prompts=3)["rows"]
+    assert [(r["prompt"], r["correction"]) for r in rows] == [
+        ("plain question", "A plain answer."), ("Another one", "Green."),
+        ("newest question", None)]
+
+
 def test_a_cut_reply_says_so_and_can_be_continued_after_the_vote(service, fake_generator):
     from chatbot.service import CONTINUE_MESSAGE
 
@@ -165,10 +215,12 @@ def test_compare_with_base_samples_the_users_prompts_both_ways(service, fake_gen
     result = service.compare_with_base("ann", prompts=3)
     assert result["live_adapter_version"] == 1
     assert result["rows"] == [
-        {"prompt": "second question", "base": "v0 on second question",
-         "live": "v1 on second question", "base_cut_at": None, "live_cut_at": None},
-        {"prompt": "first question", "base": "v0 on first question",
-         "live": "v1 on first question", "base_cut_at": None, "live_cut_at": None}]
+        {"prompt": "second question", "earlier_messages": 0, "correction": None,
+         "base": "v0 on second question", "live": "v1 on second question",
+         "base_cut_at": None, "live_cut_at": None},
+        {"prompt": "first question", "earlier_messages": 0, "correction": None,
+         "base": "v0 on first question", "live": "v1 on first question",
+         "base_cut_at": None, "live_cut_at": None}]
     assert sorted((n, base) for _, n, base in fake_generator.batches) == [(1, False), (1, True)]
     assert service.compare_with_base("carol")["rows"] == []
     fake_generator.finish_reason = "length"

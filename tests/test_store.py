@@ -93,7 +93,8 @@ def test_vote_continues_the_conversation_from_the_chosen_reply(store, choice, co
     messages = store.messages(conversation_id)
     assert [(m["role"], m["content"]) for m in messages] == [("user", "hello"),
                                                              ("assistant", continued)]
-    assert store.pending_counts() == {"votes_total": 1, "votes_pending": 1, "ratings_pending": 0}
+    assert store.pending_counts() == {"votes_total": 1, "votes_pending": 1, "ratings_pending": 0,
+                                      "corrections_total": 0, "corrections_pending": 0}
 
 
 @pytest.mark.parametrize("user,pair_id,choice,error", [
@@ -306,3 +307,25 @@ def test_recent_prompts_are_first_messages_of_the_users_latest_conversations(sto
     assert store.recent_prompts("ann", 3) == ["middle", "newest", "oldest"]
     assert store.recent_prompts("ann", 1) == ["middle"]
     assert store.recent_prompts("carol") == []
+
+
+def test_corrected_prompts_are_the_rewritten_turns_with_their_conversation(store):
+    first, pair_id = add_turn(store, message="first question")
+    store.record_correction("ann", pair_id, "first rewrite")
+    store.record_vote("ann", add_turn(store, message="voted only")[1], "A")
+    _, pair_id = add_turn(store, conversation_id=first, message="follow-up")
+    store.record_vote("ann", pair_id, "B")
+    store.record_correction("ann", pair_id, "second rewrite", side="B")
+    _, pair_id = add_turn(store, message="first question")  # the same prompt again
+    store.record_correction("ann", pair_id, "a later rewrite")
+    _, pair_id = add_turn(store, user="bob", message="bob's")
+    store.record_correction("bob", pair_id, "bob's rewrite")
+    assert store.corrected_prompts("ann", 3) == [
+        {"messages": [{"role": "user", "content": "first question"}],
+         "correction": "a later rewrite"},
+        {"messages": [{"role": "user", "content": "first question"},
+                      {"role": "assistant", "content": "first rewrite"},
+                      {"role": "user", "content": "follow-up"}],
+         "correction": "second rewrite"}]  # the same first question once, its newest edit
+    assert [c["correction"] for c in store.corrected_prompts("ann", 1)] == ["a later rewrite"]
+    assert store.corrected_prompts("carol") == []

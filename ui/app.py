@@ -1,5 +1,5 @@
 """build_ui(service) -> gr.Blocks: the page (a sidebar of the user's conversations, the chat,
-the learning dashboard) and the public API (/ask /vote /rate /status).
+the learning dashboard) and the public API (/ask /vote /rate /correct /status).
 
 Handlers are thin: they find out who is asking (Gradio's authenticated request, never a form
 field), call ChatService, and turn DuetError into gr.Error. What a user owns lives in gr.State
@@ -11,8 +11,11 @@ THEME and CSS go to `launch()`: Gradio's default theme with the system's own fon
 request to a font CDN: the page works offline), the sidebar's conversations as a list, and no
 "clear" buttons on the chat panes (clearing the display would not clear the conversation).
 
-Left out: editing or deleting messages, file uploads, a choice of themes or a dark-mode
-switch (Gradio follows the system's setting).
+A reply can be rewritten (a correction, ChatService.correct): on the page with the chat's
+Edit action, through the API with /correct (and POST /v1/feedback, ui/openai_api.py).
+
+Left out: editing the user's own messages, deleting messages, file uploads, a choice of themes
+or a dark-mode switch (Gradio follows the system's setting).
 """
 
 from __future__ import annotations
@@ -56,13 +59,20 @@ def add_api(service: ChatService) -> None:
         return service.rate(user_of(request), pair_id, side, thumb)
 
     @user_errors
+    def correct(pair_id: str, text: str, side: str, choice: str, request: gr.Request) -> dict:
+        """Rewrite the latest reply: text is your version; side (A, B or "") the reply it
+        started from; choice ("" or A, B, tie, both_bad) a vote stored with it."""
+        return service.correct(user_of(request), pair_id, text, side or None, choice or None)
+
+    @user_errors
     def status(request: gr.Request) -> dict:
-        """Live adapter version, vote counts, model, learner state."""
+        """Live adapter version, vote and correction counts, model, learner state."""
         return service.status()
 
     gr.api(ask, api_name="ask")
     gr.api(vote, api_name="vote")
     gr.api(rate, api_name="rate")
+    gr.api(correct, api_name="correct")
     gr.api(status, api_name="status")
 
 

@@ -1,12 +1,13 @@
-"""The learning dashboard tab: live version, votes, learner state, curves, adapter versions,
-what the votes changed, and (for admins) rollback. It only reads what the DB holds, so it
-works before the learner has run a single round (empty plots, no errors).
+"""The learning dashboard tab: live version, votes and corrections, learner state, curves,
+adapter versions, what the feedback changed, and (for admins) rollback. It only reads what
+the DB holds, so it works before the learner has run a single round (empty plots, no errors).
 
 The curves are drawn on the server with matplotlib (a PNG: no script or font from elsewhere),
 with a marker on every round so that a single round shows as a point, and whole rounds on the
 x axis; they are redrawn only when a round was added. "What changed" is asked for with a
-button, because it samples replies: for the first messages of the user's latest
-conversations, a reply of the base model beside one of the live adapter.
+button, because it samples replies: for the turns whose reply the user rewrote (shown with
+the rewrite), then the first messages of their latest conversations, a reply of the base
+model beside one of the live adapter.
 
 Left out: zooming and hovering on the curves (a picture, not a chart widget), comparing two
 adapter versions other than the base and the live one.
@@ -36,7 +37,9 @@ def status_markdown(status: dict) -> str:
         f"**Live adapter:** v{status['live_adapter_version']}"
         + ("" if status["live_adapter_version"] else " (the base model)"),
         f"**Votes:** {status['votes_total']} total, {status['votes_pending']} waiting for the "
-        f"learner; **ratings waiting:** {status.get('ratings_pending', 0)}",
+        f"learner; **corrections:** {status.get('corrections_total', 0)} total, "
+        f"{status.get('corrections_pending', 0)} waiting; "
+        f"**ratings waiting:** {status.get('ratings_pending', 0)}",
         f"**Learner:** {state}",
         f"**Model:** `{status['model']}`",
     ]
@@ -136,6 +139,17 @@ class Dashboard:
     admin_outputs: list
 
 
+def compare_heading(row: dict) -> str:
+    """What a comparison row answers: the user's message (and how far into its conversation),
+    and their rewrite of the reply when the row is a corrected turn."""
+    earlier = row.get("earlier_messages") or 0
+    where = f" (after {earlier} earlier message{'s' * (earlier != 1)})" if earlier else ""
+    text = f"**You asked{where}:** " + as_markdown(row["prompt"])
+    if row.get("correction"):
+        text += "\n\n**Your rewrite of the reply:** " + as_markdown(row["correction"])
+    return text
+
+
 def rollback_target(text: str | None) -> int | None:
     """The version typed in the rollback box: None (empty) means the live version's parent."""
     text = (text or "").strip().removeprefix("v")
@@ -154,10 +168,10 @@ def build(service: ChatService, is_admin) -> Dashboard:
         kl_plot = gr.Plot(show_label=False, format="png", elem_id="kl-plot")
     drawn = gr.State(-1)  # how many rounds the plots on this page show
     versions = gr.Dataframe(label="Adapter versions", interactive=False, elem_id="versions")
-    gr.Markdown("### What the votes changed\nFor the first messages of your latest "
-                "conversations, one reply of the base model beside one of the live adapter "
-                "(each a fresh sample, so they vary from one try to the next). The chat waits "
-                "while the base model's replies are written.")
+    gr.Markdown("### What your feedback changed\nFor the turns whose reply you rewrote, then "
+                "the first messages of your latest conversations, one reply of the base model "
+                "beside one of the live adapter (each a fresh sample, so they vary from one try "
+                "to the next). The chat waits while the base model's replies are written.")
     compare_button = gr.Button("Compare the base model with the live adapter",
                                elem_id="compare", size="sm")
     compare_note = gr.Markdown(elem_id="compare-note")
@@ -216,7 +230,7 @@ def build(service: ChatService, is_admin) -> Dashboard:
             row = rows[i] if i < len(rows) else None
             update[group] = gr.Group(visible=row is not None)
             if row:
-                update[prompt] = "**You asked:** " + as_markdown(row["prompt"])
+                update[prompt] = compare_heading(row)
                 update[base] = [{"role": "assistant",
                                  "content": reply_markdown(row["base"], row["base_cut_at"])}]
                 update[live] = gr.Chatbot(label=f"Live adapter v{version}", value=[

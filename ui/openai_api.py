@@ -15,11 +15,19 @@ answer (or the error) the way OpenAI's API does.
   of the replies (the one with `finish_reason`), because the pair is stored once it is
   complete. Per-token `logprobs` (when asked for) also come in that last chunk. A client that
   leaves a stream early stops its generation, and nothing is stored (as on the page).
-* POST /v1/feedback: `{"pair_id", "choice"}` is a vote, `{"pair_id", "side", "thumb"}` a
-  rating, with exactly the rules of the page's /vote and /rate.
-* Errors: `{"error": {"message", "type", "param", "code"}}` with 400 (bad input), 401, 404
-  (no such pair for this user), 409 (e.g. a second vote; sent with `x-should-retry: false` so
-  the openai client does not retry it), 429 (vote rate limit, full queue), 500 (no details).
+* POST /v1/feedback, with exactly the rules of the page's /vote, /rate and /correct:
+  `{"pair_id", "choice"}` is a vote, `{"pair_id", "side", "thumb"}` a rating, and
+  `{"pair_id", "correction"}` a correction: the person's rewrite of the latest reply
+  (optionally `side`, the reply it started from, and `choice`, a vote stored with it in one
+  transaction). On an open pair the rewrite is the turn's feedback; after a vote it replaces
+  the reply the conversation went on from; sent again it replaces the earlier rewrite until
+  the learner has taken it (then 409). A thumb with a correction is a 400 (a rating is its
+  own request). The answer's `kind` says which it was ("vote", "rating", "correction"); a
+  correction with a choice carries the vote's `vote_id` and `choice` too.
+* Errors: `{"error": {"message", "type", "param", "code"}}` with 400 (bad input, e.g. an
+  empty correction), 401, 404 (no such pair for this user), 409 (e.g. a second vote; sent with
+  `x-should-retry: false` so the openai client does not retry it), 429 (the rate limit that
+  votes, ratings and corrections share; a full queue), 500 (no details).
 * Generation is bounded like the page's queue: --concurrency replies at once, --queue-size
   waiting, then 429.
 
@@ -99,6 +107,7 @@ class FeedbackRequest(_Body):
     choice: str | None = None
     side: str | None = None
     thumb: str | None = None
+    correction: str | None = None
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -317,11 +326,19 @@ def openai_routes(service: ChatService, logins: bool) -> list[APIRoute]:
 
     @router.post("/feedback")
     async def feedback(request: Request) -> JSONResponse:
-        """A vote ({pair_id, choice}) or a rating ({pair_id, side, thumb})."""
+        """A vote ({pair_id, choice}), a rating ({pair_id, side, thumb}) or a correction
+        ({pair_id, correction}, with side and choice if given)."""
         try:
             user = await run_in_threadpool(user_of, request)
             body = FeedbackRequest.model_validate(await request.json())
-            if body.choice is not None and (body.side, body.thumb) == (None, None):
+            if body.correction is not None:
+                if body.thumb is not None:
+                    raise InvalidInput("a correction cannot come with a thumb: send the rating "
+                                       "({pair_id, side, thumb}) as its own request")
+                result = await run_in_threadpool(service.correct, user, body.pair_id,
+                                                 body.correction, body.side, body.choice)
+                kind = "correction"
+            elif body.choice is not None and (body.side, body.thumb) == (None, None):
                 result = await run_in_threadpool(service.vote, user, body.pair_id, body.choice)
                 kind = "vote"
             elif body.choice is None and None not in (body.side, body.thumb):
@@ -329,8 +346,9 @@ def openai_routes(service: ChatService, logins: bool) -> list[APIRoute]:
                                                  body.thumb)
                 kind = "rating"
             else:
-                raise InvalidInput("send either choice (a vote on a pair) or side and thumb "
-                                   "(a rating of one reply)")
+                raise InvalidInput("send either choice (a vote on a pair), side and thumb (a "
+                                   "rating of one reply), or correction (your rewrite of the "
+                                   "reply, with side and choice if you like)")
         except Exception as exc:  # noqa: BLE001
             return from_exception(exc)
         return JSONResponse({"object": "feedback", "kind": kind, **result})
