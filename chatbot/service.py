@@ -257,13 +257,16 @@ class ChatService:
         return self.store.conversations(user)
 
     def conversation(self, user: str, conversation_id: str) -> dict:
-        """Messages so far (each with `cut_at`), the open pair awaiting a vote (or None), and
-        whether the last reply can be continued, for reopening."""
+        """Messages so far (each with `cut_at`), the open pair awaiting a vote (or None),
+        whether the last reply can be continued, and the pair the last reply answered
+        (`last_pair_id`, for `correct`; None while the last message is the user's or the
+        reply came with the conversation's history), for reopening."""
         self.store.conversation(user, conversation_id)
         endings = self.store.reply_endings(conversation_id)
+        rows = self.store.messages(conversation_id)
         messages = [{"role": m["role"], "content": m["content"],
-                     "cut_at": _cut_at([endings.get(m["id"], {})])[0]}
-                    for m in self.store.messages(conversation_id)]
+                     "cut_at": _cut_at([endings.get(m["id"], {})])[0]} for m in rows]
+        last_pair_id = rows[-1]["pair_id"] if rows and rows[-1]["role"] == "assistant" else None
         open_pair = self.store.open_pair(conversation_id)
         pair = None
         if open_pair:
@@ -274,7 +277,7 @@ class ChatService:
         can_continue = (pair is None and bool(messages) and messages[-1]["role"] == "assistant"
                         and messages[-1]["cut_at"] is not None)
         return {"conversation_id": conversation_id, "messages": messages, "open_pair": pair,
-                "can_continue": can_continue}
+                "can_continue": can_continue, "last_pair_id": last_pair_id}
 
     def compare_with_base(self, user: str, prompts: int = 3) -> dict:
         """What the feedback changed: for `prompts` of the user's prompts, one reply of the

@@ -121,6 +121,53 @@ def test_chat_vote_history_and_isolation(server, browser):
     page.close()
 
 
+INJECTED = ('My **own** answer <img src=x onerror="window.__pwned=1"> '
+            '<script>window.__pwned=1</script>')
+
+
+def history_includes(page, text: str) -> None:
+    page.wait_for_function(f"document.querySelector('#history').innerText.includes({text!r})",
+                           timeout=30_000)
+
+
+def test_an_edited_reply_is_stored_shown_inert_and_the_conversation_goes_on(server, browser):
+    url, data = server
+    page, dialogs = login(browser, url, "alice", "wonderland")
+    send(page, "Please answer, then let me edit")
+    page.click("#edit-b")
+    page.wait_for_selector("#editor", state="visible", timeout=30_000)
+    assert page.input_value("#edit-text textarea")  # prefilled with reply B
+    page.fill("#edit-text textarea", INJECTED)
+    page.wait_for_selector("#edit-preview strong", timeout=30_000)  # the live preview
+    assert page.locator("#edit-preview strong").inner_text() == "own"
+    assert '<img src=x onerror="window.__pwned=1">' in page.inner_text("#edit-preview")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "edit.png", full_page=True)
+
+    page.click("#save-edit")
+    history_includes(page, "<script>window.__pwned=1</script>")
+    page.wait_for_selector("#editor", state="hidden", timeout=30_000)
+    assert page.locator("#history strong").last.inner_text() == "own"
+    for pane in ("#history", "#edit-preview"):
+        assert page.locator(f"{pane} .message-content :is(img, script)").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator("#vote-A").is_disabled()  # the edit answered the turn
+    assert page.locator("#edit-last").is_visible()
+    store = Store(data / "duet.db")
+    try:
+        (correction,) = [c for c in store.corrections() if c["user_id"] == "alice"]
+        assert (correction["side"], correction["text"]) == ("B", INJECTED)
+        send(page, "And after that?")  # the conversation goes on from the edit
+        history_includes(page, "And after that?")
+        pair = store.pair("alice", correction["pair_id"])
+        assert [m["content"] for m in store.messages(pair["conversation_id"])] == [
+            "Please answer, then let me edit", INJECTED, "And after that?"]
+    finally:
+        store.close()
+    assert page.evaluate("window.__pwned") is None and dialogs == []
+    page.close()
+
+
 def test_wrong_password_is_refused(server, browser):
     url, _ = server
     page = browser.new_page()

@@ -1,13 +1,15 @@
 """The chat page in a real headless Chromium over the fake generator (no model, one page served
 in-process per test): Markdown renders while nothing injected runs and every request stays on
 this machine, the cut mark and Continue, the sidebar of conversations, the learning tab.
-Screenshots land in artifacts/ (git-ignored)."""
+Screenshots land in artifacts/ (git-ignored). The edits' handlers are called directly, over
+the fake generator's service."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
+import gradio as gr
 import pytest
 
 from chatbot.config import Config
@@ -251,3 +253,112 @@ def test_the_learning_tab_plots_one_round_and_shows_what_changed(tmp_path,
         assert not tab.locator("#compare-2").is_visible()  # two prompts, two rows
         ARTIFACTS.mkdir(exist_ok=True)
         tab.screenshot(path=ARTIFACTS / "learning.png", full_page=True)
+
+
+# --- edits, through the handlers ------------------------------------------------------------
+
+def chat_page(service):
+    from ui import chat
+
+    with gr.Blocks():
+        conversations, new = chat.build_sidebar()
+        with gr.Tabs() as tabs, gr.Tab("Chat", id="chat"):
+            return chat.build(service, tabs, conversations, new)
+
+
+def asked(page, text: str, conv_id: str = "", chat_shown: list | None = None) -> dict:
+    """Send `text` as the page does (show, then stream the pair); the last update."""
+    from ui import chat
+
+    shown = chat.show_message(page, text, conv_id, chat_shown or [], None)
+    *_, done = chat.answer(page, shown[page.pending], conv_id, shown[page.history], None)
+    return {**shown, **done}
+
+
+def saved(page, pair_id: str, side: str, text: str, conv_id: str) -> dict:
+    """Save an edit as the page does (store it, then show the conversation as stored)."""
+    from ui import chat
+
+    assert chat.save_edit(page, pair_id, side, text, None) is None
+    return chat.open_conversation(page, conv_id, None)
+
+
+def test_editing_reply_b_of_an_open_pair_answers_the_turn_and_the_conversation_goes_on(
+        service, store):
+    from ui import chat
+
+    page = chat_page(service)
+    turn = asked(page, "How do I tune a guitar?")
+    conv_id, pair_id = turn[page.conversation_id], turn[page.pair_id]
+    assert turn[page.edits["B"]].interactive and not turn[page.edits[""]].visible
+    editing = chat.open_editor(page, "B", conv_id, None)
+    assert editing[page.editor].visible
+    assert (editing[page.edit_pair], editing[page.edit_side]) == (pair_id, "B")
+    assert editing[page.edit_text].value == "reply B"  # the reply as stored, to rewrite
+    assert editing[page.edit_preview] == [{"role": "assistant", "content": "reply B"}]
+
+    shown = saved(page, pair_id, "B", "Tune the *low E* first.", conv_id)
+    assert [m["content"] for m in shown[page.history]] == [
+        "How do I tune a guitar?", "Tune the *low E* first."]
+    assert shown[page.pair_id] == "" and shown[page.reply_b] == []
+    assert not shown[page.editor].visible and not shown[page.votes["A"]].interactive
+    assert shown[page.edits[""]].visible  # the edit can be edited again
+    (correction,) = store.corrections()
+    assert (correction["pair_id"], correction["side"], correction["text"]) == (
+        pair_id, "B", "Tune the *low E* first.")
+    assert store.pair("local", pair_id)["status"] == "corrected"
+
+    asked(page, "And then?", conv_id, shown[page.history])
+    assert service.generator.prompts[-1][1] == {"role": "assistant",
+                                                "content": "Tune the *low E* first."}
+
+
+def test_the_last_reply_can_be_edited_after_the_vote(service, store):
+    from ui import chat
+
+    page = chat_page(service)
+    turn = asked(page, "Hi")
+    conv_id, pair_id = turn[page.conversation_id], turn[page.pair_id]
+    voted = chat.vote_on_pair(page, "B", pair_id, conv_id, None)
+    assert voted[page.edits[""]].visible and not voted[page.edits["A"]].interactive
+    with pytest.raises(gr.Error, match="no reply to edit"):
+        chat.open_editor(page, "A", conv_id, None)  # the pair was voted on
+    editing = chat.open_editor(page, "", conv_id, None)
+    assert (editing[page.edit_pair], editing[page.edit_side]) == (pair_id, "")
+    assert editing[page.edit_text].value == "reply B"  # the reply the vote chose
+    shown = saved(page, pair_id, "", "Hello!", conv_id)
+    assert [m["content"] for m in shown[page.history]] == ["Hi", "Hello!"]
+    assert [(c["pair_id"], c["side"], c["text"]) for c in store.corrections()] == [
+        (pair_id, None, "Hello!")]
+    assert [v["choice"] for v in store.votes()] == ["B"]  # kept beside the edit
+
+
+def test_a_bad_edit_is_refused_clearly_and_changes_nothing(service, store):
+    from ui import chat
+
+    page = chat_page(service)
+    with pytest.raises(gr.Error, match="no reply to edit"):
+        chat.open_editor(page, "", "", None)  # a new conversation: nothing yet
+    turn = asked(page, "Hi")
+    conv_id, pair_id = turn[page.conversation_id], turn[page.pair_id]
+    before = store.messages(conv_id)
+    for text, problem in [("  \n ", "the edited reply is empty"),
+                          ("x" * 201, "the edited reply is 201 characters long")]:
+        with pytest.raises(gr.Error, match=problem):
+            chat.save_edit(page, pair_id, "A", text, None)
+    with pytest.raises(gr.Error, match="no reply being edited"):
+        chat.save_edit(page, "", "A", "text", None)
+    with pytest.raises(gr.Error, match="no pair"):
+        chat.save_edit(page, "not-a-pair", "A", "text", None)
+    assert store.corrections() == [] and store.messages(conv_id) == before
+    assert store.pair("local", pair_id)["status"] == "open"  # still waits for its vote
+
+
+def test_the_preview_renders_an_edit_as_replies_are_rendered(service):
+    from ui import chat
+
+    page = chat_page(service)
+    text = '  **Bold** <img src=x onerror="window.__pwned=1"> `<b>` \n'
+    (shown,) = chat.preview_edit(page, text)[page.edit_preview]
+    assert shown["content"] == '**Bold** &lt;img src=x onerror="window.__pwned=1"> `<b>`'
+    assert chat.preview_edit(page, " ")[page.edit_preview] == []

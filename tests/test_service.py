@@ -226,3 +226,18 @@ def test_compare_with_base_samples_the_users_prompts_both_ways(service, fake_gen
     fake_generator.finish_reason = "length"
     assert {(r["base_cut_at"], r["live_cut_at"]) for r in service.compare_with_base("ann")[
         "rows"]} == {(8, 8)}
+
+
+def test_the_conversation_names_the_pair_of_its_last_reply(service):
+    first = service.ask("ann", "Hi", "")
+    view = service.conversation("ann", first["conversation_id"])
+    assert view["last_pair_id"] is None  # the last message is the user's: a pair waits
+    service.vote("ann", first["pair_id"], "B")
+    view = service.conversation("ann", first["conversation_id"])
+    assert view["last_pair_id"] == first["pair_id"]
+    second = service.ask("ann", "And then?", first["conversation_id"])
+    assert service.conversation("ann", first["conversation_id"])["last_pair_id"] is None
+    service.correct("ann", second["pair_id"], "my own answer", side="A")
+    view = service.conversation("ann", first["conversation_id"])
+    assert view["last_pair_id"] == second["pair_id"]
+    assert view["messages"][-1]["content"] == "my own answer"
