@@ -52,6 +52,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--votes-cap", type=int, default=None,
                         help="cut every suite run at this many votes (a shorter smoke run)")
     parser.add_argument("--votes", type=int, default=64, help="votes to cast (default: 64)")
+    parser.add_argument("--correct-every", type=int, default=0,
+                        help="a correction falls due every N votes (default: 0, none); one run "
+                             "only, not --suite")
+    parser.add_argument("--correction-text", default=None,
+                        help="the sentence with the feature the user puts first when they fix "
+                             "a reply (needed with --correct-every)")
     parser.add_argument("--checkpoints", default=None,
                         help="comma-separated vote counts to evaluate at "
                              "(default: 0, votes/4, votes/2, votes)")
@@ -88,7 +94,11 @@ def run(args: argparse.Namespace) -> Path:
         config = dataclasses.replace(Config.from_args(args), data_dir=Path(data_dir),
                                      seed=args.seed)
         started = time.perf_counter()
-        sim = Simulation(config, oracle, train, held_out, seed=args.seed)
+        if args.correct_every and not args.correction_text:
+            raise ValueError("--correct-every needs --correction-text")
+        sim = Simulation(config, oracle, train, held_out, seed=args.seed,
+                         correct_every=args.correct_every,
+                         correction_text=args.correction_text)
         evaluations = sim.run(args.votes, checkpoints)
         seconds = time.perf_counter() - started
         trl_evaluations, trl_seconds = None, None
@@ -100,11 +110,13 @@ def run(args: argparse.Namespace) -> Path:
                                       checkpoints, seed=args.seed)
             trl_seconds = time.perf_counter() - started
     name = (f"learn-{slug(args.oracle, 60)}-{args.objective}" + ("-vs-trl" if args.vs else "")
+            + (f"-correct{args.correct_every}" if args.correct_every else "")
             + (f"-{args.tag}" if args.tag else ""))
     results = {
         "oracle": oracle.description,
         "evaluations": [as_dict(e) for e in evaluations],
         "rounds": sim.round_steps,
+        "corrections": sim.corrections,
         "seconds_total": seconds,
         "seconds_per_vote_median": sorted(sim.vote_seconds)[len(sim.vote_seconds) // 2]
         if sim.vote_seconds else None,
@@ -114,7 +126,8 @@ def run(args: argparse.Namespace) -> Path:
         results["trl_evaluations"] = [as_dict(e) for e in trl_evaluations]
         results["trl_seconds_total"] = trl_seconds
     settings = {**config.as_dict(), "votes": args.votes, "checkpoints": checkpoints,
-                "oracle": args.oracle}
+                "oracle": args.oracle, "correct_every": args.correct_every,
+                "correction_text": args.correction_text}
     out = Path(args.out) if args.out else RESULTS
     path = write_result(name, settings, results, out)
     plot(evaluations, out / f"{name}.png", title=f"{name}: {oracle.description}",

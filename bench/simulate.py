@@ -12,6 +12,9 @@ half), and reports the share of replies that satisfy the preference, their mean 
 per-token log-ratio to the base on the adapter's own replies (KL), and fluency (non-empty,
 repeated word trigrams, the base model's per-token log-prob of the reply).
 
+With `correct_every`, the user also rewrites a reply now and then (a correction, sent with the
+vote), as bench/api_user.py's users do through the API.
+
 Left out: several simulated users at once, real network traffic.
 """
 
@@ -29,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from bench.oracles import Oracle, words
+from bench.oracles import Oracle, corrected, words
 from chatbot.config import Config
 from chatbot.hotswap import LiveAdapter
 from chatbot.model import LoadedModel, load_model
 from chatbot.sampling import PairGenerator
 from chatbot.service import ChatService
-from chatbot.store import Store
+from chatbot.store import SIDES, Store
 from learner.batch import Sample, collate, token_logprobs
 from learner.worker import Learner
 
@@ -200,6 +203,13 @@ class Simulation:
     evaluations: list[Evaluation] = field(default_factory=list)
     round_steps: list[dict] = field(default_factory=list)
     votes: int = 0
+    # A correction falls due every `correct_every` votes (0: never) and is made at the first
+    # vote from then on whose preferred reply lacks the feature: the user sends their rewrite
+    # of it (bench/oracles.py `corrected`, with `correction_text`) with the vote.
+    correct_every: int = 0
+    correction_text: str | None = None
+    corrections: int = 0
+    corrections_due: int = 0
 
     def __post_init__(self) -> None:
         torch.manual_seed(self.seed)
@@ -225,7 +235,18 @@ class Simulation:
         started = time.perf_counter()
         result = self.service.ask("simulated-user", prompt, "")
         choice = self.oracle.prefer(*result["replies"])
-        self.service.vote("simulated-user", result["pair_id"], choice)
+        if self.correct_every and self.votes % self.correct_every == self.correct_every - 1:
+            self.corrections_due += 1
+        side = "B" if choice == "B" else "A"
+        rewrite = (corrected(self.oracle, result["replies"][SIDES.index(side)],
+                             self.correction_text) if self.corrections_due else None)
+        if rewrite is None:
+            self.service.vote("simulated-user", result["pair_id"], choice)
+        else:
+            self.service.correct("simulated-user", result["pair_id"], rewrite, side=side,
+                                 choice=choice)
+            self.corrections_due -= 1
+            self.corrections += 1
         self.votes += 1
         if self.learner.pending() >= (round_every or self.config.learn_every):
             step = self.learner.round()

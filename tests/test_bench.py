@@ -84,6 +84,16 @@ def test_learn_runs(tiny_model_dir, tmp_path):
     assert (tmp_path / "learn-shorter-pg.png").stat().st_size > 0
 
 
+def test_learn_runs_with_corrections(tiny_model_dir, tmp_path):
+    bench(["learn", "--oracle", "can", "--model", str(tiny_model_dir), "--device", "cpu",
+           "--votes", "4", "--checkpoints", "0,4", "--eval-prompts", "2", "--max-new-tokens",
+           "6", "--learn-every", "2", "--correct-every", "2", "--correction-text",
+           "I can help.", "--out", str(tmp_path)])
+    results = result(tmp_path, "learn-can-pg-correct2")
+    assert results["corrections"] == 2  # the tiny model never says "can": each due one made
+    assert [r["new_votes"] for r in results["rounds"]] == [2, 2]
+
+
 def test_learn_vs_trl_runs(tiny_model_dir, tmp_path):
     pytest.importorskip("trl")
     bench(["learn", "--model", str(tiny_model_dir), "--device", "cpu", "--votes", "4",
