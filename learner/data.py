@@ -24,7 +24,8 @@ pair (rewrite > sample) per sample. It trains at once, and each later round repl
 `replay` earlier corrections besides its random replay: a person's rewrite is the strongest
 label they give, and there are few of them. The rewrite's tokens are its text encoded under
 the chat template (`encode_reply`), cached in the store; it has no behaviour log-probs (no
-sampler made it: the trust region is anchored at the round's start, see learner/worker.py).
+sampler made it), and no trust region: its term is the seed's -A log pi, unclipped (see
+learner/objectives.py).
 
 A round that claims more than `learn_every` new items (the learner fell behind: votes came in
 faster than rounds finish) stands for several rounds: it is cut into slices of `learn_every`
