@@ -26,7 +26,8 @@ read once, by the seed's first run, and every user of that seed is scored on the
 A suite's users are preferences in a fifth to a half of the base model's replies, as
 `python -m bench feature-share` measured them (bench/results/feature-share.json); it refuses
 a user outside that range, or not measured, and says why. Each run is kept in the suite's
-folder as it finishes, and a rerun skips the runs already there.
+folder as it finishes, and a rerun skips the runs already there (`--summarize` writes the
+table from the runs kept so far).
 
 Left out: the browser (tests/test_browser.py drives the page), several users on one server.
 """
@@ -96,6 +97,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="a reader's time per pair (default: 10)")
     parser.add_argument("--suite", choices=sorted(SUITES), default=None,
                         help="run a suite of users x seeds x arms instead of one run")
+    parser.add_argument("--summarize", action="store_true",
+                        help="with --suite: write its table, plot and JSON from the runs kept "
+                             "so far, run nothing")
     parser.add_argument("--eval-prompts", type=int, default=32,
                         help="held-out prompts asked before and after (default: 32)")
     parser.add_argument("--max-new-tokens", type=int, default=48,
@@ -324,10 +328,13 @@ def run_suite(args: argparse.Namespace) -> Path:
             for pace in suite.paces:
                 for every in suite.correct_every:
                     path = folder / f"{name}-s{seed}-{pace}-every{every}.json"
-                    if not path.exists():
+                    if not path.exists() and not args.summarize:
                         run_to_file(args, path, folder, name, oracle, text, seed, pace, every,
                                     suite.interactions)
-                    runs.append(json.loads(path.read_text()))
+                    if path.exists():
+                        runs.append(json.loads(path.read_text()))
+    if not runs:
+        raise ValueError(f"no runs of the suite {args.suite!r} in {folder} yet")
     table_text = table(runs)
     (folder / "table.md").write_text(table_text)
     print(table_text)

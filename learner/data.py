@@ -22,9 +22,13 @@ is the rewrite and the pair's sampled replies with the leave-one-out advantages 
 (1, 0, 0): +1 for the rewrite, -1/2 for each sample (-1 for a reply served alone); for DPO, a
 pair (rewrite > sample) per sample. It trains at once, and each later round replays the newest
 `replay` earlier corrections besides its random replay: a person's rewrite is the strongest
-label they give, and there are few of them. The rewrite's tokens are its text encoded under
+label they give, and there are few of them. A replayed correction is its rewrite alone, with
+advantage +1: the turn's samples were the policy's a round or more ago, and pushing them
+down round after round drives their tokens far below the reference, where the k3 penalty
+grows without bound. The rewrite's tokens are its text encoded under
 the chat template (`encode_reply`), cached in the store; it has no behaviour log-probs (no
-sampler made it: the trust region is anchored at the round's start, see learner/worker.py).
+sampler made it), and no trust region: its term is the seed's -A log pi, unclipped (see
+learner/objectives.py).
 
 A round that claims more than `learn_every` new items (the learner fell behind: votes came in
 faster than rounds finish) stands for several rounds: it is cut into slices of `learn_every`
@@ -232,7 +236,7 @@ class RoundBuilder:
             pool += [("rating", r) for r in self.store.used_feedback("ratings")]
             picked += self._draw(pool, replay, share, used_votes)
             corrections = self.store.used_feedback("corrections")
-            picked += [("correction", c) for c in fair_pick(
+            picked += [("rewrite", c) for c in fair_pick(
                 corrections[::-1], lambda row: row["user_id"], replay, share)]
         return picked
 
@@ -309,6 +313,9 @@ class RoundBuilder:
                          + [self._sample(row["pair_id"], side,
                                          damp_negative(adv, self.negative_weight))
                             for side, adv in zip(sides, rest)])
+            data.pairs.extend(self._correction_pairs(row))
+        elif kind == "rewrite":  # a correction replayed: see the module's docstring
+            items.append([self._rewrite(row, FEEDBACK_REWARD["correction"])])
             data.pairs.extend(self._correction_pairs(row))
         elif kind == "rating":
             key = ("rating", row["id"], row["side"])

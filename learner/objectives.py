@@ -20,6 +20,8 @@ guards around it:
   exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"), weighted
   by beta, which a proportional controller raises when the KL passes a budget (Ziegler et
   al. 2019's controller, with the initial beta as its floor).
+* A correction (a person's rewrite, learner/data.py) trains with -A log pi, no ratio and no
+  clip: see `policy_gradient_loss`.
 * Token sums are divided by a constant (sequences x longest reply), not by each reply's own
   length, so long and short replies are not re-weighted (Liu et al. 2025, "Dr. GRPO").
 * DPO (Rafailov et al. 2023) on the same pairs, as a second objective for comparison.
@@ -88,7 +90,8 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def policy_gradient_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor,
                          ref_logp: torch.Tensor | None, advantages: torch.Tensor,
                          mask: torch.Tensor, *, beta: float = 0.0, clip_eps: float = 0.2,
-                         normalizer: float = 1.0) -> tuple[torch.Tensor, dict]:
+                         normalizer: float = 1.0,
+                         demonstration: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped policy-gradient loss with a per-token KL penalty. Minimise it.
 
     logp, behaviour_logp, ref_logp, mask: (B, T) per-token values for B replies (mask 1 on
@@ -96,6 +99,11 @@ def policy_gradient_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor,
     (the share of tokens where the clip binds and passes no gradient).
     The loss is sum over replies and tokens of -min(rho A, clip(rho) A) + beta k3, divided by
     `normalizer`; at rho = 1 and beta = 0 its gradient is -sum_b A_b grad log pi(a_b)/normalizer.
+    `demonstration`: (B,) True for rows a person wrote (a correction): their term is
+    -A log pi, the seed's estimator itself, with no ratio and no clip. A trust region bounds
+    how far a round moves the policy's own samples; a person's text is a target, and clipped
+    at 1 + eps a token the policy gives 1% would need ~25 rounds to reach 10%. At rho = 1 the
+    two terms have the same gradient.
     """
     assert logp.shape == behaviour_logp.shape == mask.shape and advantages.shape == logp.shape[:1]
     mask = mask.to(logp.dtype)
@@ -105,6 +113,10 @@ def policy_gradient_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor,
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
     per_token = -torch.minimum(unclipped, clipped)  # (B, T)
     stopped = (clipped < unclipped).to(mask.dtype)  # the clip is binding: no gradient there
+    if demonstration is not None:
+        rows = demonstration[:, None]  # (B, 1)
+        per_token = torch.where(rows, -adv * logp, per_token)
+        stopped = torch.where(rows, torch.zeros_like(stopped), stopped)
     stats = {"clip_fraction": (stopped * mask).sum().item() / max(mask.sum().item(), 1.0)}
     if ref_logp is not None:
         kl = k3_kl(logp, ref_logp)

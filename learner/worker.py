@@ -455,9 +455,12 @@ class Learner:
             if live_totals is not None:
                 live_totals.update(zip([s.reply_id for s in micro], fresh.sum(-1).tolist()))
             ref = ref_to_tensor(micro, batch.reply_width, self.loaded.device)
+            written = [s.behaviour is None for s in micro]  # a person's rewrite
             loss, stats = policy_gradient_loss(
                 logp, anchor, ref, batch.advantages, batch.mask,
-                beta=self.kl_control.beta, clip_eps=self.config.clip_eps, normalizer=normalizer)
+                beta=self.kl_control.beta, clip_eps=self.config.clip_eps, normalizer=normalizer,
+                demonstration=torch.tensor(written, device=logp.device) if any(written)
+                else None)
             loss.backward()
             micro_tokens = batch.mask.sum().item()
             loss_sum += loss.item()

@@ -266,8 +266,9 @@ def test_the_round_item_of_a_correction_and_its_replay(learner_config):
     learner.round()  # the first correction: used by v1
     learner.round()  # the second, with the first replayed
     data = learner.builder.build({"votes": [], "ratings": [], "corrections": []})
-    assert len(data.replay_items) == 1  # the newest earlier correction
-    assert data.replay_items[0][0].reply_id == CORRECTION_IDS - store.corrections()[-1]["id"]
+    (replayed,) = data.replay_items  # the newest earlier correction: its rewrite alone
+    assert [(s.reply_id, s.advantage) for s in replayed] == [
+        (CORRECTION_IDS - store.corrections()[-1]["id"], 1.0)]
 
 
 def test_dpo_trains_on_a_correction(learner_config):

@@ -124,3 +124,28 @@ def test_winners_only_gradient_is_the_chosen_replys_score():
     loss.backward()
     p = torch.softmax(logits.detach(), -1)
     assert torch.allclose(-logits.grad, torch.tensor([1.0, 0.0]) - p, atol=1e-6)
+
+
+def test_a_demonstration_row_is_the_seeds_estimator_without_ratio_or_clip():
+    """A person's rewrite keeps its full gradient -A grad log pi however far its tokens moved;
+    a sampled reply past 1 + eps gets none."""
+    logp = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]], requires_grad=True)
+    anchor = logp.detach() - 1.0  # every ratio e > 1 + eps
+    mask = torch.ones(2, 2)
+    advantages = torch.tensor([1.0, 1.0])
+    loss, stats = policy_gradient_loss(logp, anchor, None, advantages, mask, clip_eps=0.2,
+                                       demonstration=torch.tensor([True, False]))
+    loss.backward()
+    assert torch.equal(logp.grad[0], torch.tensor([-1.0, -1.0]))  # -A d(log pi)/d(log pi)
+    assert torch.equal(logp.grad[1], torch.zeros(2))  # clipped: no gradient
+    assert stats["clip_fraction"] == 0.5  # the demonstration's tokens are never clipped
+    # at rho = 1 both forms have the same gradient
+    fresh = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    grads = []
+    for demo in (True, False):
+        fresh.grad = None
+        loss, _ = policy_gradient_loss(fresh, fresh.detach(), None, torch.tensor([0.5]),
+                                       torch.ones(1, 2), demonstration=torch.tensor([demo]))
+        loss.backward()
+        grads.append(fresh.grad.clone())
+    assert torch.equal(grads[0], grads[1])

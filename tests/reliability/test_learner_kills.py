@@ -1,4 +1,5 @@
-"""Kill -9 the learner at random moments of its rounds, 20 times: no acknowledged vote is lost,
+"""Kill -9 the learner at random moments of its rounds, 20 times: no acknowledged vote or
+correction is lost,
 the live adapter always matches its manifest, the server never loads a partial adapter, and
 the learner picks up where it left off. On SQLite and on PostgreSQL; there the server side
 has its own adapters folder and fetches each version from the database."""
@@ -49,15 +50,17 @@ def wait_until_running(store: Store, pid: int, timeout: float = 90.0) -> None:
 
 
 def check_invariants(store: Store, config: Config, model_id: str, acked: set[str],
-                     live: LiveAdapter) -> None:
+                     live: LiveAdapter, corrected: set[str] = frozenset()) -> None:
     if store.db.dialect.name == "sqlite":
         assert store.db.query("pragma integrity_check")[0]["integrity_check"] == "ok"
     votes = {v["pair_id"]: v for v in store.votes()}
     assert acked <= set(votes), "an acknowledged vote is missing"
+    corrections = {c["pair_id"]: c for c in store.corrections()}
+    assert corrected <= set(corrections), "an acknowledged correction is missing"
     versions = {a["version"]: a for a in store.adapters()}
-    for vote in votes.values():
-        if vote["used_by_version"] is not None:  # used by exactly one registered adapter
-            assert versions[vote["used_by_version"]]["status"] in ("live", "rejected", "retired")
+    for row in [*votes.values(), *corrections.values()]:
+        if row["used_by_version"] is not None:  # used by exactly one registered adapter
+            assert versions[row["used_by_version"]]["status"] in ("live", "rejected", "retired")
     row = store.live_adapter()
     if row:  # the live version's files always match its manifest
         adapters.read_verified(config.adapters_dir / row["path"], base_model=model_id,
@@ -89,12 +92,19 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path, db_target)
                           model_id=loaded.model_id, live=live)
     rng = random.Random(0)
     acked: set[str] = set()
+    corrected: set[str] = set()  # every third turn, the vote comes with a rewrite of a reply
     seen = {"training": 0, "idle": 0, "tmp_folder_left": 0, "unregistered_folder_left": 0}
     log = open(tmp_path / "learner.log", "ab")
     for _ in range(KILLS):
-        for _vote in range(3):
+        for turn_number in range(3):
             turn = service.ask("ann", f"question {len(acked)}", "")
-            if service.vote("ann", turn["pair_id"], rng.choice(["A", "B", "tie"]))["ok"]:
+            choice = rng.choice(["A", "B", "tie"])
+            if turn_number == 2:
+                if service.correct("ann", turn["pair_id"], f"my answer {len(acked)}",
+                                   choice=choice)["ok"]:
+                    acked.add(turn["pair_id"])
+                    corrected.add(turn["pair_id"])
+            elif service.vote("ann", turn["pair_id"], choice)["ok"]:
                 acked.add(turn["pair_id"])
         learner = start_learner(config, tiny_model_dir, log)
         wait_until_running(store, learner.pid)
@@ -108,23 +118,30 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path, db_target)
         seen["tmp_folder_left"] += any(n.startswith(adapters.TMP_PREFIX) for n in names)
         seen["unregistered_folder_left"] += any(n.startswith("v") and n not in registered
                                                 for n in names)
-        check_invariants(store, config, loaded.model_id, acked, live)
+        check_invariants(store, config, loaded.model_id, acked, live, corrected)
 
-    # after the last kill the learner recovers and uses every vote
+    # after the last kill the learner recovers and uses every vote and correction
     learner = start_learner(config, tiny_model_dir, log)
     try:
         deadline, pending = time.monotonic() + 120, None  # 120 s without progress: stuck
-        while store.pending_counts()["votes_pending"] and time.monotonic() < deadline:
-            if store.pending_counts()["votes_pending"] != pending:
+
+        def waiting() -> int:
+            counts = store.pending_counts()
+            return counts["votes_pending"] + counts["corrections_pending"]
+
+        while waiting() and time.monotonic() < deadline:
+            if waiting() != pending:
                 deadline = time.monotonic() + 120
-                pending = store.pending_counts()["votes_pending"]
+                pending = waiting()
             time.sleep(0.2)
-        assert store.pending_counts()["votes_pending"] == 0
+        assert waiting() == 0
     finally:
         learner.terminate()
         code = learner.wait(30)
     assert code == 143, "SIGTERM must end the learner as a SIGTERM, with 143"
-    check_invariants(store, config, loaded.model_id, acked, live)
+    check_invariants(store, config, loaded.model_id, acked, live, corrected)
+    assert {c["used_by_version"] for c in store.corrections()} <= {
+        a["version"] for a in store.adapters()}
     # the live version is a round's, or the preview of a round that finished (the learner
     # withdraws the preview of a round it died in when it starts again)
     preview_of = ((store.live_adapter() or {}).get("metrics") or {}).get("preview_of")
@@ -133,7 +150,8 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path, db_target)
     assert not [n for n in names if n.startswith(adapters.TMP_PREFIX)]
     registered = {a["path"] for a in store.adapters() if a["path"]}
     assert {n for n in names if n.startswith("v")} == registered
-    print(f"\n{KILLS} kills: {seen}; {len(acked)} votes; {len(store.adapters())} versions")
+    print(f"\n{KILLS} kills: {seen}; {len(acked)} votes ({len(corrected)} with a correction); "
+          f"{len(store.adapters())} versions")
     assert seen["training"] > 0, "no kill landed inside a round"
     if config.db:  # the server's copies came from the database, and the live one is there
         assert live.version == store.live_adapter_version() > 0
