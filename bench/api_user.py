@@ -369,22 +369,34 @@ def run_to_file(args, path: Path, folder: Path, name: str, oracle: str, text: st
 
 
 def headline(runs: list[dict]) -> dict:
-    """Per arm and pace: the share of runs significant at 5%, and the mean gain with a 95%
-    t-interval."""
+    """Per arm and pace: the share of runs significant at 5% and the mean gain with its 95%
+    t-interval; and each arm with corrections against votes only, paired by user, seed and
+    pace (its gain minus theirs)."""
+    from bench.suite import mean_ci
+
+    def gain(result: dict) -> float:
+        return result["satisfied_share_after"] - result["satisfied_share_before"]
+
     groups: dict[str, list[dict]] = {}
+    by_run: dict[tuple, dict] = {}
     for run in runs:
         s = run["settings"]
         groups.setdefault(f"{s['pace']}-every{s['correct_every']}", []).append(run["results"])
+        by_run[(s["user"], s["seed"], s["pace"], s["correct_every"])] = run["results"]
     out = {}
     for key, results in groups.items():
-        gains = [r["satisfied_share_after"] - r["satisfied_share_before"] for r in results]
-        mean = statistics.fmean(gains)
-        half = (2.0 * statistics.stdev(gains) / math.sqrt(len(gains))) if len(gains) > 1 else None
         out[key] = {"runs": len(results),
                     "significant_share": sum(r["p_value_one_sided"] < 0.05 for r in results)
                     / len(results),
-                    "mean_gain": mean, "gain_ci95": [mean - half, mean + half] if half else None,
+                    "gain": mean_ci([gain(r) for r in results]),
                     "length_ratio_min": min(r["length_ratio"] for r in results)}
+    for (user, seed, pace, every), result in by_run.items():
+        alone = by_run.get((user, seed, pace, 0))
+        if every and alone:
+            out.setdefault(f"{pace}-every{every}-minus-votes-only", []).append(
+                gain(result) - gain(alone))
+    for key in [k for k in out if k.endswith("minus-votes-only")]:
+        out[key] = mean_ci(out[key])
     return out
 
 

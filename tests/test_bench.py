@@ -407,3 +407,19 @@ def test_sweep_runs_variants_on_the_same_users_and_pairs_them(tiny_model_dir, tm
     assert (tmp_path / "sweep-t" / "plain-numbers-s0.json").exists()
     with pytest.raises(SystemExit):
         bench(["sweep", "--variant", "no flags here", "--oracle", "numbers"])
+
+
+def test_the_api_user_suite_pairs_each_arm_with_votes_only():
+    from bench.api_user import headline
+
+    def run(user, every, before, after, p):
+        return {"settings": {"user": user, "seed": 0, "pace": "instant", "correct_every": every},
+                "results": {"satisfied_share_before": before, "satisfied_share_after": after,
+                            "p_value_one_sided": p, "length_ratio": 0.9}}
+
+    out = headline([run("a", 0, 0.3, 0.4, 0.2), run("a", 8, 0.3, 0.6, 0.01),
+                    run("b", 0, 0.3, 0.2, 0.9), run("b", 8, 0.3, 0.3, 0.5)])
+    assert out["instant-every8"]["significant_share"] == 0.5
+    assert out["instant-every0"]["gain"]["mean"] == pytest.approx(0.0)
+    assert out["instant-every8-minus-votes-only"]["mean"] == pytest.approx(0.15)  # 0.2, 0.1
+    assert out["instant-every8-minus-votes-only"]["n"] == 2
