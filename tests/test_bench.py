@@ -91,7 +91,8 @@ def test_learn_runs_with_corrections(tiny_model_dir, tmp_path):
            "I can help.", "--out", str(tmp_path)])
     results = result(tmp_path, "learn-can-pg-correct2")
     assert results["corrections"] == 2  # the tiny model never says "can": each due one made
-    assert [r["new_votes"] for r in results["rounds"]] == [2, 2]
+    # each round: two votes and the correction sent with the second
+    assert [r["new_votes"] for r in results["rounds"]] == [3, 3]
 
 
 def test_learn_vs_trl_runs(tiny_model_dir, tmp_path):
