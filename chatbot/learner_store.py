@@ -18,6 +18,7 @@ from chatbot.limits import fair_pick
 from chatbot.states import AdapterStatus, LearnerState, RoundOutcome
 
 FEEDBACK_TABLES = ("votes", "ratings", "corrections")
+JSON_COLUMNS = {"corrections": ("token_ids",)}  # per feedback table, read back as Python
 
 
 class LearnerVerbs:
@@ -95,7 +96,7 @@ class LearnerVerbs:
 
     def corrections(self, *, ids: list[int] | None = None) -> list[dict]:
         """Corrections, oldest first: all, or those with these ids."""
-        return [json_columns(row, "token_ids") for row in self._feedback("corrections", ids=ids)]
+        return self._feedback("corrections", ids=ids)
 
     def cache_correction_tokens(self, correction_id: int, token_ids: list[int]) -> None:
         """The correction's token ids under the chat template (the learner encodes them)."""
@@ -134,8 +135,9 @@ class LearnerVerbs:
             params.append(choice)
         if used is not None:
             where.append("used_by_version is " + ("not null" if used else "null"))
-        return self.db.query(f"select * from {table} where {' and '.join(where) or 'true'} "
-                          "order by id", params)
+        rows = self.db.query(f"select * from {table} where {' and '.join(where) or 'true'} "
+                             "order by id", params)
+        return [json_columns(row, *JSON_COLUMNS.get(table, ())) for row in rows]
 
     def cache_ref_logprobs(self, reply_id: int, logprobs: list[float]) -> None:
         with self.db.transaction() as cur:

@@ -43,7 +43,6 @@ Left out: prioritised replay, weighting users by how much they agree with others
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import OrderedDict
@@ -210,10 +209,9 @@ class RoundBuilder:
         """Every pairwise vote a finished round has used, and every used correction against
         each of its pair's samples: what a reward model may learn from (the round's new votes
         are not among them: they judge)."""
-        used = {row["id"] for row in self.store.used_feedback("corrections")}
         return ([self._preference(v) for v in self.store.used_feedback("votes")
                  if v["choice"] in PAIRWISE]
-                + [pair for c in self.store.corrections(ids=sorted(used))
+                + [pair for c in self.store.used_feedback("corrections")
                    for pair in self._correction_pairs(c)])
 
     # --- helpers -----------------------------------------------------------------------
@@ -278,8 +276,6 @@ class RoundBuilder:
         pair = self._pair(correction["pair_id"])
         if correction["id"] not in self._rewrites:
             tokens = correction["token_ids"]
-            if isinstance(tokens, str):
-                tokens = json.loads(tokens)
             if tokens is None:
                 assert self.encode_reply is not None, "a correction needs encode_reply"
                 tokens = self.encode_reply(correction["text"])
