@@ -38,22 +38,23 @@ CONTINUE_MESSAGE = "Continue from where you stopped."
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def clean_message(message: object, max_chars: int) -> str:
-    """Return the message stripped, or raise InvalidInput saying what is wrong with it."""
+def clean_message(message: object, max_chars: int, what: str = "the message") -> str:
+    """Return the message stripped, or raise InvalidInput saying what is wrong with it
+    (`what` names it in the error: the message, the edited reply)."""
     if not isinstance(message, str):
-        raise InvalidInput("the message must be text")
+        raise InvalidInput(f"{what} must be text")
     message = message.strip()
     if not message:
-        raise InvalidInput("the message is empty")
+        raise InvalidInput(f"{what} is empty")
     if len(message) > max_chars:
-        raise InvalidInput(f"the message is {len(message)} characters long; at most "
+        raise InvalidInput(f"{what} is {len(message)} characters long; at most "
                            f"{max_chars} are accepted")
     for char in message:
         category = unicodedata.category(char)
         if category == "Cs":
-            raise InvalidInput("the message contains invalid Unicode (a lone surrogate)")
+            raise InvalidInput(f"{what} contains invalid Unicode (a lone surrogate)")
         if category == "Cc" and char not in _ALLOWED_CONTROL:
-            raise InvalidInput("the message contains control characters (e.g. NUL)")
+            raise InvalidInput(f"{what} contains control characters (e.g. NUL)")
     return message
 
 
@@ -236,10 +237,7 @@ class ChatService:
         than every reply sampled for that turn). The conversation goes on from it; `choice`, if
         given, is a vote stored with it. See Store.record_correction for the rules."""
         self.feedback_limit.check(user, "votes")
-        try:
-            text = clean_message(text, self.config.max_message_chars)
-        except InvalidInput as exc:
-            raise InvalidInput(str(exc).replace("the message", "the edited reply", 1)) from None
+        text = clean_message(text, self.config.max_message_chars, "the edited reply")
         result = self.store.record_correction(user, str(pair_id), text,
                                               None if side in (None, "") else str(side),
                                               None if choice in (None, "") else str(choice))
