@@ -23,12 +23,13 @@ is the rewrite and the pair's sampled replies with the leave-one-out advantages 
 pair (rewrite > sample) per sample. It trains at once, and each later round replays the newest
 `replay` earlier corrections besides its random replay: a person's rewrite is the strongest
 label they give, and there are few of them. A replayed correction is its rewrite alone, with
-advantage +1: the turn's samples were the policy's a round or more ago, and pushing them
+advantage +1, here: the turn's samples were the policy's a round or more ago, and pushing them
 down round after round drives their tokens far below the reference, where the k3 penalty
-grows without bound. The rewrite's tokens are its text encoded under
-the chat template (`encode_reply`), cached in the store; it has no behaviour log-probs (no
-sampler made it), and no trust region: its term is the seed's -A log pi, unclipped (see
-learner/objectives.py).
+grows without bound. The learner then gives it replies of its own to be better than, sampled
+on its prompt at the live weights (worker.Learner.add_fresh_replies). The rewrite's tokens
+are its text encoded under the chat template (`encode_reply`), cached in the store; it has no
+behaviour log-probs (no sampler made it), and no trust region: its term is the seed's
+-A log pi, unclipped (see learner/objectives.py).
 
 A round that claims more than `learn_every` new items (the learner fell behind: votes came in
 faster than rounds finish) stands for several rounds: it is cut into slices of `learn_every`

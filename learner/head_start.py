@@ -16,7 +16,7 @@ sample in it is one of the round's first slice (`rest_of`), and otherwise comput
 step as before.
 
 Left out: DPO (its step is over pairs, not samples), the later steps of a round (they run at
-weights only the round itself produces), samples the learner draws itself (--self-samples).
+weights only the round itself produces), the reward model's samples (--self-samples).
 """
 
 from __future__ import annotations

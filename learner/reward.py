@@ -156,7 +156,7 @@ class SelfSampler:
             return [], stats
         prompts = list({tuple(p.chosen.prompt): p.chosen.prompt for p in voted}.values())
         prompts = self.rng.sample(prompts, min(self.config.self_samples, len(prompts)))
-        samples = self._sample(prompts)
+        samples = self.sample(prompts)
         feats = self.features(samples)
         preference = rm.prefers(feats[0::2], feats[1::2])  # (K,): reply A over reply B
         for i, p in enumerate(preference.tolist()):
@@ -166,7 +166,9 @@ class SelfSampler:
         stats["self_samples"] = len(samples)
         return samples, stats
 
-    def _sample(self, prompts: list[list[int]]) -> list:
+    def sample(self, prompts: list[list[int]]) -> list:
+        """A pair of replies to each prompt from the policy's current weights, as samples with
+        their behaviour log-probs and ids of their own (negative), in the prompts' order."""
         from chatbot.model import LoadedModel
         from chatbot.sampling import PairGenerator
         from learner.batch import Sample

@@ -75,12 +75,22 @@ from learner.batch import (
 )
 from learner.data import PreferencePair, RoundBuilder, RoundData
 from learner.head_start import HeadStart, sample_key
-from learner.objectives import AdaptiveKLController, dpo_loss, k3_kl, policy_gradient_loss
+from learner.objectives import (
+    AdaptiveKLController,
+    damp_negative,
+    dpo_loss,
+    k3_kl,
+    policy_gradient_loss,
+    rloo_advantages,
+)
 from learner.reward import SelfSampler
 
 log = logging.getLogger(__name__)
 
 MICRO_BATCH = 8  # replies per forward/backward; gradients are accumulated across them
+# Replies the learner samples on a replayed correction's prompt to compare its rewrite with: a
+# pair, as the turn had (SelfSampler.sample).
+FRESH_REPLIES = 2
 KL_REPLIES = 16  # replies the candidate's exact KL to the base is measured on, per round
 # The preview's check reads the first half of them: the newest votes' replies, the ones its one
 # step trained on (in a round that fell behind, its first slice's). That pass is most of the
@@ -160,6 +170,8 @@ class Learner:
         self.self_sampler = SelfSampler(self.model, loaded.tokenizer, config, loaded.device,
                                         self.pad_id, random.Random(seed))
         self.head_start: HeadStart | None = None  # the next round's first step, begun
+        # (live version, {rewrite's reply id -> replies sampled on its prompt at that version})
+        self._fresh: tuple[int | None, dict[int, list[Sample]]] = (None, {})
         # reply id -> the reference's log-probs over the vocabulary at each of its tokens, for
         # the next round's KL check (computed between rounds; see kl_replies)
         self.reference_distributions: dict[int, torch.Tensor] = {}
@@ -288,6 +300,9 @@ class Learner:
         replayed votes, then each pending vote (learner/head_start.py)."""
         started = time.perf_counter()
         draft = self.builder.draft()
+        if self.config.objective == "pg":
+            self.sync_to_live()
+            self.add_fresh_replies(draft)
         keep = kl_replies(draft)
         wanted = {s.reply_id for s in keep}
         for reply_id in set(self.reference_distributions) - wanted:
@@ -331,6 +346,35 @@ class Learner:
         head.kl_tokens += kl_tokens
         head.clipped_tokens += clipped
         head.done.update(map(sample_key, todo))
+
+    def add_fresh_replies(self, data: RoundData) -> None:
+        """Give each replayed correction (its rewrite alone, see learner/data.py) FRESH_REPLIES
+        replies the live weights sample on its prompt, and make the item DITTO's comparison
+        (Shaikh et al. 2025): the rewrite better than what the policy says now, the leave-one-
+        out advantages of rewards (1, 0, 0), +1 for the rewrite and -1/2 for each fresh reply
+        (damped like any negative advantage). The turn's own replies were the policy's a round
+        or more ago and are not pushed down again; these are its own, so their trust region
+        and KL start where the policy is. Sampled once per live version and kept, so the
+        round and the head start begun before it (`prepare`) train on the same replies.
+        Policy gradient only: DPO keeps its pairs against the turn's replies."""
+        version, kept = self._fresh
+        if version != self.adapter_version:
+            kept = {}
+            self._fresh = (self.adapter_version, kept)
+        items = [item for item in data.replay_items
+                 if len(item) == 1 and item[0].behaviour is None]
+        todo = [item[0] for item in items if item[0].reply_id not in kept]
+        if todo:
+            samples = self.self_sampler.sample([s.prompt for s in todo])
+            rewards = torch.tensor([[1.0] + [0.0] * FRESH_REPLIES])
+            _, *rest = rloo_advantages(rewards)[0].tolist()
+            for i, rewrite in enumerate(todo):
+                fresh = samples[FRESH_REPLIES * i:FRESH_REPLIES * (i + 1)]
+                for sample, advantage in zip(fresh, rest):
+                    sample.advantage = damp_negative(advantage, self.config.negative_weight)
+                kept[rewrite.reply_id] = fresh
+        for item in items:
+            item.extend(kept[item[0].reply_id])
 
     def score(self, samples: list[Sample]) -> list[float]:
         """Summed log-prob of each sample's reply under the weights as they are now."""
@@ -675,6 +719,9 @@ class Learner:
             self.sync_to_live()
         parent = self.adapter_version
         data = self.builder.build(claimed)
+        if self.config.objective == "pg":
+            with self._phase("fresh_replies"):
+                self.add_fresh_replies(data)
         reward_stats = {}
         if self.config.objective == "pg" and self.config.self_samples > 0:
             with self._phase("self_samples"):

@@ -15,6 +15,7 @@ from chatbot.service import ChatService
 from chatbot.store import Store
 from learner.batch import Sample
 from learner.data import CORRECTION_IDS
+from learner.head_start import sample_key
 from learner.worker import Learner, RoundFailed, kl_replies
 from tests.test_store import add_turn
 
@@ -269,6 +270,37 @@ def test_the_round_item_of_a_correction_and_its_replay(learner_config):
     (replayed,) = data.replay_items  # the newest earlier correction: its rewrite alone
     assert [(s.reply_id, s.advantage) for s in replayed] == [
         (CORRECTION_IDS - store.corrections()[-1]["id"], 1.0)]
+
+
+def test_a_replayed_correction_is_compared_with_fresh_replies_of_the_live_weights(
+        learner_config):
+    store = Store(learner_config.db_path)
+    ask_and_correct(learner_config, store, ["Say hi.", "Name a colour."])
+    config = dataclasses.replace(learner_config, replay=1)
+    learner = Learner(config, store, load_model(config), seed=0)
+    learner.round()  # the corrections: used by v1
+    learner.prepare()  # the next round: the newest correction replayed
+    head = learner.head_start
+    data = learner.builder.draft()
+    learner.sync_to_live()
+    learner.add_fresh_replies(data)
+    (replayed,) = data.replay_items
+    rewrite, *fresh = replayed
+    assert rewrite.advantage == 1.0 and [s.advantage for s in fresh] == [-0.5, -0.5]
+    (corrected,) = [c for c in store.corrections()
+                    if CORRECTION_IDS - c["id"] == rewrite.reply_id]
+    prompt = store.pair(None, corrected["pair_id"])["prompt_token_ids"]
+    assert all(s.prompt == prompt and s.reply_id < 0 for s in fresh)
+    # sampled by the live weights (v1), with their log-probs: a forward pass gives them back
+    assert all(s.behaviour is not None and len(s.behaviour) == len(s.reply) for s in fresh)
+    scored = learner.score(fresh)
+    assert scored == pytest.approx([sum(s.behaviour) for s in fresh], rel=1e-3, abs=1e-2)
+    # the head start summed the same fresh replies' terms: the round can use it
+    assert all(head.done[sample_key(s)] == 1 for s in fresh)
+    ask_and_correct(learner_config, store, ["Name a fruit."])  # a new one, for a round
+    step = learner.round()
+    assert step["status"] == "promoted" and step["replayed_votes"] == 1
+    assert "fresh_replies" in learner.phase_seconds
 
 
 def test_dpo_trains_on_a_correction(learner_config):
