@@ -5,6 +5,7 @@
     python app.py export --out F.jsonl --sft   ... or the corrections as TRL SFT rows
     python app.py rollback [--to N]      make an earlier adapter version live again
     python app.py keys add USER          make an API key for the OpenAI-compatible API
+    python app.py users forget USER [--relearn]   delete a user's data (and what it taught)
 
 argparse -> Config -> the pieces in chatbot/, ui/ and learner/. Logging is configured here.
 """
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(parser)
     add_server_args(parser)
     add_learner_args(parser)
-    commands = parser.add_subparsers(dest="command", metavar="{export,rollback,keys}")
+    commands = parser.add_subparsers(dest="command", metavar="{export,rollback,keys,users}")
     export = commands.add_parser("export", help="write the feedback as TRL JSONL: votes and "
                                  "corrections as preference rows (or, with --sft, corrections "
                                  "as SFT rows)")
@@ -57,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     key_commands.add_parser("list", help="list the keys (user, hint, when made)")
     key_remove = key_commands.add_parser("remove", help="delete every key of USER")
     key_remove.add_argument("user", metavar="USER", help="whose keys to delete")
+    users = commands.add_parser("users", help="the users in the database; forget one")
+    user_commands = users.add_subparsers(dest="users_command", required=True,
+                                         metavar="{list,forget}")
+    user_commands.add_parser("list", help="list the users (conversations, votes, corrections)")
+    forget = user_commands.add_parser(
+        "forget", help="delete every conversation, vote, rating, correction and API key of "
+                       "USER, and name the adapter versions trained on their feedback")
+    forget.add_argument("user", metavar="USER", help="the user to forget")
+    forget.add_argument("--relearn", action="store_true",
+                        help="also undo what the adapters learnt from them: make live the "
+                             "version their feedback's first round started from, delete the "
+                             "later versions, and learn the other users' feedback again")
     return parser
 
 
@@ -185,6 +198,36 @@ def keys(config: Config, args: argparse.Namespace) -> None:
         print(f"removed {store.remove_api_keys(args.user)} key(s) of {args.user}")
 
 
+def users(config: Config, args: argparse.Namespace) -> None:
+    from chatbot.service import forget_user
+    from chatbot.store import Store
+
+    store = Store(config.db_url)
+    if args.users_command == "list":
+        rows = store.users()
+        for row in rows:
+            print(f"{row['id']}\t{row['conversations']} conversations\t{row['votes']} votes\t"
+                  f"{row['corrections']} corrections")
+        if not rows:
+            print("no users")
+        return
+    result = forget_user(store, config, args.user, relearn=args.relearn)
+    deleted = ", ".join(f"{n} {table.replace('_', ' ')}"
+                        for table, n in result["deleted"].items() if n)
+    print(f"forgot {args.user}: {deleted or 'nothing but the name'}")
+    trained = result["trained_on"]
+    if not trained:
+        print("no adapter version was trained on their feedback")
+    elif args.relearn:
+        print(f"v{result['live_adapter_version']} is live, the version before the first round "
+              f"that used their feedback; {len(result['removed'])} later version folder(s) "
+              "deleted; the other users' feedback those versions used will be learnt again")
+    else:
+        print("adapter versions trained on their feedback (their weights keep what it "
+              f"taught): {', '.join(f'v{v}' for v in trained)}; run again with --relearn "
+              "to undo that as well")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -197,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             rollback(config, args.to)
         elif args.command == "keys":
             keys(config, args)
+        elif args.command == "users":
+            users(config, args)
         else:
             config = Config.from_args(with_device_defaults(args))
             if (config.engine == "vllm") != bool(config.engine_url):

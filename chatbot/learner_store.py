@@ -162,6 +162,24 @@ class LearnerVerbs:
         return [json_columns(r, "metrics")
                 for r in self.db.query("select * from adapters order by version")]
 
+    def round_origin(self, version: int, cur: Cursor | None = None) -> int:
+        """The version the round that published `version` started from (0: the base model):
+        its parent, or its preview's parent when the round published a preview first
+        (learner/worker.py)."""
+        def adapter(v: int) -> dict | None:
+            row = (cur.one("select * from adapters where version = ?", (v,)) if cur
+                   else self.db.one("select * from adapters where version = ?", (v,)))
+            return json_columns(row, "metrics") if row else None
+
+        row = adapter(version)
+        if row is None:
+            raise NotFound(f"no adapter version {version}")
+        parent = row["parent_version"] or 0
+        above = adapter(parent) if parent else None
+        if above and (above["metrics"] or {}).get("preview_of"):  # the round's first step
+            return above["parent_version"] or 0
+        return parent
+
     def next_adapter_version(self) -> int:
         return (self.db.one("select max(version) as v from adapters")["v"] or 0) + 1
 

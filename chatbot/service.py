@@ -20,6 +20,7 @@ Left out: moderation of content, quotas on generation (the Gradio queue bounds t
 from __future__ import annotations
 
 import logging
+import shutil
 import unicodedata
 from collections.abc import Callable, Iterator
 
@@ -345,18 +346,40 @@ def rollback(store: Store, config: Config, to: int | None = None) -> dict:
     if to is None:
         if live is None:
             raise Conflict("the base model (v0) is live; there is nothing to roll back")
-        to = live["parent_version"] or 0
-        parent = store.adapter(to) if to else None
-        if parent and (parent["metrics"] or {}).get("preview_of"):  # the round's first step
-            to = parent["parent_version"] or 0  # (learner/worker.py): the round it started from
-    if to:
-        row = store.adapter(to)
-        if row is None:
-            raise NotFound(f"no adapter version {to}")
-        if not row["path"]:
-            raise Conflict(f"v{to} was deleted from disk (only the last {config.keep_versions} "
-                           "versions are kept)")
-        adapters.verified_copy(config.adapters_dir, row, base_model=row["base_model"],
-                               fetch=store.adapter_files)
+        to = store.round_origin(live["version"])
+    check_on_disk(store, config, to)
     store.set_live(to)
     return {"ok": True, "live_adapter_version": to, "previous_version": before}
+
+
+def check_on_disk(store: Store, config: Config, version: int) -> None:
+    """Raise unless `version` (0: the base model) can be made live: registered, its folder
+    kept, its files matching its manifest (fetched from the database where they travel)."""
+    if not version:
+        return
+    row = store.adapter(version)
+    if row is None:
+        raise NotFound(f"no adapter version {version}")
+    if not row["path"]:
+        raise Conflict(f"v{version} was deleted from disk (only the last "
+                       f"{config.keep_versions} versions are kept, and none trained on a "
+                       "forgotten user's feedback)")
+    adapters.verified_copy(config.adapters_dir, row, base_model=row["base_model"],
+                           fetch=store.adapter_files)
+
+
+def forget_user(store: Store, config: Config, user_id: str, relearn: bool = False) -> dict:
+    """Delete every row of a user (Store.forget_user). With `relearn`, also undo what the
+    adapters learnt from them: the version their feedback's first round started from goes
+    live, every later version's folder is deleted, and the other users' feedback those
+    versions used is learnt again. Returns Store.forget_user's summary."""
+    origin = None
+    if relearn:
+        trained = store.trained_on(user_id)
+        if trained:
+            origin = store.round_origin(trained[0])
+            check_on_disk(store, config, origin)
+    result = store.forget_user(user_id, relearn_from=origin)
+    for path in result["removed"]:
+        shutil.rmtree(config.adapters_dir / path, ignore_errors=True)
+    return result
