@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if config.threads:
             torch.set_num_threads(config.threads)
+        if config.seed is not None:  # the replies it samples itself, and its replay draws
+            torch.manual_seed(config.seed)
         released = store.release_claims()
         withdrawn = store.withdraw_unfinished_preview()
         registered = {a["version"] for a in store.adapters() if a["path"]}
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("recovered: %d claims released, %d stale folders removed%s", released,
                      len(removed), f", the preview v{withdrawn} of an unfinished round "
                      "withdrawn" if withdrawn else "")
-        learner = Learner(config, store, load_model(config, training=True), seed=None)
+        learner = Learner(config, store, load_model(config, training=True),
+                          seed=config.seed)
         if args.share_cpu_with:
             from learner.cores import CpuShare
 

@@ -649,3 +649,26 @@ def test_the_builder_keeps_the_pairs_it_used_last_and_reads_the_others_again(tmp
     assert reads == pair_ids + [pair_ids[0]]
     assert again.ref == [-0.5, -0.25] and again.reply == [5, 6]
     assert len(builder._pairs) == 2 and len(builder._replies) == 4
+
+
+def test_the_learner_command_seeds_the_learner_with_seed(tmp_path, monkeypatch, capsys):
+    import learner.__main__ as command
+    import learner.worker
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, config, store, loaded, *, seed=None, **kwargs):
+            seen["seed"], seen["draw"] = seed, torch.rand(1).item()
+
+        def round(self):
+            return None
+
+    monkeypatch.setattr(learner.worker, "Learner", Recorder)
+    monkeypatch.setattr("chatbot.model.load_model", lambda *args, **kwargs: None)
+    draws = []
+    for _ in range(2):
+        assert command.main(["--data-dir", str(tmp_path), "--seed", "7", "--once"]) == 0
+        draws.append(seen["draw"])
+    assert seen["seed"] == 7 and draws[0] == draws[1]  # torch seeded too
+    assert "nothing pending" in capsys.readouterr().out
