@@ -6,6 +6,7 @@
     python app.py rollback [--to N]      make an earlier adapter version live again
     python app.py keys add USER          make an API key for the OpenAI-compatible API
     python app.py users forget USER [--relearn]   delete a user's data (and what it taught)
+    python app.py copy --to TARGET       back up, restore, or move to PostgreSQL
 
 argparse -> Config -> the pieces in chatbot/, ui/ and learner/. Logging is configured here.
 """
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(parser)
     add_server_args(parser)
     add_learner_args(parser)
-    commands = parser.add_subparsers(dest="command", metavar="{export,rollback,keys,users}")
+    commands = parser.add_subparsers(dest="command", metavar="{export,rollback,keys,users,copy}")
     export = commands.add_parser("export", help="write the feedback as TRL JSONL: votes and "
                                  "corrections as preference rows (or, with --sft, corrections "
                                  "as SFT rows)")
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also undo what the adapters learnt from them: make live the "
                              "version their feedback's first round started from, delete the "
                              "later versions, and learn the other users' feedback again")
+    copy = commands.add_parser(
+        "copy", help="copy the database and its adapter versions into an empty database: a "
+                     "backup, a restore, or the move to PostgreSQL")
+    copy.add_argument("--to", required=True, metavar="TARGET",
+                      help="a new SQLite file (its adapters go in an adapters/ folder beside "
+                           "it: serve it with --data-dir FOLDER) or a postgresql:// URL of an "
+                           "empty database")
     return parser
 
 
@@ -228,6 +236,19 @@ def users(config: Config, args: argparse.Namespace) -> None:
               "to undo that as well")
 
 
+def copy(config: Config, target: str) -> None:
+    from chatbot.backup import copy_deployment
+    from chatbot.store import Store
+
+    result = copy_deployment(Store(config.db_url), config.adapters_dir, target)
+    rows = ", ".join(f"{n} {table}" for table, n in result["rows"].items() if n)
+    print(f"copied to {target}: {rows or 'no rows'}")
+    print(f"adapter versions with their files: {len(result['versions_with_files'])}")
+    if result["versions_without_files"]:
+        print("copied without files (missing, or not matching their manifest): "
+              + ", ".join(f"v{v}" for v in result["versions_without_files"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -242,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             keys(config, args)
         elif args.command == "users":
             users(config, args)
+        elif args.command == "copy":
+            copy(config, args.to)
         else:
             config = Config.from_args(with_device_defaults(args))
             if (config.engine == "vllm") != bool(config.engine_url):

@@ -129,6 +129,13 @@ class Cursor:
         row = self.one(sql, params)
         return next(iter(row.values())) if row else None
 
+    def batches(self, sql: str, params: tuple | list = (), size: int = 500
+                ) -> Iterator[list[dict]]:
+        """The rows of a query, `size` at a time (a whole table need not fit in memory)."""
+        result = self._execute(sql, params)
+        while rows := result.fetchmany(size):
+            yield [dict(row) for row in rows]
+
     def run(self, sql: str, params: tuple | list = ()) -> int:
         """Execute a statement; returns the number of rows it changed."""
         return self._execute(sql, params).rowcount
@@ -239,6 +246,22 @@ class Database:
                 with conn.transaction():
                     yield Cursor(conn, self.dialect)
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Cursor]:
+        """Reads that all see one commit, while writers go on: a read transaction (SQLite in
+        WAL mode reads the file as it was at the first read; PostgreSQL at repeatable read)."""
+        with self.connection() as conn:
+            if self.dialect is SQLITE:
+                conn.execute("begin")
+                try:
+                    yield Cursor(conn, self.dialect)
+                finally:
+                    conn.rollback()
+            else:
+                with conn.transaction():
+                    conn.execute("set transaction isolation level repeatable read")
+                    yield Cursor(conn, self.dialect)
+
     def query(self, sql: str, params: tuple | list = ()) -> list[dict]:
         with self.read() as cur:
             return cur.rows(sql, params)
@@ -329,6 +352,44 @@ class Database:
         with self.read() as cur:
             cursor = cur._execute(f"select * from {table} limit 0", ())
             return {column[0] for column in cursor.description}
+
+
+# --- copying a whole database -----------------------------------------------------------
+
+# The store's tables in an order their references allow (a row after the rows it names), and
+# those whose `id` the database numbers. learner_status is left out: it describes a process of
+# the database copied from.
+TABLES = ("users", "conversations", "messages", "pairs", "replies", "votes", "ratings",
+          "corrections", "adapters", "adapter_files", "learner_steps", "api_keys")
+NUMBERED = ("messages", "replies", "votes", "ratings", "corrections", "learner_steps",
+            "api_keys")
+BATCH_ROWS = 500  # rows read and written at a time
+
+
+def copy_tables(source: Database, target: Database, tables: tuple[str, ...] = TABLES
+                ) -> dict[str, int]:
+    """Copy every row of `tables` from `source` (as of one commit: `snapshot`) into `target`,
+    ids kept, in one transaction of the target's. The target must be migrated and hold none
+    of these rows (ValueError otherwise, and nothing is written). Returns the rows per table.
+    On PostgreSQL the id counters then continue after the copied ids."""
+    counts = {}
+    with source.snapshot() as read, target.transaction() as write:
+        full = [t for t in tables if write.value(f"select count(*) as n from {t}")]
+        if full:
+            raise ValueError(f"the target database is not empty ({', '.join(full)} have rows)")
+        for table in tables:
+            key = "version, name" if table == "adapter_files" else (
+                "version" if table == "adapters" else "id")
+            counts[table] = 0
+            for rows in read.batches(f"select * from {table} order by {key}", (), BATCH_ROWS):
+                for row in rows:
+                    write.insert(table, row)
+                counts[table] += len(rows)
+        if target.dialect is POSTGRES:
+            for table in NUMBERED:
+                write.value(f"select setval(pg_get_serial_sequence('{table}', 'id'), "
+                            f"coalesce(max(id), 0) + 1, false) from {table}")
+    return counts
 
 
 # --- the schema: numbered migrations, the same on both databases -------------------------

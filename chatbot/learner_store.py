@@ -290,6 +290,14 @@ class LearnerVerbs:
             cur.insert("learner_steps", {**step, "round_id": round_id, "created_at": stamp})
         return adapter["status"]
 
+    def keep_adapter_files(self, version: int, files: dict[str, bytes]) -> None:
+        """Keep a registered version's files in the database (PostgreSQL; see
+        chatbot/backup.py for the copy that fills them in)."""
+        with self.db.transaction() as cur:
+            cur.run("delete from adapter_files where version = ?", (version,))
+            for name, data in files.items():
+                cur.insert("adapter_files", {"version": version, "name": name, "data": data})
+
     def adapter_files(self, version: int) -> dict[str, bytes]:
         """The files kept for a version (name -> bytes); empty when none are kept (SQLite)."""
         return {row["name"]: bytes(row["data"]) for row in self.db.query(

@@ -1,0 +1,93 @@
+"""Copy a deployment - its database and its adapter versions - into an empty database: a
+backup (a SQLite file in a new folder, the adapters beside it), a restore (the same, back), or
+the move from SQLite to PostgreSQL when a team outgrows one machine.
+
+    python app.py copy --to backups/2026-12-03/duet.db        # then: --data-dir backups/2026-12-03
+    python app.py copy --to postgresql://duet@db.example/duet  # then: --db postgresql://...
+
+The rows come from one commit of the source (`Database.snapshot`), so a server and a learner
+may keep running while it copies. The adapter files go where the target keeps them: beside a
+SQLite target's file (its `adapters/` folder), or in a PostgreSQL target's `adapter_files`
+table, where front-ends on other hosts fetch them. Each version's files are checked against
+its manifest before they are written; a version whose files are gone or fail the check is
+copied without a folder (its path empty), like a version the learner deleted, so the copy
+never names files it does not hold.
+
+Left out: incremental backups, merging into a database that has rows, the learner's status
+(a process of the source's), PostgreSQL-to-PostgreSQL file checks (`pg_dump` is the tool
+there; this copy carries their files as they are).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from chatbot import adapters
+from chatbot.db import TABLES, copy_tables, is_postgres_url
+from chatbot.errors import AdapterError, Conflict, InvalidInput
+from chatbot.store import Store
+
+
+def copy_deployment(source: Store, adapters_dir: Path, target: str) -> dict:
+    """Copy `source` (its adapters in `adapters_dir`) into the empty database `target` (a
+    SQLite path or a postgresql:// URL). Returns the rows copied per table, the versions
+    whose files were copied, and those copied without them."""
+    to_postgres = is_postgres_url(target)
+    if not to_postgres:
+        path = Path(target.removeprefix("sqlite:///"))
+        if source.path is not None and path.resolve() == Path(source.path).resolve():
+            raise InvalidInput("the copy must go to another database than the one it copies")
+        if path.exists() and path.stat().st_size:
+            raise Conflict(f"{path} exists: a copy goes into a new file")
+    elif source.db.target == target:
+        raise InvalidInput("the copy must go to another database than the one it copies")
+    copy = Store(target)
+    try:
+        # SQLite keeps its adapters as folders, not in the database (chatbot/store.py).
+        tables = TABLES if to_postgres else tuple(t for t in TABLES if t != "adapter_files")
+        try:
+            rows = copy_tables(source.db, copy.db, tables)
+        except ValueError as exc:
+            raise Conflict(str(exc)) from None
+        with_files, without = [], []
+        for row in copy.adapters():
+            if not row["path"]:
+                continue
+            if source.keeps_adapter_files and copy.keeps_adapter_files:
+                with_files.append(row["version"])  # copied with the rows
+                continue
+            files = _checked_files(source, adapters_dir, row)
+            if files is None:
+                copy.set_adapter_path(row["version"], None)
+                without.append(row["version"])
+            elif copy.keeps_adapter_files:
+                copy.keep_adapter_files(row["version"], files)
+                with_files.append(row["version"])
+            else:
+                adapters.install(Path(copy.path).parent / "adapters", row["path"], files)
+                with_files.append(row["version"])
+        return {"rows": rows, "versions_with_files": with_files,
+                "versions_without_files": without}
+    finally:
+        copy.close()
+
+
+def _checked_files(source: Store, adapters_dir: Path, row: dict) -> dict[str, bytes] | None:
+    """A version's files from the source's folder (or, failing that, its database), checked
+    against the version's manifest; None if there are none that pass."""
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            adapters.verified_copy(
+                scratch, row, base_model=row["base_model"],
+                fetch=lambda version: _folder_or_database(source, adapters_dir, row))
+        except AdapterError:
+            return None
+        return adapters.folder_files(Path(scratch) / row["path"])
+
+
+def _folder_or_database(source: Store, adapters_dir: Path, row: dict) -> dict[str, bytes]:
+    folder = Path(adapters_dir) / row["path"]
+    if folder.is_dir():
+        return adapters.folder_files(folder)
+    return source.adapter_files(row["version"])
