@@ -7,7 +7,7 @@ CPU time (Linux: /proc/<pid>/stat); if the server used more than `BUSY_CORES` of
 the last look, or did within the last `QUIET_S` seconds, the learner keeps to its share, else
 it takes every core (`--learner-idle-threads`; the same as --learner-threads: a fixed count).
 A fixed share leaves cores idle while nobody chats; every core all the time slows the chat
-more. Measured with `python -m bench latency` (README, "Benchmarks").
+more. Measured with `python -m bench latency` (docs/performance.md).
 
 Left out: other processes on the machine (the learner's lower priority keeps it behind them),
 platforms without /proc (the share stays fixed), a learner started on its own (no
