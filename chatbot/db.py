@@ -22,12 +22,16 @@ JSON kept as text. This module runs it on either, and owns what differs:
 * `learner_lock()`: one learner per database - a file lock beside the SQLite file, a session
   advisory lock on PostgreSQL (freed by the server when the learner's connection drops).
 
-Left out: retrying a statement on a lost PostgreSQL connection (the failed call raises; the
-broken connection and the idle ones are dropped, the next call opens a new one), keeping the
-learner lock across a PostgreSQL restart (the restart ends the lock's session; the learner
-exits at its next poll), connection limits (a pool keeps at most `MAX_IDLE` idle connections
-and opens more when more threads need one), schema rollbacks, JSON column types (text is
-enough for what the store keeps).
+After a PostgreSQL restart: an idle connection is checked before it is handed out (if it sat
+idle over PING_AFTER_IDLE_S), so a front-end's first call afterwards does not fail; a call
+already running when the server went away raises, and its broken connection and the idle ones
+are dropped. The learner lock's session ends with the restart; `keep_learner_lock` takes the
+lock again (the learner calls it as it polls) unless another learner took it meanwhile.
+
+Left out: retrying a statement on a lost PostgreSQL connection (a transaction's block has run
+and cannot be replayed here; the caller sees the error), connection limits (a pool keeps at
+most `MAX_IDLE` idle connections and opens more when more threads need one), schema
+rollbacks, JSON column types (text is enough for what the store keeps).
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ from typing import Any
 
 BUSY_TIMEOUT_S = 30.0
 MAX_IDLE = 8  # idle connections a pool keeps
+# A PostgreSQL connection idle longer than this is checked (`select 1`) before it is handed
+# out, so the first call after a server restart gets a new connection instead of an error.
+PING_AFTER_IDLE_S = 1.0
 MIGRATION_SET = "duet"
 LEARNER_LOCK_KEY = 0x6475657401  # "duet" 1: PostgreSQL advisory lock of the one learner
 MIGRATION_LOCK_KEY = 0x6475657402  # "duet" 2: serializes migrations of processes starting at once
@@ -199,7 +206,11 @@ class Database:
     def connection(self) -> Iterator[Any]:
         """A connection for this thread alone until the block ends."""
         with self._idle_lock:
-            conn = self._idle.pop() if self._idle else None
+            conn, since = self._idle.pop() if self._idle else (None, 0.0)
+        if conn is not None and self.dialect is POSTGRES and \
+                time.monotonic() - since > PING_AFTER_IDLE_S and not self._alive(conn):
+            self.close_idle()  # a restart broke them all: none should be handed out
+            conn = None
         if conn is None:
             conn = self._open()
         try:
@@ -210,17 +221,28 @@ class Database:
                 with self._idle_lock:
                     keep = len(self._idle) < MAX_IDLE
                     if keep:
-                        self._idle.append(conn)
+                        self._idle.append((conn, time.monotonic()))
             if not keep:
                 with contextlib.suppress(Exception):
                     conn.close()
             if self.dialect is POSTGRES and conn.broken:  # the server went away: so did the
                 self.close_idle()  # idle ones, and the next call should not find them first
 
+    @staticmethod
+    def _alive(conn: Any) -> bool:
+        """Whether a PostgreSQL connection still reaches its server (one round trip)."""
+        try:
+            conn.execute("select 1")
+            return True
+        except Exception:  # noqa: BLE001 - any failure means: open a new one
+            with contextlib.suppress(Exception):
+                conn.close()
+            return False
+
     def close_idle(self) -> None:
         with self._idle_lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             with contextlib.suppress(Exception):
                 conn.close()
 
@@ -309,6 +331,24 @@ class Database:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.5)
+
+    def keep_learner_lock(self) -> bool:
+        """Whether this process still holds the learner lock, taking it again if a PostgreSQL
+        restart ended the session that held it: False if another learner took it meanwhile.
+        Raises while the server cannot be reached (try again later). SQLite's file lock
+        lasts as long as the process."""
+        if self.dialect is SQLITE:
+            return self._learner_lock is not None
+        if self._learner_lock is not None and self._alive(self._learner_lock):
+            return True
+        self._learner_lock = None
+        handle = self._open()  # raises while the server is down
+        if Cursor(handle, self.dialect).value("select pg_try_advisory_lock(?) as taken",
+                                              (LEARNER_LOCK_KEY,)):
+            self._learner_lock = handle
+            return True
+        handle.close()
+        return False
 
     # --- migrations --------------------------------------------------------------------
 

@@ -342,6 +342,11 @@ class LearnerVerbs:
         learner holds the lock."""
         return self.db.learner_lock(wait_s)
 
+    def keep_learner_lock(self) -> bool:
+        """Still this database's one learner (the lock taken again after a PostgreSQL restart)?
+        False if another learner took over; raises while the database cannot be reached."""
+        return self.db.keep_learner_lock()
+
     def set_learner_status(self, pid: int, state: LearnerState,
                            last_error: str | None = None) -> None:
         stamp = now()

@@ -106,6 +106,10 @@ class RoundFailed(DuetError):
     """Too many non-finite steps, or another reason to publish nothing this round."""
 
 
+class LearnerLockLost(DuetError):
+    """Another learner took the database's learner lock (after a PostgreSQL restart)."""
+
+
 def chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -817,51 +821,71 @@ class Learner:
 
     def run_forever(self, stop=None) -> None:
         """Poll for feedback; start a round whenever `learn_every` items are pending, and
-        until then `prepare` it: when the last round has ended, and as each item comes in."""
+        until then `prepare` it: when the last round has ended, and as each item comes in.
+        While the database cannot be reached (a PostgreSQL restart) it waits and tries again,
+        backing off; then it takes its learner lock again and goes on, or stops with
+        LearnerLockLost if another learner took it meanwhile."""
         pid = os.getpid()
-        failures, last_beat = 0, 0.0
-        self.store.set_learner_status(pid, LearnerState.IDLE)
+        poll = {"failures": 0, "last_beat": 0.0, "prepared_for": None, "started": False}
 
         def beat_while_training() -> None:  # a long round must not look like a dead learner
-            nonlocal last_beat
-            if time.monotonic() - last_beat > 10:
+            if time.monotonic() - poll["last_beat"] > 10:
                 self.store.set_learner_status(pid, LearnerState.TRAINING)
-                last_beat = time.monotonic()
+                poll["last_beat"] = time.monotonic()
 
         self.on_step = beat_while_training
-        prepared_for: int | None = None  # the pending count `prepare` last ran at
+        unreachable = 0  # polls in a row the database did not answer
         while stop is None or not stop.is_set():
-            pending = self.pending()
-            if pending >= self.config.learn_every:
-                self.store.set_learner_status(pid, LearnerState.TRAINING)
-                try:
-                    # This process is the database's one learner (learner lock) and between
-                    # rounds it holds no claim: any claim left is a failed round's whose
-                    # release failed too (the database was gone): give it back now; the same
-                    # for its preview, if it is still live.
-                    self.store.release_claims()
-                    self.store.withdraw_unfinished_preview()
-                    self.round()
-                    failures = 0
-                    prepared_for = None  # the next round starts from here
+            try:
+                if not self.store.keep_learner_lock():
+                    raise LearnerLockLost("another learner took this database's learner "
+                                          "lock while the database was unreachable")
+                if not poll["started"]:
                     self.store.set_learner_status(pid, LearnerState.IDLE)
-                except Exception as exc:  # noqa: BLE001 - one bad round must not end learning
-                    failures += 1
-                    log.exception("round failed")
-                    self.store.set_learner_status(pid, LearnerState.IDLE, last_error=str(exc)[:500])
-                    time.sleep(min(60.0, 2.0 ** failures))
-                continue
-            if pending != prepared_for:  # a round ended or a vote came in: start the next
-                prepared_for = pending
-                self.store.set_learner_status(pid, LearnerState.PREPARING)
-                try:
-                    self.prepare()
-                except Exception:  # noqa: BLE001 - the round computes whatever is missing
-                    log.exception("could not prepare the next round")
+                    poll["started"] = True
+                self._poll(pid, poll)
+                unreachable = 0
+            except LearnerLockLost:
+                raise
+            except Exception:  # noqa: BLE001 - the database went away: wait for it
+                unreachable += 1
+                log.exception("the database did not answer (%d in a row); trying again",
+                              unreachable)
+                time.sleep(min(30.0, 0.5 * 2.0 ** unreachable))
+
+    def _poll(self, pid: int, poll: dict) -> None:
+        """One look at the pending feedback: a round if enough is pending, else `prepare`."""
+        pending = self.pending()
+        if pending >= self.config.learn_every:
+            self.store.set_learner_status(pid, LearnerState.TRAINING)
+            try:
+                # This process is the database's one learner (learner lock) and between
+                # rounds it holds no claim: any claim left is a failed round's whose
+                # release failed too (the database was gone): give it back now; the same
+                # for its preview, if it is still live.
+                self.store.release_claims()
+                self.store.withdraw_unfinished_preview()
+                self.round()
+                poll["failures"] = 0
+                poll["prepared_for"] = None  # the next round starts from here
                 self.store.set_learner_status(pid, LearnerState.IDLE)
-                last_beat = time.monotonic()
-            if time.monotonic() - last_beat > 10:
-                self.store.set_learner_status(pid, LearnerState.IDLE)
-                last_beat = time.monotonic()
-            self.pace()  # keeps the CPU share's view of the server fresh between rounds
-            time.sleep(self.config.learner_poll_seconds)
+            except Exception as exc:  # noqa: BLE001 - one bad round must not end learning
+                poll["failures"] += 1
+                log.exception("round failed")
+                self.store.set_learner_status(pid, LearnerState.IDLE, last_error=str(exc)[:500])
+                time.sleep(min(60.0, 2.0 ** poll["failures"]))
+            return
+        if pending != poll["prepared_for"]:  # a round ended or a vote came in: the next one
+            poll["prepared_for"] = pending
+            self.store.set_learner_status(pid, LearnerState.PREPARING)
+            try:
+                self.prepare()
+            except Exception:  # noqa: BLE001 - the round computes whatever is missing
+                log.exception("could not prepare the next round")
+            self.store.set_learner_status(pid, LearnerState.IDLE)
+            poll["last_beat"] = time.monotonic()
+        if time.monotonic() - poll["last_beat"] > 10:
+            self.store.set_learner_status(pid, LearnerState.IDLE)
+            poll["last_beat"] = time.monotonic()
+        self.pace()  # keeps the CPU share's view of the server fresh between rounds
+        time.sleep(self.config.learner_poll_seconds)

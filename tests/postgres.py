@@ -78,6 +78,16 @@ class PostgresServer:
         data = self.folder / "data"
         self._pg(str(self.bin / "initdb"), "-D", str(data), "-U", ROLE, "--auth=trust",
                  "-E", "UTF8", "--no-sync", "--locale=C")
+        self.start()
+        return self
+
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server (`immediate`: as a crash would; `fast`: as an administrator)."""
+        self._pg(str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", mode, "-w",
+                 "stop")
+
+    def start(self) -> None:
+        data = self.folder / "data"
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
                    "-c max_connections=300")
         if not self.durable:
@@ -89,7 +99,6 @@ class PostgresServer:
             log = self.folder / "server.log"
             raise RuntimeError(f"PostgreSQL did not start: {exc.stderr}\n"
                                + (log.read_text() if log.exists() else "")) from None
-        return self
 
     def __exit__(self, *exc) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
