@@ -3,6 +3,7 @@ test on SQLite and on a real PostgreSQL server (`store` below opens both in turn
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -329,3 +330,27 @@ def test_corrected_prompts_are_the_rewritten_turns_with_their_conversation(store
          "correction": "second rewrite"}]  # the same first question once, its newest edit
     assert [c["correction"] for c in store.corrected_prompts("ann", 1)] == ["a later rewrite"]
     assert store.corrected_prompts("carol") == []
+
+
+def test_the_sqlite_file_reads_in_sqlite_utils(tmp_path):
+    """The file is plain SQLite for the tools people use on it (sqlite-utils, and Datasette,
+    which reads it the same way): named tables, their foreign keys, JSON kept as text."""
+    import sqlite_utils
+
+    from tests.test_forget import two_users
+
+    store = Store(tmp_path / "duet.db")
+    two_users(store)
+    db = sqlite_utils.Database(tmp_path / "duet.db")
+    for table in ("users", "conversations", "messages", "pairs", "replies", "votes",
+                  "ratings", "corrections", "adapters", "learner_steps", "api_keys"):
+        assert db[table].count == len(store.db.query(f"select * from {table}")), table
+    assert {(fk.column, fk.other_table) for fk in db["votes"].foreign_keys} == {
+        ("pair_id", "pairs")}
+    assert ("pair_id", "pairs") in {(fk.column, fk.other_table)
+                                    for fk in db["corrections"].foreign_keys}
+    reply = next(db["replies"].rows)
+    assert json.loads(reply["token_ids"]) == [5, 6, 2] and reply["text"] == "first"
+    (row,) = db.query("select count(*) as n from votes where choice = 'A'")
+    assert row["n"] == 2
+    store.close()
