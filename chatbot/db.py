@@ -143,6 +143,13 @@ class Cursor:
         while rows := result.fetchmany(size):
             yield [dict(row) for row in rows]
 
+    def lock_registry(self) -> None:
+        """Before a change to the adapter registry: on PostgreSQL, hold the adapters table
+        until the transaction ends, so two changes never interleave (SQLite's write
+        transaction already excludes every other writer)."""
+        if self.dialect.lock_registry:
+            self.run(self.dialect.lock_registry)
+
     def run(self, sql: str, params: tuple | list = ()) -> int:
         """Execute a statement; returns the number of rows it changed."""
         return self._execute(sql, params).rowcount

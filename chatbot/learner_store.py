@@ -228,15 +228,13 @@ class LearnerVerbs:
         It uses no feedback: the round's own version does, when it finishes. Returns the
         status."""
         with self.db.transaction() as cur:
-            if cur.dialect.lock_registry:
-                cur.run(cur.dialect.lock_registry)
+            cur.lock_registry()
             return self._register(cur, adapter, files, now())["status"]
 
     def withdraw_preview(self, preview: int, parent: int, reason: str) -> bool:
         """A preview whose round failed: if it is live, put its parent back. True if it was."""
         with self.db.transaction() as cur:
-            if cur.dialect.lock_registry:
-                cur.run(cur.dialect.lock_registry)
+            cur.lock_registry()
             return self._withdraw(cur, preview, parent, reason, now())
 
     def withdraw_unfinished_preview(self) -> int | None:
@@ -245,8 +243,7 @@ class LearnerVerbs:
         goes, and its parent is live again, so the round's votes, still pending, train from
         where that round started. Returns the withdrawn version."""
         with self.db.transaction() as cur:
-            if cur.dialect.lock_registry:
-                cur.run(cur.dialect.lock_registry)
+            cur.lock_registry()
             row = cur.one("select version, parent_version, metrics from adapters "
                           "where status = ?", (AdapterStatus.LIVE,))
             round_id = json.loads(row["metrics"] or "{}").get("preview_of") if row else None
@@ -273,8 +270,7 @@ class LearnerVerbs:
         outcome stands, not its first step's).
         """
         with self.db.transaction() as cur:
-            if cur.dialect.lock_registry:
-                cur.run(cur.dialect.lock_registry)
+            cur.lock_registry()
             stamp = now()
             adapter = self._register(cur, adapter, files, stamp)
             if adapter["status"] != AdapterStatus.LIVE:
@@ -311,8 +307,7 @@ class LearnerVerbs:
     def set_live(self, version: int) -> None:
         """Make `version` the live adapter (0 = the base model). Used by rollback."""
         with self.db.transaction() as cur:
-            if cur.dialect.lock_registry:
-                cur.run(cur.dialect.lock_registry)
+            cur.lock_registry()
             if version and not cur.one("select version from adapters where version = ?",
                                        (version,)):
                 raise NotFound(f"no adapter version {version}")

@@ -480,8 +480,7 @@ class Store(LearnerVerbs):
         feedback (it is training on it: try again when it ends), or when `relearn_from` is
         no longer where their feedback's first round started (a round finished meanwhile)."""
         with self.db.transaction() as cur:
-            if cur.dialect.lock_registry:
-                cur.run(cur.dialect.lock_registry)
+            cur.lock_registry()
             known = cur.value("select count(*) from users where id = ?", (user_id,)) + cur.value(
                 "select count(*) from api_keys where user_id = ?", (user_id,))
             if not known:
