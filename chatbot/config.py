@@ -70,6 +70,7 @@ class Config:
     # learner
     objective: str = "pg"
     learn_every: int = 4
+    learn_after_seconds: float = 30.0  # a round on fewer items once none came for this long
     lr: float = 1e-3
     lora_r: int = 8
     lora_alpha: int = 16
@@ -251,6 +252,10 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--learn-every", type=_positive_int, default=d.learn_every,
                        help="start a round once this many new votes wait "
                             f"(default: {d.learn_every})")
+    group.add_argument("--learn-after-seconds", type=float, default=d.learn_after_seconds,
+                       help="start a round on fewer than --learn-every new items once none "
+                            "has come for this many seconds, so a person's last votes before "
+                            f"they pause are learnt too (default: {d.learn_after_seconds:g})")
     group.add_argument("--lr", type=float, default=d.lr,
                        help=f"learning rate of the LoRA weights (default: {d.lr})")
     group.add_argument("--lora-r", type=_positive_int, default=d.lora_r,
@@ -342,7 +347,8 @@ LEARNER_FIELDS = (
     "data_dir", "db",
     "model", "quantize", "dtype", "device", "cache_dir",
     "max_new_tokens", "temperature", "top_p", "max_prompt_tokens", "seed",
-    "objective", "learn_every", "lr", "lora_r", "lora_alpha", "beta", "kl_budget", "dpo_beta",
+    "objective", "learn_every", "learn_after_seconds", "lr", "lora_r", "lora_alpha", "beta",
+    "kl_budget", "dpo_beta",
     "clip_eps", "steps_per_round", "preview", "replay", "self_samples", "negative_weight",
     "judge_new", "kl_tripwire", "gate_z", "keep_versions", "max_batch_votes", "max_user_share",
 )

@@ -343,9 +343,9 @@ class Database:
         """Whether this process still holds the learner lock, taking it again if a PostgreSQL
         restart ended the session that held it: False if another learner took it meanwhile.
         Raises while the server cannot be reached (try again later). SQLite's file lock
-        lasts as long as the process."""
+        lasts as long as the process. A process that holds no lock yet tries to take it."""
         if self.dialect is SQLITE:
-            return self._learner_lock is not None
+            return self._learner_lock is not None or self.learner_lock(wait_s=0)
         if self._learner_lock is not None and self._alive(self._learner_lock):
             return True
         self._learner_lock = None

@@ -822,11 +822,13 @@ class Learner:
     def run_forever(self, stop=None) -> None:
         """Poll for feedback; start a round whenever `learn_every` items are pending, and
         until then `prepare` it: when the last round has ended, and as each item comes in.
+        Fewer items start a round once nothing new has come for `learn_after_seconds`.
         While the database cannot be reached (a PostgreSQL restart) it waits and tries again,
         backing off; then it takes its learner lock again and goes on, or stops with
         LearnerLockLost if another learner took it meanwhile."""
         pid = os.getpid()
-        poll = {"failures": 0, "last_beat": 0.0, "prepared_for": None, "started": False}
+        poll = {"failures": 0, "last_beat": 0.0, "prepared_for": None, "started": False,
+                "seen": 0, "seen_since": time.monotonic()}  # the pending count, and since when
 
         def beat_while_training() -> None:  # a long round must not look like a dead learner
             if time.monotonic() - poll["last_beat"] > 10:
@@ -854,9 +856,14 @@ class Learner:
                 time.sleep(min(30.0, 0.5 * 2.0 ** unreachable))
 
     def _poll(self, pid: int, poll: dict) -> None:
-        """One look at the pending feedback: a round if enough is pending, else `prepare`."""
+        """One look at the pending feedback: a round if `learn_every` items are pending, or
+        fewer that have waited `learn_after_seconds` with nothing new (the person paused or
+        left); else `prepare`."""
         pending = self.pending()
-        if pending >= self.config.learn_every:
+        if pending != poll["seen"]:
+            poll["seen"], poll["seen_since"] = pending, time.monotonic()
+        quiet = time.monotonic() - poll["seen_since"] >= self.config.learn_after_seconds
+        if pending >= self.config.learn_every or (pending and quiet):
             self.store.set_learner_status(pid, LearnerState.TRAINING)
             try:
                 # This process is the database's one learner (learner lock) and between

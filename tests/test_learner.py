@@ -672,3 +672,28 @@ def test_the_learner_command_seeds_the_learner_with_seed(tmp_path, monkeypatch, 
         draws.append(seen["draw"])
     assert seen["seed"] == 7 and draws[0] == draws[1]  # torch seeded too
     assert "nothing pending" in capsys.readouterr().out
+
+
+def test_fewer_votes_than_learn_every_are_learnt_once_nothing_new_comes(learner_config):
+    """A person who votes twice and pauses: with --learn-every 4 their two votes wait for
+    --learn-after-seconds of quiet, then make a round of their own."""
+    import threading
+    import time
+
+    config = dataclasses.replace(learner_config, learn_every=4, learn_after_seconds=1.0,
+                                 learner_poll_seconds=0.05)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B"])
+    learner = make_learner(config, store)
+    stop = threading.Event()
+    thread = threading.Thread(target=learner.run_forever, args=(stop,), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    deadline = started + 120
+    while store.live_adapter_version() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(60)
+    (step,) = store.learner_steps()
+    assert step["new_votes"] == 2 and store.pending_counts()["votes_pending"] == 0
+    assert time.monotonic() - started >= 1.0  # not before the quiet second
