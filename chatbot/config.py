@@ -339,26 +339,25 @@ def learner_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The Config fields `python -m learner` takes, handed on by the server as `--field-name VALUE`
-# (booleans as --name / --no-name). Its torch threads are not among them: the server gives
-# the child --threads from --learner-threads and --share-cpu-with its own pid
-# (chatbot/learner_process.py, learner/cores.py).
-LEARNER_FIELDS = (
-    "data_dir", "db",
-    "model", "quantize", "dtype", "device", "cache_dir",
-    "max_new_tokens", "temperature", "top_p", "max_prompt_tokens", "seed",
-    "objective", "learn_every", "learn_after_seconds", "lr", "lora_r", "lora_alpha", "beta",
-    "kl_budget", "dpo_beta",
-    "clip_eps", "steps_per_round", "preview", "replay", "self_samples", "negative_weight",
-    "judge_new", "kl_tripwire", "gate_z", "keep_versions", "max_batch_votes", "max_user_share",
-)
+# The server hands the learner child its settings as `--field-name VALUE` (booleans as
+# --name / --no-name): every Config field the learner's command line takes, but its torch
+# threads, which the server gives from --learner-threads and --share-cpu-with its own pid
+# (chatbot/learner_process.py, learner/cores.py). A new learner flag is thus handed on
+# without being listed again.
+NOT_HANDED_ON = ("threads",)
+
+
+def learner_fields() -> tuple[str, ...]:
+    names = {f.name for f in fields(Config)}
+    return tuple(dict.fromkeys(action.dest for action in learner_parser()._actions
+                               if action.dest in names and action.dest not in NOT_HANDED_ON))
 
 
 def learner_argv(config: Config) -> list[str]:
     """Flags that make `python -m learner` run with this Config's storage, model, sampling and
-    learner settings (LEARNER_FIELDS)."""
+    learner settings (`learner_fields`)."""
     argv = []
-    for name in LEARNER_FIELDS:
+    for name in learner_fields():
         value = getattr(config, name)
         flag = "--" + name.replace("_", "-")
         if value is None:

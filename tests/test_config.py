@@ -24,7 +24,7 @@ def test_every_learner_setting_reaches_the_learner_child(tmp_path):
         cache_dir=tmp_path / "cache",
         max_new_tokens=17, temperature=0.6, top_p=0.9, max_prompt_tokens=300, seed=5,
         data_dir=tmp_path / "data", db="postgresql://duet@db.example/duet", objective="dpo",
-        learn_every=3,
+        learn_every=3, learn_after_seconds=5.0,
         lr=2e-4, lora_r=4, lora_alpha=8, beta=0.07, kl_budget=0.3, dpo_beta=0.2, clip_eps=0.1,
         steps_per_round=5, preview=False, replay=7, self_samples=2, negative_weight=0.25,
         judge_new=True, kl_tripwire=0.9, gate_z=2.0, keep_versions=4, max_batch_votes=9,
