@@ -4,9 +4,8 @@ and the earlier votes it trains on.
 A new pairwise vote (A or B) was cast on replies of the live adapter, which has not trained on
 it, so it always judges the live adapter first: the live adapter's agreement with the newest
 votes (`judged`), the number the dashboard shows. By default it then trains at once, in this
-round, while its replies are still the policy's own: that learned a "shorter" preference
-(win rate 0.73 at 24 votes, p < 0.001) where training one round later did not (0.60, p =
-0.08, twice) - see the issue notes. With `judge_new=True` (test-then-train) a new vote
+round, while its replies are still the policy's own: that learned where training one round
+later did not (docs/learning.md, `--judge-new`). With `judge_new=True` (test-then-train) a new vote
 also judges this round's candidate against the live adapter and trains only from the next
 round on, so the gate has votes neither has seen; only the very first votes, with nothing
 earlier to train on, train at once.

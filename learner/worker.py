@@ -553,11 +553,8 @@ class Learner:
         Policy gradient: `steps_per_round` steps on each of the round's slices in turn (one
         slice per `learn_every` new votes, each with its replayed share; see
         RoundData.sliced_samples), the trust region anchored afresh at each slice's first
-        step. A learner that fell behind thus does what the rounds it missed would have done.
-        Through the API, with the learner behind (64 votes in 6 rounds of up to 16), a user
-        who prefers contractions moved the held-out share 0.41 -> 0.45 (p = 0.30, twice) when
-        a round took all its steps on one batch under one anchor, and 0.41 -> 0.83 (p = 5e-7)
-        slice by slice (bench/results/api-user-contractions-*.json).
+        step. A learner that fell behind thus does what the rounds it missed would have done
+        (one batch under one anchor learned far less through the API: docs/results.md).
         DPO: `steps_for` steps over all the round's pairs.
         `live_totals`: filled with the summed log-prob of each reply the first step saw at the
         live weights (see _accumulate_pg).
