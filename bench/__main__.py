@@ -21,6 +21,7 @@ BENCHMARKS = {
     "feature-share": "bench.feature_share",
     "sweep": "bench.sweep",
     "store": "bench.store",
+    "soak": "bench.soak",
 }
 
 

@@ -424,3 +424,18 @@ def test_the_api_user_suite_pairs_each_arm_with_votes_only():
     assert out["instant-every0"]["gain"]["mean"] == pytest.approx(0.0)
     assert out["instant-every8-minus-votes-only"]["mean"] == pytest.approx(0.15)  # 0.2, 0.1
     assert out["instant-every8-minus-votes-only"]["n"] == 2
+
+
+def test_the_soak_summary_reads_growth_over_the_second_half():
+    from bench.soak import slope_per_hour, summary
+
+    assert slope_per_hour([0, 1800, 3600], [100, 150, 200]) == pytest.approx(100.0)
+    assert slope_per_hour([5], [1]) is None and slope_per_hour([5, 5], [1, 2]) is None
+    # warm-up growth in the first half, flat after: the headline says flat
+    readings = [{"seconds": 600.0 * i, "server_rss_mb": min(900.0, 500.0 + 100 * i),
+                 "learner_rss_mb": None, "db_mb": 1.0 + i} for i in range(10)]
+    out = summary(readings)
+    assert out["server_rss_mb"] == {"first": 500.0, "last": 900.0, "max": 900.0,
+                                    "growth_per_hour_second_half": 0.0}
+    assert out["db_mb"]["growth_per_hour_second_half"] == pytest.approx(6.0)  # 1 MB / 10 min
+    assert "learner_rss_mb" not in out  # never read
