@@ -1,4 +1,5 @@
-"""The learner: rounds of claim -> train the LoRA adapter -> gate -> publish, forever.
+"""The learner: rounds of claim -> train the LoRA adapter -> gate -> publish (when a round
+runs, and what it does between rounds, is learner/loop.py's).
 
 A round claims the pending feedback, starts from the live adapter's weights (so a rejected
 candidate or a rollback never leaks into the next one), takes `steps_per_round` optimizer
@@ -47,7 +48,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -61,7 +61,7 @@ from chatbot.config import Config
 from chatbot.errors import AdapterError, DuetError
 from chatbot.model import LoadedModel
 from chatbot.sampling import end_of_turn_id, reply_token_ids
-from chatbot.states import AdapterStatus, LearnerState, RoundOutcome
+from chatbot.states import AdapterStatus, RoundOutcome
 from chatbot.store import Store
 from learner import gate
 from learner.batch import (
@@ -75,6 +75,7 @@ from learner.batch import (
 )
 from learner.data import PreferencePair, RoundBuilder, RoundData
 from learner.head_start import HeadStart, sample_key
+from learner.loop import LearnerLoop
 from learner.objectives import (
     AdaptiveKLController,
     damp_negative,
@@ -104,10 +105,6 @@ KEEP_REFERENCE_BYTES = 512 * 2**20
 
 class RoundFailed(DuetError):
     """Too many non-finite steps, or another reason to publish nothing this round."""
-
-
-class LearnerLockLost(DuetError):
-    """Another learner took the database's learner lock (after a PostgreSQL restart)."""
 
 
 def chunks(items: list, size: int) -> Iterator[list]:
@@ -817,79 +814,5 @@ class Learner:
     # --- the loop ----------------------------------------------------------------------
 
     def run_forever(self, stop=None) -> None:
-        """Poll for feedback; start a round whenever `learn_every` items are pending, and
-        until then `prepare` it: when the last round has ended, and as each item comes in.
-        Fewer items start a round once nothing new has come for `learn_after_seconds`.
-        While the database cannot be reached (a PostgreSQL restart) it waits and tries again,
-        backing off; then it takes its learner lock again and goes on, or stops with
-        LearnerLockLost if another learner took it meanwhile."""
-        pid = os.getpid()
-        poll = {"failures": 0, "last_beat": 0.0, "prepared_for": None, "started": False,
-                "seen": 0, "seen_since": time.monotonic()}  # the pending count, and since when
-
-        def beat_while_training() -> None:  # a long round must not look like a dead learner
-            if time.monotonic() - poll["last_beat"] > 10:
-                self.store.set_learner_status(pid, LearnerState.TRAINING)
-                poll["last_beat"] = time.monotonic()
-
-        self.on_step = beat_while_training
-        unreachable = 0  # polls in a row the database did not answer
-        while stop is None or not stop.is_set():
-            try:
-                if not self.store.keep_learner_lock():
-                    raise LearnerLockLost("another learner took this database's learner "
-                                          "lock while the database was unreachable")
-                if not poll["started"]:
-                    self.store.set_learner_status(pid, LearnerState.IDLE)
-                    poll["started"] = True
-                self._poll(pid, poll)
-                unreachable = 0
-            except LearnerLockLost:
-                raise
-            except Exception:  # noqa: BLE001 - the database went away: wait for it
-                unreachable += 1
-                log.exception("the database did not answer (%d in a row); trying again",
-                              unreachable)
-                time.sleep(min(30.0, 0.5 * 2.0 ** unreachable))
-
-    def _poll(self, pid: int, poll: dict) -> None:
-        """One look at the pending feedback: a round if `learn_every` items are pending, or
-        fewer that have waited `learn_after_seconds` with nothing new (the person paused or
-        left); else `prepare`."""
-        pending = self.pending()
-        if pending != poll["seen"]:
-            poll["seen"], poll["seen_since"] = pending, time.monotonic()
-        quiet = time.monotonic() - poll["seen_since"] >= self.config.learn_after_seconds
-        if pending >= self.config.learn_every or (pending and quiet):
-            self.store.set_learner_status(pid, LearnerState.TRAINING)
-            try:
-                # This process is the database's one learner (learner lock) and between
-                # rounds it holds no claim: any claim left is a failed round's whose
-                # release failed too (the database was gone): give it back now; the same
-                # for its preview, if it is still live.
-                self.store.release_claims()
-                self.store.withdraw_unfinished_preview()
-                self.round()
-                poll["failures"] = 0
-                poll["prepared_for"] = None  # the next round starts from here
-                self.store.set_learner_status(pid, LearnerState.IDLE)
-            except Exception as exc:  # noqa: BLE001 - one bad round must not end learning
-                poll["failures"] += 1
-                log.exception("round failed")
-                self.store.set_learner_status(pid, LearnerState.IDLE, last_error=str(exc)[:500])
-                time.sleep(min(60.0, 2.0 ** poll["failures"]))
-            return
-        if pending != poll["prepared_for"]:  # a round ended or a vote came in: the next one
-            poll["prepared_for"] = pending
-            self.store.set_learner_status(pid, LearnerState.PREPARING)
-            try:
-                self.prepare()
-            except Exception:  # noqa: BLE001 - the round computes whatever is missing
-                log.exception("could not prepare the next round")
-            self.store.set_learner_status(pid, LearnerState.IDLE)
-            poll["last_beat"] = time.monotonic()
-        if time.monotonic() - poll["last_beat"] > 10:
-            self.store.set_learner_status(pid, LearnerState.IDLE)
-            poll["last_beat"] = time.monotonic()
-        self.pace()  # keeps the CPU share's view of the server fresh between rounds
-        time.sleep(self.config.learner_poll_seconds)
+        """Rounds as feedback comes in, until `stop` is set (learner/loop.py)."""
+        LearnerLoop(self).run(stop)

@@ -14,7 +14,8 @@ import pytest
 from chatbot import db
 from chatbot.model import load_model
 from chatbot.store import Store
-from learner.worker import Learner, LearnerLockLost
+from learner.loop import LearnerLockLost
+from learner.worker import Learner
 from tests.postgres import PostgresServer, postgres_bin
 from tests.test_store import add_turn
 
