@@ -24,6 +24,7 @@ from chatbot.config import (
     add_sampling_args,
     add_server_args,
     add_storage_args,
+    with_device_defaults,
 )
 from chatbot.errors import DuetError, InvalidInput
 
@@ -98,16 +99,6 @@ def read_credentials(pairs: list[str] | None, path: str | None) -> list[tuple[st
             raise InvalidInput(f"a login must look like USER:PASSWORD, got {user.strip()!r}:...")
         credentials.append((user.strip(), password))
     return credentials
-
-
-def with_device_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill in what depends on the device: the reply length, unless --max-new-tokens was
-    given. Done before the Config is built, so the learner child gets the same number."""
-    if args.max_new_tokens is None:
-        from chatbot.model import default_max_new_tokens
-
-        args.max_new_tokens = default_max_new_tokens(args.device)
-    return args
 
 
 def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
@@ -266,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "copy":
             copy(config, args.to)
         else:
-            config = Config.from_args(with_device_defaults(args))
+            config = Config.from_args(with_device_defaults(args))  # the learner gets the same
             if (config.engine == "vllm") != bool(config.engine_url):
                 raise InvalidInput("--engine vllm and --engine-url http://HOST:PORT go together")
             serve(config, read_credentials(args.auth, args.auth_file))

@@ -124,6 +124,17 @@ class Config:
         return cls(**values)
 
 
+def with_device_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in what depends on the device: the reply length, unless --max-new-tokens was
+    given (the server does it before its Config is built, so its learner child gets the same
+    number; `python -m learner` alone does it for itself)."""
+    if args.max_new_tokens is None:
+        from chatbot.model import default_max_new_tokens
+
+        args.max_new_tokens = default_max_new_tokens(args.device)
+    return args
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from chatbot import adapters
-from chatbot.config import Config, learner_parser
+from chatbot.config import Config, learner_parser, with_device_defaults
 from chatbot.errors import DuetError
 from chatbot.states import LearnerState
 
@@ -32,11 +32,7 @@ def _stop(*_) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = learner_parser().parse_args(argv)
-    if args.max_new_tokens is None:  # the server passes its own; alone: the device's default
-        from chatbot.model import default_max_new_tokens
-
-        args.max_new_tokens = default_max_new_tokens(args.device)
+    args = with_device_defaults(learner_parser().parse_args(argv))  # the server passes its own
     config = Config.from_args(args)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     from chatbot.store import Store

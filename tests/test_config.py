@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from chatbot.config import Config, learner_argv, learner_parser
+from chatbot.config import Config, learner_argv, learner_parser, with_device_defaults
 
 # Settings only the server uses; everything else in Config must reach the learner.
 SERVER_ONLY = {"host", "port",
@@ -57,7 +57,7 @@ def test_the_reply_length_follows_the_device_unless_given(monkeypatch):
     from chatbot.config import CPU_MAX_NEW_TOKENS, GPU_MAX_NEW_TOKENS
 
     def settings(*argv: str) -> Config:
-        return Config.from_args(app.with_device_defaults(app.build_parser().parse_args(argv)))
+        return Config.from_args(with_device_defaults(app.build_parser().parse_args(argv)))
 
     assert settings("--device", "cpu").max_new_tokens == CPU_MAX_NEW_TOKENS
     assert settings("--device", "cpu", "--max-new-tokens", "20").max_new_tokens == 20
