@@ -30,7 +30,7 @@ from chatbot.errors import Conflict, InvalidInput, NotFound
 from chatbot.hotswap import LiveAdapter
 from chatbot.limits import RateLimiter
 from chatbot.sampling import Generator, SampledPair
-from chatbot.store import Store
+from chatbot.store import CHOICES, SIDES, Store  # noqa: F401 - the page's choices
 
 log = logging.getLogger(__name__)
 

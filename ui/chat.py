@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from chatbot.service import CONTINUE_MESSAGE, ChatService
-from chatbot.store import CHOICES, SIDES
+from chatbot.service import CHOICES, CONTINUE_MESSAGE, SIDES, ChatService
 from ui.common import as_markdown, bind, chatbot, reply_markdown, user_errors, user_of
 
 CHOICE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both are bad"}
