@@ -6,7 +6,9 @@
     python app.py rollback [--to N]      make an earlier adapter version live again
     python app.py keys add USER          make an API key for the OpenAI-compatible API
     python app.py users forget USER [--relearn]   delete a user's data (and what it taught)
-    python app.py copy --to TARGET       back up, restore, or move to PostgreSQL
+    python app.py backup --out F.db      a copy of the database and adapters, while it serves
+    python app.py restore --from F.db    ... back into this (empty) deployment
+    python app.py migrate --to URL       move a SQLite deployment into PostgreSQL
 
 argparse -> Config -> the pieces in chatbot/, ui/ and learner/. Logging is configured here.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from chatbot.config import (
     Config,
@@ -40,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(parser)
     add_server_args(parser)
     add_learner_args(parser)
-    commands = parser.add_subparsers(dest="command", metavar="{export,rollback,keys,users,copy}")
+    commands = parser.add_subparsers(
+        dest="command", metavar="{export,rollback,keys,users,backup,restore,migrate}")
     export = commands.add_parser("export", help="write the feedback as TRL JSONL: votes and "
                                  "corrections as preference rows (or, with --sft, corrections "
                                  "as SFT rows)")
@@ -72,13 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also undo what the adapters learnt from them: make live the "
                              "version their feedback's first round started from, delete the "
                              "later versions, and learn the other users' feedback again")
-    copy = commands.add_parser(
-        "copy", help="copy the database and its adapter versions into an empty database: a "
-                     "backup, a restore, or the move to PostgreSQL")
-    copy.add_argument("--to", required=True, metavar="TARGET",
-                      help="a new SQLite file (its adapters go in an adapters/ folder beside "
-                           "it: serve it with --data-dir FOLDER) or a postgresql:// URL of an "
-                           "empty database")
+    backup = commands.add_parser(
+        "backup", help="copy the database and its adapter versions into a new SQLite file, "
+                       "while the server runs (the adapters go in an adapters/ folder beside "
+                       "it; serve the copy with --data-dir FOLDER)")
+    backup.add_argument("--out", required=True, metavar="FILE", help="the new SQLite file")
+    restore = commands.add_parser(
+        "restore", help="copy a backup into this deployment's database (--data-dir or --db), "
+                        "which must be empty")
+    restore.add_argument("--from", dest="source", required=True, metavar="FILE",
+                         help="the backup's SQLite file (its adapters/ folder beside it)")
+    migrate = commands.add_parser(
+        "migrate", help="copy this deployment into an empty PostgreSQL database, adapter "
+                        "files included, for front-ends on several hosts")
+    migrate.add_argument("--to", required=True, metavar="URL",
+                         help="postgresql://USER@HOST/NAME of an empty database")
     return parser
 
 
@@ -227,14 +239,28 @@ def users(config: Config, args: argparse.Namespace) -> None:
               "to undo that as well")
 
 
-def copy(config: Config, target: str) -> None:
+def copy(config: Config, args: argparse.Namespace) -> None:
+    """backup, restore and migrate: one copy (chatbot/backup.py) in three directions."""
     from chatbot.backup import copy_deployment
+    from chatbot.db import is_postgres_url
     from chatbot.store import Store
 
-    result = copy_deployment(Store(config.db_url), config.adapters_dir, target)
+    if args.command == "restore":
+        source = Path(args.source).expanduser()
+        if not source.is_file():
+            raise InvalidInput(f"no backup at {source}")
+        result = copy_deployment(Store(source), source.parent / "adapters", config.db_url,
+                                 config.adapters_dir, new_file=False)
+        target = config.db_url
+    else:
+        target = args.out if args.command == "backup" else args.to
+        if (args.command == "migrate") != is_postgres_url(target):
+            raise InvalidInput("backup writes a SQLite file; migrate goes to a postgresql:// URL")
+        result = copy_deployment(Store(config.db_url), config.adapters_dir, target)
     rows = ", ".join(f"{n} {table}" for table, n in result["rows"].items() if n)
-    print(f"copied to {target}: {rows or 'no rows'}")
-    print(f"adapter versions with their files: {len(result['versions_with_files'])}")
+    print(f"copied into {target}: {rows or 'no rows'} (counted again there)")
+    print(f"adapter versions with their files, checked against their manifests: "
+          f"{len(result['versions_with_files'])}")
     if result["versions_without_files"]:
         print("copied without files (missing, or not matching their manifest): "
               + ", ".join(f"v{v}" for v in result["versions_without_files"]))
@@ -254,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             keys(config, args)
         elif args.command == "users":
             users(config, args)
-        elif args.command == "copy":
-            copy(config, args.to)
+        elif args.command in ("backup", "restore", "migrate"):
+            copy(config, args)
         else:
             config = Config.from_args(with_device_defaults(args))  # the learner gets the same
             if (config.engine == "vllm") != bool(config.engine_url):

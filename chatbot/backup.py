@@ -1,21 +1,22 @@
 """Copy a deployment - its database and its adapter versions - into an empty database: a
-backup (a SQLite file in a new folder, the adapters beside it), a restore (the same, back), or
-the move from SQLite to PostgreSQL when a team outgrows one machine.
+backup (a SQLite file in a new folder, the adapters beside it), its restore, or the move from
+SQLite to PostgreSQL when a team outgrows one machine.
 
-    python app.py copy --to backups/2026-12-03/duet.db        # then: --data-dir backups/2026-12-03
-    python app.py copy --to postgresql://duet@db.example/duet  # then: --db postgresql://...
+    python app.py backup --out backups/2026-12-03/duet.db     # while it serves
+    python app.py --data-dir fresh restore --from backups/2026-12-03/duet.db
+    python app.py migrate --to postgresql://duet@db.example/duet
 
 The rows come from one commit of the source (`Database.snapshot`), so a server and a learner
-may keep running while it copies. The adapter files go where the target keeps them: beside a
-SQLite target's file (its `adapters/` folder), or in a PostgreSQL target's `adapter_files`
-table, where front-ends on other hosts fetch them. Each version's files are checked against
-its manifest before they are written; a version whose files are gone or fail the check is
-copied without a folder (its path empty), like a version the learner deleted, so the copy
-never names files it does not hold.
+may keep running while it copies; the copy then counts each table's rows in the target
+against the source's. The adapter files go where the target keeps them: its adapters folder
+(SQLite), or its `adapter_files` table (PostgreSQL), where front-ends on other hosts fetch
+them. Each version's files are checked against its manifest's hashes before they are written;
+a version whose files are gone or fail the check is copied without a folder (its path empty),
+like a version the learner deleted, so the copy never names files it does not hold.
 
 Left out: incremental backups, merging into a database that has rows, the learner's status
-(a process of the source's), PostgreSQL-to-PostgreSQL file checks (`pg_dump` is the tool
-there; this copy carries their files as they are).
+(a process of the source's), checking files between two PostgreSQL databases (`pg_dump` is
+the tool there; this copy carries their files as they are).
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ from pathlib import Path
 
 from chatbot import adapters
 from chatbot.db import TABLES, copy_tables, is_postgres_url
-from chatbot.errors import AdapterError, Conflict, InvalidInput
+from chatbot.errors import AdapterError, Conflict, DuetError, InvalidInput
 from chatbot.store import Store
 
 
-def copy_deployment(source: Store, adapters_dir: Path, target: str) -> dict:
+def copy_deployment(source: Store, adapters_dir: Path, target: str,
+                    target_adapters_dir: Path | None = None, new_file: bool = True) -> dict:
     """Copy `source` (its adapters in `adapters_dir`) into the empty database `target` (a
-    SQLite path or a postgresql:// URL). Returns the rows copied per table, the versions
-    whose files were copied, and those copied without them."""
+    SQLite path or a postgresql:// URL; a SQLite target's adapters go to
+    `target_adapters_dir`, by default the `adapters` folder beside its file). Returns the
+    rows copied per table, the versions whose files were copied, and those copied without
+    them. `new_file`: a SQLite target must not exist yet (a backup never writes into a file
+    it did not make); a restore may go into an empty deployment's file."""
     to_postgres = is_postgres_url(target)
     if not to_postgres:
         path = Path(target.removeprefix("sqlite:///"))
         if source.path is not None and path.resolve() == Path(source.path).resolve():
             raise InvalidInput("the copy must go to another database than the one it copies")
-        if path.exists() and path.stat().st_size:
+        if new_file and path.exists() and path.stat().st_size:
             raise Conflict(f"{path} exists: a copy goes into a new file")
     elif source.db.target == target:
         raise InvalidInput("the copy must go to another database than the one it copies")
@@ -50,6 +55,9 @@ def copy_deployment(source: Store, adapters_dir: Path, target: str) -> dict:
             rows = copy_tables(source.db, copy.db, tables)
         except ValueError as exc:
             raise Conflict(str(exc)) from None
+        counted = copy.db.row_counts(tables)
+        if counted != rows:
+            raise DuetError(f"the copy holds {counted} rows where {rows} were copied")
         with_files, without = [], []
         for row in copy.adapters():
             if not row["path"]:
@@ -65,7 +73,8 @@ def copy_deployment(source: Store, adapters_dir: Path, target: str) -> dict:
                 copy.keep_adapter_files(row["version"], files)
                 with_files.append(row["version"])
             else:
-                adapters.install(Path(copy.path).parent / "adapters", row["path"], files)
+                adapters.install(target_adapters_dir or Path(copy.path).parent / "adapters",
+                                 row["path"], files)
                 with_files.append(row["version"])
         return {"rows": rows, "versions_with_files": with_files,
                 "versions_without_files": without}

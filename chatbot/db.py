@@ -388,6 +388,10 @@ class Database:
         return [row["name"] for row in self.query(
             f"select name from {table} where migration_set = ? order by id", (MIGRATION_SET,))]
 
+    def row_counts(self, tables: tuple[str, ...]) -> dict[str, int]:
+        with self.read() as cur:
+            return {t: cur.value(f"select count(*) as n from {t}") for t in tables}
+
     def tables(self) -> set[str]:
         if self.dialect is SQLITE:
             sql = "select name from sqlite_master where type = 'table'"

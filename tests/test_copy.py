@@ -108,13 +108,26 @@ def test_a_copy_into_a_database_with_rows_or_onto_itself_writes_nothing(tmp_path
         "dora"]
 
 
-def test_the_copy_command(tmp_path, capsys):
+def test_backup_restore_and_their_refusals_on_the_command_line(tmp_path, capsys):
     data = tmp_path / "data"
     deployment(Store(data / "duet.db"), data / "adapters")
-    assert app.main(["--data-dir", str(data), "copy", "--to",
-                     str(tmp_path / "backup" / "duet.db")]) == 0
+    backup = tmp_path / "backup" / "duet.db"
+    assert app.main(["--data-dir", str(data), "backup", "--out", str(backup)]) == 0
     out = capsys.readouterr().out
-    assert "3 votes" in out and "adapter versions with their files: 1" in out and "v2" in out
-    assert app.main(["--data-dir", str(data), "copy", "--to",
-                     str(tmp_path / "backup" / "duet.db")]) == 2
+    assert "3 votes" in out and "with their files, checked against their manifests: 1" in out
+    assert "v2" in out
+    assert app.main(["--data-dir", str(data), "backup", "--out", str(backup)]) == 2
     assert "exists" in capsys.readouterr().err
+    assert app.main(["--data-dir", str(data), "migrate", "--to", str(tmp_path / "x.db")]) == 2
+    assert "postgresql://" in capsys.readouterr().err
+
+    restored = tmp_path / "restored"
+    assert app.main(["--data-dir", str(restored), "restore", "--from", str(backup)]) == 0
+    store = Store(restored / "duet.db")
+    assert len(store.votes()) == 3 and store.live_adapter_version() == 2
+    assert (restored / "adapters" / "v1" / adapters.MANIFEST).exists()
+    assert app.main(["--data-dir", str(restored), "restore", "--from", str(backup)]) == 2
+    assert "not empty" in capsys.readouterr().err  # nothing is merged into a used database
+    assert app.main(["--data-dir", str(restored), "restore", "--from",
+                     str(tmp_path / "nothing.db")]) == 2
+    assert "no backup" in capsys.readouterr().err
