@@ -7,7 +7,8 @@ folders on disk.
 
 A user chats through /v1 (`n=2`, the `openai` package) at a reader's pace, votes on every pair
 for a `re:` preference (so the rounds learn and publish versions), sometimes rates a reply, and
-starts a new conversation every --turns turns. Every --sample-seconds the harness records, for
+starts a new conversation every --turns turns; a vote the server answered and the
+database does not hold at the end counts as lost. Every --sample-seconds the harness records, for
 the server and for its learner child: RSS and open file descriptors; the SQLite file with its
 WAL; the version folders in the adapters folder; the live version and the rounds so far.
 
@@ -169,4 +170,5 @@ def run(args: argparse.Namespace) -> Path:
         "max_new_tokens": args.max_new_tokens, "model": args.model, "seed": args.seed,
         "extra": args.extra},
         {"pairs": pairs, "votes": votes, "errors": len(errors), "first_errors": errors[:5],
+         "votes_lost": votes - (readings[-1]["votes_total"] or 0),
          "summary": summary(readings), "readings": readings}, Path(args.out or RESULTS))

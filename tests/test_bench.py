@@ -439,3 +439,25 @@ def test_the_soak_summary_reads_growth_over_the_second_half():
                                     "growth_per_hour_second_half": 0.0}
     assert out["db_mb"]["growth_per_hour_second_half"] == pytest.approx(6.0)  # 1 MB / 10 min
     assert "learner_rss_mb" not in out  # never read
+
+
+@pytest.mark.slow
+def test_a_short_soak_through_the_api_loses_nothing_and_keeps_folders_bounded(tiny_model_dir,
+                                                                              tmp_path):
+    """The soak harness on the tiny model for a minute: chat, votes and rounds through /v1."""
+    import argparse
+
+    from bench.soak import run
+
+    path = run(argparse.Namespace(
+        minutes=1.0, sample_seconds=10.0, reader_seconds=0.1, turns=3, oracle="shorter",
+        max_new_tokens=8, model=str(tiny_model_dir), seed=0, out=str(tmp_path),
+        extra=["--learn-every", "2", "--keep-versions", "2", "--swap-poll-seconds", "0.5"]))
+    results = json.loads(path.read_text())["results"]
+    assert results["errors"] == 0 and results["votes_lost"] == 0 and results["votes"] >= 10
+    readings = results["readings"]
+    assert len(readings) >= 5 and readings[-1]["live_version"] > 0
+    # the rounds' versions kept, the live one and a preview at most: bounded
+    assert max(r["adapter_folders"] for r in readings) <= 2 + 2
+    assert all(r["server_rss_mb"] > 0 and r["server_fds"] > 0 for r in readings)
+    assert results["summary"]["server_rss_mb"]["growth_per_hour_second_half"] is not None
