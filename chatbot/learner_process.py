@@ -23,6 +23,7 @@ from pathlib import Path
 from chatbot.config import Config, learner_argv
 from chatbot.states import LearnerState
 from chatbot.store import Store
+from chatbot.threads import all_cores
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,8 @@ class LearnerProcess:
         self.log_path = Path(config.data_dir) / "learner.log"
 
     def threads(self) -> int:
-        """--learner-threads, or half the cores this process may run on (as learner/cores.py
-        counts them: a container's CPU affinity, not the machine's cores)."""
-        from learner.cores import all_cores
-
+        """--learner-threads, or half the cores this process may run on (chatbot/threads.py
+        `all_cores`: a container's CPU affinity, not the machine's cores)."""
         return self.config.learner_threads or max(1, all_cores() // 2)
 
     def argv(self) -> list[str]:

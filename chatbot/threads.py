@@ -1,4 +1,5 @@
-"""Torch work in a thread of its own, which takes its OpenMP team with it when it ends.
+"""Threads and cores: torch work in a thread of its own, which takes its OpenMP team with it
+when it ends, and the cores a process may run on.
 
 A thread that ran one parallel torch op keeps an idle OpenMP team until it exits, and once a
 process holds more OpenMP threads than CPUs, libgomp makes every team's workers sleep between
@@ -11,6 +12,7 @@ Left out: a pool; each call starts and joins one thread.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,3 +36,11 @@ def in_fresh_thread(work: Callable[[], T], name: str = "torch-work") -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def all_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

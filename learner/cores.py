@@ -21,6 +21,8 @@ import os
 import time
 from collections.abc import Callable
 
+from chatbot.threads import all_cores
+
 BUSY_CORES = 0.25  # the server's average core use above which it counts as busy
 QUIET_S = 2.0  # how long the server must stay below it before the learner takes every core
 
@@ -33,14 +35,6 @@ def process_cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
-
-
-def all_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class CpuShare:

@@ -1,7 +1,10 @@
 """The promotion gate: does a candidate adapter go live, or is it stored as rejected?
 
-The evidence is the round's new votes, which neither the live adapter nor the candidate has
-trained on (test-then-train: they join training from the next round on). Preference accuracy
+By default (`--judge-new` off) the round trains on its new votes at once, so there are no
+votes the candidate has not seen: the gate checks the KL tripwire alone, and the live
+adapter's accuracy on the new votes is only reported. Under --judge-new (test-then-train) the
+evidence is the round's new votes, which neither the live adapter nor the candidate has
+trained on (they join training from the next round on). Preference accuracy
 is the share of those pairs where an adapter gives the chosen reply the higher per-token
 log-ratio to the reference (the worker computes the margins; per token so that length alone
 wins nothing). Ties (|margin| <= 1e-3 nats) count one half, so the base model scores 0.5.

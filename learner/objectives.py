@@ -87,16 +87,18 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
-def policy_gradient_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor,
+def policy_gradient_loss(logp: torch.Tensor, anchor_logp: torch.Tensor,
                          ref_logp: torch.Tensor | None, advantages: torch.Tensor,
                          mask: torch.Tensor, *, beta: float = 0.0, clip_eps: float = 0.2,
                          normalizer: float = 1.0,
                          demonstration: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped policy-gradient loss with a per-token KL penalty. Minimise it.
 
-    logp, behaviour_logp, ref_logp, mask: (B, T) per-token values for B replies (mask 1 on
-    reply tokens); advantages: (B,). Returns the loss and detached stats: kl, and clip_fraction
-    (the share of tokens where the clip binds and passes no gradient).
+    logp, anchor_logp, ref_logp, mask: (B, T) per-token values for B replies (mask 1 on
+    reply tokens); advantages: (B,). `anchor_logp`: the log-probs the ratio rho is taken to
+    (the worker passes those at the round's first step: see the module's docstring). Returns
+    the loss and detached stats: kl, and clip_fraction (the share of tokens where the clip
+    binds and passes no gradient).
     The loss is sum over replies and tokens of -min(rho A, clip(rho) A) + beta k3, divided by
     `normalizer`; at rho = 1 and beta = 0 its gradient is -sum_b A_b grad log pi(a_b)/normalizer.
     `demonstration`: (B,) True for rows a person wrote (a correction): their term is
@@ -105,9 +107,9 @@ def policy_gradient_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor,
     at 1 + eps a token the policy gives 1% would need ~25 rounds to reach 10%. At rho = 1 the
     two terms have the same gradient.
     """
-    assert logp.shape == behaviour_logp.shape == mask.shape and advantages.shape == logp.shape[:1]
+    assert logp.shape == anchor_logp.shape == mask.shape and advantages.shape == logp.shape[:1]
     mask = mask.to(logp.dtype)
-    ratio = torch.exp(logp - behaviour_logp)  # (B, T)
+    ratio = torch.exp(logp - anchor_logp)  # (B, T): to where the trust region is centred
     adv = advantages[:, None]  # (B, 1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
