@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          metavar="{list,forget}")
     user_commands.add_parser("list", help="list the users (conversations, votes, corrections)")
     forget = user_commands.add_parser(
-        "forget", help="delete every conversation, vote, rating, correction and API key of "
-                       "USER, and name the adapter versions trained on their feedback")
+        "forget", aliases=["delete"],
+        help="delete every conversation, vote, rating, correction and API key of USER, and "
+             "name the adapter versions trained on their feedback")
     forget.add_argument("user", metavar="USER", help="the user to forget")
     forget.add_argument("--relearn", action="store_true",
                         help="also undo what the adapters learnt from them: make live the "
