@@ -124,6 +124,11 @@ def kl_replies(data: RoundData) -> list[Sample]:
     return list(replies.values())[:KL_REPLIES]
 
 
+def replayed_rewrites(data: RoundData) -> list[list[Sample]]:
+    """The round's replayed corrections still without fresh replies: items of one rewrite."""
+    return [item for item in data.replay_items if len(item) == 1 and item[0].behaviour is None]
+
+
 def by_prompt(samples: list[Sample]) -> list[Sample]:
     """Samples grouped by prompt, shorter prompts first, then shorter replies: a pair's replies
     fall in one micro batch, which reads their prompt once (learner/batch.py), and rows are
@@ -362,8 +367,7 @@ class Learner:
         if version != self.adapter_version:
             kept = {}
             self._fresh = (self.adapter_version, kept)
-        items = [item for item in data.replay_items
-                 if len(item) == 1 and item[0].behaviour is None]
+        items = replayed_rewrites(data)
         todo = [item[0] for item in items if item[0].reply_id not in kept]
         if todo:
             samples = self.self_sampler.sample([s.prompt for s in todo])
@@ -717,7 +721,7 @@ class Learner:
             self.sync_to_live()
         parent = self.adapter_version
         data = self.builder.build(claimed)
-        if self.config.objective == "pg":
+        if self.config.objective == "pg" and replayed_rewrites(data):
             with self._phase("fresh_replies"):
                 self.add_fresh_replies(data)
         reward_stats = {}
