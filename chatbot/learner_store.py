@@ -165,10 +165,13 @@ class LearnerVerbs:
     def round_origin(self, version: int, cur: Cursor | None = None) -> int:
         """The version the round that published `version` started from (0: the base model):
         its parent, or its preview's parent when the round published a preview first
-        (learner/worker.py)."""
+        (learner/worker.py). `cur`: read inside that transaction."""
+        if cur is None:
+            with self.db.read() as cur:
+                return self.round_origin(version, cur)
+
         def adapter(v: int) -> dict | None:
-            row = (cur.one("select * from adapters where version = ?", (v,)) if cur
-                   else self.db.one("select * from adapters where version = ?", (v,)))
+            row = cur.one("select * from adapters where version = ?", (v,))
             return json_columns(row, "metrics") if row else None
 
         row = adapter(version)
@@ -311,12 +314,16 @@ class LearnerVerbs:
             if version and not cur.one("select version from adapters where version = ?",
                                        (version,)):
                 raise NotFound(f"no adapter version {version}")
-            stamp = now()
-            cur.run("update adapters set status = ?, updated_at = ? where status = ?",
-                    (AdapterStatus.RETIRED, stamp, AdapterStatus.LIVE))
-            if version:
-                cur.run("update adapters set status = ?, updated_at = ? where version = ?",
-                        (AdapterStatus.LIVE, stamp, version))
+            self._set_live(cur, version, now())
+
+    @staticmethod
+    def _set_live(cur: Cursor, version: int, stamp: str) -> None:
+        """Inside a registry transaction: retire the live version, make `version` live."""
+        cur.run("update adapters set status = ?, updated_at = ? where status = ?",
+                (AdapterStatus.RETIRED, stamp, AdapterStatus.LIVE))
+        if version:
+            cur.run("update adapters set status = ?, updated_at = ? where version = ?",
+                    (AdapterStatus.LIVE, stamp, version))
 
     def set_adapter_path(self, version: int, path: str | None) -> None:
         """Record where a version's folder is; None: its folder is gone, and so are its kept

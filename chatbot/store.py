@@ -45,7 +45,6 @@ from pathlib import Path
 from chatbot.db import Cursor, Database, connect, json_columns, now
 from chatbot.errors import Conflict, InvalidInput, NotFound
 from chatbot.learner_store import FEEDBACK_TABLES, LearnerVerbs
-from chatbot.states import AdapterStatus
 
 CHOICES = ("A", "B", "tie", "both_bad")
 SIDES = ("A", "B")
@@ -453,7 +452,7 @@ class Store(LearnerVerbs):
 
     def trained_on(self, user_id: str) -> list[int]:
         """The adapter versions whose rounds used some of the user's feedback, oldest first."""
-        with self.db.transaction() as cur:
+        with self.db.read() as cur:
             return self._trained_on(cur, user_id)
 
     @staticmethod
@@ -523,14 +522,10 @@ class Store(LearnerVerbs):
         feedback they used to pending. Returns the unregistered versions' folder names."""
         stamp = now()
         later = cur.rows("select version, path from adapters where version > ?", (version,))
-        cur.run("update adapters set status = ?, updated_at = ? where status = ?",
-                (AdapterStatus.RETIRED, stamp, AdapterStatus.LIVE))
+        Store._set_live(cur, version, stamp)
         cur.run("update adapters set reason = ?, path = null, updated_at = ? where version > ?",
                 ("trained on the feedback of a forgotten user", stamp, version))
         cur.run("delete from adapter_files where version > ?", (version,))
-        if version:
-            cur.run("update adapters set status = ?, updated_at = ? where version = ?",
-                    (AdapterStatus.LIVE, stamp, version))
         for table in FEEDBACK_TABLES:
             cur.run(f"update {table} set claimed_by = null, claimed_at = null, "
                     "used_by_version = null, used_at = null where used_by_version > ?",
