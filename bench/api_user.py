@@ -75,7 +75,7 @@ class Suite:
 SUITES = {
     "corrections": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0, 8)),
     "corrections-quick": Suite(("contractions", "can"), (0,), (0, 8)),
-    "corrections-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0,), (0, 8),
+    "corrections-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0, 8),
                                 paces=("reader",)),
 }
 
