@@ -5,7 +5,7 @@
 
 Vote-to-live: from the vote that completes a --learn-every batch to /status showing a new
 adapter version, in rounds where nobody chats meanwhile and the round's version goes live: the
-round's preview (its first step, learner/worker.py) where there is one, else the round's own
+round's preview (its first step, learner/rounds.py) where there is one, else the round's own
 version; and to the round's own version (vote_to_round_live_seconds: what vote-to-live was
 before the preview). Chat during a round: in every other round the user asks for up to
 --chat-pairs pairs while the learner trains, then waits for the version; a pair counts when the

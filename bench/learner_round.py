@@ -28,7 +28,9 @@ from chatbot.config import Config, add_learner_args, add_model_args
 from chatbot.model import load_model
 from chatbot.store import Store
 from learner.batch import Sample, collate, token_logprobs
-from learner.worker import MICRO_BATCH, Learner, chunks
+from learner.clock import chunks
+from learner.scoring import MICRO_BATCH
+from learner.worker import Learner
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> Path:
             fill_store(store, loaded, n_pairs, args.reply_tokens, random.Random(n_pairs))
             learner = Learner(config, store, loaded, seed=0)
             step = learner.round()
-            phases = dict(learner.phase_seconds)
+            phases = dict(learner.clock.seconds)
             samples = [Sample(r["id"], p["prompt_token_ids"], r["token_ids"], r["token_logprobs"])
                        for v in store.votes() for p in [store.pair(None, v["pair_id"])]
                        for r in p["replies"]]

@@ -165,7 +165,7 @@ class LearnerVerbs:
     def round_origin(self, version: int, cur: Cursor | None = None) -> int:
         """The version the round that published `version` started from (0: the base model):
         its parent, or its preview's parent when the round published a preview first
-        (learner/worker.py). `cur`: read inside that transaction."""
+        (learner/rounds.py). `cur`: read inside that transaction."""
         if cur is None:
             with self.db.read() as cur:
                 return self.round_origin(version, cur)
@@ -227,7 +227,7 @@ class LearnerVerbs:
 
     def publish_preview(self, adapter: dict, files: dict[str, bytes] | None = None) -> str:
         """Register a round's preview (its weights after the first optimizer step; see
-        learner/worker.py) while the round goes on: live if its parent still is, else rejected.
+        learner/rounds.py) while the round goes on: live if its parent still is, else rejected.
         It uses no feedback: the round's own version does, when it finishes. Returns the
         status."""
         with self.db.transaction() as cur:

@@ -2,7 +2,7 @@
 
 Only one learner may run per database (`Store.take_learner_lock`: a file lock beside a SQLite
 file, an advisory lock on PostgreSQL). On start it gives back claims a killed learner left
-behind, withdraws the preview of a round it died in (learner/worker.py), and deletes adapter
+behind, withdraws the preview of a round it died in (learner/rounds.py), and deletes adapter
 folders the registry does not know (a crash between writing a folder and registering it). Its
 adapters folder is its own (--data-dir); with PostgreSQL the files it publishes also go into
 the database, for front-ends on other hosts.
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
             share = CpuShare(args.share_cpu_with, config.threads or torch.get_num_threads(),
                              args.idle_threads)
-            learner.pace = share.apply
+            learner.clock.pace = share.apply
             log.info("sharing the CPU with pid %d: %d threads while it works, %d while it "
                      "is idle", args.share_cpu_with, share.busy_threads, share.idle_threads)
         if args.once:

@@ -25,7 +25,7 @@ label they give, and there are few of them. A replayed correction is its rewrite
 advantage +1, here: the turn's samples were the policy's a round or more ago, and pushing them
 down round after round drives their tokens far below the reference, where the k3 penalty
 grows without bound. The learner then gives it replies of its own to be better than, sampled
-on its prompt at the live weights (worker.Learner.add_fresh_replies). The rewrite's tokens
+on its prompt at the live weights (steps.PolicyGradient.add_fresh_replies). The rewrite's tokens
 are its text encoded under the chat template (`encode_reply`), cached in the store; it has no
 behaviour log-probs (no sampler made it), and no trust region: its term is the seed's
 -A log pi, unclipped (see learner/objectives.py).
@@ -123,7 +123,7 @@ class RoundData:
         came, each part with its share of the replayed items and of the scored samples. A
         learner that fell behind (votes come faster than rounds finish) then trains slice by
         slice as the rounds it missed would have, each slice with its own trust region, instead
-        of taking every step on one big batch (see worker.Learner.train)."""
+        of taking every step on one big batch (see steps.PolicyGradient.schedule)."""
         k = self.slices
 
         def share(items: list, i: int) -> list:  # the i-th of k near-equal consecutive parts

@@ -1,12 +1,12 @@
 """The learner's schedule: poll the pending feedback, run a round when enough waits, prepare
 the next round while it does not, keep the heartbeat the server reads, and ride out a
-database that went away. What a round does is learner/worker.py's.
+database that went away. What a round does is learner/rounds.py's.
 
 * A round starts once `learn_every` new items are pending, or fewer once nothing new has come
   for `learn_after_seconds` (the person paused or left: their last votes are learnt too).
 * Until then the learner `prepare`s the next round: when the last one has ended, and as each
   item comes in (learner/head_start.py).
-* A failed round releases its claims (worker.Learner.round) and the next try waits longer,
+* A failed round releases its claims (rounds.run_round) and the next try waits longer,
   up to a minute; the loop itself never ends on one.
 * While the database cannot be reached (a PostgreSQL restart) the loop waits and tries again,
   backing off up to 30 s; then it takes its learner lock again and goes on, or stops with
@@ -87,7 +87,7 @@ class LearnerLoop:
             self._status(LearnerState.IDLE)
         if time.monotonic() - self.last_beat > HEARTBEAT_SECONDS:
             self._status(LearnerState.IDLE)
-        self.learner.pace()  # keeps the CPU share's view of the server fresh between rounds
+        self.learner.clock.pace()  # keeps the CPU share's view of the server fresh between rounds
         time.sleep(self.config.learner_poll_seconds)
 
     def _round(self) -> None:

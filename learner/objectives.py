@@ -14,7 +14,7 @@ guards around it:
 * A trust region. Each token's ratio rho = pi_theta / pi_anchor is PPO-clipped to
   [1 - eps, 1 + eps] (Schulman et al. 2017). The worker passes as anchor the log-probs at the
   round's first step (the live weights), so a round moves each token's probability by at
-  most ~eps whatever version sampled the reply (see worker._accumulate_pg for why not the
+  most ~eps whatever version sampled the reply (see steps.PolicyGradient.accumulate for why not the
   sampler's). At rho = 1 the gradient is exactly the seed's.
 * KL penalty to the reference (the base model), per token, with the k3 estimator
   exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"), weighted

@@ -16,7 +16,9 @@ from chatbot.store import Store
 from learner.batch import Sample
 from learner.data import CORRECTION_IDS
 from learner.head_start import sample_key
-from learner.worker import Learner, RoundFailed, kl_replies
+from learner.scoring import kl_replies
+from learner.steps import RoundFailed
+from learner.worker import Learner
 from tests.test_store import add_turn
 
 
@@ -218,7 +220,7 @@ def rewrite_and_reply_logprobs(learner, store, pair_id) -> tuple[float, list[flo
     samples = [Sample(-1, pair["prompt_token_ids"], tokens, None)] + [
         Sample(r["id"], pair["prompt_token_ids"], r["token_ids"], r["token_logprobs"])
         for r in pair["replies"]]
-    rewrite, *replies = learner.score(samples)
+    rewrite, *replies = learner.scorer.score(samples)
     return rewrite / len(tokens), replies
 
 
@@ -282,8 +284,8 @@ def test_a_replayed_correction_is_compared_with_fresh_replies_of_the_live_weight
     learner.prepare()  # the next round: the newest correction replayed
     head = learner.head_start
     data = learner.builder.draft()
-    learner.sync_to_live()
-    learner.add_fresh_replies(data)
+    learner.adapter.sync_to_live()
+    learner.objective.add_fresh_replies(data)
     (replayed,) = data.replay_items
     rewrite, *fresh = replayed
     assert rewrite.advantage == 1.0 and [s.advantage for s in fresh] == [-0.5, -0.5]
@@ -293,14 +295,14 @@ def test_a_replayed_correction_is_compared_with_fresh_replies_of_the_live_weight
     assert all(s.prompt == prompt and s.reply_id < 0 for s in fresh)
     # sampled by the live weights (v1), with their log-probs: a forward pass gives them back
     assert all(s.behaviour is not None and len(s.behaviour) == len(s.reply) for s in fresh)
-    scored = learner.score(fresh)
+    scored = learner.scorer.score(fresh)
     assert scored == pytest.approx([sum(s.behaviour) for s in fresh], rel=1e-3, abs=1e-2)
     # the head start summed the same fresh replies' terms: the round can use it
     assert all(head.done[sample_key(s)] == 1 for s in fresh)
     ask_and_correct(learner_config, store, ["Name a fruit."])  # a new one, for a round
     step = learner.round()
     assert step["status"] == "promoted" and step["replayed_votes"] == 1
-    assert "fresh_replies" in learner.phase_seconds
+    assert "fresh_replies" in learner.clock.seconds
 
 
 def test_dpo_trains_on_a_correction(learner_config):

@@ -13,7 +13,8 @@ from chatbot.model import load_model
 from chatbot.sampling import PairGenerator
 from chatbot.service import ChatService
 from chatbot.store import Store
-from learner.worker import Learner, RoundFailed
+from learner.steps import RoundFailed, steps_for
+from learner.worker import Learner
 
 PROMPTS = ["Tell me a joke.", "What is rain?", "Name a colour.", "How are you?",
            "Give me a word.", "Count to three.", "Say hi.", "What is two plus two?"]
@@ -49,7 +50,7 @@ def reply_logprob(learner, store, pair_id, side) -> float:
 
     sample = Sample(reply["id"], pair["prompt_token_ids"], reply["token_ids"],
                     reply["token_logprobs"])
-    return learner.score([sample])[0]
+    return learner.scorer.score([sample])[0]
 
 
 def test_one_round_moves_lora_not_base_and_prefers_the_chosen(learner_config):
@@ -140,11 +141,11 @@ def test_kl_tripwire_rejects_and_the_live_version_stays(learner_config):
     assert store.live_adapter_version() == 0
     assert store.adapter(1)["status"] == "rejected"
     assert store.pending_counts()["votes_pending"] == 0  # used by the rejected version
-    learner.sync_to_live()  # the next round starts again from the live weights
+    learner.adapter.sync_to_live()  # the next round starts again from the live weights
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(learner.model)
-    assert all(torch.equal(state[k], learner.initial_lora[k]) for k in state)
+    assert all(torch.equal(state[k], learner.adapter.initial_lora[k]) for k in state)
 
 
 def test_rollback_during_a_round_is_not_overridden(learner_config):
@@ -210,12 +211,12 @@ def test_gate_margin_is_per_token_so_length_alone_wins_nothing(learner_config):
     collect_votes(config, store, ["A", "B"])
     learner = make_learner(config, store)
     data = learner.builder.build(store.claim_feedback("r", 10))
-    learner.fill_reference(data.samples)
+    learner.scorer.fill_reference(data.samples)
     from learner.data import PreferencePair
 
     pairs = [PreferencePair(s, s) for s in data.samples]
-    learner.fill_reference([p.chosen for p in pairs])
-    assert learner.judged_margins(pairs) == pytest.approx([0.0] * len(pairs), abs=1e-5)
+    learner.scorer.fill_reference([p.chosen for p in pairs])
+    assert learner.scorer.judged_margins(pairs) == pytest.approx([0.0] * len(pairs), abs=1e-5)
 
 
 def test_dpo_objective_runs_a_round(learner_config):
@@ -313,7 +314,7 @@ def test_a_round_with_more_new_votes_takes_more_steps(learner_config):
     store = Store(config.db_path)
     collect_votes(config, store, ["A", "B", "A", "B", "A"])
     learner = make_learner(config, store)
-    assert [learner.steps_for(n) for n in (0, 1, 2, 3, 5)] == [3, 3, 3, 6, 9]
+    assert [steps_for(learner.config, n) for n in (0, 1, 2, 3, 5)] == [3, 3, 3, 6, 9]
     beats = []
     learner.on_step = lambda: beats.append(1)  # run_forever's heartbeat hangs here
     step = learner.round()
@@ -343,13 +344,13 @@ def test_a_round_that_fell_behind_trains_slice_by_slice(learner_config, monkeypa
     assert [sum(s.reply_id not in new_reply for s in part) for part in parts] == [2, 2, 2]
 
     seen = []  # (slice, anchors present when its step began, live log-probs taken)
-    accumulate = learner._accumulate_pg
+    accumulate = learner.objective.accumulate
 
     def spy(samples, anchors, live_totals=None, **kwargs):
         seen.append((tuple(s.reply_id for s in samples), len(anchors), live_totals is not None))
         return accumulate(samples, anchors, live_totals, **kwargs)
 
-    monkeypatch.setattr(learner, "_accumulate_pg", spy)
+    monkeypatch.setattr(learner.objective, "accumulate", spy)
     step = learner.round()
     assert step["new_votes"] == 5 and step["replayed_votes"] == 3
     # each slice anchors at its first step: every one of its replies
@@ -383,8 +384,8 @@ def test_the_kl_check_scores_each_reply_once(learner_config, monkeypatch):
     collect_votes(learner_config, store, ["A", "B", "A"])
     learner = make_learner(learner_config, store)
     measured = []
-    exact_kl = learner.exact_kl
-    monkeypatch.setattr(learner, "exact_kl",
+    exact_kl = learner.scorer.exact_kl
+    monkeypatch.setattr(learner.scorer, "exact_kl",
                         lambda samples: measured.append([s.reply_id for s in samples])
                         or exact_kl(samples))
     step = learner.round()
@@ -395,15 +396,15 @@ def test_the_kl_check_scores_each_reply_once(learner_config, monkeypatch):
 
 def _round_spying_on_margins(learner, monkeypatch) -> tuple[dict, list]:
     """Run a round; return its step and the live margins it gave the gate."""
-    from learner import worker
+    from learner import rounds
 
-    decide, seen = worker.gate.decide, []
+    decide, seen = rounds.gate.decide, []
 
     def spy(candidate, live, *args, **kwargs):
         seen.append(list(live))
         return decide(candidate, live, *args, **kwargs)
 
-    monkeypatch.setattr(worker.gate, "decide", spy)
+    monkeypatch.setattr(rounds.gate, "decide", spy)
     return learner.round(), seen[0]
 
 
@@ -424,13 +425,13 @@ def test_the_live_margins_from_the_first_step_equal_scoring_before_training(
     claimed = store.claim_feedback("look", 10)
     data = learner.builder.build(claimed)
     store.release_claims("look")
-    learner.fill_reference([s for p in data.judged for s in (p.chosen, p.rejected)])
-    expected = learner.judged_margins(data.judged)  # at v1, every reply scored
+    learner.scorer.fill_reference([s for p in data.judged for s in (p.chosen, p.rejected)])
+    expected = learner.scorer.judged_margins(data.judged)  # at v1, every reply scored
     assert any(abs(m) > 1e-4 for m in expected)
 
     scored = []
-    score = learner.score
-    monkeypatch.setattr(learner, "score", lambda samples: scored.append(len(samples))
+    score = learner.scorer.score
+    monkeypatch.setattr(learner.scorer, "score", lambda samples: scored.append(len(samples))
                         or score(samples))
     step, live = _round_spying_on_margins(learner, monkeypatch)
     assert step["judged_pairs"] == 5
@@ -449,8 +450,8 @@ def test_replayed_replies_keep_their_reference_log_probs(learner_config):
     new_ids = collect_votes(config, store, ["B", "A"])
     new_replies = {r["id"] for pid in new_ids for r in store.pair(None, pid)["replies"]}
     computed = []
-    fill = learner.fill_reference
-    learner.fill_reference = lambda samples, keep=(): computed.append(
+    fill = learner.scorer.fill_reference
+    learner.scorer.fill_reference = lambda samples, keep=(): computed.append(
         {s.reply_id for s in samples if s.ref is None}) or fill(samples, keep)
     step = learner.round()
     assert step["replayed_votes"] == 2
@@ -473,13 +474,13 @@ def test_prepare_computes_the_pending_replies_reference_before_the_round(learner
     expected = learner.builder.draft().new_samples[0]
     by_hand = expected.ref
     expected.ref = None
-    learner.fill_reference([expected])  # computed again, from scratch
+    learner.scorer.fill_reference([expected])  # computed again, from scratch
     assert by_hand == pytest.approx(expected.ref, abs=1e-6)
 
     collect_votes(config, store, ["A"])
     computed = []
-    fill = learner.fill_reference
-    learner.fill_reference = lambda samples, keep=(): computed.append(
+    fill = learner.scorer.fill_reference
+    learner.scorer.fill_reference = lambda samples, keep=(): computed.append(
         len({s.reply_id for s in samples if s.ref is None})) or fill(samples, keep)
     step = learner.round()
     assert step["new_votes"] == 4
@@ -515,12 +516,12 @@ def test_a_round_begun_between_rounds_takes_the_same_steps(learner_config, monke
     data = learner.builder.build(claimed)
     store.release_claims("look")
     assert data.replayed_items == 2  # the draw the head start was computed on
-    learner.fill_reference(data.samples)
-    start = (_lora_state(learner), copy.deepcopy(learner.optimizer.state_dict()))
+    learner.scorer.fill_reference(data.samples)
+    start = (_lora_state(learner), copy.deepcopy(learner.adapter.optimizer.state_dict()))
 
     computed = []
-    terms = learner._pg_terms
-    monkeypatch.setattr(learner, "_pg_terms", lambda samples, *args: computed.append(
+    terms = learner.objective.terms
+    monkeypatch.setattr(learner.objective, "terms", lambda samples, *args: computed.append(
         {s.reply_id for s in samples}) or terms(samples, *args))
     live_head: dict[int, float] = {}
     with_head = learner.train(data, live_head, head)
@@ -531,7 +532,7 @@ def test_a_round_begun_between_rounds_takes_the_same_steps(learner_config, monke
         for n, p in learner.model.named_parameters():
             if n in start[0]:
                 p.copy_(start[0][n])
-    learner.optimizer.load_state_dict(start[1])
+    learner.adapter.optimizer.load_state_dict(start[1])
     live_whole: dict[int, float] = {}
     whole = learner.train(data, live_whole)
     assert len(computed[2]) == 12  # the first step computed every reply
@@ -558,8 +559,8 @@ def test_a_head_start_for_other_samples_or_weights_is_not_used(learner_config, m
     learner.prepare()
     assert sum(learner.head_start.done.values()) == 2
     computed = []
-    terms = learner._pg_terms
-    monkeypatch.setattr(learner, "_pg_terms", lambda samples, *args: computed.append(
+    terms = learner.objective.terms
+    monkeypatch.setattr(learner.objective, "terms", lambda samples, *args: computed.append(
         len(samples)) or terms(samples, *args))
     second = collect_votes(config, store, ["B"])[0]
     data = learner.builder.build({"votes": [v["id"] for v in store.votes()
@@ -580,7 +581,7 @@ def test_the_kl_check_reads_the_reference_distributions_kept_between_rounds(lear
     pending and replayed ones), the round adds those of the vote that completed it in its
     reference pass, and its KL check then runs the policy alone: the same KL as with a
     reference pass."""
-    from learner.worker import kl_replies
+    from learner.scoring import kl_replies
 
     config = dataclasses.replace(learner_config, learn_every=4, replay=2)
     store = Store(config.db_path)
@@ -590,30 +591,30 @@ def test_the_kl_check_reads_the_reference_distributions_kept_between_rounds(lear
     collect_votes(config, store, ["B", "A", "A"])
     learner.prepare()
     draft = learner.builder.draft()
-    assert set(learner.reference_distributions) == {s.reply_id for s in kl_replies(draft)}
-    assert len(learner.reference_distributions) == 10  # 3 pending + 2 replayed votes
+    assert set(learner.scorer.reference_distributions) == {s.reply_id for s in kl_replies(draft)}
+    assert len(learner.scorer.reference_distributions) == 10  # 3 pending + 2 replayed votes
 
     collect_votes(config, store, ["B"])
     measured = []
-    exact_kl = learner.exact_kl
+    exact_kl = learner.scorer.exact_kl
 
     def spy(samples):
-        kept = dict(learner.reference_distributions)
+        kept = dict(learner.scorer.reference_distributions)
         assert {s.reply_id for s in samples} <= kept.keys()
         with_kept = exact_kl(samples)
-        learner.reference_distributions.clear()  # now with a reference pass
+        learner.scorer.reference_distributions.clear()  # now with a reference pass
         with_pass = exact_kl(samples)
-        learner.reference_distributions.update(kept)
+        learner.scorer.reference_distributions.update(kept)
         measured.append((len(samples), with_kept, with_pass))
         return with_kept
 
-    monkeypatch.setattr(learner, "exact_kl", spy)
+    monkeypatch.setattr(learner.scorer, "exact_kl", spy)
     learner.round()
     (n, (kl_kept, tokens_kept), (kl_pass, tokens_pass)), = measured
     assert n == 12 and tokens_kept == tokens_pass
     assert kl_pass > 1e-4  # v1 differs from the base: not 0 against 0
     assert kl_kept == pytest.approx(kl_pass, rel=1e-4)
-    assert learner.reference_distributions == {}  # not held past the round
+    assert learner.scorer.reference_distributions == {}  # not held past the round
 
 
 def test_the_builder_keeps_the_pairs_it_used_last_and_reads_the_others_again(tmp_path,

@@ -148,7 +148,7 @@ def test_bf16_serving_and_learning_on_a_native_bf16_cpu(tiny_config):
     for reply in pair["replies"]:
         sample = Sample(reply["id"], pair["prompt_token_ids"], reply["token_ids"],
                         reply["token_logprobs"])
-        fresh = learner.score([sample])[0]
+        fresh = learner.scorer.score([sample])[0]
         assert fresh == pytest.approx(sum(reply["token_logprobs"]),
                                       abs=0.05 * len(reply["token_ids"]))
     trains(learner)

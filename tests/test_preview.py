@@ -1,5 +1,5 @@
 """The preview: a round's weights after its first optimizer step go live while it takes the
-others (learner/worker.py). It changes nothing the round computes; the round's outcome stands,
+others (learner/rounds.py). It changes nothing the round computes; the round's outcome stands,
 whether the round is promoted, rejected, fails, or the learner dies during it."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import torch
 
 from chatbot.states import AdapterStatus
 from chatbot.store import Store
+from learner import rounds
 from learner.gate import GateDecision
-from learner.worker import PREVIEW_KL_REPLIES, kl_replies
+from learner.rounds import PREVIEW_KL_REPLIES, run_preview
+from learner.scoring import kl_replies
 from tests.test_learner import collect_votes, make_learner
 
 
@@ -78,26 +80,26 @@ def test_the_round_computes_the_same_weights_with_or_without_the_preview(preview
     claimed = store.claim_feedback("look", 10)
     data = learner.builder.build(claimed)
     store.release_claims("look")
-    learner.fill_reference(data.samples + data.judged_samples, kl_replies(data))
+    learner.scorer.fill_reference(data.samples + data.judged_samples, kl_replies(data))
     start = lora_state(learner)
 
     previews, live = [], {}
     with_preview = learner.train(data, live, after_first_step=lambda: previews.append(
-        learner.preview("look", data, live, parent=0)))
+        run_preview(learner, "look", data, live, parent=0)))
     weights_with = lora_state(learner)
-    moments_with = copy.deepcopy(learner.optimizer.state_dict())
+    moments_with = copy.deepcopy(learner.adapter.optimizer.state_dict())
     assert [p["version"] for p in previews] == [1] and store.live_adapter_version() == 1
 
     with torch.no_grad():  # back to the start, with a fresh optimizer, and again without
         for n, p in learner.model.named_parameters():
             if n in start:
                 p.copy_(start[n])
-    learner.optimizer = None
+    learner.adapter.optimizer = None
     without = learner.train(data, {})
     assert with_preview == without  # loss, KL, steps, clip fraction: to the last bit
     for name, value in lora_state(learner).items():
         assert torch.equal(weights_with[name], value), name
-    moments = learner.optimizer.state_dict()["state"]
+    moments = learner.adapter.optimizer.state_dict()["state"]
     for key, state in moments_with["state"].items():
         assert all(torch.equal(state[k], moments[key][k]) for k in state)
     assert any(not torch.equal(start[n], weights_with[n]) for n in start)  # not a no-op
@@ -108,16 +110,16 @@ def test_a_rejected_round_puts_back_the_version_it_started_from(preview_config, 
     collect_votes(preview_config, store, ["A", "B"])
     learner = make_learner(preview_config, store)
     checks = []
-    check = learner._check
+    check = rounds.check
 
-    def the_second_check_rejects(data, live_list, *replies):
-        kl, candidate_list, decision = check(data, live_list, *replies)
+    def the_second_check_rejects(learner, data, live_list, *replies):
+        kl, candidate_list, decision = check(learner, data, live_list, *replies)
         checks.append(decision.promote)
         if len(checks) == 2:  # the round's candidate, after the preview passed
             decision = GateDecision(False, "rejected by the test")
         return kl, candidate_list, decision
 
-    monkeypatch.setattr(learner, "_check", the_second_check_rejects)
+    monkeypatch.setattr(rounds, "check", the_second_check_rejects)
     step = learner.round()
     assert checks == [True, True] and step["status"] == "rejected"
     assert store.live_adapter_version() == 0  # the base model, as before the round
@@ -125,28 +127,28 @@ def test_a_rejected_round_puts_back_the_version_it_started_from(preview_config, 
     assert "rejected" in store.adapter(1)["reason"]
     assert store.adapter(2)["status"] == AdapterStatus.REJECTED
     assert store.pending_counts()["votes_pending"] == 0  # used by the rejected version
-    learner.sync_to_live()  # the next round starts from the base again, moments kept
+    learner.adapter.sync_to_live()  # the next round starts from the base again, moments kept
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(learner.model)
-    assert all(torch.equal(state[k], learner.initial_lora[k]) for k in state)
-    assert learner.optimizer is not None
+    assert all(torch.equal(state[k], learner.adapter.initial_lora[k]) for k in state)
+    assert learner.adapter.optimizer is not None
 
 
 def test_a_round_that_fails_after_its_preview_withdraws_it(preview_config, monkeypatch):
     store = Store(preview_config.db_path)
     collect_votes(preview_config, store, ["A", "B"])
     learner = make_learner(preview_config, store)
-    check = learner._check
+    check = rounds.check
     calls = []
 
-    def fail_on_the_second(data, live_list, *replies):
+    def fail_on_the_second(learner, data, live_list, *replies):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("the disk is full")
-        return check(data, live_list, *replies)
+        return check(learner, data, live_list, *replies)
 
-    monkeypatch.setattr(learner, "_check", fail_on_the_second)
+    monkeypatch.setattr(rounds, "check", fail_on_the_second)
     with pytest.raises(RuntimeError):
         learner.round()
     assert store.adapter(1)["status"] == AdapterStatus.RETIRED  # it was live, then withdrawn
@@ -215,8 +217,8 @@ def test_the_preview_checks_the_newest_half_of_the_rounds_kl_replies(preview_con
     collect_votes(preview_config, store, ["A", "B", "A", "B", "A", "B"])
     learner = make_learner(dataclasses.replace(preview_config, learn_every=6), store)
     checked = []
-    exact_kl = learner.exact_kl
-    monkeypatch.setattr(learner, "exact_kl", lambda samples: checked.append(
+    exact_kl = learner.scorer.exact_kl
+    monkeypatch.setattr(learner.scorer, "exact_kl", lambda samples: checked.append(
         [s.reply_id for s in samples]) or exact_kl(samples))
     learner.round()
     preview, final = checked

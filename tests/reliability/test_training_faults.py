@@ -13,7 +13,8 @@ from chatbot.model import load_model
 from chatbot.sampling import PairGenerator
 from chatbot.service import ChatService
 from chatbot.store import Store
-from learner.worker import Learner, RoundFailed
+from learner.steps import RoundFailed
+from learner.worker import Learner
 
 
 def voted_store(config, n, choices=("A", "B")):
@@ -36,7 +37,7 @@ def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
     params = [p for p in learner.model.parameters() if p.requires_grad]
     weights_before = [p.detach().clone() for p in params]
     calls = {"n": 0}
-    original = learner._accumulate_pg
+    original = learner.objective.accumulate
 
     def faulty(samples, anchors, live_totals=None, **kwargs):
         calls["n"] += 1
@@ -47,13 +48,13 @@ def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
             params[0].grad.fill_(float("inf"))
         return loss, kl
 
-    learner._accumulate_pg = faulty
+    learner.objective.accumulate = faulty
     step = learner.round()
     assert step["skipped_steps"] == 1
     # The live margins came from the retaken first step, still at the live weights (the base
     # model, which ties every pair).
     assert step["live_heldout_acc"] == 0.5
-    state = learner.optimizer.state[params[0]]
+    state = learner.adapter.optimizer.state[params[0]]
     assert int(state["step"]) == 2  # the optimizer saw the two good steps, not the bad one
     assert any(not torch.equal(p, w) for p, w in zip(params, weights_before))
     assert all(torch.isfinite(p).all() for p in params)
@@ -63,7 +64,7 @@ def test_non_finite_steps_in_a_row_publish_nothing(tiny_config):
     config = dataclasses.replace(tiny_config, judge_new=False, steps_per_round=4)
     store = voted_store(config, 2)
     learner = Learner(config, store, load_model(config), max_bad_steps=3)
-    learner._accumulate_pg = lambda samples, anchors, live_totals=None, **kwargs: (
+    learner.objective.accumulate = lambda samples, anchors, live_totals=None, **kwargs: (
         float("nan"), 0.0)
     with pytest.raises(RoundFailed):
         learner.round()
