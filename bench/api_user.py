@@ -152,8 +152,7 @@ def vote_to_live(store: Store) -> list[float]:
     round's preview where there was one, else the round's own version if promoted."""
     adapters = {a["version"]: a for a in store.adapters()}
     steps = {s["adapter_version"]: s for s in store.learner_steps()}
-    previews = {(a["metrics"] or {}).get("preview_of"): a for a in adapters.values()
-                if (a["metrics"] or {}).get("preview_of")}
+    previews = {a["preview_of"]: a for a in adapters.values() if a.get("preview_of")}
     seconds = []
     for row in store.votes() + store.corrections():
         step = steps.get(row["used_by_version"])

@@ -25,9 +25,44 @@ import tempfile
 from pathlib import Path
 
 from chatbot import adapters
-from chatbot.db import TABLES, copy_tables, is_postgres_url
+from chatbot.db import POSTGRES, Database, is_postgres_url
 from chatbot.errors import AdapterError, Conflict, DuetError, InvalidInput
 from chatbot.store import Store
+
+# The store's tables in an order their references allow (a row after the rows it names), and
+# those whose `id` the database numbers. learner_status is left out: it describes a process of
+# the database copied from.
+TABLES = ("users", "conversations", "messages", "pairs", "replies", "votes", "ratings",
+          "corrections", "adapters", "adapter_files", "learner_steps", "api_keys")
+NUMBERED = ("messages", "replies", "votes", "ratings", "corrections", "learner_steps",
+            "api_keys")
+BATCH_ROWS = 500  # rows read and written at a time
+
+
+def copy_tables(source: Database, target: Database, tables: tuple[str, ...] = TABLES
+                ) -> dict[str, int]:
+    """Copy every row of `tables` from `source` (as of one commit: `snapshot`) into `target`,
+    ids kept, in one transaction of the target's. The target must be migrated and hold none
+    of these rows (ValueError otherwise, and nothing is written). Returns the rows per table.
+    On PostgreSQL the id counters then continue after the copied ids."""
+    counts = {}
+    with source.snapshot() as read, target.transaction() as write:
+        full = [t for t in tables if write.value(f"select count(*) as n from {t}")]
+        if full:
+            raise ValueError(f"the target database is not empty ({', '.join(full)} have rows)")
+        for table in tables:
+            key = "version, name" if table == "adapter_files" else (
+                "version" if table == "adapters" else "id")
+            counts[table] = 0
+            for rows in read.batches(f"select * from {table} order by {key}", (), BATCH_ROWS):
+                for row in rows:
+                    write.insert(table, row)
+                counts[table] += len(rows)
+        if target.dialect is POSTGRES:
+            for table in NUMBERED:
+                write.value(f"select setval(pg_get_serial_sequence('{table}', 'id'), "
+                            f"coalesce(max(id), 0) + 1, false) from {table}")
+    return counts
 
 
 def copy_deployment(source: Store, adapters_dir: Path, target: str,

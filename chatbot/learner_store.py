@@ -1,5 +1,6 @@
-"""The learner's half of the store's verbs: claiming and using feedback, the adapter
-registry (with the adapter files on PostgreSQL), learner steps and the learner's status.
+"""The learner's half of the store's verbs: claiming and using feedback, finishing a round
+(its version registered and its feedback used in one commit), learner steps and the learner's
+status. The adapter registry's verbs are chatbot/registry.py's.
 
 `Store` (chatbot/store.py) inherits these; nobody uses this class alone. The SQL is written
 the way chatbot/store.py writes it (see chatbot/db.py for the dialects). Claims are marks, not
@@ -13,15 +14,15 @@ from __future__ import annotations
 import json
 
 from chatbot.db import Cursor, Database, json_columns, marks, now
-from chatbot.errors import NotFound
 from chatbot.limits import fair_pick
+from chatbot.registry import RegistryVerbs
 from chatbot.states import AdapterStatus, LearnerState, RoundOutcome
 
 FEEDBACK_TABLES = ("votes", "ratings", "corrections")
 JSON_COLUMNS = {"corrections": ("token_ids",)}  # per feedback table, read back as Python
 
 
-class LearnerVerbs:
+class LearnerVerbs(RegistryVerbs):
     db: Database
 
     # --- learner: claiming and using feedback -----------------------------------------
@@ -144,118 +145,7 @@ class LearnerVerbs:
             cur.run("update replies set ref_token_logprobs = ? where id = ?",
                     (json.dumps(logprobs), reply_id))
 
-    # --- adapters registry -------------------------------------------------------------
-
-    def live_adapter(self) -> dict | None:
-        row = self.db.one("select * from adapters where status = ?", (AdapterStatus.LIVE,))
-        return json_columns(row, "metrics") if row else None
-
-    def live_adapter_version(self) -> int:
-        row = self.live_adapter()
-        return row["version"] if row else 0
-
-    def adapter(self, version: int) -> dict | None:
-        row = self.db.one("select * from adapters where version = ?", (version,))
-        return json_columns(row, "metrics") if row else None
-
-    def adapters(self) -> list[dict]:
-        return [json_columns(r, "metrics")
-                for r in self.db.query("select * from adapters order by version")]
-
-    def round_origin(self, version: int, cur: Cursor | None = None) -> int:
-        """The version the round that published `version` started from (0: the base model):
-        its parent, or its preview's parent when the round published a preview first
-        (learner/rounds.py). `cur`: read inside that transaction."""
-        if cur is None:
-            with self.db.read() as cur:
-                return self.round_origin(version, cur)
-
-        def adapter(v: int) -> dict | None:
-            row = cur.one("select * from adapters where version = ?", (v,))
-            return json_columns(row, "metrics") if row else None
-
-        row = adapter(version)
-        if row is None:
-            raise NotFound(f"no adapter version {version}")
-        parent = row["parent_version"] or 0
-        above = adapter(parent) if parent else None
-        if above and (above["metrics"] or {}).get("preview_of"):  # the round's first step
-            return above["parent_version"] or 0
-        return parent
-
-    def next_adapter_version(self) -> int:
-        return (self.db.one("select max(version) as v from adapters")["v"] or 0) + 1
-
-    @staticmethod
-    def _live_version(cur: Cursor) -> int:
-        """The live version inside a transaction (0: the base model)."""
-        return cur.value("select version from adapters where status = ?",
-                         (AdapterStatus.LIVE,)) or 0
-
-    @staticmethod
-    def _register(cur: Cursor, adapter: dict, files: dict[str, bytes] | None,
-                  stamp: str) -> dict:
-        """Insert a published adapter (and its files); `live` only if the live version is still
-        its parent (else rejected: someone rolled back meanwhile), retiring that one. Returns
-        the row as inserted."""
-        adapter = dict(adapter)
-        if adapter["status"] == AdapterStatus.LIVE and \
-                LearnerVerbs._live_version(cur) != adapter["parent_version"]:
-            adapter["status"] = AdapterStatus.REJECTED
-            adapter["reason"] = "the live version changed while this candidate trained"
-        if adapter["status"] == AdapterStatus.LIVE:
-            cur.run("update adapters set status = ?, updated_at = ? where status = ?",
-                    (AdapterStatus.RETIRED, stamp, AdapterStatus.LIVE))
-        cur.insert("adapters", {**adapter, "metrics": json.dumps(adapter.get("metrics", {})),
-                                "created_at": stamp, "updated_at": stamp})
-        for name, data in (files or {}).items():
-            cur.insert("adapter_files", {"version": adapter["version"], "name": name,
-                                         "data": data})
-        return adapter
-
-    @staticmethod
-    def _withdraw(cur: Cursor, preview: int, parent: int, reason: str, stamp: str) -> bool:
-        """If `preview` is live: retire it and make `parent` (0: the base model) live again."""
-        if LearnerVerbs._live_version(cur) != preview:
-            return False
-        cur.run("update adapters set status = ?, reason = ?, updated_at = ? where version = ?",
-                (AdapterStatus.RETIRED, reason, stamp, preview))
-        if parent:
-            cur.run("update adapters set status = ?, updated_at = ? where version = ?",
-                    (AdapterStatus.LIVE, stamp, parent))
-        return True
-
-    def publish_preview(self, adapter: dict, files: dict[str, bytes] | None = None) -> str:
-        """Register a round's preview (its weights after the first optimizer step; see
-        learner/rounds.py) while the round goes on: live if its parent still is, else rejected.
-        It uses no feedback: the round's own version does, when it finishes. Returns the
-        status."""
-        with self.db.transaction() as cur:
-            cur.lock_registry()
-            return self._register(cur, adapter, files, now())["status"]
-
-    def withdraw_preview(self, preview: int, parent: int, reason: str) -> bool:
-        """A preview whose round failed: if it is live, put its parent back. True if it was."""
-        with self.db.transaction() as cur:
-            cur.lock_registry()
-            return self._withdraw(cur, preview, parent, reason, now())
-
-    def withdraw_unfinished_preview(self) -> int | None:
-        """At the learner's start and before each round: a live preview whose round did not
-        finish (the learner died during it, or the round failed and so did the withdrawal)
-        goes, and its parent is live again, so the round's votes, still pending, train from
-        where that round started. Returns the withdrawn version."""
-        with self.db.transaction() as cur:
-            cur.lock_registry()
-            row = cur.one("select version, parent_version, metrics from adapters "
-                          "where status = ?", (AdapterStatus.LIVE,))
-            round_id = json.loads(row["metrics"] or "{}").get("preview_of") if row else None
-            if not round_id or cur.one("select id from learner_steps where round_id = ? and "
-                                       "status != ?", (round_id, "failed")):
-                return None
-            self._withdraw(cur, row["version"], row["parent_version"] or 0,
-                           "its round never finished (the learner stopped)", now())
-            return row["version"]
+    # --- rounds ------------------------------------------------------------------------
 
     def finish_round(self, round_id: str, adapter: dict, step: dict,
                      files: dict[str, bytes] | None = None,
@@ -289,50 +179,10 @@ class LearnerVerbs:
             cur.insert("learner_steps", {**step, "round_id": round_id, "created_at": stamp})
         return adapter["status"]
 
-    def keep_adapter_files(self, version: int, files: dict[str, bytes]) -> None:
-        """Keep a registered version's files in the database (PostgreSQL; see
-        chatbot/backup.py for the copy that fills them in)."""
-        with self.db.transaction() as cur:
-            cur.run("delete from adapter_files where version = ?", (version,))
-            for name, data in files.items():
-                cur.insert("adapter_files", {"version": version, "name": name, "data": data})
-
-    def adapter_files(self, version: int) -> dict[str, bytes]:
-        """The files kept for a version (name -> bytes); empty when none are kept (SQLite)."""
-        return {row["name"]: bytes(row["data"]) for row in self.db.query(
-            "select name, data from adapter_files where version = ? order by name", (version,))}
-
     def log_failed_round(self, round_id: str, step: dict) -> None:
         with self.db.transaction() as cur:
             cur.insert("learner_steps", {**step, "round_id": round_id, "status": "failed",
                                          "created_at": now()})
-
-    def set_live(self, version: int) -> None:
-        """Make `version` the live adapter (0 = the base model). Used by rollback."""
-        with self.db.transaction() as cur:
-            cur.lock_registry()
-            if version and not cur.one("select version from adapters where version = ?",
-                                       (version,)):
-                raise NotFound(f"no adapter version {version}")
-            self._set_live(cur, version, now())
-
-    @staticmethod
-    def _set_live(cur: Cursor, version: int, stamp: str) -> None:
-        """Inside a registry transaction: retire the live version, make `version` live."""
-        cur.run("update adapters set status = ?, updated_at = ? where status = ?",
-                (AdapterStatus.RETIRED, stamp, AdapterStatus.LIVE))
-        if version:
-            cur.run("update adapters set status = ?, updated_at = ? where version = ?",
-                    (AdapterStatus.LIVE, stamp, version))
-
-    def set_adapter_path(self, version: int, path: str | None) -> None:
-        """Record where a version's folder is; None: its folder is gone, and so are its kept
-        files."""
-        with self.db.transaction() as cur:
-            cur.run("update adapters set path = ?, updated_at = ? where version = ?",
-                    (path, now(), version))
-            if path is None:
-                cur.run("delete from adapter_files where version = ?", (version,))
 
     def learner_steps(self, limit: int = 1000) -> list[dict]:
         return self.db.query("select * from learner_steps order by id desc limit ?", (limit,))[::-1]

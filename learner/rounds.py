@@ -230,13 +230,13 @@ def _preview(learner, round_id: str, data: RoundData, live_totals: dict[int, flo
         return done
     version = learner.store.next_adapter_version()
     row, files = learner.adapter.publish(version, parent, {
-        "preview_of": round_id, "steps": 1, "kl": kl, "beta": learner.kl_control.beta,
+        "steps": 1, "kl": kl, "beta": learner.kl_control.beta,
         "objective": learner.objective.name,
         "heldout_acc": gate.preference_accuracy(candidate_list),
         "live_heldout_acc": gate.preference_accuracy(live_list),
         "judged_pairs": len(data.judged)})
     status = learner.store.publish_preview(
-        {**row, "status": AdapterStatus.LIVE,
+        {**row, "preview_of": round_id, "status": AdapterStatus.LIVE,
          "reason": f"preview: round {round_id[:8]} after its first step"}, files=files)
     if status == AdapterStatus.LIVE:
         learner.live_preview = (version, parent)
@@ -247,13 +247,8 @@ def _preview(learner, round_id: str, data: RoundData, live_totals: dict[int, flo
 
 
 def retire_old_versions(store, config) -> None:
-    """Keep the folders of the newest `keep_versions` rounds' versions (and always the live
-    one's); a preview's folder goes once it is no longer live: its round's version replaced
-    it, or it was withdrawn."""
-    on_disk = [a for a in store.adapters() if a["path"]]
-    rounds = [a for a in on_disk if not (a["metrics"] or {}).get("preview_of")]
-    keep = {a["version"] for a in rounds[-config.keep_versions:]}
-    for row in on_disk:
-        if row["version"] not in keep and row["status"] != AdapterStatus.LIVE:
-            shutil.rmtree(config.adapters_dir / row["path"], ignore_errors=True)
-            store.set_adapter_path(row["version"], None)
+    """Delete the folders the registry's retention rule lets go (`old_folders`: all but the
+    newest `keep_versions` rounds' versions and the live one) and unregister their paths."""
+    for row in store.old_folders(config.keep_versions):
+        shutil.rmtree(config.adapters_dir / row["path"], ignore_errors=True)
+        store.set_adapter_path(row["version"], None)

@@ -10,8 +10,7 @@ import pytest
 
 import app
 from chatbot import adapters
-from chatbot.backup import copy_deployment
-from chatbot.db import TABLES
+from chatbot.backup import TABLES, copy_deployment
 from chatbot.errors import Conflict, InvalidInput
 from chatbot.store import Store
 from tests.test_forget import two_users

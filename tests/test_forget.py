@@ -46,11 +46,11 @@ def finish(store, version, parent, preview_of=None):
     """A learner round that used whatever is pending, published as `version`, live."""
     round_id = f"round-{version}"
     store.claim_feedback(round_id, limit=100)
-    metrics = {"preview_of": preview_of} if preview_of else {}
     store.finish_round(round_id, {"version": version, "path": f"v{version}",
                                   "parent_version": parent, "base_model": "tiny",
-                                  "sha256": "0" * 64, "metrics": metrics, "status": "live",
-                                  "reason": "test"}, {"status": "promoted"})
+                                  "sha256": "0" * 64, "metrics": {}, "status": "live",
+                                  "preview_of": preview_of, "reason": "test"},
+                       {"status": "promoted"})
 
 
 def two_users(store):
@@ -107,7 +107,7 @@ def test_the_origin_skips_a_preview_and_a_stale_origin_is_refused(store):
     # bob's round publishes its first step as v2 (a preview), then itself as v3: it started
     # from v1
     store.publish_preview({"version": 2, "path": "v2", "parent_version": 1, "base_model": "tiny",
-                           "sha256": "0" * 64, "metrics": {"preview_of": "round-3"},
+                           "sha256": "0" * 64, "metrics": {}, "preview_of": "round-3",
                            "status": "live", "reason": "preview"})
     finish(store, 3, 2)
     assert store.round_origin(3) == 1 and store.round_origin(1) == 0

@@ -56,7 +56,7 @@ def test_the_first_step_goes_live_then_the_rounds_version_replaces_it(preview_co
     assert (live, pending) == (1, 4)
     preview, final = store.adapter(1), store.adapter(2)
     assert preview["status"] == AdapterStatus.RETIRED and preview["parent_version"] == 0
-    assert preview["metrics"]["steps"] == 1 and preview["metrics"]["preview_of"]
+    assert preview["metrics"]["steps"] == 1 and preview["preview_of"]
     assert preview["path"] is None  # its folder went with it
     assert final["status"] == AdapterStatus.LIVE and final["parent_version"] == 1
     assert final["metrics"]["preview"]["version"] == 1
@@ -181,11 +181,10 @@ def test_at_start_a_preview_whose_round_never_finished_is_withdrawn(db_target):
     store = Store(db_target)
     try:
         def register(version, parent, status, round_id=None):
-            metrics = {"preview_of": round_id} if round_id else {}
             store.publish_preview({"version": version, "path": f"v{version}",
                                    "parent_version": parent, "base_model": "m",
-                                   "sha256": "0" * 64, "status": status,
-                                   "metrics": metrics, "reason": "test"})
+                                   "sha256": "0" * 64, "status": status, "metrics": {},
+                                   "preview_of": round_id, "reason": "test"})
 
         register(1, 0, AdapterStatus.LIVE)
         assert store.withdraw_unfinished_preview() is None  # not a preview

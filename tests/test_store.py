@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from chatbot.db import MIGRATIONS
 from chatbot.errors import Conflict, InvalidInput, NotFound
+from chatbot.migrations import MIGRATIONS
 from chatbot.store import Store
 
 PAIR = {"prompt_token_ids": [1, 2, 3], "adapter_version": 0, "temperature": 0.8, "top_p": 0.95,
@@ -48,7 +48,7 @@ def test_migrations_build_every_table_once(db_target):
             } <= store.db.tables()
     assert store.db.applied_migrations() == [m.__name__ for m in MIGRATIONS] == [
         "m001_initial", "m002_judged_pairs", "m003_api_keys", "m004_adapter_files",
-        "m005_corrections"]
+        "m005_corrections", "m006_preview_of"]
     assert "judged_pairs" in store.db.columns("learner_steps")
     if store.db.dialect.name == "sqlite":
         assert store.db.query("pragma journal_mode")[0]["journal_mode"] == "wal"
@@ -70,9 +70,28 @@ def test_a_sqlite_file_made_by_sqlite_utils_opens_and_migrates(tmp_path):
         "create table adapters (version integer primary key, path text);")
     old.close()
     store = Store(path)
-    assert store.db.applied_migrations()[-2:] == ["m004_adapter_files", "m005_corrections"]
+    assert store.db.applied_migrations()[-3:] == ["m004_adapter_files", "m005_corrections",
+                                                  "m006_preview_of"]
     assert {"adapter_files", "corrections"} <= store.db.tables()
     assert "votes" not in store.db.tables()
+
+
+def test_a_database_from_before_the_preview_column_is_upgraded(db_target):
+    """m006 moves a preview's round from its metrics text into the `preview_of` column."""
+    from chatbot.db import Database
+
+    old = Database(db_target)
+    old.migrate(MIGRATIONS[:5])
+    with old.transaction() as cur:
+        for version, metrics in ((1, {"kl": 0.1}), (2, {"kl": 0.2, "preview_of": "r2"})):
+            cur.insert("adapters", {"version": version, "path": f"v{version}",
+                                    "parent_version": version - 1, "status": "retired",
+                                    "metrics": json.dumps(metrics)})
+    old.close()
+    store = Store(db_target)
+    assert [(a["version"], a["preview_of"]) for a in store.adapters()] == [(1, None), (2, "r2")]
+    assert store.round_origin(2) == 1
+    store.close()
 
 
 def test_add_turn_stores_message_pair_and_both_replies(store):

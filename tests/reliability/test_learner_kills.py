@@ -144,7 +144,7 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path, db_target)
         a["version"] for a in store.adapters()}
     # the live version is a round's, or the preview of a round that finished (the learner
     # withdraws the preview of a round it died in when it starts again)
-    preview_of = ((store.live_adapter() or {}).get("metrics") or {}).get("preview_of")
+    preview_of = (store.live_adapter() or {}).get("preview_of")
     assert not preview_of or preview_of in {s["round_id"] for s in store.learner_steps()}
     names = [p.name for p in config.adapters_dir.iterdir()]
     assert not [n for n in names if n.startswith(adapters.TMP_PREFIX)]
