@@ -25,9 +25,8 @@ BENCHMARKS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The command line, and each benchmark's module by name."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     commands = parser.add_subparsers(dest="name", required=True)
     modules = {}
@@ -36,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(name, help=module.__doc__.strip().splitlines()[0])
         module.add_args(sub)
         modules[name] = module
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser, modules = build_parser()
     args = parser.parse_args(argv)
     remember_commit()
     path = modules[args.name].run(args)

