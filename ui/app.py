@@ -99,9 +99,8 @@ def build_ui(service: ChatService, admins: frozenset[str] = frozenset({LOCAL_USE
                 board = dashboard.build(service, is_admin)
         add_api(service)  # first: the endpoints keep their names
         chat.wire(page)
-        learning_tab.select(board.refresh, None, board.outputs, api_visibility="private")
+        dashboard.wire(board, learning_tab, demo)
         demo.load(signed_in, None, whoami, api_visibility="private")
         demo.load(bind(chat.list_conversations, page), [page.conversation_id],
                   conversations, api_visibility="private")
-        demo.load(board.show_admin, None, board.admin_outputs, api_visibility="private")
     return demo

@@ -9,12 +9,17 @@ button, because it samples replies: for the turns whose reply the user rewrote (
 the rewrite), then the first messages of their latest conversations, a reply of the base
 model beside one of the live adapter.
 
+Its shape is the chat's (ui/chat.py): `build` lays the components out into a `Board`, the
+handlers are functions of the board and the event's inputs returning a dict keyed by the
+components they change, and `wire` binds them.
+
 Left out: zooming and hovering on the curves (a picture, not a chart widget), comparing two
 adapter versions other than the base and the live one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
@@ -22,7 +27,7 @@ import pandas as pd
 
 from chatbot.errors import InvalidInput
 from chatbot.service import ChatService
-from ui.common import as_markdown, chatbot, reply_markdown, user_errors, user_of
+from ui.common import as_markdown, bind, chatbot, reply_markdown, user_errors, user_of
 
 REFRESH_SECONDS = 5.0
 COMPARE_PROMPTS = 3
@@ -132,11 +137,30 @@ def adapters_table(rows: list[dict]) -> pd.DataFrame:
 
 
 @dataclass
-class Dashboard:
-    refresh: object
-    outputs: list
-    show_admin: object
-    admin_outputs: list
+class Board:
+    service: ChatService
+    is_admin: Callable[[gr.Request], bool]
+    status: gr.Markdown
+    quality_plot: gr.Plot
+    kl_plot: gr.Plot
+    drawn: gr.State  # how many rounds the plots on this page show
+    versions: gr.Dataframe
+    compare: gr.Button
+    compare_note: gr.Markdown
+    slots: list[tuple[gr.Group, gr.Markdown, gr.Chatbot, gr.Chatbot]]  # one per compared turn
+    admin_row: gr.Row
+    target: gr.Textbox  # the version to roll back to
+    rollback: gr.Button
+    timer: gr.Timer
+
+    @property
+    def outputs(self) -> list:
+        """What a refresh changes."""
+        return [self.status, self.quality_plot, self.kl_plot, self.versions, self.drawn]
+
+    @property
+    def compare_outputs(self) -> list:
+        return [self.compare_note, *(c for slot in self.slots for c in slot)]
 
 
 def compare_heading(row: dict) -> str:
@@ -161,12 +185,12 @@ def rollback_target(text: str | None) -> int | None:
     return int(text)
 
 
-def build(service: ChatService, is_admin) -> Dashboard:
-    status_box = gr.Markdown(elem_id="learning-status")
+def build(service: ChatService, is_admin: Callable[[gr.Request], bool]) -> Board:
+    status = gr.Markdown(elem_id="learning-status")
     with gr.Row():
         quality_plot = gr.Plot(show_label=False, format="png", elem_id="quality-plot")
         kl_plot = gr.Plot(show_label=False, format="png", elem_id="kl-plot")
-    drawn = gr.State(-1)  # how many rounds the plots on this page show
+    drawn = gr.State(-1)
     versions = gr.Dataframe(label="Adapter versions", interactive=False, elem_id="versions")
     gr.Markdown("### What your feedback changed\nFor the turns whose reply you rewrote, then "
                 "the first messages of your latest conversations, one reply of the base model "
@@ -188,60 +212,75 @@ def build(service: ChatService, is_admin) -> Dashboard:
                             placeholder="empty: the live version's parent",
                             elem_id="rollback-version")
         rollback_button = gr.Button("Roll back", variant="stop", elem_id="rollback")
-    timer = gr.Timer(REFRESH_SECONDS)
+    return Board(service=service, is_admin=is_admin, status=status, quality_plot=quality_plot,
+                 kl_plot=kl_plot, drawn=drawn, versions=versions, compare=compare_button,
+                 compare_note=compare_note, slots=slots, admin_row=admin_row, target=target,
+                 rollback=rollback_button, timer=gr.Timer(REFRESH_SECONDS))
 
-    def refresh(shown: int = -1):
-        data = service.dashboard()
-        status = {**data["status"], "rounds": len(data["steps"]), "steps": data["steps"]}
-        update = {status_box: status_markdown(status), drawn: len(data["steps"]),
-                  versions: adapters_table(data["adapters"])}
-        if len(data["steps"]) != shown:
-            quality, kl = curves(data["steps"])
-            update[quality_plot] = curve_figure(
-                quality, "Reward, and agreement with the newest votes", "share / reward",
-                (-1.05, 1.05))
-            update[kl_plot] = curve_figure(kl, "KL to the base model, and its coefficient",
-                                           "per token")
-        return update
 
-    def show_admin(request: gr.Request):
-        return gr.Row(visible=is_admin(request))
+# --- handlers: functions of the board and the event's inputs, returning what they change ----
 
-    @user_errors
-    def rollback(version, request: gr.Request):
-        if not is_admin(request):
-            raise gr.Error("only an admin can roll back")
-        result = service.rollback(rollback_target(version))
-        gr.Info(f"v{result['live_adapter_version']} is live (was v{result['previous_version']})")
-        return refresh()
+def refresh(board: Board, shown: int = -1) -> dict:
+    """The status, the versions and (when a round was added) the curves."""
+    data = board.service.dashboard()
+    status = {**data["status"], "rounds": len(data["steps"]), "steps": data["steps"]}
+    update = {board.status: status_markdown(status), board.drawn: len(data["steps"]),
+              board.versions: adapters_table(data["adapters"])}
+    if len(data["steps"]) != shown:
+        quality, kl = curves(data["steps"])
+        update[board.quality_plot] = curve_figure(
+            quality, "Reward, and agreement with the newest votes", "share / reward",
+            (-1.05, 1.05))
+        update[board.kl_plot] = curve_figure(kl, "KL to the base model, and its coefficient",
+                                             "per token")
+    return update
 
-    @user_errors
-    def compare(request: gr.Request):
-        result = service.compare_with_base(user_of(request), COMPARE_PROMPTS)
-        rows, version = result["rows"], result["live_adapter_version"]
-        if not version:
-            note = "The base model is live (no adapter yet): the votes have changed nothing."
-        elif not rows:
-            note = "Nothing to compare yet: start a conversation first."
-        else:
-            note = f"Live adapter: **v{version}**."
-        update = {compare_note: note}
-        for i, (group, prompt, base, live) in enumerate(slots):
-            row = rows[i] if i < len(rows) else None
-            update[group] = gr.Group(visible=row is not None)
-            if row:
-                update[prompt] = compare_heading(row)
-                update[base] = [{"role": "assistant",
-                                 "content": reply_markdown(row["base"], row["base_cut_at"])}]
-                update[live] = gr.Chatbot(label=f"Live adapter v{version}", value=[
-                    {"role": "assistant",
-                     "content": reply_markdown(row["live"], row["live_cut_at"])}])
-        return update
 
-    outputs = [status_box, quality_plot, kl_plot, versions, drawn]
-    timer.tick(refresh, [drawn], outputs, api_visibility="private", show_progress="hidden")
-    rollback_button.click(rollback, [target], outputs, api_visibility="private")
-    compare_outputs = [compare_note, *(c for slot in slots for c in slot)]
-    compare_button.click(compare, None, compare_outputs, api_visibility="private")
-    return Dashboard(refresh=refresh, outputs=outputs, show_admin=show_admin,
-                     admin_outputs=[admin_row])
+def show_admin(board: Board, request: gr.Request) -> dict:
+    return {board.admin_row: gr.Row(visible=board.is_admin(request))}
+
+
+@user_errors
+def roll_back(board: Board, version: str, request: gr.Request) -> dict:
+    if not board.is_admin(request):
+        raise gr.Error("only an admin can roll back")
+    result = board.service.rollback(rollback_target(version))
+    gr.Info(f"v{result['live_adapter_version']} is live (was v{result['previous_version']})")
+    return refresh(board)
+
+
+@user_errors
+def compare(board: Board, request: gr.Request) -> dict:
+    """One reply of the base model beside one of the live adapter, for the user's turns."""
+    result = board.service.compare_with_base(user_of(request), COMPARE_PROMPTS)
+    rows, version = result["rows"], result["live_adapter_version"]
+    if not version:
+        note = "The base model is live (no adapter yet): the votes have changed nothing."
+    elif not rows:
+        note = "Nothing to compare yet: start a conversation first."
+    else:
+        note = f"Live adapter: **v{version}**."
+    update = {board.compare_note: note}
+    for i, (group, prompt, base, live) in enumerate(board.slots):
+        row = rows[i] if i < len(rows) else None
+        update[group] = gr.Group(visible=row is not None)
+        if row:
+            update[prompt] = compare_heading(row)
+            update[base] = [{"role": "assistant",
+                             "content": reply_markdown(row["base"], row["base_cut_at"])}]
+            update[live] = gr.Chatbot(label=f"Live adapter v{version}", value=[
+                {"role": "assistant",
+                 "content": reply_markdown(row["live"], row["live_cut_at"])}])
+    return update
+
+
+def wire(board: Board, tab: gr.Tab, page: gr.Blocks) -> None:
+    """Bind the handlers to the board's events, its tab's selection and the page's load.
+    None is part of the public API."""
+    private = {"api_visibility": "private"}
+    board.timer.tick(bind(refresh, board), [board.drawn], board.outputs, show_progress="hidden",
+                     **private)
+    tab.select(bind(refresh, board), None, board.outputs, **private)
+    board.rollback.click(bind(roll_back, board), [board.target], board.outputs, **private)
+    board.compare.click(bind(compare, board), None, board.compare_outputs, **private)
+    page.load(bind(show_admin, board), None, [board.admin_row], **private)

@@ -3,8 +3,9 @@ POST /v1/chat/completions (streamed or not) and POST /v1/feedback.
 
 `openai_routes(service, logins)` returns FastAPI routes that `app.py` hands to Gradio's launch,
 so they run in the same process over the same ChatService verbs as the page. The handlers
-are thin: they find out who is asking, parse the request, call the service, and shape the
-answer (or the error) the way OpenAI's API does.
+have the page's shape (ui/chat.py): module-level functions of the state they share (`Api`)
+and the request. They are thin: they find out who is asking, parse the request, call the
+service, and shape the answer (or the error) the way OpenAI's API does.
 
 * Identity: with logins on, `Authorization: Bearer <key>` with a key made by
   `python app.py keys add USER` (anything else: 401); without logins every request is the
@@ -45,6 +46,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import anyio
@@ -234,123 +236,153 @@ def _delta(index: int, delta: dict, finish_reason: str | None = None,
 
 # --- routes ----------------------------------------------------------------------------
 
+@dataclass
+class Api:
+    """What the handlers share: the service, whether requests need a key, the generation slots
+    (--concurrency at once, --queue-size waiting) and when the server started."""
+    service: ChatService
+    logins: bool
+    slots: Slots
+    started: int
+
+
 def openai_routes(service: ChatService, logins: bool) -> list[APIRoute]:
     """The /v1 routes over `service`; `logins`: whether requests need an API key."""
+    api = Api(service, logins, Slots(service.config.concurrency, service.config.queue_size),
+              int(time.time()))
     router = APIRouter(prefix="/v1")
-    slots = Slots(service.config.concurrency, service.config.queue_size)
-    started = int(time.time())
-
-    def user_of(request: Request) -> str:
-        if not logins:
-            return LOCAL_USER
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        user = api_keys.user_of_key(service.store, key.strip()) if scheme.lower() == "bearer" \
-            else None
-        if user is None:
-            raise Unauthorized
-        return user
-
-    @router.get("/models")
-    async def models(request: Request) -> JSONResponse:
-        """The one model served: the base model with the live adapter."""
-        try:
-            await run_in_threadpool(user_of, request)  # a DB look-up: off the event loop
-            status = await run_in_threadpool(service.status)
-        except Exception as exc:  # noqa: BLE001 - turned into an error response
-            return from_exception(exc)
-        card = {"id": MODEL_NAME, "object": "model", "created": started, "owned_by": "duet",
-                "base_model": status["model"],
-                "adapter_version": status["live_adapter_version"]}
-        return JSONResponse({"object": "list", "data": [card]})
-
-    @router.post("/chat/completions")
-    async def chat_completions(request: Request):
-        try:
-            user = await run_in_threadpool(user_of, request)
-            body = CompletionRequest.model_validate(await request.json())
-            limit = (body.max_tokens if body.max_completion_tokens is None
-                     else body.max_completion_tokens)
-            ask = {"user": user, "messages": [m.as_dict() for m in body.messages], "n": body.n,
-                   "max_new_tokens": limit, "logprobs": body.logprobs}
-            if not body.stream:
-                return JSONResponse(await run_in_threadpool(complete, ask))
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = stream(ask, usage)
-            await run_in_threadpool(next, events)  # input errors surface here, as HTTP errors
-        except Exception as exc:  # noqa: BLE001
-            return from_exception(exc)
-        return EventStream(events)
-
-    def complete(ask: dict) -> dict:
-        with slots.taken():
-            *_, result = service.complete_stream(**ask)
-        choices = [{"index": i, "message": {"role": "assistant", "content": reply["text"]},
-                    "logprobs": _logprobs(reply), "finish_reason": reply["finish_reason"]}
-                   for i, reply in enumerate(result["replies"])]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
-                "created": int(time.time()), "model": MODEL_NAME, "choices": choices,
-                "usage": _usage(result), "pair_id": result["pair_id"],
-                "adapter_version": result["adapter_version"]}
-
-    def stream(ask: dict, include_usage: bool) -> Iterator[str | None]:
-        """First yields None once the request is accepted, then the server-sent events."""
-        with slots.taken(), contextlib.closing(service.complete_stream(**ask)) as updates:
-            update = next(updates)  # a client gone mid-stream closes this: generation stops
-            yield None
-            chunks = _Chunks()
-            sent = [""] * ask["n"]
-            yield chunks.make([_delta(i, {"role": "assistant", "content": ""})
-                               for i in range(ask["n"])])
-            try:
-                while not update["done"]:
-                    grown = [(i, _grown(sent[i], text)) for i, text in enumerate(update["texts"])]
-                    grown = [(i, text) for i, text in grown if text]
-                    for i, text in grown:
-                        sent[i] += text
-                    if grown:
-                        yield chunks.make([_delta(i, {"content": text}) for i, text in grown])
-                    update = next(updates)
-            except Exception as exc:  # noqa: BLE001 - the status line has gone: say it in-band
-                yield f"data: {json.dumps({'error': error_body(exc)[1]})}\n\n"
-                return
-        result = update
-        rest = [(i, _rest(sent[i], r["text"])) for i, r in enumerate(result["replies"])]
-        if any(text for _, text in rest):
-            yield chunks.make([_delta(i, {"content": text}) for i, text in rest if text])
-        yield chunks.make([_delta(i, {}, r["finish_reason"], _logprobs(r))
-                           for i, r in enumerate(result["replies"])],
-                          result["pair_id"], result["adapter_version"])
-        if include_usage:
-            yield chunks.make([], result["pair_id"], result["adapter_version"], _usage(result))
-        yield "data: [DONE]\n\n"
-
-    @router.post("/feedback")
-    async def feedback(request: Request) -> JSONResponse:
-        """A vote ({pair_id, choice}), a rating ({pair_id, side, thumb}) or a correction
-        ({pair_id, correction}, with side and choice if given)."""
-        try:
-            user = await run_in_threadpool(user_of, request)
-            body = FeedbackRequest.model_validate(await request.json())
-            if body.correction is not None:
-                if body.thumb is not None:
-                    raise InvalidInput("a correction cannot come with a thumb: send the rating "
-                                       "({pair_id, side, thumb}) as its own request")
-                result = await run_in_threadpool(service.correct, user, body.pair_id,
-                                                 body.correction, body.side, body.choice)
-                kind = "correction"
-            elif body.choice is not None and (body.side, body.thumb) == (None, None):
-                result = await run_in_threadpool(service.vote, user, body.pair_id, body.choice)
-                kind = "vote"
-            elif body.choice is None and None not in (body.side, body.thumb):
-                result = await run_in_threadpool(service.rate, user, body.pair_id, body.side,
-                                                 body.thumb)
-                kind = "rating"
-            else:
-                raise InvalidInput("send either choice (a vote on a pair), side and thumb (a "
-                                   "rating of one reply), or correction (your rewrite of the "
-                                   "reply, with side and choice if you like)")
-        except Exception as exc:  # noqa: BLE001
-            return from_exception(exc)
-        return JSONResponse({"object": "feedback", "kind": kind, **result})
-
+    for path, method, handler in (("/models", "GET", models),
+                                  ("/chat/completions", "POST", chat_completions),
+                                  ("/feedback", "POST", feedback)):
+        router.add_api_route(path, _endpoint(handler, api), methods=[method],
+                             name=handler.__name__)
     return [route for route in router.routes if isinstance(route, APIRoute)]
+
+
+def _endpoint(handler, api: Api):
+    """`handler(api, request)` as FastAPI calls an endpoint: with the request alone."""
+    async def endpoint(request: Request):
+        return await handler(api, request)
+
+    endpoint.__doc__ = handler.__doc__
+    return endpoint
+
+
+# --- handlers: functions of the API's state and the request -------------------------------
+
+def caller(api: Api, request: Request) -> str:
+    """Who is asking: the key's user with logins on (else 401), the local user without."""
+    if not api.logins:
+        return LOCAL_USER
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    user = api_keys.user_of_key(api.service.store, key.strip()) \
+        if scheme.lower() == "bearer" else None
+    if user is None:
+        raise Unauthorized
+    return user
+
+
+async def models(api: Api, request: Request) -> JSONResponse:
+    """The one model served: the base model with the live adapter."""
+    try:
+        await run_in_threadpool(caller, api, request)  # a DB look-up: off the event loop
+        status = await run_in_threadpool(api.service.status)
+    except Exception as exc:  # noqa: BLE001 - turned into an error response
+        return from_exception(exc)
+    card = {"id": MODEL_NAME, "object": "model", "created": api.started, "owned_by": "duet",
+            "base_model": status["model"], "adapter_version": status["live_adapter_version"]}
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def chat_completions(api: Api, request: Request):
+    """A pair (n=2) or one reply (n=1), streamed or not."""
+    try:
+        user = await run_in_threadpool(caller, api, request)
+        body = CompletionRequest.model_validate(await request.json())
+        limit = (body.max_tokens if body.max_completion_tokens is None
+                 else body.max_completion_tokens)
+        ask = {"user": user, "messages": [m.as_dict() for m in body.messages], "n": body.n,
+               "max_new_tokens": limit, "logprobs": body.logprobs}
+        if not body.stream:
+            return JSONResponse(await run_in_threadpool(complete, api, ask))
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = stream(api, ask, usage)
+        await run_in_threadpool(next, events)  # input errors surface here, as HTTP errors
+    except Exception as exc:  # noqa: BLE001
+        return from_exception(exc)
+    return EventStream(events)
+
+
+def complete(api: Api, ask: dict) -> dict:
+    with api.slots.taken():
+        *_, result = api.service.complete_stream(**ask)
+    choices = [{"index": i, "message": {"role": "assistant", "content": reply["text"]},
+                "logprobs": _logprobs(reply), "finish_reason": reply["finish_reason"]}
+               for i, reply in enumerate(result["replies"])]
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+            "created": int(time.time()), "model": MODEL_NAME, "choices": choices,
+            "usage": _usage(result), "pair_id": result["pair_id"],
+            "adapter_version": result["adapter_version"]}
+
+
+def stream(api: Api, ask: dict, include_usage: bool) -> Iterator[str | None]:
+    """First yields None once the request is accepted, then the server-sent events."""
+    with api.slots.taken(), contextlib.closing(api.service.complete_stream(**ask)) as updates:
+        update = next(updates)  # a client gone mid-stream closes this: generation stops
+        yield None
+        chunks = _Chunks()
+        sent = [""] * ask["n"]
+        yield chunks.make([_delta(i, {"role": "assistant", "content": ""})
+                           for i in range(ask["n"])])
+        try:
+            while not update["done"]:
+                grown = [(i, _grown(sent[i], text)) for i, text in enumerate(update["texts"])]
+                grown = [(i, text) for i, text in grown if text]
+                for i, text in grown:
+                    sent[i] += text
+                if grown:
+                    yield chunks.make([_delta(i, {"content": text}) for i, text in grown])
+                update = next(updates)
+        except Exception as exc:  # noqa: BLE001 - the status line has gone: say it in-band
+            yield f"data: {json.dumps({'error': error_body(exc)[1]})}\n\n"
+            return
+    result = update
+    rest = [(i, _rest(sent[i], r["text"])) for i, r in enumerate(result["replies"])]
+    if any(text for _, text in rest):
+        yield chunks.make([_delta(i, {"content": text}) for i, text in rest if text])
+    yield chunks.make([_delta(i, {}, r["finish_reason"], _logprobs(r))
+                       for i, r in enumerate(result["replies"])],
+                      result["pair_id"], result["adapter_version"])
+    if include_usage:
+        yield chunks.make([], result["pair_id"], result["adapter_version"], _usage(result))
+    yield "data: [DONE]\n\n"
+
+
+async def feedback(api: Api, request: Request) -> JSONResponse:
+    """A vote ({pair_id, choice}), a rating ({pair_id, side, thumb}) or a correction
+    ({pair_id, correction}, with side and choice if given)."""
+    service = api.service
+    try:
+        user = await run_in_threadpool(caller, api, request)
+        body = FeedbackRequest.model_validate(await request.json())
+        if body.correction is not None:
+            if body.thumb is not None:
+                raise InvalidInput("a correction cannot come with a thumb: send the rating "
+                                   "({pair_id, side, thumb}) as its own request")
+            result = await run_in_threadpool(service.correct, user, body.pair_id,
+                                             body.correction, body.side, body.choice)
+            kind = "correction"
+        elif body.choice is not None and (body.side, body.thumb) == (None, None):
+            result = await run_in_threadpool(service.vote, user, body.pair_id, body.choice)
+            kind = "vote"
+        elif body.choice is None and None not in (body.side, body.thumb):
+            result = await run_in_threadpool(service.rate, user, body.pair_id, body.side,
+                                             body.thumb)
+            kind = "rating"
+        else:
+            raise InvalidInput("send either choice (a vote on a pair), side and thumb (a "
+                               "rating of one reply), or correction (your rewrite of the "
+                               "reply, with side and choice if you like)")
+    except Exception as exc:  # noqa: BLE001
+        return from_exception(exc)
+    return JSONResponse({"object": "feedback", "kind": kind, **result})
