@@ -117,5 +117,10 @@ def m006_preview_of(cur: Cursor) -> None:
                     (round_id, row["version"]))
 
 
+def m007_drop_votes_split(cur: Cursor) -> None:
+    """votes.split was never written (a held-out split was tried and left to --judge-new)."""
+    _ddl(cur, "alter table votes drop column split")
+
+
 MIGRATIONS = [m001_initial, m002_judged_pairs, m003_api_keys, m004_adapter_files,
-              m005_corrections, m006_preview_of]
+              m005_corrections, m006_preview_of, m007_drop_votes_split]

@@ -48,7 +48,7 @@ def test_migrations_build_every_table_once(db_target):
             } <= store.db.tables()
     assert store.db.applied_migrations() == [m.__name__ for m in MIGRATIONS] == [
         "m001_initial", "m002_judged_pairs", "m003_api_keys", "m004_adapter_files",
-        "m005_corrections", "m006_preview_of"]
+        "m005_corrections", "m006_preview_of", "m007_drop_votes_split"]
     assert "judged_pairs" in store.db.columns("learner_steps")
     if store.db.dialect.name == "sqlite":
         assert store.db.query("pragma journal_mode")[0]["journal_mode"] == "wal"
@@ -67,13 +67,14 @@ def test_a_sqlite_file_made_by_sqlite_utils_opens_and_migrates(tmp_path):
         "insert into _sqlite_migrations (migration_set, name, applied_at) values "
         "('duet', 'm001_initial', 'x'), ('duet', 'm002_judged_pairs', 'x'), "
         "('duet', 'm003_api_keys', 'x');"
-        "create table adapters (version integer primary key, path text);")
+        "create table adapters (version integer primary key, path text);"
+        "create table votes (id integer primary key, pair_id text, split text);")
     old.close()
     store = Store(path)
-    assert store.db.applied_migrations()[-3:] == ["m004_adapter_files", "m005_corrections",
-                                                  "m006_preview_of"]
+    assert store.db.applied_migrations()[-4:] == ["m004_adapter_files", "m005_corrections",
+                                                  "m006_preview_of", "m007_drop_votes_split"]
     assert {"adapter_files", "corrections"} <= store.db.tables()
-    assert "votes" not in store.db.tables()
+    assert store.db.columns("votes") == {"id", "pair_id"}  # m001 not run again; m007 ran
 
 
 def test_a_database_from_before_the_preview_column_is_upgraded(db_target):
