@@ -19,9 +19,12 @@ as one without.
 Before voting, and again once the learner has used every vote and correction, the user asks
 each held-out prompt (never voted on, so never trained on) for a pair and reads both replies:
 the share that satisfies the preference, before and after, with a one-sided two-proportion
-z-test, and the mean reply length. In a suite, the base model's held-out replies of a seed are
-read once, by the seed's first run, and every user of that seed is scored on the same texts
-(the arms are then compared on one baseline); `before_from` says which run read them.
+z-test and (each prompt a stratum: prompts differ in how often any reply has the feature) a
+one-sided Cochran-Mantel-Haenszel test, and the mean reply length. `--eval-replies` sets the
+replies per prompt (2: one pair; a suite fixes its own). In a suite, the base model's
+held-out replies of a seed are read once, by the seed's first run, and every user of that seed
+is scored on the same texts (the arms are then compared on one baseline); `before_from` says
+which run read them.
 
 A suite's users are preferences in a fifth to a half of the base model's replies, as
 `python -m bench feature-share` measured them (bench/results/feature-share.json); it refuses
@@ -70,6 +73,7 @@ class Suite:
     correct_every: tuple[int, ...]  # the arms: 0 = votes only
     paces: tuple[str, ...] = ("instant",)
     interactions: int = 32
+    eval_replies: int = 2  # per held-out prompt, before and after
 
 
 SUITES = {
@@ -104,6 +108,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "so far, run nothing")
     parser.add_argument("--eval-prompts", type=int, default=32,
                         help="held-out prompts asked before and after (default: 32)")
+    parser.add_argument("--eval-replies", type=int, default=2,
+                        help="replies per held-out prompt, before and after (default: 2)")
     parser.add_argument("--max-new-tokens", type=int, default=48,
                         help="reply length limit (default: 48)")
     parser.add_argument("--seed", type=int, default=0, help="prompt shuffle seed (default: 0)")
@@ -127,18 +133,39 @@ def one_sided_p(before: int, after: int, n: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def held_out_texts(client, prompts: list[str]) -> list[str]:
+def stratified_p(before: list[int], after: list[int], per_prompt: int) -> float:
+    """P(the after share is higher by chance), each held-out prompt a stratum: the one-sided
+    Cochran-Mantel-Haenszel test on per-prompt counts of satisfied replies (`per_prompt`
+    replies each, before and after). Prompts differ in how often any reply has the feature,
+    and a prompt whose replies all have it (or none do) says nothing about the change; the
+    pooled two-proportion test counts that spread as noise."""
+    excess, variance = 0.0, 0.0
+    for b, a in zip(before, after):
+        n, total = 2 * per_prompt, a + b
+        excess += a - per_prompt * total / n
+        variance += per_prompt * per_prompt * total * (n - total) / (n * n * (n - 1))
+    if variance == 0:
+        return 1.0
+    return 0.5 * math.erfc(excess / math.sqrt(variance) / math.sqrt(2))
+
+
+def held_out_texts(client, prompts: list[str], per_prompt: int = 2) -> list[str]:
+    """`per_prompt` replies to each prompt (pairs, then one reply if odd), in prompt order."""
     texts = []
     for prompt in prompts:
-        completion = client.chat.completions.create(
-            model="duet", messages=[{"role": "user", "content": prompt}], n=2)
-        texts += [choice.message.content for choice in completion.choices]
+        for n in [2] * (per_prompt // 2) + [1] * (per_prompt % 2):
+            completion = client.chat.completions.create(
+                model="duet", messages=[{"role": "user", "content": prompt}], n=n)
+            texts += [choice.message.content for choice in completion.choices]
     return texts
 
 
-def scored(texts: list[str], oracle) -> dict:
-    return {"satisfied": sum(map(oracle.truth.satisfied, texts)), "replies": len(texts),
-            "mean_words": sum(map(words, texts)) / len(texts), "sample": texts[:4]}
+def scored(texts: list[str], oracle, per_prompt: int = 2) -> dict:
+    hits = [int(oracle.truth.satisfied(t)) for t in texts]
+    return {"satisfied": sum(hits), "replies": len(texts),
+            "mean_words": sum(map(words, texts)) / len(texts), "sample": texts[:4],
+            "satisfied_by_prompt": [sum(hits[i:i + per_prompt])
+                                    for i in range(0, len(hits), per_prompt)]}
 
 
 def learner_done(status: dict) -> bool:
@@ -174,6 +201,7 @@ def _stamp(text: str) -> float:
 
 def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: int,
             correction_text: str | None, pace: str, reader_seconds: float, eval_prompts: int,
+            eval_replies: int = 2,
             max_new_tokens: int, model: str, timeout: float, extra: list[str],
             prompts_file: str | None = None, before_texts: list[str] | None = None) -> dict:
     """One user's run; `before_texts`: the base model's held-out replies, read already."""
@@ -202,7 +230,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
             status = Client(url, verbose=False).predict
             read_before = before_texts is None
             if read_before:
-                before_texts = held_out_texts(client, held_out)
+                before_texts = held_out_texts(client, held_out, eval_replies)
             choices, corrections, due, asked = [], 0, 0, []
             for i in range(interactions):
                 if correct_every and i % correct_every == correct_every - 1:
@@ -234,12 +262,16 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
                 time.sleep(2)
             time.sleep(5)  # let the server's swap poll pick up the last version
             final = status(api_name="/status")
-            after_texts = held_out_texts(client, held_out)
+            after_texts = held_out_texts(client, held_out, eval_replies)
             store = Store(data / "duet.db")
             steps = store.learner_steps()
             seconds_to_live = vote_to_live(store)
             store.close()
-    before, after = scored(before_texts, oracle), scored(after_texts, oracle)
+    if len(before_texts) != len(after_texts):
+        raise ValueError(f"{len(before_texts)} held-out replies before, {len(after_texts)} "
+                         "after: read the base model's again with the same --eval-replies")
+    before = scored(before_texts, oracle, eval_replies)
+    after = scored(after_texts, oracle, eval_replies)
     n = before["replies"]
     rounds = [s for s in steps if s.get("adapter_version") is not None]
     return {
@@ -248,6 +280,9 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
         "satisfied_share_before": before["satisfied"] / n,
         "satisfied_share_after": after["satisfied"] / n,
         "p_value_one_sided": one_sided_p(before["satisfied"], after["satisfied"], n),
+        "p_value_stratified": stratified_p(before["satisfied_by_prompt"],
+                                           after["satisfied_by_prompt"], eval_replies),
+        "eval_replies": eval_replies,
         "length_ratio": after["mean_words"] / before["mean_words"],
         "live_adapter_version": final["live_adapter_version"],
         "votes_pending_when_measured": final["votes_pending"],
@@ -278,7 +313,8 @@ def run(args: argparse.Namespace) -> Path:
     results = run_one(oracle_name=args.oracle, seed=args.seed, interactions=args.votes,
                       correct_every=args.correct_every, correction_text=args.correction_text,
                       pace=args.pace, reader_seconds=args.reader_seconds,
-                      eval_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens,
+                      eval_prompts=args.eval_prompts, eval_replies=args.eval_replies,
+                      max_new_tokens=args.max_new_tokens,
                       model=args.model, timeout=args.timeout, extra=args.extra,
                       prompts_file=args.prompts)
     results.pop("before_texts")
@@ -292,6 +328,7 @@ def run_settings(args: argparse.Namespace, oracle: str, seed: int, **changes) ->
     return {"oracle": oracle, "votes": args.votes, "correct_every": args.correct_every,
             "correction_text": args.correction_text, "pace": args.pace,
             "reader_seconds": args.reader_seconds, "eval_prompts": args.eval_prompts,
+            "eval_replies": args.eval_replies,
             "max_new_tokens": args.max_new_tokens, "seed": seed, "model": args.model,
             "extra": args.extra, **changes}
 
@@ -320,6 +357,7 @@ def check_user(name: str, shares_file: Path = FEATURE_SHARES) -> tuple[str, str]
 
 def run_suite(args: argparse.Namespace) -> Path:
     suite = SUITES[args.suite]
+    args = argparse.Namespace(**{**vars(args), "eval_replies": suite.eval_replies})
     users = {name: check_user(name) for name in suite.users}  # refuse before any run
     folder = Path(args.out or RESULTS) / f"api-user-suite-{args.suite}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -355,6 +393,7 @@ def run_to_file(args, path: Path, folder: Path, name: str, oracle: str, text: st
     result = run_one(oracle_name=oracle, seed=seed, interactions=interactions,
                      correct_every=every, correction_text=text, pace=pace,
                      reader_seconds=args.reader_seconds, eval_prompts=args.eval_prompts,
+                     eval_replies=args.eval_replies,
                      max_new_tokens=args.max_new_tokens, model=args.model,
                      timeout=args.timeout, extra=args.extra, prompts_file=args.prompts,
                      before_texts=before["texts"] if before else None)
@@ -402,16 +441,18 @@ def headline(runs: list[dict]) -> dict:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| user | seed | pace | corrections every | share before → after | p | words "
-             "after ÷ before | corrections | rounds (new items) | vote-to-live median s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| user | seed | pace | corrections every | share before → after | p | p by prompt "
+             "| words after ÷ before | corrections | rounds (new items) | vote-to-live median s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         s, r = run["settings"], run["results"]
         live = r["vote_to_live_seconds_median"]
+        stratified = f"{r['p_value_stratified']:.3g}" if "p_value_stratified" in r else "-"
         lines.append(
             f"| {s['user']} | {s['seed']} | {s['pace']} | {s['correct_every'] or '-'} | "
             f"{r['satisfied_share_before']:.2f} → {r['satisfied_share_after']:.2f} | "
-            f"{r['p_value_one_sided']:.3g} | {r['length_ratio']:.2f} | {r['corrections']} | "
+            f"{r['p_value_one_sided']:.3g} | {stratified} | {r['length_ratio']:.2f} | "
+            f"{r['corrections']} | "
             f"{r['round_sizes']} | {'-' if live is None else f'{live:.0f}'} |")
     return "\n".join(lines) + "\n"
 

@@ -376,6 +376,18 @@ def test_one_sided_two_proportion_p():
     assert one_sided_p(0, 0, 64) == 1.0
 
 
+def test_the_stratified_test_counts_only_prompts_that_can_change():
+    """Prompts whose replies all have the feature, or none do, before and after, carry no
+    information: the same gain is stronger evidence among prompts that vary."""
+    from bench.api_user import one_sided_p, stratified_p
+
+    assert stratified_p([1] * 8, [1] * 8, 2) == pytest.approx(0.5)
+    assert stratified_p([2, 0] * 4, [2, 0] * 4, 2) == 1.0  # nothing could change
+    rising = stratified_p([0] * 8 + [2] * 8 + [0] * 16, [1] * 8 + [2] * 8 + [0] * 16, 2)
+    assert rising < 0.01 and one_sided_p(16, 24, 64) > 0.05  # the same 16 -> 24 of 64, pooled
+    assert stratified_p([1] * 8, [0] * 8, 2) > 0.99
+
+
 def test_store_bench_times_both_databases(tmp_path, postgres_url):
     assert bench(["store", "--n", "3", "--warmup", "1", "--pg-url", postgres_url,
                   "--out", str(tmp_path)]) == 0
