@@ -131,15 +131,16 @@ def _round(learner, round_id: str, claimed: dict, started: float) -> dict:
     first_step = set() if data.judge_only else objective.first_step_replies(data)
     with clock.phase("margins"):
         before = [s for s in judged_samples if s.reply_id not in first_step]
-        live_totals = dict(zip([s.reply_id for s in before], scorer.score(before)))
+        scored = dict(zip([s.reply_id for s in before], scorer.score(before)))
     head, learner.head_start = learner.head_start, None
     preview: dict = {}
     with clock.phase("train"):
         stats = learner.train(
-            data, live_totals, head,
-            after_first_step=(lambda: preview.update(
-                run_preview(learner, round_id, data, live_totals, parent)))
+            data, head,
+            after_first_step=(lambda first: preview.update(
+                run_preview(learner, round_id, data, {**scored, **first}, parent)))
             if learner.config.preview else None)
+    live_totals = {**scored, **stats["live_totals"]}  # the live weights' summed log-probs
     with clock.phase("margins"):
         live_list = live_margins(learner, data, live_totals, stepped=bool(stats["steps"]))
     with clock.phase("kl_check"):

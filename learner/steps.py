@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,6 +55,29 @@ Schedule = list[tuple[list, int]]  # (what one step trains on, steps), in order
 
 class RoundFailed(DuetError):
     """Too many non-finite steps, or another reason to publish nothing this round."""
+
+
+@dataclass
+class Terms:
+    """What a pass over samples computed beside their gradients (which it added to the
+    parameters' .grad): its loss, the k3 KL and the clipped tokens summed over the samples'
+    tokens, and, at the weights it ran at, each new reply's per-token log-probs (its trust-
+    region anchor) and each reply's summed log-prob."""
+    loss: float = 0.0
+    kl_tokens: float = 0.0
+    clipped: float = 0.0
+    anchors: dict[int, torch.Tensor] = field(default_factory=dict)
+    totals: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One step's gradient's by-products: its loss, its per-token KL estimate, the anchors it
+    took (reply id -> per-token log-probs) and the summed log-prob of each reply it saw."""
+    loss: float
+    kl: float
+    anchors: dict[int, torch.Tensor] = field(default_factory=dict)
+    totals: dict[int, float] = field(default_factory=dict)
 
 
 def steps_for(config: Config, new_items: int) -> int:
@@ -176,29 +200,30 @@ class PolicyGradient:
         params = self.adapter.parameters()
         for p in params:
             p.grad = None
-        loss, kl_tokens, clipped = self.terms(by_prompt(todo), head.anchors, head.live_totals,
-                                              normalizer=1.0)
+        terms = self.terms(by_prompt(todo), head.anchors, normalizer=1.0)
         head.add_grads(params)
-        head.loss_sum += loss
-        head.kl_tokens += kl_tokens
-        head.clipped_tokens += clipped
+        head.anchors.update(terms.anchors)
+        head.live_totals.update(terms.totals)
+        head.loss_sum += terms.loss
+        head.kl_tokens += terms.kl_tokens
+        head.clipped_tokens += terms.clipped
         head.done.update(map(sample_key, todo))
         return head
 
     # --- one step's gradient -----------------------------------------------------------
 
     def accumulate(self, samples: list[Sample], anchors: dict[int, torch.Tensor],
-                   live_totals: dict[int, float] | None = None,
-                   head: HeadStart | None = None) -> tuple[float, float]:
+                   head: HeadStart | None = None) -> Step:
         """One step's gradient. The clipped ratio is taken against `anchors` (reply id ->
-        per-token log-probs at the round's first step, the live weights, filled in on that
-        step): a trust region around where the round started, not around the version that
-        sampled the reply. Against the stored behaviour log-probs, 31-65% of the tokens were
-        clipped at a round's last step in a run where votes trained a round late, and a stale
-        vote could be clipped from the first step on; anchored at the round's start, every
-        round's first step has the full gradient on every sample.
-        `live_totals` (given while no optimizer step has been taken this round: the weights
-        are the live ones) gets each sample's summed log-prob, for the live margins.
+        per-token log-probs at the slice's first step; empty on that step, which anchors every
+        reply where it computes it and returns the anchors in its Step): a trust region around
+        where the round started, not around the version that sampled the reply. Against the
+        stored behaviour log-probs, 31-65% of the tokens were clipped at a round's last step in
+        a run where votes trained a round late, and a stale vote could be clipped from the
+        first step on; anchored at the round's start, every round's first step has the full
+        gradient on every sample. The Step's `totals` are the samples' summed log-probs at the
+        weights the step ran at (on a round's first step the live ones: the live margins take
+        them).
         `head`: the first step's terms already summed for some of the samples, between rounds
         (learner/head_start.py); only the rest are computed here.
         Same idea as the proximal policy of decoupled PPO (Hilton et al. 2021); the pairwise
@@ -206,41 +231,40 @@ class PolicyGradient:
         sampler to point the right way."""
         width = max(len(s.reply) for s in samples)
         normalizer = float(len(samples) * width)  # a constant, not each reply's length
-        todo, loss_sum, kl_tokens, clipped = samples, 0.0, 0.0, 0.0
+        todo, done = samples, Terms()
         if head is not None:
             todo = head.rest_of(samples)
             assert todo is not None, "the head start has samples this step does not"
             head.put_grads(self.adapter.parameters(), normalizer)
-            anchors.update(head.anchors)
-            if live_totals is not None:
-                live_totals.update(head.live_totals)
-            loss_sum, kl_tokens, clipped = (head.loss_sum / normalizer, head.kl_tokens,
-                                            head.clipped_tokens)
+            done = Terms(head.loss_sum / normalizer, head.kl_tokens, head.clipped_tokens,
+                         dict(head.anchors), dict(head.live_totals))
         if todo:
-            more = self.terms(todo, anchors, live_totals, normalizer)
-            loss_sum, kl_tokens, clipped = (loss_sum + more[0], kl_tokens + more[1],
-                                            clipped + more[2])
+            more = self.terms(todo, {**anchors, **done.anchors}, normalizer)
+            done = Terms(done.loss + more.loss, done.kl_tokens + more.kl_tokens,
+                         done.clipped + more.clipped, {**done.anchors, **more.anchors},
+                         {**done.totals, **more.totals})
         tokens = max(sum(len(s.reply) for s in samples), 1)
-        self.clip_fraction = clipped / tokens
-        return loss_sum, kl_tokens / tokens
+        self.clip_fraction = done.clipped / tokens
+        return Step(done.loss, done.kl_tokens / tokens, done.anchors, done.totals)
 
     def terms(self, samples: list[Sample], anchors: dict[int, torch.Tensor],
-              live_totals: dict[int, float] | None,
-              normalizer: float) -> tuple[float, float, float]:
+              normalizer: float) -> Terms:
         """Backpropagate the samples' policy-gradient loss terms (gradients add up in the
-        parameters' .grad); a sample not in `anchors` is anchored at this pass's log-probs.
-        Returns the loss, and the KL and the clipped tokens summed over the samples' tokens."""
+        parameters' .grad); a sample not in `anchors` is anchored at this pass's log-probs
+        (and the anchor is in the returned Terms)."""
         model = self.adapter.model
         loss_sum, kl_tokens, clipped = 0.0, 0.0, 0.0
+        found: dict[int, torch.Tensor] = {}
+        totals: dict[int, float] = {}
         for micro in self.clock.micro_batches(samples, MICRO_BATCH):
             batch = collate(micro, self.pad_id, self.device)
             logp = token_logprobs(model, batch)
             fresh = logp.detach()
             anchor = right_aligned_rows(
-                [anchors.setdefault(s.reply_id, fresh[row, -len(s.reply):])
+                [anchors[s.reply_id] if s.reply_id in anchors
+                 else found.setdefault(s.reply_id, fresh[row, -len(s.reply):])
                  for row, s in enumerate(micro)], fresh)
-            if live_totals is not None:
-                live_totals.update(zip([s.reply_id for s in micro], fresh.sum(-1).tolist()))
+            totals.update(zip([s.reply_id for s in micro], fresh.sum(-1).tolist()))
             ref = ref_to_tensor(micro, batch.reply_width, self.device)
             written = [s.behaviour is None for s in micro]  # a person's rewrite
             loss, stats = policy_gradient_loss(
@@ -253,7 +277,7 @@ class PolicyGradient:
             loss_sum += loss.item()
             kl_tokens += stats["kl"] * micro_tokens
             clipped += stats["clip_fraction"] * micro_tokens
-        return loss_sum, kl_tokens, clipped
+        return Terms(loss_sum, kl_tokens, clipped, found, totals)
 
     def after_round(self, kl: float, steps: int) -> None:
         """The round's exact KL is known: the KL coefficient follows it (a budget)."""
@@ -295,18 +319,16 @@ class DirectPreference:
         return None
 
     def accumulate(self, pairs: list[PreferencePair], anchors: dict,
-                   live_totals: dict[int, float] | None = None,
-                   head: HeadStart | None = None) -> tuple[float, float]:
-        """One step's gradient over every pair; `live_totals` as for the policy gradient."""
-        loss_sum, kl_sum, tokens = 0.0, 0.0, 0
+                   head: HeadStart | None = None) -> Step:
+        """One step's gradient over every pair; its Step's totals as the policy gradient's."""
+        loss_sum, kl_sum, tokens, totals = 0.0, 0.0, 0, {}
         for micro in self.clock.micro_batches(pairs, MICRO_BATCH // 2):
             samples = [p.chosen for p in micro] + [p.rejected for p in micro]
             batch = collate(samples, self.pad_id, self.device)
             logp = token_logprobs(self.adapter.model, batch)
             ref = ref_to_tensor(samples, batch.reply_width, self.device)
             seq, seq_ref = logp.sum(-1), (ref * batch.mask).sum(-1)
-            if live_totals is not None:
-                live_totals.update(zip([s.reply_id for s in samples], seq.detach().tolist()))
+            totals.update(zip([s.reply_id for s in samples], seq.detach().tolist()))
             n = len(micro)
             loss = dpo_loss(seq[:n], seq[n:], seq_ref[:n], seq_ref[n:],
                             beta=self.config.dpo_beta) * n / len(pairs)
@@ -314,7 +336,7 @@ class DirectPreference:
             loss_sum += loss.item()
             kl_sum += (k3_kl(logp.detach(), ref) * batch.mask).sum().item()
             tokens += int(batch.mask.sum().item())
-        return loss_sum, kl_sum / max(tokens, 1)
+        return Step(loss_sum, kl_sum / max(tokens, 1), totals=totals)
 
     def after_round(self, kl: float, steps: int) -> None:
         pass
@@ -325,36 +347,39 @@ OBJECTIVES = {o.name: o for o in (PolicyGradient, DirectPreference)}  # by --obj
 
 
 def take_steps(objective: Objective, adapter: TrainableAdapter, data: RoundData,
-               live_totals: dict[int, float] | None = None, head: HeadStart | None = None,
-               after_first_step: Callable[[], None] | None = None, *,
+               head: HeadStart | None = None,
+               after_first_step: Callable[[dict[int, float]], None] | None = None, *,
                max_bad_steps: int = 3, on_step: Callable[[], None] = lambda: None) -> dict:
     """The round's optimizer steps, as `objective.schedule(data)` lays them out. Returns step
-    stats: the mean loss, the last step's KL estimate, skipped and taken steps.
+    stats: the mean loss, the last step's KL estimate, skipped and taken steps, and
+    `live_totals`: the summed log-prob of each reply the first step saw, at the live weights.
 
-    `live_totals`: filled with the summed log-prob of each reply the first step saw at the
-    live weights. `head`: the first step's terms summed between rounds, used if the objective
-    finds it usable. `after_first_step`: called once the first optimizer step is taken, if
-    more follow (the preview); it must leave the weights as they are. `on_step`: after every
-    optimizer step (the heartbeat)."""
+    `head`: the first step's terms summed between rounds, used if the objective finds it
+    usable. `after_first_step`: called with those live totals once the first optimizer step
+    is taken, if more follow (the preview); it must leave the weights as they are. `on_step`:
+    after every optimizer step (the heartbeat)."""
     params = adapter.parameters()
     optimizer = adapter.the_optimizer()
     schedule = objective.schedule(data)
     if not schedule:
-        return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0}
+        return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0, "live_totals": {}}
     head = objective.usable(head, schedule[0][0])
-    losses, kls, skipped, bad_in_a_row = [], [], 0, 0
+    losses, kls, skipped, bad_in_a_row, live_totals = [], [], 0, 0, {}
     planned, tried = sum(steps for _, steps in schedule), 0
     for part, steps in schedule:
         anchors: dict[int, torch.Tensor] = {}  # reply id -> log-probs at the slice's start
         for _ in range(steps):
             tried += 1
             optimizer.zero_grad(set_to_none=True)
-            live = live_totals if not losses else None  # no step taken: live weights
             if head is not None:  # the first step, begun between rounds
-                loss, kl = objective.accumulate(part, anchors, live, head=head)
+                step = objective.accumulate(part, anchors, head=head)
             else:
-                loss, kl = objective.accumulate(part, anchors, live)
+                step = objective.accumulate(part, anchors)
             head = None
+            anchors.update(step.anchors)
+            if not losses:  # no step taken yet: these are the live weights' log-probs
+                live_totals.update(step.totals)
+            loss, kl = step.loss, step.kl
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                 skipped += 1
@@ -372,7 +397,7 @@ def take_steps(objective: Objective, adapter: TrainableAdapter, data: RoundData,
             kls.append(kl)
             on_step()
             if after_first_step is not None and len(losses) == 1 and tried < planned:
-                after_first_step()
+                after_first_step(dict(live_totals))
     return {"loss": sum(losses) / len(losses) if losses else None,
             "kl": kls[-1] if kls else None, "skipped_steps": skipped, "steps": len(losses),
-            "clip_fraction": objective.clip_fraction}
+            "clip_fraction": objective.clip_fraction, "live_totals": live_totals}

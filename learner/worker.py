@@ -105,12 +105,11 @@ class Learner:
                  sum(self.head_start.done.values()) if self.head_start else 0,
                  len(self.scorer.reference_distributions))
 
-    def train(self, data: RoundData, live_totals: dict[int, float] | None = None,
-              head: HeadStart | None = None, after_first_step=None) -> dict:
+    def train(self, data: RoundData, head: HeadStart | None = None,
+              after_first_step=None) -> dict:
         """The round's optimizer steps (steps.take_steps with this learner's parts)."""
-        return take_steps(self.objective, self.adapter, data, live_totals, head,
-                          after_first_step, max_bad_steps=self.max_bad_steps,
-                          on_step=self.on_step)
+        return take_steps(self.objective, self.adapter, data, head, after_first_step,
+                          max_bad_steps=self.max_bad_steps, on_step=self.on_step)
 
     def round(self) -> dict | None:
         """Run one round over the feedback pending now (learner/rounds.py). Returns the

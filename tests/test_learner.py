@@ -156,8 +156,8 @@ def test_rollback_during_a_round_is_not_overridden(learner_config):
     collect_votes(learner_config, store, ["B"])
     original = learner.train
 
-    def train_then_rollback(data, live_totals=None, head=None, **kwargs):
-        stats = original(data, live_totals, head, **kwargs)
+    def train_then_rollback(data, head=None, **kwargs):
+        stats = original(data, head, **kwargs)
         store.set_live(0)  # someone runs `app.py rollback` meanwhile
         return stats
 
@@ -343,21 +343,24 @@ def test_a_round_that_fell_behind_trains_slice_by_slice(learner_config, monkeypa
             for part in parts] == [[0], [1, 2], [3, 4]]
     assert [sum(s.reply_id not in new_reply for s in part) for part in parts] == [2, 2, 2]
 
-    seen = []  # (slice, anchors present when its step began, live log-probs taken)
+    seen = []  # (slice, anchors present when its step began)
     accumulate = learner.objective.accumulate
 
-    def spy(samples, anchors, live_totals=None, **kwargs):
-        seen.append((tuple(s.reply_id for s in samples), len(anchors), live_totals is not None))
-        return accumulate(samples, anchors, live_totals, **kwargs)
+    def spy(samples, anchors, **kwargs):
+        seen.append((tuple(s.reply_id for s in samples), len(anchors)))
+        return accumulate(samples, anchors, **kwargs)
 
     monkeypatch.setattr(learner.objective, "accumulate", spy)
+    train, trained = learner.train, []
+    monkeypatch.setattr(learner, "train", lambda *args, **kwargs: trained.append(
+        train(*args, **kwargs)) or trained[-1])
     step = learner.round()
     assert step["new_votes"] == 5 and step["replayed_votes"] == 3
     # each slice anchors at its first step: every one of its replies
-    assert [n for _, n, _ in seen] == [0, 4, 0, 6, 0, 6]
-    assert len({key for key, _, _ in seen}) == 3
+    assert [n for _, n in seen] == [0, 4, 0, 6, 0, 6]
+    assert len({key for key, _ in seen}) == 3
     # Only the first step runs at the live weights: the live margins take its log-probs.
-    assert [live for _, _, live in seen] == [True, False, False, False, False, False]
+    assert set(trained[0]["live_totals"]) == set(seen[0][0])
 
 
 def test_a_round_on_time_is_one_slice():
@@ -523,8 +526,8 @@ def test_a_round_begun_between_rounds_takes_the_same_steps(learner_config, monke
     terms = learner.objective.terms
     monkeypatch.setattr(learner.objective, "terms", lambda samples, *args: computed.append(
         {s.reply_id for s in samples}) or terms(samples, *args))
-    live_head: dict[int, float] = {}
-    with_head = learner.train(data, live_head, head)
+    with_head = learner.train(data, head)
+    live_head = with_head["live_totals"]
     weights_head = _lora_state(learner)
     assert computed[0] == last_replies and len(computed[1]) == 12
 
@@ -533,8 +536,8 @@ def test_a_round_begun_between_rounds_takes_the_same_steps(learner_config, monke
             if n in start[0]:
                 p.copy_(start[0][n])
     learner.adapter.optimizer.load_state_dict(start[1])
-    live_whole: dict[int, float] = {}
-    whole = learner.train(data, live_whole)
+    whole = learner.train(data)
+    live_whole = whole["live_totals"]
     assert len(computed[2]) == 12  # the first step computed every reply
 
     assert live_head.keys() == live_whole.keys() and len(live_head) == 12
@@ -565,7 +568,7 @@ def test_a_head_start_for_other_samples_or_weights_is_not_used(learner_config, m
     second = collect_votes(config, store, ["B"])[0]
     data = learner.builder.build({"votes": [v["id"] for v in store.votes()
                                             if v["pair_id"] == second], "ratings": []})
-    learner.train(data, {}, learner.head_start)
+    learner.train(data, learner.head_start)
     assert computed == [2]  # the head start's vote is not in this round: the whole step
 
     learner.head_start.version = 7  # as if another version had gone live since

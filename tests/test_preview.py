@@ -83,9 +83,9 @@ def test_the_round_computes_the_same_weights_with_or_without_the_preview(preview
     learner.scorer.fill_reference(data.samples + data.judged_samples, kl_replies(data))
     start = lora_state(learner)
 
-    previews, live = [], {}
-    with_preview = learner.train(data, live, after_first_step=lambda: previews.append(
-        run_preview(learner, "look", data, live, parent=0)))
+    previews = []
+    with_preview = learner.train(data, after_first_step=lambda first: previews.append(
+        run_preview(learner, "look", data, first, parent=0)))
     weights_with = lora_state(learner)
     moments_with = copy.deepcopy(learner.adapter.optimizer.state_dict())
     assert [p["version"] for p in previews] == [1] and store.live_adapter_version() == 1
@@ -95,7 +95,7 @@ def test_the_round_computes_the_same_weights_with_or_without_the_preview(preview
             if n in start:
                 p.copy_(start[n])
     learner.adapter.optimizer = None
-    without = learner.train(data, {})
+    without = learner.train(data)
     assert with_preview == without  # loss, KL, steps, clip fraction: to the last bit
     for name, value in lora_state(learner).items():
         assert torch.equal(weights_with[name], value), name

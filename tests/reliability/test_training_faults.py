@@ -13,7 +13,7 @@ from chatbot.model import load_model
 from chatbot.sampling import PairGenerator
 from chatbot.service import ChatService
 from chatbot.store import Store
-from learner.steps import RoundFailed
+from learner.steps import RoundFailed, Step
 from learner.worker import Learner
 
 
@@ -39,14 +39,14 @@ def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
     calls = {"n": 0}
     original = learner.objective.accumulate
 
-    def faulty(samples, anchors, live_totals=None, **kwargs):
+    def faulty(samples, anchors, **kwargs):
         calls["n"] += 1
-        loss, kl = original(samples, anchors, live_totals, **kwargs)
+        step = original(samples, anchors, **kwargs)
         if calls["n"] == 1:  # only the first step goes wrong
             if fault == "nan_loss":
-                return float("nan"), kl
+                return dataclasses.replace(step, loss=float("nan"))
             params[0].grad.fill_(float("inf"))
-        return loss, kl
+        return step
 
     learner.objective.accumulate = faulty
     step = learner.round()
@@ -64,8 +64,7 @@ def test_non_finite_steps_in_a_row_publish_nothing(tiny_config):
     config = dataclasses.replace(tiny_config, judge_new=False, steps_per_round=4)
     store = voted_store(config, 2)
     learner = Learner(config, store, load_model(config), max_bad_steps=3)
-    learner.objective.accumulate = lambda samples, anchors, live_totals=None, **kwargs: (
-        float("nan"), 0.0)
+    learner.objective.accumulate = lambda samples, anchors, **kwargs: Step(float("nan"), 0.0)
     with pytest.raises(RoundFailed):
         learner.round()
     assert store.adapters() == []
