@@ -382,9 +382,17 @@ def learner_argv(config: Config) -> list[str]:
         value = getattr(config, f.name)
         if not s.to_learner() or value is None:
             continue
-        flag = flag_of(f, s)
-        if s.kind == "switch":
-            argv.append(flag if value else f"--no-{flag[2:]}")
-        else:
-            argv += [flag, str(value)]
+        argv += command_line(f, s, value)
     return argv
+
+
+def command_line(f: Field, s: Setting, value: Any) -> list[str]:
+    """The flags that give the field `value` (none where the default already does)."""
+    flag = flag_of(f, s)
+    if s.kind == "switch":
+        return [flag if value else f"--no-{flag[2:]}"]
+    if s.kind in ("on", "off"):
+        return [flag] if value == (s.kind == "on") else []
+    if s.kind == "append":
+        return [word for item in value for word in (flag, str(item))]
+    return [flag, str(value)]

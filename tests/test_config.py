@@ -10,6 +10,7 @@ from chatbot.config import (
     GROUPS,
     Config,
     _positive_int,
+    command_line,
     flag_of,
     learner_argv,
     learner_parser,
@@ -38,17 +39,6 @@ def _another_value(f, s, default, tmp_path):
     return "postgresql://duet@db.example/duet" if f.name == "db" else f"some-{f.name}"
 
 
-def _flags(f, s, value) -> list[str]:
-    flag = flag_of(f, s)
-    if s.kind == "switch":
-        return [flag if value else f"--no-{flag[2:]}"]
-    if s.kind in ("on", "off"):
-        return [flag]  # the flag gives the value that is not the default
-    if s.kind == "append":
-        return [x for v in value for x in (flag, v)]
-    return [flag, str(value)]
-
-
 def test_every_setting_has_help_parses_and_reaches_the_learner_when_it_should(tmp_path):
     """Each Config field is declared once, with its setting: it has help, the server's command
     line sets it, and the learner child gets it if and only if it should."""
@@ -59,7 +49,7 @@ def test_every_setting_has_help_parses_and_reaches_the_learner_when_it_should(tm
     for f, s in settings():
         assert s.group in GROUPS and len(s.help) > 20, f.name
         expected[f.name] = _another_value(f, s, getattr(default, f.name), tmp_path)
-        argv += _flags(f, s, expected[f.name])
+        argv += command_line(f, s, expected[f.name])
     server = Config.from_args(app.build_parser().parse_args(argv))
     for name, value in expected.items():
         assert getattr(server, name) == value, name
