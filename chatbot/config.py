@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -284,14 +284,14 @@ def flag_of(f: Field, s: Setting) -> str:
     return s.flag or "--" + f.name.replace("_", "-")
 
 
-def add_settings(parser: argparse.ArgumentParser, group: str) -> None:
+def add_settings(parser: argparse.ArgumentParser, group: str) -> Any:
     """Add one group's flags to `parser` (storage's at the top level, the others in a group
-    of that name), each with its help, type and the field's default."""
+    of that name), each with its help, type and the field's default. Returns where they went.
+    Every Config field has a default: `unset` ones give None here, filled in later."""
     target = parser if group == "storage" else parser.add_argument_group(group)
     for f, s in settings(group):
-        default = None if s.unset else f.default if f.default is not MISSING else None
-        shown = f.default if f.default is not MISSING else None
-        how: dict[str, Any] = {"help": s.help.format(default=shown), "dest": f.name}
+        default = None if s.unset else f.default
+        how: dict[str, Any] = {"help": s.help.format(default=f.default), "dest": f.name}
         if s.kind == "value":
             how.update(default=str(default) if isinstance(default, Path) else default,
                        type=s.type, choices=s.choices, metavar=s.metavar)
@@ -305,6 +305,7 @@ def add_settings(parser: argparse.ArgumentParser, group: str) -> None:
             raise ValueError(f"{f.name}: unknown setting kind {s.kind!r}")
         target.add_argument(flag_of(f, s), **{k: v for k, v in how.items() if v is not None
                                               or k == "default"})
+    return target
 
 
 def add_storage_args(parser: argparse.ArgumentParser) -> None:
@@ -325,8 +326,7 @@ def add_learner_args(parser: argparse.ArgumentParser) -> None:
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     """The server group, and the login flags (app.py reads them; never kept in Config)."""
-    add_settings(parser, "server")
-    group = next(g for g in parser._action_groups if g.title == "server")
+    group = add_settings(parser, "server")
     group.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
                        help="require a login; repeat for each user (prefer --auth-file: "
                             "command lines are visible to other local users)")

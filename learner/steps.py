@@ -94,8 +94,15 @@ def replayed_rewrites(data: RoundData) -> list[list[Sample]]:
     return [item for item in data.replay_items if len(item) == 1 and item[0].behaviour is None]
 
 
-class PolicyGradient:
-    name = "pg"
+class Objective:
+    """What an objective answers for a round: what it adds to the feedback (`add_samples`,
+    `add_fresh_replies`), what to step on and how often (`schedule`), which replies the first
+    step scores at the live weights, one step's gradient (`accumulate`), whether a head start
+    begun between rounds serves (`usable`, `head_start`), and what follows the round's KL
+    (`after_round`). The defaults here are an objective that adds nothing, has no head start
+    and leaves the KL coefficient alone."""
+    name: str
+    clip_fraction: float | None = None  # of the last step's tokens
 
     def __init__(self, config: Config, adapter: TrainableAdapter, builder: RoundBuilder,
                  clock: RoundClock, self_sampler: SelfSampler, kl_control: AdaptiveKLController,
@@ -108,7 +115,39 @@ class PolicyGradient:
         self.kl_control = kl_control
         self.pad_id = pad_id
         self.device = device
-        self.clip_fraction: float | None = 0.0  # of the last step's tokens
+
+    def add_samples(self, data: RoundData) -> dict:
+        return {}
+
+    def add_fresh_replies(self, data: RoundData) -> None:
+        pass
+
+    def schedule(self, data: RoundData) -> Schedule:
+        raise NotImplementedError
+
+    def first_step_replies(self, data: RoundData) -> set[int]:
+        raise NotImplementedError
+
+    def usable(self, head: HeadStart | None, first: list) -> HeadStart | None:
+        return None
+
+    def head_start(self, draft: RoundData, head: HeadStart | None) -> HeadStart | None:
+        return None
+
+    def accumulate(self, items: list, anchors: dict[int, torch.Tensor],
+                   head: HeadStart | None = None) -> Step:
+        raise NotImplementedError
+
+    def after_round(self, kl: float, steps: int) -> None:
+        pass
+
+
+class PolicyGradient(Objective):
+    name = "pg"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.clip_fraction = 0.0
         # (live version, {rewrite's reply id -> replies sampled on its prompt at that version})
         self._fresh: tuple[int | None, dict[int, list[Sample]]] = (None, {})
 
@@ -285,38 +324,17 @@ class PolicyGradient:
             self.kl_control.update(kl, n_steps=steps)
 
 
-class DirectPreference:
+class DirectPreference(Objective):
     """DPO (Rafailov et al. 2023) on the round's pairs: `steps_for` steps over all of them.
-    It adds no samples of its own and has no head start."""
+    It adds no samples of its own (a correction trains against its turn's replies,
+    learner/data.py) and has no head start."""
     name = "dpo"
-    clip_fraction = None
-
-    def __init__(self, config: Config, adapter: TrainableAdapter, builder: RoundBuilder,
-                 clock: RoundClock, self_sampler: SelfSampler, kl_control: AdaptiveKLController,
-                 *, pad_id: int, device: torch.device) -> None:
-        self.config = config
-        self.adapter = adapter
-        self.clock = clock
-        self.pad_id = pad_id
-        self.device = device
-
-    def add_samples(self, data: RoundData) -> dict:
-        return {}
-
-    def add_fresh_replies(self, data: RoundData) -> None:
-        """None: DPO trains a correction against its turn's replies (learner/data.py)."""
 
     def schedule(self, data: RoundData) -> Schedule:
         return [(data.pairs, steps_for(self.config, len(data.rewards)))] if data.pairs else []
 
     def first_step_replies(self, data: RoundData) -> set[int]:
         return {s.reply_id for p in data.pairs for s in (p.chosen, p.rejected)}
-
-    def usable(self, head: HeadStart | None, first: list) -> None:
-        return None
-
-    def head_start(self, draft: RoundData, head: HeadStart | None) -> None:
-        return None
 
     def accumulate(self, pairs: list[PreferencePair], anchors: dict,
                    head: HeadStart | None = None) -> Step:
@@ -338,11 +356,7 @@ class DirectPreference:
             tokens += int(batch.mask.sum().item())
         return Step(loss_sum, kl_sum / max(tokens, 1), totals=totals)
 
-    def after_round(self, kl: float, steps: int) -> None:
-        pass
 
-
-Objective = PolicyGradient | DirectPreference
 OBJECTIVES = {o.name: o for o in (PolicyGradient, DirectPreference)}  # by --objective
 
 
