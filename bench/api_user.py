@@ -26,6 +26,10 @@ held-out replies of a seed are read once, by the seed's first run, and every use
 is scored on the same texts (the arms are then compared on one baseline); `before_from` says
 which run read them.
 
+A suite may try a rule: `extra` flags for app.py, and `against`, the suite without them whose
+runs it is read beside, user by user and seed by seed, on the same held-out replies before
+(`length-neutral-reader` against `corrections-reader`'s votes-only arm).
+
 A suite's users are preferences in a fifth to a half of the base model's replies, as
 `python -m bench feature-share` measured them (bench/results/feature-share.json); it refuses
 a user outside that range, or not measured, and says why. Each run is kept in the suite's
@@ -74,6 +78,10 @@ class Suite:
     paces: tuple[str, ...] = ("instant",)
     interactions: int = 32
     eval_replies: int = 2  # per held-out prompt, before and after
+    extra: tuple[str, ...] = ()  # flags for app.py: the rule this suite tries
+    # A suite this one is paired with (same users, seeds, paces and arms, run without `extra`):
+    # its held-out replies before are reused, and the headline reports the gain minus theirs.
+    against: str | None = None
 
 
 SUITES = {
@@ -81,6 +89,9 @@ SUITES = {
     "corrections-quick": Suite(("contractions", "can"), (0,), (0, 8)),
     "corrections-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0, 8),
                                 paces=("reader",)),
+    "length-neutral-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0,),
+                                   paces=("reader",), extra=("--length-neutral", "1"),
+                                   against="corrections-reader"),
 }
 
 
@@ -266,6 +277,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
             store = Store(data / "duet.db")
             steps = store.learner_steps()
             seconds_to_live = vote_to_live(store)
+            voted = store.used_vote_texts()
             store.close()
     if len(before_texts) != len(after_texts):
         raise ValueError(f"{len(before_texts)} held-out replies before, {len(after_texts)} "
@@ -294,16 +306,26 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
         "rounds": [{k: s.get(k) for k in ("adapter_version", "status", "kl", "loss",
                                           "new_votes", "replayed_votes", "seconds")}
                    for s in steps],
+        "shorter_won": shorter_won(voted),
         "vote_to_live_seconds_median": (statistics.median(seconds_to_live)
                                         if seconds_to_live else None),
         "seconds_total": time.perf_counter() - started,
     }
 
 
+def shorter_won(voted: list[tuple[str, str, str]]) -> float | None:
+    """The share of A-or-B votes between replies of different lengths that the shorter reply
+    won (Store.used_vote_texts): how much of what the user taught was length."""
+    outcomes = [(choice == "A") == (words(a) < words(b)) for choice, a, b in voted
+                if words(a) != words(b)]
+    return sum(outcomes) / len(outcomes) if outcomes else None
+
+
 def summary(result: dict) -> dict:
     return {k: result[k] for k in ("satisfied_share_before", "satisfied_share_after",
                                    "p_value_one_sided", "length_ratio", "corrections",
-                                   "round_sizes", "vote_to_live_seconds_median",
+                                   "round_sizes", "shorter_won",
+                                   "vote_to_live_seconds_median",
                                    "seconds_total")}
 
 
@@ -359,8 +381,10 @@ def run_suite(args: argparse.Namespace) -> Path:
     suite = SUITES[args.suite]
     args = argparse.Namespace(**{**vars(args), "eval_replies": suite.eval_replies})
     users = {name: check_user(name) for name in suite.users}  # refuse before any run
-    folder = Path(args.out or RESULTS) / f"api-user-suite-{args.suite}"
+    args = argparse.Namespace(**{**vars(args), "extra": [*args.extra, *suite.extra]})
+    folder = suite_folder(args, args.suite)
     folder.mkdir(parents=True, exist_ok=True)
+    before_folder = suite_folder(args, suite.against) if suite.against else folder
     runs = []
     for seed in suite.seeds:
         for name, (oracle, text) in users.items():
@@ -369,12 +393,19 @@ def run_suite(args: argparse.Namespace) -> Path:
                     path = folder / f"{name}-s{seed}-{pace}-every{every}.json"
                     if not path.exists() and not args.summarize:
                         run_to_file(args, path, folder, name, oracle, text, seed, pace, every,
-                                    suite.interactions)
+                                    suite.interactions, before_folder)
                     if path.exists():
                         runs.append(json.loads(path.read_text()))
     if not runs:
         raise ValueError(f"no runs of the suite {args.suite!r} in {folder} yet")
     table_text = table(runs)
+    lines = headline(runs)
+    if suite.against:
+        baseline = [json.loads(path.read_text()) for path in
+                    sorted(suite_folder(args, suite.against).glob("*-every*.json"))]
+        table_text += (f"\nPaired with the suite {suite.against} (run without "
+                       f"{' '.join(suite.extra)}):\n\n" + paired_table(runs, baseline))
+        lines["minus_" + suite.against] = paired_gains(runs, baseline)
     (folder / "table.md").write_text(table_text)
     print(table_text)
     plot(runs, folder / "suite.png")
@@ -382,13 +413,20 @@ def run_suite(args: argparse.Namespace) -> Path:
         "suite": args.suite, "users": list(suite.users), "seeds": list(suite.seeds),
         "correct_every": list(suite.correct_every), "paces": list(suite.paces),
         "interactions": suite.interactions, "eval_prompts": args.eval_prompts,
-        "max_new_tokens": args.max_new_tokens, "model": args.model, "extra": args.extra},
-        headline(runs), Path(args.out or RESULTS))
+        "max_new_tokens": args.max_new_tokens, "model": args.model, "extra": args.extra,
+        "against": suite.against}, lines, Path(args.out or RESULTS))
+
+
+def suite_folder(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.out or RESULTS) / f"api-user-suite-{name}"
 
 
 def run_to_file(args, path: Path, folder: Path, name: str, oracle: str, text: str, seed: int,
-                pace: str, every: int, interactions: int) -> None:
-    before_path = folder / f"before-s{seed}.json"
+                pace: str, every: int, interactions: int, before_folder: Path | None = None
+                ) -> None:
+    """One run of a suite into `path`. The held-out replies before are sampled once per seed
+    (by the first run) and read back from `before_folder` (default: `folder`) after that."""
+    before_path = (before_folder or folder) / f"before-s{seed}.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     result = run_one(oracle_name=oracle, seed=seed, interactions=interactions,
                      correct_every=every, correction_text=text, pace=pace,
@@ -400,7 +438,8 @@ def run_to_file(args, path: Path, folder: Path, name: str, oracle: str, text: st
     if before is None:
         before_path.write_text(json.dumps({"texts": result["before_texts"],
                                            "read_by": path.name}, indent=1) + "\n")
-    result["before_from"] = before["read_by"] if before else path.name
+    result["before_from"] = (f"{before_path.parent.name}/{before['read_by']}" if before
+                             else path.name)
     result.pop("before_texts")
     print(name, seed, pace, every, summary(result))
     write_result(path.stem, run_settings(args, oracle, seed, user=name, pace=pace,
@@ -414,9 +453,7 @@ def headline(runs: list[dict]) -> dict:
     pace (its gain minus theirs)."""
     from bench.suite import mean_ci
 
-    def gain(result: dict) -> float:
-        return result["satisfied_share_after"] - result["satisfied_share_before"]
-
+    gain = _gain
     groups: dict[str, list[dict]] = {}
     by_run: dict[tuple, dict] = {}
     for run in runs:
@@ -438,6 +475,47 @@ def headline(runs: list[dict]) -> dict:
     for key in [k for k in out if k.endswith("minus-votes-only")]:
         out[key] = mean_ci(out[key])
     return out
+
+
+def _run_key(run: dict) -> tuple:
+    s = run["settings"]
+    return (s["user"], s["seed"], s["pace"], s["correct_every"])
+
+
+def _gain(result: dict) -> float:
+    return result["satisfied_share_after"] - result["satisfied_share_before"]
+
+
+def paired_gains(runs: list[dict], baseline: list[dict]) -> dict:
+    """Each run's gain minus its baseline run's (same user, seed, pace and arm): mean and 95%
+    t-interval, over the runs both suites have."""
+    from bench.suite import mean_ci
+
+    theirs = {_run_key(run): run["results"] for run in baseline}
+    differences = [_gain(run["results"]) - _gain(theirs[_run_key(run)])
+                   for run in runs if _run_key(run) in theirs]
+    return mean_ci(differences) if differences else {"mean": None, "ci": None, "n": 0}
+
+
+def paired_table(runs: list[dict], baseline: list[dict]) -> str:
+    """Each run beside its baseline run: share before -> after and one-sided p, and words
+    after / before, for both."""
+    theirs = {_run_key(run): run["results"] for run in baseline}
+    lines = ["| user | seed | pace | corrections every | baseline: share, p, words ÷ "
+             "| this suite: share, p, words ÷ | gain minus baseline's |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict) -> str:
+        return (f"{r['satisfied_share_before']:.2f} → {r['satisfied_share_after']:.2f}, "
+                f"{r['p_value_one_sided']:.3g}, {r['length_ratio']:.2f}")
+
+    for run in runs:
+        key, r = _run_key(run), run["results"]
+        if key in theirs:
+            user, seed, pace, every = key
+            lines.append(f"| {user} | {seed} | {pace} | {every or '-'} | {cell(theirs[key])} "
+                         f"| {cell(r)} | {_gain(r) - _gain(theirs[key]):+.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(runs: list[dict]) -> str:

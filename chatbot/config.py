@@ -48,6 +48,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
 @dataclass(frozen=True)
 class Setting:
     """How a Config field reads from the command line. `help` may name `{default}`."""
@@ -218,6 +225,11 @@ class Config:
     negative_weight: float = field(default=1.0, metadata=setting(
         "weight of the rejected reply's (negative) advantage in a pair: 1 = RLOO, 0 = learn "
         "from the chosen reply only (default: {default})", "learner", type=float))
+    length_neutral: float = field(default=0.0, metadata=setting(
+        "take out of each pair vote's advantage what the replies' lengths alone predict (the "
+        "share of votes the shorter reply won), scaled by this: 1 = all of it, so votes teach "
+        "what a person prefers beyond length; 0 = off, a taste for shorter replies is learnt "
+        "like any other (default: {default})", "learner", type=_fraction))
     judge_new: bool = field(default=False, metadata=setting(
         "test-then-train: each new vote first judges the round's candidate against the live "
         "adapter and trains from the next round on; off (default), it trains at once and the "

@@ -38,6 +38,11 @@ would draw, and the worker trains them slice by slice.
 No user holds more than `max_user_share` of the fresh or of the replayed items (see
 chatbot/limits.py).
 
+Under `--length-neutral` a pair vote's advantages lose what the replies' lengths alone
+predict, from the share of the pair votes finished rounds used that the shorter reply won
+(objectives.length_neutral): a person who picks the shorter of two replies that differ in
+nothing they care about otherwise teaches length, not what they prefer.
+
 Left out: prioritised replay, weighting users by how much they agree with others.
 """
 
@@ -57,9 +62,11 @@ from chatbot.store import Store
 from learner.batch import Sample
 from learner.objectives import (
     damp_negative,
+    length_neutral,
     pair_rewards,
     rloo_advantages,
     running_baseline_advantages,
+    shorter_win_rate,
 )
 
 PAIRWISE = ("A", "B")
@@ -99,6 +106,7 @@ class RoundData:
     rewards: list[float] = field(default_factory=list)  # FEEDBACK_REWARD of each new item
     replayed_items: int = 0  # earlier votes and ratings trained on this round
     slices: int = 1  # the rounds of `learn_every` new items this round stands for
+    shorter_wins: float | None = None  # under --length-neutral: RoundBuilder._shorter_wins
 
     @property
     def new_samples(self) -> list[Sample]:
@@ -145,8 +153,10 @@ class RoundBuilder:
     def __init__(self, store: Store, replay: int, judge_new: bool = False,
                  max_user_share: float = 1.0, rng: random.Random | None = None,
                  negative_weight: float = 1.0, learn_every: int | None = None,
-                 encode_reply: Callable[[str], list[int]] | None = None) -> None:
+                 encode_reply: Callable[[str], list[int]] | None = None,
+                 length_neutral: float = 0.0) -> None:
         self.store = store
+        self.length_neutral = length_neutral  # 0: a pair vote's advantages as they are
         self.encode_reply = encode_reply  # a rewrite's text -> its reply token ids
         self.learn_every = learn_every  # None: a round is one slice, however many items
         self.negative_weight = negative_weight
@@ -164,6 +174,8 @@ class RoundBuilder:
     def build(self, claimed: dict[str, list[int]]) -> RoundData:
         absolute = self._absolute_advantages()
         data = RoundData()
+        if self.length_neutral:
+            data.shorter_wins = self._shorter_wins()
         earlier = self.store.used_feedback("votes")
         judge = self.judge_new and any(v["choice"] in PAIRWISE for v in earlier)
         data.judge_only = judge
@@ -320,12 +332,29 @@ class RoundBuilder:
             items.append([self._sample(row["pair_id"], side, absolute[("vote", row["id"], side)])
                           for side in ("A", "B")])
         elif row["choice"] in PAIRWISE:
-            adv_a, adv_b = (damp_negative(a, self.negative_weight) for a in rloo_advantages(
-                torch.tensor([pair_rewards(row["choice"])]))[0].tolist())
+            advantages = rloo_advantages(torch.tensor([pair_rewards(row["choice"])]))[0].tolist()
+            if data.shorter_wins is not None:
+                texts = [reply["text"] or "" for reply in self._pair(row["pair_id"])["replies"]]
+                advantages = length_neutral(tuple(advantages), tuple(_words(t) for t in texts),
+                                            data.shorter_wins, self.length_neutral)
+            adv_a, adv_b = (damp_negative(a, self.negative_weight) for a in advantages)
             items.append([self._sample(row["pair_id"], "A", adv_a),
                           self._sample(row["pair_id"], "B", adv_b)])
             data.pairs.append(self._preference(row))
         # a tie: both replies equally good, no policy-gradient term
+
+    def _shorter_wins(self) -> float:
+        """The share of the pair votes finished rounds used (between replies of different
+        lengths) that the shorter reply won, shrunk toward a half (objectives.shorter_win_rate).
+        Used votes only: the rate stays the same from the end of one round to the next, so the
+        draft the learner starts on between rounds (learner/head_start.py) has the advantages
+        the round will have."""
+        outcomes = []
+        for choice, text_a, text_b in self.store.used_vote_texts():
+            words_a, words_b = _words(text_a), _words(text_b)
+            if words_a != words_b:
+                outcomes.append((choice == "A") == (words_a < words_b))
+        return shorter_win_rate(outcomes)
 
     def _absolute_advantages(self) -> dict[tuple, float]:
         """Running-baseline advantages of every absolute reward, in the order they were given."""
@@ -339,3 +368,8 @@ class RoundBuilder:
         events.sort(key=lambda e: e[0])
         advantages = running_baseline_advantages([e[2] for e in events])
         return {key: adv for (_, key, _), adv in zip(events, advantages)}
+
+
+def _words(text: str) -> int:
+    """A reply's length as its reader sees it."""
+    return len(text.split())

@@ -22,6 +22,9 @@ guards around it:
   al. 2019's controller, with the initial beta as its floor).
 * A correction (a person's rewrite, learner/data.py) trains with -A log pi, no ratio and no
   clip: see `policy_gradient_loss`.
+* Length-neutral votes (optional, `--length-neutral`): a pair vote's advantages less what
+  the replies' lengths alone predict (`length_neutral`), so that a person who breaks ties
+  toward the shorter reply does not teach brevity in place of what they prefer.
 * Token sums are divided by a constant (sequences x longest reply), not by each reply's own
   length, so long and short replies are not re-weighted (Liu et al. 2025, "Dr. GRPO").
 * DPO (Rafailov et al. 2023) on the same pairs, as a second objective for comparison.
@@ -59,6 +62,35 @@ def damp_negative(advantage: float, negative_weight: float) -> float:
     direction of the seed's estimator in expectation (REINFORCE with rewards (1, 0) and no
     baseline at weight 0) and trades some variance for less of that drift."""
     return advantage if advantage >= 0 else advantage * negative_weight
+
+
+def shorter_win_rate(outcomes: list[bool], prior_count: float = 4.0) -> float:
+    """The share of pair votes the shorter reply won (`outcomes`: True where it did, one per
+    vote between replies of different lengths), counting `prior_count` extra votes split
+    evenly, so that a few votes do not read as a rule."""
+    return (sum(outcomes) + prior_count / 2) / (len(outcomes) + prior_count)
+
+
+def length_neutral(advantages: tuple[float, float], words: tuple[int, int],
+                   shorter_wins: float, strength: float = 1.0) -> tuple[float, float]:
+    """A pair vote's advantages (A, B) less what the replies' lengths alone predict.
+
+    A model that knows only which reply is shorter expects it to win `shorter_wins` of the
+    votes: reward p for the shorter, 1 - p for the longer. Subtracting those expectations
+    from the rewards (1, 0) before the leave-one-out step moves the shorter reply's advantage
+    by -(2p - 1) and the longer one's by +(2p - 1). Averaged over votes, the gradient then has
+    no component along "shorter" (or "longer") that length alone explains, while a vote the
+    longer reply won for what it says counts more (a length-controlled reward, as in Dubois
+    et al. 2024's length-controlled win rate; R-DPO, Park et al. 2024, regularises DPO's
+    margin by length to the same end). `strength` scales the shift: 0 leaves the advantages
+    as they are. Replies of equal length keep theirs.
+    """
+    if words[0] == words[1]:
+        return advantages
+    shift = strength * (2.0 * shorter_wins - 1.0)
+    if words[0] < words[1]:
+        return advantages[0] - shift, advantages[1] + shift
+    return advantages[0] + shift, advantages[1] - shift
 
 
 def pair_rewards(choice: str) -> tuple[float, float] | None:

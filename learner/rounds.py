@@ -71,7 +71,9 @@ class RoundResult:
                 "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
                 "micro_batches_by_threads": {str(k): v for k, v in
                                              sorted(self.micro_batches_by_threads.items())},
-                **({"preview": self.preview} if self.preview else {}), **self.reward_stats}
+                **({"preview": self.preview} if self.preview else {}),
+                **({"shorter_wins": round(self.data.shorter_wins, 3)}
+                   if self.data.shorter_wins is not None else {}), **self.reward_stats}
 
     def step(self, seconds: float) -> dict:
         """The learner_steps row, as the gate decided (the registry may still refuse to

@@ -63,6 +63,7 @@ class Learner:
                                     rng=random.Random(seed),
                                     negative_weight=config.negative_weight,
                                     learn_every=config.learn_every,
+                                    length_neutral=config.length_neutral,
                                     encode_reply=functools.partial(
                                         reply_token_ids, loaded.tokenizer,
                                         end_of_turn_id(loaded.model, loaded.tokenizer)))

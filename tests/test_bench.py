@@ -311,7 +311,7 @@ def test_api_user_runs(tiny_model_dir, tmp_path):
     bench(["api-user", "--model", str(tiny_model_dir), "--votes", "4", "--eval-prompts", "2",
            "--max-new-tokens", "4", "--correct-every", "2", "--correction-text",
            "Here is an answer for you.", "--out", str(tmp_path),
-           "--extra", "--learn-every", "2"])
+           "--extra", "--learn-every", "2", "--length-neutral", "1"])
     results = result(tmp_path, "api-user-you")
     assert results["before"]["replies"] == results["after"]["replies"] == 4
     assert sum(results["votes"].values()) == 4
@@ -322,6 +322,17 @@ def test_api_user_runs(tiny_model_dir, tmp_path):
     assert results["corrections_pending_when_measured"] == 0  # and every correction
     assert results["vote_to_live_seconds_median"] > 0
     assert 0.0 <= results["p_value_one_sided"] <= 1.0
+    assert "shorter_won" in results
+
+
+def test_the_share_of_votes_the_shorter_reply_won():
+    from bench.api_user import shorter_won
+
+    assert shorter_won([("A", "a b", "a b c"),  # A, the shorter, won
+                        ("B", "a b", "a"),  # B, the shorter, won
+                        ("A", "x", "y"),  # equal lengths: not counted
+                        ("B", "a", "a b c")]) == pytest.approx(2 / 3)  # the longer won
+    assert shorter_won([("A", "x", "y")]) is None
 
 
 def test_a_simulated_correction_puts_the_feature_first_and_keeps_the_reply():
@@ -436,6 +447,31 @@ def test_the_api_user_suite_pairs_each_arm_with_votes_only():
     assert out["instant-every0"]["gain"]["mean"] == pytest.approx(0.0)
     assert out["instant-every8-minus-votes-only"]["mean"] == pytest.approx(0.15)  # 0.2, 0.1
     assert out["instant-every8-minus-votes-only"]["n"] == 2
+
+
+def test_a_suite_that_tries_a_rule_is_paired_with_the_suite_without_it():
+    """length-neutral-reader runs the reader-pace users with --length-neutral 1 and is read
+    beside corrections-reader, run by run: the rule's gain minus the baseline's."""
+    from bench.api_user import SUITES, paired_gains, paired_table
+
+    suite = SUITES["length-neutral-reader"]
+    baseline = SUITES[suite.against]
+    assert suite.extra == ("--length-neutral", "1")
+    assert set(suite.users) <= set(baseline.users) and set(suite.seeds) <= set(baseline.seeds)
+    assert set(suite.paces) <= set(baseline.paces)
+
+    def run(user, before, after, p):
+        return {"settings": {"user": user, "seed": 0, "pace": "reader", "correct_every": 0},
+                "results": {"satisfied_share_before": before, "satisfied_share_after": after,
+                            "p_value_one_sided": p, "length_ratio": 0.9}}
+
+    ours = [run("a", 0.3, 0.5, 0.01), run("b", 0.3, 0.2, 0.9), run("c", 0.3, 0.3, 0.5)]
+    theirs = [run("a", 0.3, 0.4, 0.2), run("b", 0.3, 0.3, 0.5)]  # no "c": not paired
+    gains = paired_gains(ours, theirs)
+    assert gains["n"] == 2 and gains["mean"] == pytest.approx(0.0)  # +0.1 and -0.1
+    rows = paired_table(ours, theirs).splitlines()[2:]
+    assert len(rows) == 2 and rows[0].endswith("| +0.10 |") and rows[1].endswith("| -0.10 |")
+    assert paired_gains(ours, [])["n"] == 0
 
 
 def test_the_soak_summary_reads_growth_over_the_second_half():

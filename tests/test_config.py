@@ -9,6 +9,7 @@ from pathlib import Path
 from chatbot.config import (
     GROUPS,
     Config,
+    _fraction,
     _positive_int,
     command_line,
     flag_of,
@@ -34,7 +35,7 @@ def _another_value(f, s, default, tmp_path):
         return (tmp_path / f.name).resolve()
     if s.type in (int, _positive_int):
         return (default or 0) + 3
-    if s.type is float:
+    if s.type in (float, _fraction):
         return (default or 0) + 0.25
     return "postgresql://duet@db.example/duet" if f.name == "db" else f"some-{f.name}"
 

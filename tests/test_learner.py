@@ -655,6 +655,42 @@ def test_the_builder_keeps_the_pairs_it_used_last_and_reads_the_others_again(tmp
     assert len(builder._pairs) == 2 and len(builder._replies) == 4
 
 
+def test_length_neutral_votes_lose_what_length_alone_predicts(tmp_path):
+    """Three votes a finished round used, A the shorter reply each time, won by A, A, then B:
+    the shorter reply won 2 of 3, (2 + 2) / (3 + 4) = 4/7 with the prior, a shift of
+    2 * 4/7 - 1 = 1/7. Under --length-neutral 1 the new votes' shorter reply's advantage drops
+    by 1/7 and the longer's rises by 1/7; off, the votes keep (+1, -1). The pending votes do
+    not count toward the rate."""
+    from learner import data
+
+    store = Store(tmp_path / "duet.db")
+    votes = []
+    for i, choice in enumerate(["A", "A", "B", "A", "B"]):
+        replies = [{"text": t, "token_ids": [5, 6], "token_logprobs": [-1.0, -2.0],
+                    "behaviour_logprob": -3.0, "adapter_version": 0, "finish_reason": "stop",
+                    "n_tokens": 2} for t in ("short", "a longer reply")]
+        pair = {"prompt_token_ids": [1, 2, 3], "adapter_version": 0, "temperature": 0.8,
+                "top_p": 0.95, "max_new_tokens": 2, "seconds": 0.0, "first_token_seconds": 0.0}
+        _, pair_id = store.add_turn("ann", None, f"prompt {i}", pair, replies)
+        votes.append(store.record_vote("ann", pair_id, choice)["vote_id"])
+    used, new = votes[:3], votes[3:]
+    store.db.execute(f"update votes set used_by_version = 1 where id in ({used[0]}, "
+                     f"{used[1]}, {used[2]})")  # as a finished round marks them
+    claimed = {"votes": new, "ratings": [], "corrections": []}
+
+    plain = data.RoundBuilder(store, replay=0).build(claimed)
+    assert plain.shorter_wins is None
+    assert [[s.advantage for s in item] for item in plain.new_items] == [[1, -1], [-1, 1]]
+    neutral = data.RoundBuilder(store, replay=0, length_neutral=1.0).build(claimed)
+    assert neutral.shorter_wins == pytest.approx(4 / 7)
+    shift = 1 / 7
+    assert [[s.advantage for s in item] for item in neutral.new_items] == [
+        pytest.approx([1 - shift, -1 + shift]), pytest.approx([-1 - shift, 1 + shift])]
+    half = data.RoundBuilder(store, replay=0, length_neutral=0.5).build(claimed)
+    assert [s.advantage for s in half.new_items[0]] == pytest.approx([1 - shift / 2,
+                                                                      -1 + shift / 2])
+
+
 def test_the_learner_command_seeds_the_learner_with_seed(tmp_path, monkeypatch, capsys):
     import learner.__main__ as command
     import learner.worker

@@ -115,6 +115,27 @@ def test_negative_weight_damps_only_the_rejected_replys_advantage():
     assert damp_negative(-1.0, 0.25) == -0.25 and damp_negative(-1.0, 1.0) == -1.0
 
 
+def test_length_neutral_votes_teach_no_length_on_average():
+    """Votes the shorter reply wins 75% of the time: the shorter's advantage moves by -0.5
+    and the longer's by +0.5, so over those votes the shorter reply's mean advantage is 0,
+    while a vote the longer reply won counts 1.5."""
+    from learner.objectives import length_neutral, shorter_win_rate
+
+    assert shorter_win_rate([]) == 0.5  # no votes: no taste for length
+    assert shorter_win_rate([True] * 4) == 0.75  # four votes, shrunk toward a half
+    assert shorter_win_rate([True] * 3 + [False]) == 0.625
+    p = 0.75
+    won = length_neutral((1.0, -1.0), (10, 30), p)  # A, the shorter, chosen
+    lost = length_neutral((-1.0, 1.0), (10, 30), p)  # B, the longer, chosen
+    assert won == pytest.approx((0.5, -0.5)) and lost == pytest.approx((-1.5, 1.5))
+    assert p * won[0] + (1 - p) * lost[0] == pytest.approx(0.0)
+    assert length_neutral((-1.0, 1.0), (30, 10), p) == pytest.approx((-0.5, 0.5))  # B shorter
+    assert length_neutral((1.0, -1.0), (20, 20), p) == (1.0, -1.0)  # equal: unchanged
+    assert length_neutral((1.0, -1.0), (10, 30), p, strength=0.0) == (1.0, -1.0)
+    assert length_neutral((1.0, -1.0), (10, 30), p, strength=0.5) == pytest.approx((0.75, -0.75))
+    assert length_neutral((1.0, -1.0), (10, 30), 0.5) == (1.0, -1.0)  # no taste: unchanged
+
+
 def test_winners_only_gradient_is_the_chosen_replys_score():
     """Rewards (1, 0) with no baseline: the seed's estimator is grad log pi(chosen)."""
     logits = torch.tensor([0.0, 0.4], requires_grad=True)
