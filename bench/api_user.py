@@ -425,8 +425,11 @@ def run_to_file(args, path: Path, folder: Path, name: str, oracle: str, text: st
                 pace: str, every: int, interactions: int, before_folder: Path | None = None
                 ) -> None:
     """One run of a suite into `path`. The held-out replies before are sampled once per seed
-    (by the first run) and read back from `before_folder` (default: `folder`) after that."""
-    before_path = (before_folder or folder) / f"before-s{seed}.json"
+    (by the first run) and kept in `folder`; a suite paired with another reads that suite's
+    (`before_folder`) when it has them."""
+    before_path = folder / f"before-s{seed}.json"
+    if before_folder and (before_folder / before_path.name).exists():
+        before_path = before_folder / before_path.name
     before = json.loads(before_path.read_text()) if before_path.exists() else None
     result = run_one(oracle_name=oracle, seed=seed, interactions=interactions,
                      correct_every=every, correction_text=text, pace=pace,

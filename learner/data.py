@@ -43,7 +43,8 @@ predict, from the share of the pair votes finished rounds used that the shorter 
 (objectives.length_neutral): a person who picks the shorter of two replies that differ in
 nothing they care about otherwise teaches length, not what they prefer.
 
-Left out: prioritised replay, weighting users by how much they agree with others.
+Left out: prioritised replay, weighting users by how much they agree with others, a taste for
+length per user.
 """
 
 from __future__ import annotations
@@ -170,13 +171,14 @@ class RoundBuilder:
         self._drawn: tuple[tuple, list[tuple[str, int]]] | None = None  # see _draw
         # correction id -> (token ids, reference log-probs or None) of the rewrite
         self._rewrites: dict[int, tuple[list[int], list[float] | None]] = {}
+        self._shorter_wins_of: tuple[tuple, float] | None = None  # (used vote ids, the rate)
 
     def build(self, claimed: dict[str, list[int]]) -> RoundData:
         absolute = self._absolute_advantages()
         data = RoundData()
-        if self.length_neutral:
-            data.shorter_wins = self._shorter_wins()
         earlier = self.store.used_feedback("votes")
+        if self.length_neutral:
+            data.shorter_wins = self._shorter_wins(earlier)
         judge = self.judge_new and any(v["choice"] in PAIRWISE for v in earlier)
         data.judge_only = judge
         for vote in self.store.feedback_by_id("votes", claimed["votes"]):
@@ -343,18 +345,21 @@ class RoundBuilder:
             data.pairs.append(self._preference(row))
         # a tie: both replies equally good, no policy-gradient term
 
-    def _shorter_wins(self) -> float:
+    def _shorter_wins(self, used_votes: list[dict]) -> float:
         """The share of the pair votes finished rounds used (between replies of different
         lengths) that the shorter reply won, shrunk toward a half (objectives.shorter_win_rate).
         Used votes only: the rate stays the same from the end of one round to the next, so the
         draft the learner starts on between rounds (learner/head_start.py) has the advantages
-        the round will have."""
-        outcomes = []
-        for choice, text_a, text_b in self.store.used_vote_texts():
-            words_a, words_b = _words(text_a), _words(text_b)
-            if words_a != words_b:
-                outcomes.append((choice == "A") == (words_a < words_b))
-        return shorter_win_rate(outcomes)
+        the round will have; and it is counted again only when they change."""
+        key = tuple(vote["id"] for vote in used_votes)
+        if self._shorter_wins_of is None or self._shorter_wins_of[0] != key:
+            outcomes = []
+            for choice, text_a, text_b in self.store.used_vote_texts():
+                words_a, words_b = _words(text_a), _words(text_b)
+                if words_a != words_b:
+                    outcomes.append((choice == "A") == (words_a < words_b))
+            self._shorter_wins_of = (key, shorter_win_rate(outcomes))
+        return self._shorter_wins_of[1]
 
     def _absolute_advantages(self) -> dict[tuple, float]:
         """Running-baseline advantages of every absolute reward, in the order they were given."""

@@ -474,6 +474,37 @@ def test_a_suite_that_tries_a_rule_is_paired_with_the_suite_without_it():
     assert paired_gains(ours, [])["n"] == 0
 
 
+def test_a_paired_suite_reads_the_baselines_replies_before_and_writes_only_its_own(
+        tmp_path, monkeypatch):
+    import argparse
+
+    import bench.api_user as api_user
+
+    seen = []
+
+    def fake_run(**kwargs):
+        seen.append(kwargs["before_texts"])
+        return {"before_texts": kwargs["before_texts"] or ["sampled here"],
+                "satisfied_share_before": 0.3, "satisfied_share_after": 0.4}
+
+    monkeypatch.setattr(api_user, "run_one", fake_run)
+    monkeypatch.setattr(api_user, "summary", lambda result: {})
+    args = argparse.Namespace(reader_seconds=10.0, eval_prompts=2, eval_replies=2,
+                              max_new_tokens=4, model="m", timeout=1.0, extra=[], prompts=None,
+                              votes=32, correct_every=0, correction_text=None, pace="reader")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(), theirs.mkdir()
+    (theirs / "before-s0.json").write_text(json.dumps({"texts": ["theirs"], "read_by": "x"}))
+    for seed in (0, 1):  # seed 1: the baseline has no replies before, so the run reads its own
+        api_user.run_to_file(args, ours / f"u-s{seed}-reader-every0.json", ours, "u", "you",
+                             "t", seed, "reader", 0, 32, before_folder=theirs)
+    assert seen == [["theirs"], None]
+    assert sorted(p.name for p in theirs.iterdir()) == ["before-s0.json"]  # left as it was
+    assert json.loads((ours / "before-s1.json").read_text())["texts"] == ["sampled here"]
+    first = json.loads((ours / "u-s0-reader-every0.json").read_text())["results"]
+    assert first["before_from"] == "theirs/x"
+
+
 def test_the_soak_summary_reads_growth_over_the_second_half():
     from bench.soak import slope_per_hour, summary
 

@@ -656,39 +656,52 @@ def test_the_builder_keeps_the_pairs_it_used_last_and_reads_the_others_again(tmp
 
 
 def test_length_neutral_votes_lose_what_length_alone_predicts(tmp_path):
-    """Three votes a finished round used, A the shorter reply each time, won by A, A, then B:
-    the shorter reply won 2 of 3, (2 + 2) / (3 + 4) = 4/7 with the prior, a shift of
-    2 * 4/7 - 1 = 1/7. Under --length-neutral 1 the new votes' shorter reply's advantage drops
-    by 1/7 and the longer's rises by 1/7; off, the votes keep (+1, -1). The pending votes do
-    not count toward the rate."""
+    """Four votes a finished round used: the shorter reply won 3 (A twice, B once) and lost
+    1, (3 + 2) / (4 + 4) = 5/8 with the prior, a shift of 2 * 5/8 - 1 = 1/4. Under
+    --length-neutral 1 each new vote's shorter reply, A or B, loses 1/4 of advantage and the
+    longer gains 1/4; off, the votes keep (+1, -1). Pending votes do not count toward the
+    rate, and the rate is counted again once more votes are used."""
     from learner import data
 
     store = Store(tmp_path / "duet.db")
-    votes = []
-    for i, choice in enumerate(["A", "A", "B", "A", "B"]):
+    short, long = "short", "a longer reply"
+
+    def vote(choice, text_a, text_b) -> int:
         replies = [{"text": t, "token_ids": [5, 6], "token_logprobs": [-1.0, -2.0],
                     "behaviour_logprob": -3.0, "adapter_version": 0, "finish_reason": "stop",
-                    "n_tokens": 2} for t in ("short", "a longer reply")]
+                    "n_tokens": 2} for t in (text_a, text_b)]
         pair = {"prompt_token_ids": [1, 2, 3], "adapter_version": 0, "temperature": 0.8,
                 "top_p": 0.95, "max_new_tokens": 2, "seconds": 0.0, "first_token_seconds": 0.0}
-        _, pair_id = store.add_turn("ann", None, f"prompt {i}", pair, replies)
-        votes.append(store.record_vote("ann", pair_id, choice)["vote_id"])
-    used, new = votes[:3], votes[3:]
-    store.db.execute(f"update votes set used_by_version = 1 where id in ({used[0]}, "
-                     f"{used[1]}, {used[2]})")  # as a finished round marks them
+        _, pair_id = store.add_turn("ann", None, f"prompt {text_a} {choice}", pair, replies)
+        return store.record_vote("ann", pair_id, choice)["vote_id"]
+
+    def use(ids) -> None:  # as a finished round marks them
+        store.db.execute(f"update votes set used_by_version = 1 where id in "
+                         f"({', '.join(map(str, ids))})")
+
+    use([vote("A", short, long), vote("A", short, long), vote("B", short, long),
+         vote("B", long, short)])
+    new = [vote("B", short, long),  # the longer won
+           vote("A", long, short),  # the longer won
+           vote("B", long, short)]  # the shorter won
     claimed = {"votes": new, "ratings": [], "corrections": []}
+
+    def advantages(round_data):
+        return [[s.advantage for s in item] for item in round_data.new_items]
 
     plain = data.RoundBuilder(store, replay=0).build(claimed)
     assert plain.shorter_wins is None
-    assert [[s.advantage for s in item] for item in plain.new_items] == [[1, -1], [-1, 1]]
-    neutral = data.RoundBuilder(store, replay=0, length_neutral=1.0).build(claimed)
-    assert neutral.shorter_wins == pytest.approx(4 / 7)
-    shift = 1 / 7
-    assert [[s.advantage for s in item] for item in neutral.new_items] == [
-        pytest.approx([1 - shift, -1 + shift]), pytest.approx([-1 - shift, 1 + shift])]
+    assert advantages(plain) == [[-1, 1], [1, -1], [-1, 1]]
+    builder = data.RoundBuilder(store, replay=0, length_neutral=1.0)
+    neutral = builder.build(claimed)
+    assert neutral.shorter_wins == pytest.approx(5 / 8)
+    assert advantages(neutral) == [pytest.approx([-1.25, 1.25]), pytest.approx([1.25, -1.25]),
+                                   pytest.approx([-0.75, 0.75])]
     half = data.RoundBuilder(store, replay=0, length_neutral=0.5).build(claimed)
-    assert [s.advantage for s in half.new_items[0]] == pytest.approx([1 - shift / 2,
-                                                                      -1 + shift / 2])
+    assert advantages(half)[0] == pytest.approx([-1.125, 1.125])
+    use(new[:2])  # two more votes the longer reply won: 3 of 6, (3 + 2) / (6 + 4) = 1/2
+    assert builder.build({"votes": new[2:], "ratings": [], "corrections": []}
+                         ).shorter_wins == pytest.approx(0.5)
 
 
 def test_the_learner_command_seeds_the_learner_with_seed(tmp_path, monkeypatch, capsys):
