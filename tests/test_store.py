@@ -211,6 +211,20 @@ def test_claim_release_and_finish_round(store):
         store.set_live(7)
 
 
+def test_the_used_votes_texts_are_what_the_length_rate_counts(store):
+    """Store.used_vote_texts: each A-or-B vote a finished round used, with both replies'
+    texts in side order; ties and pending votes are not among them."""
+    for i, (a, b, choice) in enumerate([("one", "one two", "A"), ("x y z", "x", "B"),
+                                        ("p", "q", "tie"), ("r", "s t", "B")]):
+        _, pair_id = add_turn(store, message=f"m{i}", a=a, b=b)
+        store.record_vote("ann", pair_id, choice)
+    store.claim_feedback("r1", limit=3)
+    store.finish_round("r1", {"version": 1, "path": "v1", "parent_version": 0,
+                              "base_model": "m", "sha256": "x", "status": "live"},
+                       {"adapter_version": 1, "status": "promoted", "loss": 0.1})
+    assert store.used_vote_texts() == [("A", "one", "one two"), ("B", "x y z", "x")]
+
+
 def test_writers_in_two_connections_wait_instead_of_failing(tmp_path):
     path = tmp_path / "duet.db"
     first, second = Store(path), Store(path)
