@@ -288,6 +288,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
     rounds = [s for s in steps if s.get("adapter_version") is not None]
     return {
         "before": before, "after": after, "before_texts": before_texts,
+        "after_texts": after_texts,  # what the user read after: for looking into a run
         "before_read_here": read_before,
         "satisfied_share_before": before["satisfied"] / n,
         "satisfied_share_after": after["satisfied"] / n,
@@ -480,6 +481,10 @@ def headline(runs: list[dict]) -> dict:
     return out
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _run_key(run: dict) -> tuple:
     s = run["settings"]
     return (s["user"], s["seed"], s["pace"], s["correct_every"])
@@ -523,8 +528,9 @@ def paired_table(runs: list[dict], baseline: list[dict]) -> str:
 
 def table(runs: list[dict]) -> str:
     lines = ["| user | seed | pace | corrections every | share before → after | p | p by prompt "
-             "| words after ÷ before | corrections | rounds (new items) | vote-to-live median s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| words after ÷ before | shorter reply won | corrections | rounds (new items) "
+             "| vote-to-live median s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         s, r = run["settings"], run["results"]
         live = r["vote_to_live_seconds_median"]
@@ -533,7 +539,7 @@ def table(runs: list[dict]) -> str:
             f"| {s['user']} | {s['seed']} | {s['pace']} | {s['correct_every'] or '-'} | "
             f"{r['satisfied_share_before']:.2f} → {r['satisfied_share_after']:.2f} | "
             f"{r['p_value_one_sided']:.3g} | {stratified} | {r['length_ratio']:.2f} | "
-            f"{r['corrections']} | "
+            f"{_share(r.get('shorter_won'))} | {r['corrections']} | "
             f"{r['round_sizes']} | {'-' if live is None else f'{live:.0f}'} |")
     return "\n".join(lines) + "\n"
 

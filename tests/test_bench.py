@@ -314,6 +314,7 @@ def test_api_user_runs(tiny_model_dir, tmp_path):
            "--extra", "--learn-every", "2", "--length-neutral", "1"])
     results = result(tmp_path, "api-user-you")
     assert results["before"]["replies"] == results["after"]["replies"] == 4
+    assert len(results["after_texts"]) == 4
     assert sum(results["votes"].values()) == 4
     # the tiny model's replies never say "you": each due correction is made
     assert results["corrections"] == 2
