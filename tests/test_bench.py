@@ -475,6 +475,23 @@ def test_a_suite_that_tries_a_rule_is_paired_with_the_suite_without_it():
     assert paired_gains(ours, [])["n"] == 0
 
 
+def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_won():
+    from bench.api_user import table
+
+    def run(user, shorter_won):
+        results = {"satisfied_share_before": 0.3, "satisfied_share_after": 0.5,
+                   "p_value_one_sided": 0.01, "length_ratio": 0.9, "corrections": 0,
+                   "round_sizes": [4, 4], "vote_to_live_seconds_median": 33.0}
+        if shorter_won is not None:
+            results["shorter_won"] = shorter_won
+        return {"settings": {"user": user, "seed": 0, "pace": "reader", "correct_every": 0},
+                "results": results}
+
+    header, rule, old, new = table([run("a", None), run("b", 0.8)]).splitlines()
+    assert header.count("|") == rule.count("|") == old.count("|") == new.count("|")
+    assert "| 0.90 | - | 0 |" in old and "| 0.90 | 0.80 | 0 |" in new
+
+
 def test_a_paired_suite_reads_the_baselines_replies_before_and_writes_only_its_own(
         tmp_path, monkeypatch):
     import argparse
