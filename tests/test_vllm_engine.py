@@ -12,7 +12,8 @@ forward pass with that adapter, and differ from the base), the previous one unlo
 name vLLM lost is loaded again; an adapter that fails its manifest never reaches vLLM; the
 base model beside the adapter; a stream closed early aborts its request in vLLM;
 `python app.py --engine vllm` through the openai client; an unreachable server is a one-line
-error and loses nothing.
+error and loses nothing; a vLLM restart under a front-end is ridden out (last: it restarts the
+module's server).
 
 In CI (CI or DUET_REQUIRE_VLLM set) a vLLM that cannot be installed or started fails the
 test; elsewhere it is skipped with the reason.
@@ -66,48 +67,70 @@ def vllm_python() -> Path:
     return Path(result.stdout.strip().splitlines()[-1]) / "bin" / "python"
 
 
-@pytest.fixture(scope="module")
-def vllm_server(vllm_python, tmp_path_factory) -> tuple[str, Path]:
-    """(URL, log file) of a vLLM server for the embedded model with runtime LoRA loading,
-    warmed up. It logs each request's start and abort."""
+@dataclasses.dataclass
+class VllmProcess:
+    """A vLLM server this module started: its URL, port, log and process (replaced when a
+    test restarts it)."""
+    url: str
+    port: int
+    log_path: Path
+    process: subprocess.Popen
+
+
+def start_vllm(vllm_python: Path, port: int, log_path: Path) -> subprocess.Popen:
+    """A vLLM server for the embedded model with runtime LoRA loading, logging each request's
+    start and abort into `log_path` (appended)."""
     model = embedded_checkpoint(Config().cache_dir)
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
             [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
              "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
              "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8",
              "--max-loras", "2", "--enable-log-requests"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+
+
+def wait_until_serving(server: VllmProcess) -> None:
+    """Until /v1/models answers, then one request to compile (about 50 s on two cores), so
+    that no test's timing has it."""
+    deadline = time.monotonic() + 900
+    while True:
+        if server.process.poll() is not None:
+            unavailable(f"the vLLM server exited with {server.process.returncode}:\n"
+                        + server.log_path.read_text()[-3000:])
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.url}/v1/models", timeout=2).status_code == 200:
+                break
+        if time.monotonic() > deadline:
+            unavailable("the vLLM server did not start in 900 s:\n"
+                        + server.log_path.read_text()[-3000:])
+        time.sleep(1)
+    httpx.post(f"{server.url}/v1/completions", timeout=600, json={
+        "model": str(embedded_checkpoint(Config().cache_dir)), "prompt": [1, 2, 3],
+        "max_tokens": 2})
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_python, tmp_path_factory) -> VllmProcess:
+    """The module's vLLM server, warmed up; stopped at the end (whichever process it is by
+    then: the last test restarts it)."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    server = VllmProcess(f"http://127.0.0.1:{port}", port, log_path,
+                         start_vllm(vllm_python, port, log_path))
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if process.poll() is not None:
-                unavailable(f"the vLLM server exited with {process.returncode}:\n"
-                            + log_path.read_text()[-3000:])
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                unavailable("the vLLM server did not start in 900 s:\n"
-                            + log_path.read_text()[-3000:])
-            time.sleep(1)
-        # The first request compiles (about 50 s on two cores): not inside a test's timing.
-        httpx.post(f"{url}/v1/completions", timeout=600, json={
-            "model": str(model), "prompt": [1, 2, 3], "max_tokens": 2})
-        yield url, log_path
+        wait_until_serving(server)
+        yield server
     finally:
-        stop_process_group(process, grace=30)
+        stop_process_group(server.process, grace=30)
 
 
 @pytest.fixture(scope="module")
 def vllm_url(vllm_server) -> str:
-    return vllm_server[0]
+    return vllm_server.url
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +210,7 @@ def test_one_reply_and_the_length_cap(engine, local_base):
 
 
 def test_a_stream_closed_early_aborts_the_request_in_vllm(config, vllm_server):
-    _, log_path = vllm_server
+    log_path = vllm_server.log_path
     store = Store(config.db_path)
     generator, _, _ = vllm_engine.connect(dataclasses.replace(config, max_new_tokens=400),
                                           store)
@@ -298,3 +321,38 @@ def test_an_unreachable_server_is_a_clear_error_and_loses_nothing(engine, config
             Client(url, verbose=False).predict("Hello!", "", api_name="/ask")
     wait_for(lambda: "ConnectError" in log_path.read_text(), 10)  # logged with the URL
     assert "Traceback" not in log_path.read_text()
+
+
+def test_a_vllm_restart_is_ridden_out(engine, config, vllm_server, vllm_python):
+    """Last in the module: it stops the module's vLLM server and starts it again on the same
+    port. While vLLM is down a turn is the one-line "try again" error and stores nothing, the
+    votes stay, and the registry poll says why it cannot load a new version and keeps
+    trying; once vLLM is back, the next turn is served by the live adapter, which the new
+    vLLM had never heard of, loaded again by the poll."""
+    store, generator, live = engine
+    publish_random_adapter(config, store, 1, seed=4, rank=8)
+    assert live.sync() is True
+    service = ChatService(config, store, generator, model_id="embedded")
+    first = service.ask("local", "Hello!")
+    assert first["adapter_version"] == 1
+    assert service.vote("local", first["pair_id"], "A")["ok"]
+
+    stop_process_group(vllm_server.process, grace=30)
+    with pytest.raises(EngineError, match="try again") as error:
+        service.ask("local", "Are you there?", first["conversation_id"])
+    assert "\n" not in str(error.value)
+    assert len(store.conversations("local")) == 1 and store.pending_counts()["votes_total"] == 1
+    publish_random_adapter(config, store, 2, seed=5, rank=8)  # a round finished meanwhile
+    assert live.sync() is False and "cannot be reached" in live.last_error
+    assert live.serving()[0] == 1
+
+    vllm_server.process = start_vllm(vllm_python, vllm_server.port, vllm_server.log_path)
+    wait_until_serving(vllm_server)
+    assert live.sync() is True and live.last_error is None  # the server's next poll
+    version, name = live.serving()
+    assert version == 2 and name in served_names(vllm_server.url)
+    turn = service.ask("local", "Back again?", first["conversation_id"])
+    assert store.pair("local", turn["pair_id"])["adapter_version"] == 2
+    assert service.vote("local", turn["pair_id"], "B")["ok"]
+    assert store.pending_counts()["votes_total"] == 2
+
