@@ -347,7 +347,7 @@ def test_a_simulated_correction_puts_the_feature_first_and_keeps_the_reply():
 
 
 def test_a_suite_takes_only_users_in_the_claims_range(tmp_path):
-    from bench.api_user import check_user
+    from bench.user_suite import check_user
 
     shares = tmp_path / "feature-share.json"
     shares.write_text(json.dumps({"results": {"features": {
@@ -435,7 +435,7 @@ def test_sweep_runs_variants_on_the_same_users_and_pairs_them(tiny_model_dir, tm
 
 
 def test_the_api_user_suite_pairs_each_arm_with_votes_only():
-    from bench.api_user import headline
+    from bench.user_suite import headline
 
     def run(user, every, before, after, p):
         return {"settings": {"user": user, "seed": 0, "pace": "instant", "correct_every": every},
@@ -453,7 +453,7 @@ def test_the_api_user_suite_pairs_each_arm_with_votes_only():
 def test_a_suite_that_tries_a_rule_is_paired_with_the_suite_without_it():
     """length-neutral-reader runs the reader-pace users with --length-neutral 1 and is read
     beside corrections-reader, run by run: the rule's gain minus the baseline's."""
-    from bench.api_user import SUITES, paired_gains, paired_table
+    from bench.user_suite import SUITES, paired_gains, paired_table
 
     suite = SUITES["length-neutral-reader"]
     baseline = SUITES[suite.against]
@@ -476,7 +476,7 @@ def test_a_suite_that_tries_a_rule_is_paired_with_the_suite_without_it():
 
 
 def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_won():
-    from bench.api_user import table
+    from bench.user_suite import table
 
     def run(user, shorter_won):
         results = {"satisfied_share_before": 0.3, "satisfied_share_after": 0.5,
@@ -496,7 +496,7 @@ def test_a_paired_suite_reads_the_baselines_replies_before_and_writes_only_its_o
         tmp_path, monkeypatch):
     import argparse
 
-    import bench.api_user as api_user
+    import bench.user_suite as user_suite
 
     seen = []
 
@@ -505,8 +505,8 @@ def test_a_paired_suite_reads_the_baselines_replies_before_and_writes_only_its_o
         return {"before_texts": kwargs["before_texts"] or ["sampled here"],
                 "satisfied_share_before": 0.3, "satisfied_share_after": 0.4}
 
-    monkeypatch.setattr(api_user, "run_one", fake_run)
-    monkeypatch.setattr(api_user, "summary", lambda result: {})
+    monkeypatch.setattr(user_suite, "run_one", fake_run)
+    monkeypatch.setattr(user_suite, "summary", lambda result: {})
     args = argparse.Namespace(reader_seconds=10.0, eval_prompts=2, eval_replies=2,
                               max_new_tokens=4, model="m", timeout=1.0, extra=[], prompts=None,
                               votes=32, correct_every=0, correction_text=None, pace="reader")
@@ -514,7 +514,7 @@ def test_a_paired_suite_reads_the_baselines_replies_before_and_writes_only_its_o
     ours.mkdir(), theirs.mkdir()
     (theirs / "before-s0.json").write_text(json.dumps({"texts": ["theirs"], "read_by": "x"}))
     for seed in (0, 1):  # seed 1: the baseline has no replies before, so the run reads its own
-        api_user.run_to_file(args, ours / f"u-s{seed}-reader-every0.json", ours, "u", "you",
+        user_suite.run_to_file(args, ours / f"u-s{seed}-reader-every0.json", ours, "u", "you",
                              "t", seed, "reader", 0, 32, before_folder=theirs)
     assert seen == [["theirs"], None]
     assert sorted(p.name for p in theirs.iterdir()) == ["before-s0.json"]  # left as it was

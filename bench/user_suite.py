@@ -1,0 +1,285 @@
+"""The API-level user suite (`python -m bench api-user --suite NAME`): users x seeds x paces x
+arms of bench/api_user.py's run, each run alone, kept as it finishes; its table, plot and
+headline.
+
+    python -m bench api-user --suite corrections-reader
+    python -m bench api-user --suite length-neutral-reader --summarize
+
+A suite's users are preferences in a fifth to a half of the base model's replies, as
+`python -m bench feature-share` measured them (bench/results/feature-share.json); it refuses
+a user outside that range, or not measured, and says why. Each run is kept in the suite's
+folder as it finishes, and a rerun skips the runs already there (`--summarize` writes the
+table from the runs kept so far). The base model's held-out replies of a seed are read once,
+by the seed's first run, and every user of that seed is scored on the same texts (the arms
+are then compared on one baseline); a run's `before_from` says which run read them.
+
+A suite may try a rule: `extra` flags for app.py, and `against`, the suite without them whose
+runs it is read beside, user by user and seed by seed, on the same held-out replies before
+(`length-neutral-reader` against `corrections-reader`'s votes-only arm).
+
+The headline: per arm and pace, the share of runs significant at 5% and the mean gain with its
+95% t-interval; each arm with corrections minus votes only, paired; and, for a suite tried
+against another, its gain minus the other's, paired.
+
+Left out: running several runs at once (each must have the machine to itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.api_user import run_one, run_settings, summary
+from bench.common import RESULTS, write_result
+
+CONTRACTIONS = (r"re:\b(\w+n't|I'm|I'd|I'll|I've|you're|you'll|you've|we're|we'll|they're|"
+                r"it's|that's|there's|here's|let's|what's)\b")
+# The users a suite may name: their preference, and the sentence they put first when they fix
+# a reply (it must have the feature). `noisy-NAME` is NAME with 20% of its votes flipped.
+USERS = {
+    "contractions": (CONTRACTIONS, "That's a good question."),
+    "can": ("can", "Here is what I can tell you."),
+    "you": ("you", "Here is an answer for you."),
+    "numbers": ("numbers", "There are two sides to this."),
+}
+SHARE_RANGE = (0.2, 0.5)  # the learning claim's range of base-model feature shares
+FEATURE_SHARES = RESULTS / "feature-share.json"
+
+
+@dataclass(frozen=True)
+class Suite:
+    users: tuple[str, ...]
+    seeds: tuple[int, ...]
+    correct_every: tuple[int, ...]  # the arms: 0 = votes only
+    paces: tuple[str, ...] = ("instant",)
+    interactions: int = 32
+    eval_replies: int = 2  # per held-out prompt, before and after
+    extra: tuple[str, ...] = ()  # flags for app.py: the rule this suite tries
+    # A suite this one is paired with (same users, seeds, paces and arms, run without `extra`):
+    # its held-out replies before are reused, and the headline reports the gain minus theirs.
+    against: str | None = None
+
+
+SUITES = {
+    "corrections": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0, 8)),
+    "corrections-quick": Suite(("contractions", "can"), (0,), (0, 8)),
+    "corrections-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0, 8),
+                                paces=("reader",)),
+    "length-neutral-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0,),
+                                   paces=("reader",), extra=("--length-neutral", "1"),
+                                   against="corrections-reader"),
+}
+
+
+
+def check_user(name: str, shares_file: Path = FEATURE_SHARES) -> tuple[str, str]:
+    """The user's (oracle name, correction text), if their feature's base share was measured
+    and lies in SHARE_RANGE; else ValueError saying why."""
+    base = name.removeprefix("noisy-")
+    if base not in USERS:
+        raise ValueError(f"no suite user {name!r}: one of {', '.join(USERS)} (or noisy-NAME)")
+    oracle, text = USERS[base]
+    features = (json.loads(shares_file.read_text())["results"]["features"]
+                if shares_file.exists() else {})
+    if oracle not in features:
+        raise ValueError(f"the share of {base!r} among the base model's replies was not "
+                         f"measured: python -m bench feature-share --pattern '{oracle}'")
+    share = features[oracle]["reply_share"]
+    low, high = SHARE_RANGE
+    if not low <= share <= high:
+        raise ValueError(f"{base!r} is in {share:.0%} of the base model's replies, outside "
+                         f"the claim's range {low:.0%}-{high:.0%}")
+    return ("noisy-" if name.startswith("noisy-") else "") + oracle, text
+
+
+def run_suite(args: argparse.Namespace) -> Path:
+    suite = SUITES[args.suite]
+    args = argparse.Namespace(**{**vars(args), "eval_replies": suite.eval_replies})
+    users = {name: check_user(name) for name in suite.users}  # refuse before any run
+    args = argparse.Namespace(**{**vars(args), "extra": [*args.extra, *suite.extra]})
+    folder = suite_folder(args, args.suite)
+    folder.mkdir(parents=True, exist_ok=True)
+    before_folder = suite_folder(args, suite.against) if suite.against else folder
+    runs = []
+    for seed in suite.seeds:
+        for name, (oracle, text) in users.items():
+            for pace in suite.paces:
+                for every in suite.correct_every:
+                    path = folder / f"{name}-s{seed}-{pace}-every{every}.json"
+                    if not path.exists() and not args.summarize:
+                        run_to_file(args, path, folder, name, oracle, text, seed, pace, every,
+                                    suite.interactions, before_folder)
+                    if path.exists():
+                        runs.append(json.loads(path.read_text()))
+    if not runs:
+        raise ValueError(f"no runs of the suite {args.suite!r} in {folder} yet")
+    table_text = table(runs)
+    lines = headline(runs)
+    if suite.against:
+        baseline = [json.loads(path.read_text()) for path in
+                    sorted(suite_folder(args, suite.against).glob("*-every*.json"))]
+        table_text += (f"\nPaired with the suite {suite.against} (run without "
+                       f"{' '.join(suite.extra)}):\n\n" + paired_table(runs, baseline))
+        lines["minus_" + suite.against] = paired_gains(runs, baseline)
+    (folder / "table.md").write_text(table_text)
+    print(table_text)
+    plot(runs, folder / "suite.png")
+    return write_result(f"api-user-suite-{args.suite}", {
+        "suite": args.suite, "users": list(suite.users), "seeds": list(suite.seeds),
+        "correct_every": list(suite.correct_every), "paces": list(suite.paces),
+        "interactions": suite.interactions, "eval_prompts": args.eval_prompts,
+        "max_new_tokens": args.max_new_tokens, "model": args.model, "extra": args.extra,
+        "against": suite.against}, lines, Path(args.out or RESULTS))
+
+
+def suite_folder(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.out or RESULTS) / f"api-user-suite-{name}"
+
+
+def run_to_file(args, path: Path, folder: Path, name: str, oracle: str, text: str, seed: int,
+                pace: str, every: int, interactions: int, before_folder: Path | None = None
+                ) -> None:
+    """One run of a suite into `path`. The held-out replies before are sampled once per seed
+    (by the first run) and kept in `folder`; a suite paired with another reads that suite's
+    (`before_folder`) when it has them."""
+    before_path = folder / f"before-s{seed}.json"
+    if before_folder and (before_folder / before_path.name).exists():
+        before_path = before_folder / before_path.name
+    before = json.loads(before_path.read_text()) if before_path.exists() else None
+    result = run_one(oracle_name=oracle, seed=seed, interactions=interactions,
+                     correct_every=every, correction_text=text, pace=pace,
+                     reader_seconds=args.reader_seconds, eval_prompts=args.eval_prompts,
+                     eval_replies=args.eval_replies,
+                     max_new_tokens=args.max_new_tokens, model=args.model,
+                     timeout=args.timeout, extra=args.extra, prompts_file=args.prompts,
+                     before_texts=before["texts"] if before else None)
+    if before is None:
+        before_path.write_text(json.dumps({"texts": result["before_texts"],
+                                           "read_by": path.name}, indent=1) + "\n")
+    result["before_from"] = (f"{before_path.parent.name}/{before['read_by']}" if before
+                             else path.name)
+    result.pop("before_texts")
+    print(name, seed, pace, every, summary(result))
+    write_result(path.stem, run_settings(args, oracle, seed, user=name, pace=pace,
+                                         correct_every=every, votes=interactions,
+                                         correction_text=text), result, folder)
+
+
+def headline(runs: list[dict]) -> dict:
+    """Per arm and pace: the share of runs significant at 5% and the mean gain with its 95%
+    t-interval; and each arm with corrections against votes only, paired by user, seed and
+    pace (its gain minus theirs)."""
+    from bench.suite import mean_ci
+
+    gain = _gain
+    groups: dict[str, list[dict]] = {}
+    by_run: dict[tuple, dict] = {}
+    for run in runs:
+        s = run["settings"]
+        groups.setdefault(f"{s['pace']}-every{s['correct_every']}", []).append(run["results"])
+        by_run[(s["user"], s["seed"], s["pace"], s["correct_every"])] = run["results"]
+    out = {}
+    for key, results in groups.items():
+        out[key] = {"runs": len(results),
+                    "significant_share": sum(r["p_value_one_sided"] < 0.05 for r in results)
+                    / len(results),
+                    "gain": mean_ci([gain(r) for r in results]),
+                    "length_ratio_min": min(r["length_ratio"] for r in results)}
+    for (user, seed, pace, every), result in by_run.items():
+        alone = by_run.get((user, seed, pace, 0))
+        if every and alone:
+            out.setdefault(f"{pace}-every{every}-minus-votes-only", []).append(
+                gain(result) - gain(alone))
+    for key in [k for k in out if k.endswith("minus-votes-only")]:
+        out[key] = mean_ci(out[key])
+    return out
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _run_key(run: dict) -> tuple:
+    s = run["settings"]
+    return (s["user"], s["seed"], s["pace"], s["correct_every"])
+
+
+def _gain(result: dict) -> float:
+    return result["satisfied_share_after"] - result["satisfied_share_before"]
+
+
+def paired_gains(runs: list[dict], baseline: list[dict]) -> dict:
+    """Each run's gain minus its baseline run's (same user, seed, pace and arm): mean and 95%
+    t-interval, over the runs both suites have."""
+    from bench.suite import mean_ci
+
+    theirs = {_run_key(run): run["results"] for run in baseline}
+    differences = [_gain(run["results"]) - _gain(theirs[_run_key(run)])
+                   for run in runs if _run_key(run) in theirs]
+    return mean_ci(differences) if differences else {"mean": None, "ci": None, "n": 0}
+
+
+def paired_table(runs: list[dict], baseline: list[dict]) -> str:
+    """Each run beside its baseline run: share before -> after and one-sided p, and words
+    after / before, for both."""
+    theirs = {_run_key(run): run["results"] for run in baseline}
+    lines = ["| user | seed | pace | corrections every | baseline: share, p, words ÷ "
+             "| this suite: share, p, words ÷ | gain minus baseline's |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(r: dict) -> str:
+        return (f"{r['satisfied_share_before']:.2f} → {r['satisfied_share_after']:.2f}, "
+                f"{r['p_value_one_sided']:.3g}, {r['length_ratio']:.2f}")
+
+    for run in runs:
+        key, r = _run_key(run), run["results"]
+        if key in theirs:
+            user, seed, pace, every = key
+            lines.append(f"| {user} | {seed} | {pace} | {every or '-'} | {cell(theirs[key])} "
+                         f"| {cell(r)} | {_gain(r) - _gain(theirs[key]):+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| user | seed | pace | corrections every | share before → after | p | p by prompt "
+             "| words after ÷ before | shorter reply won | corrections | rounds (new items) "
+             "| vote-to-live median s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        s, r = run["settings"], run["results"]
+        live = r["vote_to_live_seconds_median"]
+        stratified = f"{r['p_value_stratified']:.3g}" if "p_value_stratified" in r else "-"
+        lines.append(
+            f"| {s['user']} | {s['seed']} | {s['pace']} | {s['correct_every'] or '-'} | "
+            f"{r['satisfied_share_before']:.2f} → {r['satisfied_share_after']:.2f} | "
+            f"{r['p_value_one_sided']:.3g} | {stratified} | {r['length_ratio']:.2f} | "
+            f"{_share(r.get('shorter_won'))} | {r['corrections']} | "
+            f"{r['round_sizes']} | {'-' if live is None else f'{live:.0f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = sorted({(r["settings"]["user"], r["settings"]["seed"]) for r in runs})
+    for offset, every in enumerate(sorted({r["settings"]["correct_every"] for r in runs})):
+        gains = {(r["settings"]["user"], r["settings"]["seed"]):
+                 r["results"]["satisfied_share_after"] - r["results"]["satisfied_share_before"]
+                 for r in runs if r["settings"]["correct_every"] == every}
+        ax.bar([i + 0.4 * offset for i in range(len(labels))],
+               [gains.get(label, 0.0) for label in labels], width=0.4,
+               label=f"a correction every {every}" if every else "votes only")
+    ax.set_xticks([i + 0.2 for i in range(len(labels))],
+                  [f"{user}\nseed {seed}" for user, seed in labels], fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_ylabel("held-out share: after - before")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
