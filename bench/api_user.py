@@ -40,6 +40,7 @@ from bench.common import RESULTS, slug, write_result
 from bench.oracles import ORACLES, corrected, make_oracle, words
 from bench.simulate import load_prompts, split_prompts
 from chatbot.store import Store
+from learner.objectives import shorter_reply_won
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -266,8 +267,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
 def shorter_won(voted: list[tuple[str, str, str]]) -> float | None:
     """The share of A-or-B votes between replies of different lengths that the shorter reply
     won (Store.used_vote_texts): how much of what the user taught was length."""
-    outcomes = [(choice == "A") == (words(a) < words(b)) for choice, a, b in voted
-                if words(a) != words(b)]
+    outcomes = shorter_reply_won(voted)
     return sum(outcomes) / len(outcomes) if outcomes else None
 
 

@@ -173,25 +173,24 @@ def headline(runs: list[dict]) -> dict:
     pace (its gain minus theirs)."""
     from bench.suite import mean_ci
 
-    gain = _gain
     groups: dict[str, list[dict]] = {}
     by_run: dict[tuple, dict] = {}
     for run in runs:
         s = run["settings"]
         groups.setdefault(f"{s['pace']}-every{s['correct_every']}", []).append(run["results"])
-        by_run[(s["user"], s["seed"], s["pace"], s["correct_every"])] = run["results"]
+        by_run[_run_key(run)] = run["results"]
     out = {}
     for key, results in groups.items():
         out[key] = {"runs": len(results),
                     "significant_share": sum(r["p_value_one_sided"] < 0.05 for r in results)
                     / len(results),
-                    "gain": mean_ci([gain(r) for r in results]),
+                    "gain": mean_ci([_gain(r) for r in results]),
                     "length_ratio_min": min(r["length_ratio"] for r in results)}
     for (user, seed, pace, every), result in by_run.items():
         alone = by_run.get((user, seed, pace, 0))
         if every and alone:
             out.setdefault(f"{pace}-every{every}-minus-votes-only", []).append(
-                gain(result) - gain(alone))
+                _gain(result) - _gain(alone))
     for key in [k for k in out if k.endswith("minus-votes-only")]:
         out[key] = mean_ci(out[key])
     return out
@@ -269,8 +268,7 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = sorted({(r["settings"]["user"], r["settings"]["seed"]) for r in runs})
     for offset, every in enumerate(sorted({r["settings"]["correct_every"] for r in runs})):
-        gains = {(r["settings"]["user"], r["settings"]["seed"]):
-                 r["results"]["satisfied_share_after"] - r["results"]["satisfied_share_before"]
+        gains = {(r["settings"]["user"], r["settings"]["seed"]): _gain(r["results"])
                  for r in runs if r["settings"]["correct_every"] == every}
         ax.bar([i + 0.4 * offset for i in range(len(labels))],
                [gains.get(label, 0.0) for label in labels], width=0.4,

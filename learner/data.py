@@ -65,8 +65,10 @@ from learner.objectives import (
     damp_negative,
     length_neutral,
     pair_rewards,
+    reply_words,
     rloo_advantages,
     running_baseline_advantages,
+    shorter_reply_won,
     shorter_win_rate,
 )
 
@@ -337,7 +339,7 @@ class RoundBuilder:
             advantages = rloo_advantages(torch.tensor([pair_rewards(row["choice"])]))[0].tolist()
             if data.shorter_wins is not None:
                 texts = [reply["text"] or "" for reply in self._pair(row["pair_id"])["replies"]]
-                advantages = length_neutral(tuple(advantages), tuple(_words(t) for t in texts),
+                advantages = length_neutral(tuple(advantages), tuple(map(reply_words, texts)),
                                             data.shorter_wins, self.length_neutral)
             adv_a, adv_b = (damp_negative(a, self.negative_weight) for a in advantages)
             items.append([self._sample(row["pair_id"], "A", adv_a),
@@ -353,11 +355,7 @@ class RoundBuilder:
         the round will have; and it is counted again only when they change."""
         key = tuple(vote["id"] for vote in used_votes)
         if self._shorter_wins_of is None or self._shorter_wins_of[0] != key:
-            outcomes = []
-            for choice, text_a, text_b in self.store.used_vote_texts():
-                words_a, words_b = _words(text_a), _words(text_b)
-                if words_a != words_b:
-                    outcomes.append((choice == "A") == (words_a < words_b))
+            outcomes = shorter_reply_won(self.store.used_vote_texts())
             self._shorter_wins_of = (key, shorter_win_rate(outcomes))
         return self._shorter_wins_of[1]
 
@@ -373,8 +371,3 @@ class RoundBuilder:
         events.sort(key=lambda e: e[0])
         advantages = running_baseline_advantages([e[2] for e in events])
         return {key: adv for (_, key, _), adv in zip(events, advantages)}
-
-
-def _words(text: str) -> int:
-    """A reply's length as its reader sees it."""
-    return len(text.split())

@@ -64,6 +64,18 @@ def damp_negative(advantage: float, negative_weight: float) -> float:
     return advantage if advantage >= 0 else advantage * negative_weight
 
 
+def reply_words(text: str) -> int:
+    """A reply's length as its reader sees it."""
+    return len(text.split())
+
+
+def shorter_reply_won(votes: list[tuple[str, str, str]]) -> list[bool]:
+    """For each pair vote (choice "A" or "B", reply A's text, reply B's text) between replies
+    of different lengths: did the shorter reply win?"""
+    return [(choice == "A") == (reply_words(a) < reply_words(b)) for choice, a, b in votes
+            if reply_words(a) != reply_words(b)]
+
+
 def shorter_win_rate(outcomes: list[bool], prior_count: float = 4.0) -> float:
     """The share of pair votes the shorter reply won (`outcomes`: True where it did, one per
     vote between replies of different lengths), counting `prior_count` extra votes split
