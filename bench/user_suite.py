@@ -70,6 +70,10 @@ SUITES = {
     "length-neutral-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0,),
                                    paces=("reader",), extra=("--length-neutral", "1"),
                                    against="corrections-reader"),
+    "corrections-neutral-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1),
+                                        (8,), paces=("reader",),
+                                        extra=("--length-neutral", "1"),
+                                        against="corrections-reader"),
 }
 
 
