@@ -110,11 +110,16 @@ def stratified_p(before: list[int], after: list[int], per_prompt: int) -> float:
     return 0.5 * math.erfc(excess / math.sqrt(variance) / math.sqrt(2))
 
 
-def held_out_texts(client, prompts: list[str], per_prompt: int = 2) -> list[str]:
-    """`per_prompt` replies to each prompt (pairs, then one reply if odd), in prompt order."""
+def held_out_texts(client, prompts: list[str], per_prompt: int = 2, pairs: bool = True
+                   ) -> list[str]:
+    """`per_prompt` replies to each prompt (pairs, then one reply if odd), in prompt order.
+    `pairs=False` asks for one reply at a time: a server that chooses its pairs from
+    candidates (--pair-candidates) shows two chosen replies, not two samples of its policy."""
     texts = []
     for prompt in prompts:
-        for n in [2] * (per_prompt // 2) + [1] * (per_prompt % 2):
+        sizes = ([2] * (per_prompt // 2) + [1] * (per_prompt % 2) if pairs
+                 else [1] * per_prompt)
+        for n in sizes:
             completion = client.chat.completions.create(
                 model="duet", messages=[{"role": "user", "content": prompt}], n=n)
             texts += [choice.message.content for choice in completion.choices]
@@ -160,6 +165,18 @@ def _stamp(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
+def chooses_pairs(extra: list[str]) -> bool:
+    """Whether app.py's flags make it choose each pair from more than two candidates."""
+    flags = list(extra)
+    for i, flag in enumerate(flags):
+        value = (flag.split("=", 1)[1] if flag.startswith("--pair-candidates=")
+                 else flags[i + 1] if flag == "--pair-candidates" and i + 1 < len(flags)
+                 else None)
+        if value is not None and int(value) > 2:
+            return True
+    return False
+
+
 def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: int,
             correction_text: str | None, pace: str, reader_seconds: float, eval_prompts: int,
             eval_replies: int = 2,
@@ -190,8 +207,9 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
             client = OpenAI(base_url=url + "v1", api_key="local", max_retries=0, timeout=600)
             status = Client(url, verbose=False).predict
             read_before = before_texts is None
+            plain = not chooses_pairs(extra)  # held-out replies: the policy's own samples
             if read_before:
-                before_texts = held_out_texts(client, held_out, eval_replies)
+                before_texts = held_out_texts(client, held_out, eval_replies, plain)
             choices, corrections, due, asked = [], 0, 0, []
             for i in range(interactions):
                 if correct_every and i % correct_every == correct_every - 1:
@@ -223,7 +241,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
                 time.sleep(2)
             time.sleep(5)  # let the server's swap poll pick up the last version
             final = status(api_name="/status")
-            after_texts = held_out_texts(client, held_out, eval_replies)
+            after_texts = held_out_texts(client, held_out, eval_replies, plain)
             store = Store(data / "duet.db")
             steps = store.learner_steps()
             seconds_to_live = vote_to_live(store)

@@ -9,6 +9,12 @@ those pairs let the feature decide a vote, the others go to the tie-break. The l
 is about features in a fifth to a half of the base model's replies; a user nobody tuned for
 is a `re:PATTERN` that passes this check.
 
+With `--candidates K` (K > 2) it samples K replies per prompt and also reports, per oracle,
+the share of pairs that differ in it when the pair is the one the server's
+`--pair-candidates K` would show (chatbot/pair_choice.py), beside the first two
+candidates (a plain pair) and the share of prompts where some two candidates differ (the most
+any choice of two could reach); and the mean word-count gap of each kind of pair.
+
 Left out: prompts other than bench/data/prompts.txt (use --prompts), the adapter.
 """
 
@@ -31,6 +37,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="an oracle name or re:PATTERN; give it once per feature")
     parser.add_argument("--prompts-used", type=int, default=96,
                         help="prompts to sample a pair for (default: 96)")
+    parser.add_argument("--candidates", type=int, default=2,
+                        help="replies sampled per prompt; above 2, also compare the pair of "
+                             "the most different candidates with a plain pair (default: 2)")
     parser.add_argument("--batch", type=int, default=16,
                         help="prompts per generate call (default: 16)")
     parser.add_argument("--prompts", default=None,
@@ -47,10 +56,38 @@ def shares(oracle, pairs: list[tuple[str, str]]) -> dict:
             "differing_pair_share": sum(a != b for a, b in marks) / len(marks)}
 
 
+def chosen_pair_shares(oracle, candidates: list[list[str]]) -> dict:
+    """Per prompt's candidates: the share of plain pairs (the first two), of most-different
+    pairs and of prompts with any two candidates that differ in the oracle's feature, and the
+    mean word-count gap of the plain and the most-different pairs."""
+    from bench.oracles import words
+    from chatbot.pair_choice import most_different
+
+    plain = chosen = possible = 0
+    plain_gap = chosen_gap = 0
+    for texts in candidates:
+        marks = [oracle.truth.satisfied(text) for text in texts]
+        i, j = most_different(texts)
+        plain += marks[0] != marks[1]
+        chosen += marks[i] != marks[j]
+        possible += len(set(marks)) > 1
+        plain_gap += abs(words(texts[0]) - words(texts[1]))
+        chosen_gap += abs(words(texts[i]) - words(texts[j]))
+    n = len(candidates)
+    return {"plain_pair_differs": plain / n, "most_different_pair_differs": chosen / n,
+            "some_pair_differs": possible / n, "plain_pair_word_gap": plain_gap / n,
+            "most_different_pair_word_gap": chosen_gap / n}
+
+
 def run(args: argparse.Namespace) -> Path:
     from chatbot.model import load_model
     from chatbot.sampling import PairGenerator
 
+    if args.candidates < 2:
+        raise SystemExit("--candidates must be at least 2")
+    if args.pair_candidates != 2:
+        raise SystemExit("--pair-candidates is the server's; here, --candidates K samples K "
+                         "replies per prompt and reports both kinds of pair")
     oracles = {name: make_oracle(name) for name in args.pattern}  # bad patterns fail first
     prompts = load_prompts(Path(args.prompts)) if args.prompts else load_prompts()
     seed = 0 if args.seed is None else args.seed
@@ -60,16 +97,27 @@ def run(args: argparse.Namespace) -> Path:
     torch.manual_seed(seed)
     loaded = load_model(config)
     generator = PairGenerator(loaded, config)
-    pairs = []
-    for i in range(0, len(prompts), args.batch):
-        chunk = prompts[i:i + args.batch]
-        sampled = generator.sample_many([[{"role": "user", "content": p}] for p in chunk])
-        pairs += [tuple(r.text for r in pair.replies) for pair in sampled]
+    candidates = []
+    batch = max(1, args.batch * 2 // args.candidates)  # rows per generate call as with pairs
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        sampled = generator.sample_many([[{"role": "user", "content": p}] for p in chunk],
+                                        n=args.candidates)
+        candidates += [[r.text for r in pair.replies] for pair in sampled]
+    pairs = [(texts[0], texts[1]) for texts in candidates]
     results = {name: shares(oracle, pairs) for name, oracle in oracles.items()}
     for name, row in results.items():
         print(f"{row['reply_share']:.2f} of replies, {row['differing_pair_share']:.2f} of pairs "
               f"differ: {name}")
+        if args.candidates > 2:
+            row.update(chosen_pair_shares(oracles[name], candidates))
+            print(f"  of {args.candidates} candidates: the most different pair differs in "
+                  f"{row['most_different_pair_differs']:.2f}, some pair in "
+                  f"{row['some_pair_differs']:.2f}; word gap {row['plain_pair_word_gap']:.1f} "
+                  f"-> {row['most_different_pair_word_gap']:.1f}")
     settings = {**config.as_dict(), "patterns": args.pattern, "prompts_used": len(prompts),
-                "seed": seed}
-    return write_result("feature-share", settings, {"features": results, "pairs": len(pairs)},
+                "seed": seed, "candidates": args.candidates}
+    # with candidates, a file of its own: the API-level suite reads feature-share.json's shares
+    name = "feature-share" if args.candidates == 2 else f"feature-share-candidates{args.candidates}"
+    return write_result(name, settings, {"features": results, "pairs": len(pairs)},
                         Path(args.out) if args.out else RESULTS)

@@ -13,9 +13,13 @@ table from the runs kept so far). The base model's held-out replies of a seed ar
 by the seed's first run, and every user of that seed is scored on the same texts (the arms
 are then compared on one baseline); a run's `before_from` says which run read them.
 
-A suite may try a rule: `extra` flags for app.py, and `against`, the suite without them whose
-runs it is read beside, user by user and seed by seed, on the same held-out replies before
-(`length-neutral-reader` against `corrections-reader`'s votes-only arm).
+A suite may try a rule: `extra` flags for app.py, and `against`, a suite without the rule
+(with fewer flags) whose runs it is read beside, user by user and seed by seed, on the same
+held-out replies before (`length-neutral-reader` against `corrections-reader`'s votes-only
+arm; `candidates-reader`, which adds --pair-candidates 4, against `length-neutral-reader`).
+Every suite of a chain of `against` reads its held-out replies before from the suite at the
+chain's end. A server that chooses its pairs from candidates is asked for its held-out
+replies one at a time: its pairs are not two samples of its policy.
 
 The headline: per arm and pace, the share of runs significant at 5% and the mean gain with its
 95% t-interval; each arm with corrections minus votes only, paired; and, for a suite tried
@@ -57,8 +61,9 @@ class Suite:
     interactions: int = 32
     eval_replies: int = 2  # per held-out prompt, before and after
     extra: tuple[str, ...] = ()  # flags for app.py: the rule this suite tries
-    # A suite this one is paired with (same users, seeds, paces and arms, run without `extra`):
-    # its held-out replies before are reused, and the headline reports the gain minus theirs.
+    # A suite this one is paired with (same users, seeds, paces and arms, without the rule this
+    # one adds): the held-out replies before are reused (from the end of the chain of
+    # `against`), and the headline reports the gain minus theirs.
     against: str | None = None
 
 
@@ -70,12 +75,15 @@ SUITES = {
     "length-neutral-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0,),
                                    paces=("reader",), extra=("--length-neutral", "1"),
                                    against="corrections-reader"),
+    "candidates-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (0,),
+                               paces=("reader",),
+                               extra=("--length-neutral", "1", "--pair-candidates", "4"),
+                               against="length-neutral-reader"),
     "corrections-neutral-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1),
                                         (8,), paces=("reader",),
                                         extra=("--length-neutral", "1"),
                                         against="corrections-reader"),
 }
-
 
 
 def check_user(name: str, shares_file: Path = FEATURE_SHARES) -> tuple[str, str]:
@@ -105,7 +113,7 @@ def run_suite(args: argparse.Namespace) -> Path:
     args = argparse.Namespace(**{**vars(args), "extra": [*args.extra, *suite.extra]})
     folder = suite_folder(args, args.suite)
     folder.mkdir(parents=True, exist_ok=True)
-    before_folder = suite_folder(args, suite.against) if suite.against else folder
+    before_folder = suite_folder(args, baseline_of(args.suite))
     runs = []
     for seed in suite.seeds:
         for name, (oracle, text) in users.items():
@@ -124,8 +132,9 @@ def run_suite(args: argparse.Namespace) -> Path:
     if suite.against:
         baseline = [json.loads(path.read_text()) for path in
                     sorted(suite_folder(args, suite.against).glob("*-every*.json"))]
-        table_text += (f"\nPaired with the suite {suite.against} (run without "
-                       f"{' '.join(suite.extra)}):\n\n" + paired_table(runs, baseline))
+        theirs = " ".join(SUITES[suite.against].extra) or "no flags"
+        table_text += (f"\nPaired with the suite {suite.against} (its flags: {theirs}; this "
+                       f"suite's: {' '.join(suite.extra)}):\n\n" + paired_table(runs, baseline))
         lines["minus_" + suite.against] = paired_gains(runs, baseline)
     (folder / "table.md").write_text(table_text)
     print(table_text)
@@ -136,6 +145,17 @@ def run_suite(args: argparse.Namespace) -> Path:
         "interactions": suite.interactions, "eval_prompts": args.eval_prompts,
         "max_new_tokens": args.max_new_tokens, "model": args.model, "extra": args.extra,
         "against": suite.against}, lines, Path(args.out or RESULTS))
+
+
+def baseline_of(name: str) -> str:
+    """The suite at the end of `name`'s chain of `against`: the one whose runs read the
+    held-out replies before that every suite of the chain is scored on."""
+    seen = {name}
+    while SUITES[name].against:
+        name = SUITES[name].against
+        assert name not in seen, f"the suites' against form a loop at {name!r}"
+        seen.add(name)
+    return name
 
 
 def suite_folder(args: argparse.Namespace, name: str) -> Path:

@@ -55,6 +55,17 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _candidates(text: str) -> int:
+    value = int(text)
+    if not 2 <= value <= MAX_PAIR_CANDIDATES:
+        raise argparse.ArgumentTypeError(
+            f"must be between 2 and {MAX_PAIR_CANDIDATES}, got {value}")
+    return value
+
+
+MAX_PAIR_CANDIDATES = 8
+
+
 @dataclass(frozen=True)
 class Setting:
     """How a Config field reads from the command line. `help` may name `{default}`."""
@@ -126,6 +137,12 @@ class Config:
         "sampling temperature of both replies (default: {default})", "sampling", type=float))
     top_p: float = field(default=0.95, metadata=setting(
         "nucleus sampling threshold (default: {default})", "sampling", type=float))
+    pair_candidates: int = field(default=2, metadata=setting(  # chatbot.pair_choice
+        "replies sampled for each pair to vote on; above 2, the pair shown is the two of "
+        "about the same length whose words differ most, once all are done (not streamed), so "
+        "that votes fall on differences in content, not length (default: {default}, a plain "
+        "pair)",
+        "sampling", type=_candidates, handed_on=False))
     max_prompt_tokens: int = field(default=1024, metadata=setting(
         "keep at most this many tokens of conversation history; the oldest turns are dropped "
         "first (default: {default})", "sampling", type=_positive_int))

@@ -122,5 +122,11 @@ def m007_drop_votes_split(cur: Cursor) -> None:
     _ddl(cur, "alter table votes drop column split")
 
 
+def m008_pair_candidates(cur: Cursor) -> None:
+    """How many replies were sampled to choose a pair's two from (--pair-candidates); null
+    for a pair that was sampled as it is."""
+    _ddl(cur, "alter table pairs add column candidates integer")
+
+
 MIGRATIONS = [m001_initial, m002_judged_pairs, m003_api_keys, m004_adapter_files,
-              m005_corrections, m006_preview_of, m007_drop_votes_split]
+              m005_corrections, m006_preview_of, m007_drop_votes_split, m008_pair_candidates]

@@ -6,6 +6,8 @@ receives both rows' new tokens at each step and hands the partial texts to the c
 
 `stream(messages, n=1)` samples a single reply the same way (the OpenAI-compatible API's
 `n=1`), and `max_new_tokens` may lower the server's limit for one request, never raise it.
+With `--pair-candidates K` a pair is a batch of K, of which two are shown (`_choose_pair`,
+chatbot/pair_choice.py).
 
 For every reply we keep its token ids (up to and including the end-of-turn token, which the
 learner must see to learn when to stop) and each token's log-probability under the model's
@@ -39,7 +41,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -49,6 +51,7 @@ from transformers.generation.streamers import BaseStreamer
 from chatbot.config import Config
 from chatbot.errors import InvalidInput
 from chatbot.model import LoadedModel
+from chatbot.pair_choice import most_different
 
 
 @dataclass
@@ -73,6 +76,8 @@ class SampledPair:
     max_new_tokens: int
     seconds: float
     first_token_seconds: float | None
+    # how many replies were sampled to choose these from (--pair-candidates); None: no choice
+    candidates: int | None = None
 
 
 @dataclass
@@ -191,12 +196,17 @@ class StreamingGenerator:
     def stream(self, messages: list[dict], n: int = 2,
                max_new_tokens: int | None = None) -> PairStream:
         """Start sampling `n` replies (2: a pair; 1: a single reply) of at most
-        `max_new_tokens` (capped at the server's limit); iterate the stream for partial texts."""
+        `max_new_tokens` (capped at the server's limit); iterate the stream for partial texts.
+
+        A pair with --pair-candidates K > 2 samples K replies and shows the two that differ
+        most (chatbot/pair_choice.py): nothing streams until all K are done."""
         assert n in (1, 2)
         limit = min(max_new_tokens or self.config.max_new_tokens, self.config.max_new_tokens)
         prompt = self.prompt_ids(messages)
         stream = PairStream(iter(()))
-        stream._chunks = self._run(prompt, stream, n, limit)
+        candidates = self.config.pair_candidates if n == 2 else n
+        chunks = self._run(prompt, stream, max(n, candidates), limit)
+        stream._chunks = chunks if candidates <= n else _choose_pair(chunks, stream)
         return stream
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
@@ -213,6 +223,27 @@ class StreamingGenerator:
     def _run(self, prompt: list[int], stream: PairStream, n: int,
              max_new_tokens: int) -> Iterator[tuple[str, str]]:
         raise NotImplementedError
+
+
+def _choose_pair(chunks: Iterator[tuple[str, ...]], stream: PairStream
+                 ) -> Iterator[tuple[str, str]]:
+    """Draft every candidate, then yield the two that differ most; `stream.result` keeps only
+    those two, and says how many they were chosen from. While the candidates grow it yields
+    empty texts, one per step: nothing to show yet, but a consumer that leaves (a closed page,
+    an API client gone) stops the drafting there. The pair was first shown when the
+    candidates were done: that is its first-token time."""
+    try:
+        for _ in chunks:
+            yield ("", "")
+    finally:  # also when the consumer stops early: the drafting stops with it
+        chunks.close()
+    drafted = stream.result
+    assert drafted is not None
+    i, j = most_different([reply.text for reply in drafted.replies])
+    stream.result = replace(
+        drafted, replies=(drafted.replies[i], drafted.replies[j]),
+        first_token_seconds=drafted.seconds, candidates=len(drafted.replies))
+    yield tuple(reply.text for reply in stream.result.replies)
 
 
 class PairGenerator(StreamingGenerator):

@@ -89,7 +89,7 @@ def _pair_columns(pair: SampledPair) -> tuple[dict, list[dict]]:
     columns = {"prompt_token_ids": pair.prompt_token_ids, "adapter_version": pair.adapter_version,
                "temperature": pair.temperature, "top_p": pair.top_p,
                "max_new_tokens": pair.max_new_tokens, "seconds": pair.seconds,
-               "first_token_seconds": pair.first_token_seconds}
+               "first_token_seconds": pair.first_token_seconds, "candidates": pair.candidates}
     replies = [{"text": r.text, "token_ids": r.token_ids, "token_logprobs": r.token_logprobs,
                 "behaviour_logprob": r.behaviour_logprob, "adapter_version": pair.adapter_version,
                 "finish_reason": r.finish_reason, "n_tokens": len(r.token_ids)}

@@ -3,7 +3,8 @@ interface over vLLM's OpenAI-compatible HTTP API, and the live adapter loaded in
 
 Each turn is one streamed request to `/v1/completions`: the prompt as token ids (Duet's own
 chat template and truncation, `sampling.encode_prompt`, so the stored prompt is exactly what
-vLLM saw, whatever template its own transformers would apply), `n=2` (1 for the API's n=1),
+vLLM saw, whatever template its own transformers would apply), `n=2` (1 for the API's n=1;
+K under --pair-candidates K, of which two are shown),
 the server's temperature and top-p with every other sampling knob off, `max_tokens` (the
 request's cap, never above --max-new-tokens), `logprobs=0` (the sampled token's log-prob only)
 and `return_token_ids`. Each chunk carries one choice's new token ids and log-probs, its

@@ -380,6 +380,53 @@ def test_feature_share_counts_replies_and_differing_pairs(tiny_model_dir, tmp_pa
                "--out", str(tmp_path)])
 
 
+def test_feature_share_compares_the_most_different_pair_with_a_plain_one(tiny_model_dir,
+                                                                          tmp_path):
+    from bench.feature_share import chosen_pair_shares
+
+    # prompt 1: the plain pair (0, 1) agrees on x; the chosen one, (1, 2) (of the same length,
+    # nothing in common), does not. Prompt 2: every candidate has x, so no pair can differ;
+    # no two are of similar length, and (1, 2) differ most.
+    row = chosen_pair_shares(make_oracle("re:x"), [["x a", "x a b", "q r s"],
+                                                    ["x", "x y", "x z w v"]])
+    assert row["plain_pair_differs"] == 0.0
+    assert row["most_different_pair_differs"] == 0.5
+    assert row["some_pair_differs"] == 0.5
+    assert row["plain_pair_word_gap"] == 1.0  # (1 + 1) / 2
+    assert row["most_different_pair_word_gap"] == 1.0  # (0 + 2) / 2
+    bench(["feature-share", "--model", str(tiny_model_dir), "--device", "cpu", "--pattern",
+           "re:.", "--prompts-used", "2", "--candidates", "3", "--max-new-tokens", "4",
+           "--out", str(tmp_path)])
+    results = result(tmp_path, "feature-share-candidates3")
+    assert results["pairs"] == 2
+    assert set(results["features"]["re:."]) >= {"most_different_pair_differs",
+                                                "some_pair_differs"}
+    assert not (tmp_path / "feature-share.json").exists()  # the suite's shares stay as they were
+
+
+def test_held_out_replies_are_single_samples_where_the_server_chooses_its_pairs():
+    from types import SimpleNamespace
+
+    from bench.api_user import chooses_pairs, held_out_texts
+
+    assert not chooses_pairs([]) and not chooses_pairs(["--pair-candidates", "2"])
+    assert chooses_pairs(["--length-neutral", "1", "--pair-candidates", "4"])
+    assert chooses_pairs(["--pair-candidates=3"])
+    asked = []
+
+    def create(model, messages, n):
+        asked.append(n)
+        return SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(
+            content=f"{messages[0]['content']} {i}")) for i in range(n)])
+
+    client = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
+    assert held_out_texts(client, ["p", "q"], 3) == ["p 0", "p 1", "p 0", "q 0", "q 1", "q 0"]
+    assert asked == [2, 1, 2, 1]
+    asked.clear()
+    assert held_out_texts(client, ["p"], 2, pairs=False) == ["p 0", "p 0"]
+    assert asked == [1, 1]
+
+
 def test_one_sided_two_proportion_p():
     from bench.api_user import one_sided_p
 
@@ -475,6 +522,18 @@ def test_a_suite_that_tries_a_rule_is_paired_with_the_suite_without_it():
     assert paired_gains(ours, [])["n"] == 0
 
 
+def test_a_chain_of_paired_suites_is_scored_on_its_last_suites_replies_before():
+    """candidates-reader adds --pair-candidates 4 to length-neutral-reader, which is paired
+    with corrections-reader: all three read corrections-reader's held-out replies before."""
+    from bench.user_suite import SUITES, baseline_of
+
+    suite = SUITES["candidates-reader"]
+    assert suite.against == "length-neutral-reader"
+    assert set(SUITES[suite.against].extra) < set(suite.extra)
+    assert baseline_of("candidates-reader") == baseline_of("length-neutral-reader") \
+        == baseline_of("corrections-reader") == "corrections-reader"
+
+
 def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_won():
     from bench.user_suite import table
 
@@ -554,6 +613,8 @@ def test_a_short_soak_through_the_api_loses_nothing_and_keeps_folders_bounded(ti
     assert results["errors"] == 0 and results["votes_lost"] == 0 and results["votes"] >= 10
     readings = results["readings"]
     assert len(readings) >= 5 and readings[-1]["live_version"] > 0
+    assert all(r["server_threads"] > 0 for r in readings)
+    assert (tmp_path / "soak.png").stat().st_size > 0
     # the rounds' versions kept, the live one and a preview at most: bounded
     assert max(r["adapter_folders"] for r in readings) <= 2 + 2
     assert all(r["server_rss_mb"] > 0 and r["server_fds"] > 0 for r in readings)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from chatbot.config import (
     GROUPS,
     Config,
+    _candidates,
     _fraction,
     _positive_int,
     command_line,
@@ -33,7 +36,7 @@ def _another_value(f, s, default, tmp_path):
         return ("ann", "bob")
     if f.name in ("data_dir", "cache_dir"):
         return (tmp_path / f.name).resolve()
-    if s.type in (int, _positive_int):
+    if s.type in (int, _positive_int, _candidates):
         return (default or 0) + 3
     if s.type in (float, _fraction):
         return (default or 0) + 0.25
@@ -113,3 +116,16 @@ def test_the_learner_child_shares_the_cpu_with_the_server(tmp_path):
     assert (args.threads, args.idle_threads, args.share_cpu_with) == (1, 3, os.getpid())
     default = LearnerProcess(Config(data_dir=tmp_path / "data"), store=None).argv()
     assert "--idle-threads" not in default and "--share-cpu-with" in default
+
+
+def test_bounded_settings_refuse_values_out_of_range_and_say_so(capsys):
+    import app
+
+    for flag, value, message in [("--pair-candidates", "1", "between 2 and 8, got 1"),
+                                 ("--pair-candidates", "9", "between 2 and 8, got 9"),
+                                 ("--length-neutral", "1.5", "between 0 and 1, got 1.5")]:
+        with pytest.raises(SystemExit):
+            app.build_parser().parse_args([flag, value])
+        assert message in capsys.readouterr().err
+    assert Config.from_args(app.build_parser().parse_args(["--pair-candidates", "4"])
+                            ).pair_candidates == 4

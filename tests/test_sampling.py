@@ -147,3 +147,69 @@ def test_a_reply_that_sampled_the_nul_byte_is_stored_on_both_databases(tiny_load
         store.close()
     assert [r["token_ids"] for r in stored["replies"]] == [ids, ids]
     assert [r["text"] for r in stored["replies"]] == [text, text]
+
+
+def test_a_pair_chosen_from_candidates_is_the_two_that_differ_most(tiny_loaded, tiny_config,
+                                                                   monkeypatch):
+    """--pair-candidates 4: one generate call draws four replies, the stream shows nothing
+    until they are done, and the pair is the two whose words differ most, each with its own
+    exact log-probs. A single reply (n=1) is sampled as it is; a consumer that leaves while
+    the candidates grow stops them."""
+    from chatbot.pair_choice import most_different
+
+    config = dataclasses.replace(tiny_config, max_new_tokens=12, pair_candidates=4)
+    generator = PairGenerator(tiny_loaded, config)
+    calls = record_generate_calls(generator, monkeypatch)
+    drafted = []
+    original = generator._replies
+    monkeypatch.setattr(generator, "_replies",
+                        lambda *a: drafted.append(original(*a)) or drafted[-1])
+    torch.manual_seed(3)
+    stream = generator.stream(MESSAGES)
+    chunks = list(stream)
+    assert [c["num_return_sequences"] for c in calls] == [4]
+    (candidates,) = drafted
+    assert len(candidates) == 4
+    i, j = most_different([reply.text for reply in candidates])
+    pair = stream.result
+    assert pair.replies == (candidates[i], candidates[j]) and pair.candidates == 4
+    assert chunks[-1] == (candidates[i].text, candidates[j].text)
+    assert set(chunks[:-1]) == {("", "")}  # drafting: nothing shown until the choice
+    assert pair.first_token_seconds == pair.seconds
+    for reply in pair.replies:
+        fresh = sequence_logprobs(tiny_loaded.model, pair.prompt_token_ids, reply.token_ids)
+        assert torch.allclose(torch.tensor(reply.token_logprobs), fresh, atol=1e-4)
+
+    single = generator.stream(MESSAGES, n=1)
+    list(single)
+    assert calls[-1]["num_return_sequences"] == 1
+    assert len(single.result.replies) == 1 and single.result.candidates is None
+
+    left = generator.stream(MESSAGES)  # a consumer that leaves while the candidates grow
+    assert next(iter(left)) == ("", "")
+    left._chunks.close()
+    assert left.cancel.is_set() and left.result is None
+
+
+def test_a_pair_chosen_from_candidates_is_stored_with_their_count(tiny_loaded, tiny_config,
+                                                                  monkeypatch, db_target):
+    from chatbot.pair_choice import most_different
+    from chatbot.service import ChatService
+
+    config = dataclasses.replace(tiny_config, max_new_tokens=6, pair_candidates=3)
+    generator = PairGenerator(tiny_loaded, config)
+    drafted = []
+    original = generator._replies
+    monkeypatch.setattr(generator, "_replies",
+                        lambda *a: drafted.append(original(*a)) or drafted[-1])
+    store = Store(db_target)
+    try:
+        service = ChatService(config, store, generator, model_id=tiny_loaded.model_id)
+        turn = service.ask("ann", "Say something nice.")
+        stored = store.pair("ann", turn["pair_id"])
+    finally:
+        store.close()
+    assert stored["candidates"] == 3
+    i, j = most_different([reply.text for reply in drafted[-1]])
+    assert [r["token_ids"] for r in stored["replies"]] == [drafted[-1][i].token_ids,
+                                                            drafted[-1][j].token_ids]

@@ -48,8 +48,9 @@ def test_migrations_build_every_table_once(db_target):
             } <= store.db.tables()
     assert store.db.applied_migrations() == [m.__name__ for m in MIGRATIONS] == [
         "m001_initial", "m002_judged_pairs", "m003_api_keys", "m004_adapter_files",
-        "m005_corrections", "m006_preview_of", "m007_drop_votes_split"]
+        "m005_corrections", "m006_preview_of", "m007_drop_votes_split", "m008_pair_candidates"]
     assert "judged_pairs" in store.db.columns("learner_steps")
+    assert "candidates" in store.db.columns("pairs")
     if store.db.dialect.name == "sqlite":
         assert store.db.query("pragma journal_mode")[0]["journal_mode"] == "wal"
 
@@ -68,11 +69,13 @@ def test_a_sqlite_file_made_by_sqlite_utils_opens_and_migrates(tmp_path):
         "('duet', 'm001_initial', 'x'), ('duet', 'm002_judged_pairs', 'x'), "
         "('duet', 'm003_api_keys', 'x');"
         "create table adapters (version integer primary key, path text);"
-        "create table votes (id integer primary key, pair_id text, split text);")
+        "create table votes (id integer primary key, pair_id text, split text);"
+        "create table pairs (id text primary key);")
     old.close()
     store = Store(path)
-    assert store.db.applied_migrations()[-4:] == ["m004_adapter_files", "m005_corrections",
-                                                  "m006_preview_of", "m007_drop_votes_split"]
+    assert store.db.applied_migrations()[-5:] == [
+        "m004_adapter_files", "m005_corrections", "m006_preview_of", "m007_drop_votes_split",
+        "m008_pair_candidates"]
     assert {"adapter_files", "corrections"} <= store.db.tables()
     assert store.db.columns("votes") == {"id", "pair_id"}  # m001 not run again; m007 ran
 

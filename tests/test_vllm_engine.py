@@ -196,6 +196,39 @@ def test_a_streamed_pair_has_the_local_models_token_ids_and_logprobs(engine, loc
     assert gap(local_base, pair, temperature=generator.config.temperature) > 10 * TOLERANCE
 
 
+def test_a_pair_chosen_from_candidates_comes_from_one_request(engine, local_base, monkeypatch):
+    """--pair-candidates 3 on vLLM: one request for three replies, the two that differ most
+    shown, their log-probs still the local model's."""
+    import dataclasses
+
+    from chatbot.pair_choice import most_different
+
+    _, generator, _ = engine
+    monkeypatch.setattr(generator, "config",
+                        dataclasses.replace(generator.config, pair_candidates=3))
+    asked = []
+    original = generator._open
+    monkeypatch.setattr(generator, "_open",
+                        lambda prompt, n, *a, **k: asked.append(n) or original(prompt, n, *a, **k))
+    drafted = []
+    run = generator._run
+
+    def keep_drafts(prompt, stream, n, limit):
+        yield from run(prompt, stream, n, limit)
+        drafted.extend(stream.result.replies)
+
+    monkeypatch.setattr(generator, "_run", keep_drafts)
+    stream = generator.stream(MESSAGES)
+    updates = list(stream)
+    pair = stream.result
+    assert updates[-1] == tuple(r.text for r in pair.replies)
+    assert set(updates[:-1]) <= {("", "")}
+    assert asked == [3] and pair.candidates == 3 and len(drafted) == 3
+    i, j = most_different([reply.text for reply in drafted])
+    assert pair.replies == (drafted[i], drafted[j])
+    assert gap(local_base, pair) < TOLERANCE
+
+
 def test_one_reply_and_the_length_cap(engine, local_base):
     _, generator, _ = engine
     stream = generator.stream(MESSAGES, n=1, max_new_tokens=4)
