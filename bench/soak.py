@@ -9,8 +9,9 @@ A user chats through /v1 (`n=2`, the `openai` package) at a reader's pace, votes
 for a `re:` preference (so the rounds learn and publish versions), sometimes rates a reply, and
 starts a new conversation every --turns turns; a vote the server answered and the
 database does not hold at the end counts as lost. Every --sample-seconds the harness records, for
-the server and for its learner child: RSS and open file descriptors; the SQLite file with its
-WAL; the version folders in the adapters folder; the live version and the rounds so far.
+the server and for its learner child: RSS, open file descriptors and threads; the SQLite file
+with its WAL; the version folders in the adapters folder; the live version and the rounds so
+far. A plot of them over the minutes goes beside the result (soak.png).
 
 The headline is each quantity's growth per hour over the run's second half (a least-squares
 slope; the first half is warm-up: the model's caches, the first adapters, the WAL's first
@@ -32,8 +33,8 @@ from bench.common import RESULTS, write_result
 from bench.oracles import make_oracle
 from bench.simulate import load_prompts
 
-QUANTITIES = ("server_rss_mb", "learner_rss_mb", "server_fds", "learner_fds", "db_mb",
-              "adapter_folders")
+QUANTITIES = ("server_rss_mb", "learner_rss_mb", "server_fds", "learner_fds",
+              "server_threads", "learner_threads", "db_mb", "adapter_folders")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -91,24 +92,51 @@ def reading(server, data: Path, started: float, status: dict) -> dict:
     folder."""
     import psutil
 
-    def proc(process) -> tuple[float | None, int | None]:
+    def proc(process) -> tuple[float | None, int | None, int | None]:
         try:
-            return process.memory_info().rss / 2**20, process.num_fds()
+            return process.memory_info().rss / 2**20, process.num_fds(), process.num_threads()
         except psutil.Error:
-            return None, None
+            return None, None, None
 
     learners = [p for p in server.children(recursive=True) if "learner" in " ".join(
         p.cmdline() if p.is_running() else [])]
-    server_rss, server_fds = proc(server)
-    learner_rss, learner_fds = proc(learners[0]) if learners else (None, None)
+    server_rss, server_fds, server_threads = proc(server)
+    learner_rss, learner_fds, learner_threads = (proc(learners[0]) if learners
+                                                 else (None, None, None))
     db_bytes = sum(p.stat().st_size for p in data.glob("duet.db*") if p.is_file())
     folders = [p for p in (data / "adapters").glob("v*") if p.is_dir()]
     return {"seconds": time.monotonic() - started, "server_rss_mb": server_rss,
             "learner_rss_mb": learner_rss, "server_fds": server_fds, "learner_fds": learner_fds,
+            "server_threads": server_threads, "learner_threads": learner_threads,
             "db_mb": db_bytes / 2**20, "adapter_folders": len(folders),
             "live_version": status.get("live_adapter_version"),
             "votes_total": status.get("votes_total"),
             "learner_state": (status.get("learner") or {}).get("state")}
+
+
+def plot(readings: list[dict], path: Path) -> None:
+    """Memory (RSS of both processes) over the run's minutes, and below it their open files,
+    threads and the adapter folders on disk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes = [r["seconds"] / 60 for r in readings]
+    fig, (memory, counts) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for key, label in (("server_rss_mb", "server"), ("learner_rss_mb", "learner")):
+        memory.plot(minutes, [r.get(key) for r in readings], label=label)
+    memory.set_ylabel("RSS, MB")
+    memory.legend()
+    for key in ("server_fds", "learner_fds", "server_threads", "learner_threads",
+                "adapter_folders"):
+        counts.plot(minutes, [r.get(key) for r in readings], label=key.replace("_", " "))
+    counts.set_ylabel("count")
+    counts.set_xlabel("minutes")
+    counts.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -164,6 +192,9 @@ def run(args: argparse.Namespace) -> Path:
                     errors.append(f"{type(exc).__name__}: {exc}"[:300])
                     history = []
             readings.append(reading(server, data, started, status(api_name="/status")))
+    out = Path(args.out or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(readings, out / "soak.png")
     return write_result("soak", {
         "minutes": args.minutes, "sample_seconds": args.sample_seconds,
         "reader_seconds": args.reader_seconds, "turns": args.turns, "oracle": args.oracle,
@@ -171,4 +202,4 @@ def run(args: argparse.Namespace) -> Path:
         "extra": args.extra},
         {"pairs": pairs, "votes": votes, "errors": len(errors), "first_errors": errors[:5],
          "votes_lost": votes - (readings[-1]["votes_total"] or 0),
-         "summary": summary(readings), "readings": readings}, Path(args.out or RESULTS))
+         "summary": summary(readings), "readings": readings}, out)
