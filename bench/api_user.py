@@ -166,15 +166,11 @@ def _stamp(text: str) -> float:
 
 
 def chooses_pairs(extra: list[str]) -> bool:
-    """Whether app.py's flags make it choose each pair from more than two candidates."""
-    flags = list(extra)
-    for i, flag in enumerate(flags):
-        value = (flag.split("=", 1)[1] if flag.startswith("--pair-candidates=")
-                 else flags[i + 1] if flag == "--pair-candidates" and i + 1 < len(flags)
-                 else None)
-        if value is not None and int(value) > 2:
-            return True
-    return False
+    """Whether app.py's flags make it choose each pair from more than two candidates (read by
+    app.py's own parser)."""
+    import app
+
+    return app.build_parser().parse_args(list(extra)).pair_candidates > 2
 
 
 def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: int,

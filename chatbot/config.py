@@ -55,15 +55,15 @@ def _fraction(text: str) -> float:
     return value
 
 
+MAX_PAIR_CANDIDATES = 8
+
+
 def _candidates(text: str) -> int:
     value = int(text)
     if not 2 <= value <= MAX_PAIR_CANDIDATES:
         raise argparse.ArgumentTypeError(
             f"must be between 2 and {MAX_PAIR_CANDIDATES}, got {value}")
     return value
-
-
-MAX_PAIR_CANDIDATES = 8
 
 
 @dataclass(frozen=True)

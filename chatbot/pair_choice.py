@@ -58,8 +58,9 @@ def most_different(texts: list[str]) -> tuple[int, int]:
     without words is never chosen while two others remain (it differs from everything, and is
     never what a person wants)."""
     assert len(texts) >= 2, "a pair needs two candidates"
-    counts = [len(words(text)) for text in texts]
-    sets = [word_set(text) for text in texts]
+    tokens = [words(text) for text in texts]
+    counts = [len(t) for t in tokens]
+    sets = [frozenset(t) for t in tokens]
     usable = [i for i, count in enumerate(counts) if count]
     if len(usable) < 2:
         usable = list(range(len(texts)))
