@@ -48,6 +48,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from chatbot import heap
 from chatbot.config import Config
 from chatbot.errors import InvalidInput
 from chatbot.model import LoadedModel
@@ -350,6 +351,7 @@ class PairGenerator(StreamingGenerator):
         finally:  # also reached when the consumer stops early: end generation with it
             stream.cancel.set()
             worker.join()
+            heap.release()  # the pair's tensors are gone: their pages go back (chatbot/heap.py)
         if "error" in outcome:
             raise outcome["error"]
         stream.result = SampledPair(

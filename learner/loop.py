@@ -22,6 +22,7 @@ import os
 import threading
 import time
 
+from chatbot import heap
 from chatbot.errors import DuetError
 from chatbot.states import LearnerState
 
@@ -84,6 +85,7 @@ class LearnerLoop:
                 self.learner.prepare()
             except Exception:  # noqa: BLE001 - the round computes whatever is missing
                 log.exception("could not prepare the next round")
+            heap.release()
             self._status(LearnerState.IDLE)
         if time.monotonic() - self.last_beat > HEARTBEAT_SECONDS:
             self._status(LearnerState.IDLE)
@@ -107,6 +109,8 @@ class LearnerLoop:
             log.exception("round failed")
             self._status(LearnerState.IDLE, last_error=str(exc)[:500])
             time.sleep(min(60.0, 2.0 ** self.round_failures))
+        finally:
+            heap.release()  # a round's batches are gone: their pages go back (chatbot/heap.py)
 
     def _status(self, state: LearnerState, last_error: str | None = None) -> None:
         self.store.set_learner_status(self.pid, state, last_error=last_error)
