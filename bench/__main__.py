@@ -22,6 +22,7 @@ BENCHMARKS = {
     "sweep": "bench.sweep",
     "store": "bench.store",
     "soak": "bench.soak",
+    "neighbours": "bench.neighbours",
 }
 
 

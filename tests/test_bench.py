@@ -4,6 +4,7 @@ numbers themselves are measured by running the benchmarks, not by tests.)"""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -619,3 +620,33 @@ def test_a_short_soak_through_the_api_loses_nothing_and_keeps_folders_bounded(ti
     assert max(r["adapter_folders"] for r in readings) <= 2 + 2
     assert all(r["server_rss_mb"] > 0 and r["server_fds"] > 0 for r in readings)
     assert results["summary"]["server_rss_mb"]["growth_per_hour_second_half"] is not None
+
+
+def test_the_neighbours_bench_reads_its_settings_and_times_per_decode_step():
+    from bench.neighbours import parse_env, phase, step_ms
+
+    assert parse_env(["OMP_WAIT_POLICY=PASSIVE", "X=a=b"]) == {"OMP_WAIT_POLICY": "PASSIVE",
+                                                               "X": "a=b"}
+    with pytest.raises(SystemExit, match="K=V"):
+        parse_env(["OMP_WAIT_POLICY"])
+    # 2 s for replies of 60 and 40 tokens: 50 steps of 40 ms; a pair cut short is not faster
+    assert step_ms({"seconds": 2.0, "tokens": 100}) == pytest.approx(40.0)
+    pairs = [{"seconds": 2.0, "tokens": 100}, {"seconds": 1.0, "tokens": 20},
+             {"seconds": 4.0, "tokens": 100}]
+    out = phase(pairs, alone=40.0)
+    assert out["median_step_ms"] == 80.0 and out["vs_alone"] == 2.0
+    assert out["median_seconds"] == 2.0
+
+
+@pytest.mark.slow
+def test_two_servers_and_a_busy_neighbour_are_timed_against_one_alone(tiny_model_dir, tmp_path):
+    bench(["neighbours", "--model", str(tiny_model_dir), "--pairs", "1", "--max-new-tokens",
+           "4", "--env", "DUET_NEIGHBOURS_TEST=1", "--out", str(tmp_path)])
+    results = result(tmp_path, "neighbours")
+    settings = json.loads((tmp_path / "neighbours.json").read_text())["settings"]
+    assert settings["env"] == {"DUET_NEIGHBOURS_TEST": "1"}
+    for name in ("alone", "two_servers_a", "two_servers_b", "beside_busy"):
+        assert len(results[name]["pairs"]) == 1 and results[name]["median_step_ms"] > 0
+    assert results["worst_vs_alone"] == max(results[k]["vs_alone"] for k in (
+        "two_servers_a", "two_servers_b", "beside_busy"))
+    assert "DUET_NEIGHBOURS_TEST" not in os.environ  # put back as it was
