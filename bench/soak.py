@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -71,20 +72,28 @@ def slope_per_hour(times: list[float], values: list[float]) -> float | None:
 
 
 def summary(readings: list[dict]) -> dict:
-    """Per quantity: its first and last reading, its maximum, and its growth per hour over the
-    second half of the readings."""
-    half = readings[len(readings) // 2:]
+    """Per quantity: its first and last reading, its maximum, its growth per hour over the
+    second half of the readings, and each half's median and maximum (a learner's memory is a
+    saw: high while it trains, low between rounds; a slope through a saw says little, a
+    second half whose median and peak are not above the first's says flat)."""
+    middle = len(readings) // 2
     out = {}
     for key in QUANTITIES:
         present = [r for r in readings if r.get(key) is not None]
         if not present:
             continue
-        late = [r for r in half if r.get(key) is not None]
+        early = [r[key] for r in readings[:middle] if r.get(key) is not None]
+        late = [r for r in readings[middle:] if r.get(key) is not None]
         out[key] = {"first": present[0][key], "last": present[-1][key],
                     "max": max(r[key] for r in present),
                     "growth_per_hour_second_half": slope_per_hour(
-                        [r["seconds"] for r in late], [r[key] for r in late])}
+                        [r["seconds"] for r in late], [r[key] for r in late]),
+                    "halves": [_spread(early), _spread([r[key] for r in late])]}
     return out
+
+
+def _spread(values: list[float]) -> dict | None:
+    return {"median": statistics.median(values), "max": max(values)} if values else None
 
 
 def reading(server, data: Path, started: float, status: dict) -> dict:

@@ -592,8 +592,9 @@ def test_the_soak_summary_reads_growth_over_the_second_half():
     readings = [{"seconds": 600.0 * i, "server_rss_mb": min(900.0, 500.0 + 100 * i),
                  "learner_rss_mb": None, "db_mb": 1.0 + i} for i in range(10)]
     out = summary(readings)
-    assert out["server_rss_mb"] == {"first": 500.0, "last": 900.0, "max": 900.0,
-                                    "growth_per_hour_second_half": 0.0}
+    assert out["server_rss_mb"] == {
+        "first": 500.0, "last": 900.0, "max": 900.0, "growth_per_hour_second_half": 0.0,
+        "halves": [{"median": 700.0, "max": 900.0}, {"median": 900.0, "max": 900.0}]}
     assert out["db_mb"]["growth_per_hour_second_half"] == pytest.approx(6.0)  # 1 MB / 10 min
     assert "learner_rss_mb" not in out  # never read
 
