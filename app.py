@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from chatbot import heap, threads
+from chatbot import heap
 from chatbot.config import (
     Config,
     add_learner_args,
@@ -273,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     config = Config.from_args(args)
-    # Before torch loads; the learner child inherits both (chatbot/threads.py, chatbot/heap.py).
-    threads.bound_spinning()
-    heap.cap_kernel_cache()
+    heap.cap_kernel_cache()  # before torch's first kernel; the learner child inherits it
     try:
         if args.command == "export":
             export(config, args.out, args.sft)

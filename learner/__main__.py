@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from chatbot import adapters, heap, threads
+from chatbot import adapters, heap
 from chatbot.config import Config, learner_parser, with_device_defaults
 from chatbot.errors import DuetError
 from chatbot.states import LearnerState
@@ -32,10 +32,7 @@ def _stop(*_) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Before torch loads (chatbot/threads.py, chatbot/heap.py); a server's learner child has
-    # both from the server's environment already.
-    threads.bound_spinning()
-    heap.cap_kernel_cache()
+    heap.cap_kernel_cache()  # before torch's first kernel (chatbot/heap.py)
     args = with_device_defaults(learner_parser().parse_args(argv))  # the server passes its own
     config = Config.from_args(args)
     config.data_dir.mkdir(parents=True, exist_ok=True)
