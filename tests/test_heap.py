@@ -34,10 +34,13 @@ def test_a_cap_set_in_the_environment_is_kept(monkeypatch):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_release_hands_freed_heap_pages_back_on_glibc():
-    # Many blocks below malloc's mmap threshold, freed: they stay in the heap until trimmed.
+    # Many blocks below malloc's mmap threshold, then one more that keeps them off the top of
+    # the heap (free() gives back the top by itself): freed, their pages stay until trimmed.
     blocks = [bytearray(64 * 1024) for _ in range(2000)]
+    pin = bytearray(64 * 1024)
     del blocks
     assert heap.release() is True
+    del pin
 
 
 @pytest.fixture
