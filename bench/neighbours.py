@@ -15,9 +15,9 @@ after one pair each to warm up:
 
 The headline is each phase's median milliseconds per decode step (a pair's seconds over its
 replies' mean length: replies that stop early do not pass for speed), and its ratio to A
-alone. On 2 cores
-the fair share is 2x; the goal is <= 2.5x. `--env K=V` sets a variable for every process the
-bench starts (both servers and the busy one), to compare thread settings.
+alone. On 2 cores the fair share is 2x; the goal is <= 2.5x. `--env K=V` sets a variable
+for every process the bench starts (both servers and the busy one), to compare thread
+settings.
 
 Left out: the learner (its priority and CPU share are learner/cores.py's, measured by
 `bench latency`), more than two servers, the browser.
@@ -31,10 +31,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 from bench.common import RESULTS, write_result
 
@@ -93,21 +94,6 @@ def ask_pairs(url: str, topics: list[str], count: int, max_new_tokens: int) -> l
     return pairs
 
 
-def at_once(jobs: list) -> list:
-    """Each job (a no-argument callable) in its own thread, started together; their results."""
-    results: list = [None] * len(jobs)
-
-    def run(i: int) -> None:
-        results[i] = jobs[i]()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
 def step_ms(pair: dict) -> float:
     """Milliseconds per decode step of a pair: its seconds over its replies' mean length (a
     pair decodes both replies in the same steps; a reply that ends early is carried along)."""
@@ -127,40 +113,29 @@ def run(args: argparse.Namespace) -> Path:
     from tests.serving import running_server
 
     env = parse_env(args.env)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the servers and the busy process inherit it
     flags = ["--model", args.model, "--no-learner", "--max-new-tokens",
              str(args.max_new_tokens), "--max-votes-per-minute", "0", *args.extra]
-    try:
-        with tempfile.TemporaryDirectory(prefix="duet-neighbours-") as folder, \
-                ExitStack() as stack:
-            urls = []
-            for name in ("a", "b"):
-                data = Path(folder) / name
-                url, _ = stack.enter_context(running_server(
-                    "--data-dir", str(data), *flags, log_path=Path(folder) / f"{name}.log",
-                    timeout=600))
-                urls.append(url)
-            a, b = urls
-            def ask(url: str) -> list[dict]:
-                return ask_pairs(url, TOPICS, args.pairs, args.max_new_tokens)
 
-            alone = ask(a)
-            base = statistics.median(step_ms(p) for p in alone)
-            both = at_once([lambda: ask(a), lambda: ask(b)])
-            busy = subprocess.Popen([sys.executable, "-c", BUSY])
-            try:
-                time.sleep(3)  # its threads are up and spinning
-                beside_busy = ask(a)
-            finally:
-                busy.kill()
-                busy.wait()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    def ask(url: str) -> list[dict]:
+        return ask_pairs(url, TOPICS, args.pairs, args.max_new_tokens)
+
+    # The servers and the busy process inherit `env`; it is put back as it was after.
+    with mock.patch.dict(os.environ, env), \
+            tempfile.TemporaryDirectory(prefix="duet-neighbours-") as folder, ExitStack() as stack:
+        a, b = (stack.enter_context(running_server(
+            "--data-dir", str(Path(folder) / name), *flags,
+            log_path=Path(folder) / f"{name}.log", timeout=600))[0] for name in ("a", "b"))
+        alone = ask(a)
+        base = statistics.median(step_ms(p) for p in alone)
+        with ThreadPoolExecutor(2) as pool:  # both servers asked at once
+            both = list(pool.map(ask, (a, b)))
+        busy = subprocess.Popen([sys.executable, "-c", BUSY])
+        try:
+            time.sleep(3)  # its threads are up and spinning
+            beside_busy = ask(a)
+        finally:
+            busy.kill()
+            busy.wait()
     results = {"alone": phase(alone, None), "two_servers_a": phase(both[0], base),
                "two_servers_b": phase(both[1], base), "beside_busy": phase(beside_busy, base)}
     results["worst_vs_alone"] = max(results[k]["vs_alone"] for k in (

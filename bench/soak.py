@@ -84,11 +84,12 @@ def summary(readings: list[dict]) -> dict:
             continue
         early = [r[key] for r in readings[:middle] if r.get(key) is not None]
         late = [r for r in readings[middle:] if r.get(key) is not None]
+        late_values = [r[key] for r in late]
         out[key] = {"first": present[0][key], "last": present[-1][key],
                     "max": max(r[key] for r in present),
                     "growth_per_hour_second_half": slope_per_hour(
-                        [r["seconds"] for r in late], [r[key] for r in late]),
-                    "halves": [_spread(early), _spread([r[key] for r in late])]}
+                        [r["seconds"] for r in late], late_values),
+                    "halves": [_spread(early), _spread(late_values)]}
     return out
 
 
