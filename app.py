@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from chatbot.config import (
     with_device_defaults,
 )
 from chatbot.errors import DuetError, InvalidInput
+from chatbot.threads import CpuShare
 
 log = logging.getLogger("duet")
 
@@ -115,6 +117,23 @@ def read_credentials(pairs: list[str] | None, path: str | None) -> list[tuple[st
     return credentials
 
 
+def server_share(config: Config, device, learner) -> CpuShare | None:
+    """The thread count of the server's pairs on a CPU: every core while the rest of the host
+    is quiet, one while another process keeps it busy (chatbot/threads.py); none - a fixed
+    count - with --threads or on a GPU."""
+    import torch
+
+    from chatbot.threads import host_share
+
+    if config.threads or device.type != "cpu":
+        return None
+    every_core = torch.get_num_threads()  # OMP_NUM_THREADS, if set, or every core
+    log.info("torch threads: %d while the host is quiet, 1 while another process keeps it "
+             "busy (--threads N: a fixed count)", every_core)
+    return host_share(every_core, lambda: [os.getpid()] + (
+        [learner.process.pid] if learner and learner.process else []))
+
+
 def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     import torch
 
@@ -145,7 +164,8 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
         loaded = load_model(config)
         live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)
         generator = PairGenerator(loaded, config, adapter_context=live.reading,
-                                  base_context=live.base)
+                                  base_context=live.base,
+                                  cpu_share=server_share(config, loaded.device, learner))
         model_id = loaded.model_id
     live.start(config.swap_poll_seconds)
     service = ChatService(config, store, generator, model_id=model_id, live=live,

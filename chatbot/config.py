@@ -126,7 +126,9 @@ class Config:
         "where converted model checkpoints are cached (default: {default})", "model",
         unset=True))
     threads: int | None = field(default=None, metadata=setting(
-        "torch CPU threads for this process (default: torch's choice)", "model",
+        "torch CPU threads for this process, a fixed count (default: a server on a CPU uses "
+        "every core while the rest of the host is quiet and one while another process keeps "
+        "it busy; elsewhere torch's choice)", "model",
         type=_positive_int, handed_on=False))  # the server gives its learner --learner-threads
     # --- sampling --------------------------------------------------------------------------
     # the server and the learner pass the device's own: with_device_defaults

@@ -28,8 +28,11 @@ price where other processes of the same or a higher priority keep the cores busy
 worker then holds a core its partner needs, and on this project's shared 2-core machine a
 pair took 10x longer or more; `OMP_WAIT_POLICY=PASSIVE` in the environment makes the workers
 sleep at once, for such hosts. (The learner child runs at a lower priority, which should keep
-it out of this; not measured.) `sample_many` runs in the caller's thread: the learner and the
-benchmarks call it from the thread that does their other torch work.
+it out of this; not measured.) So the server gives its generator a `CpuShare`
+(chatbot/threads.py `host_share`): each pair starts on every core while the rest of the host is
+quiet and on one thread while another process keeps the CPU busy, and follows a change within
+half a second, at a decode step. `sample_many` runs in the caller's thread: the learner and the
+benchmarks call it from the thread that does their other torch work, with the caller's threads.
 
 Left out: batching the turns of different users together, speculative decoding.
 """
@@ -53,6 +56,7 @@ from chatbot.config import Config
 from chatbot.errors import InvalidInput
 from chatbot.model import LoadedModel
 from chatbot.pair_choice import most_different
+from chatbot.threads import CpuShare
 
 
 @dataclass
@@ -131,6 +135,17 @@ class _Cancelled(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool,
                           device=input_ids.device)
+
+
+class _FollowShare(StoppingCriteria):
+    """Stops nothing: at each decode step, sets this thread's torch threads to the share's."""
+
+    def __init__(self, share: CpuShare) -> None:
+        self.share = share
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.share.apply()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def encode_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
@@ -256,13 +271,15 @@ class PairGenerator(StreamingGenerator):
     `base_context` is entered instead where the base model's own replies are asked for
     (`base=True`): it switches the adapter off meanwhile and yields 0. It may be left out only
     with `adapter_context`: a model that never carries an adapter is the base model.
+    `cpu_share`, if given, sets the torch threads of each streamed pair, at its start and at
+    each decode step (see "Threads" above); without one, pairs use the process's threads.
     """
 
     def __init__(self, loaded: LoadedModel, config: Config,
                  adapter_context: Callable[[], contextlib.AbstractContextManager[int]]
                  = _null_adapter,
                  base_context: Callable[[], contextlib.AbstractContextManager[int]] | None
-                 = None) -> None:
+                 = None, cpu_share: CpuShare | None = None) -> None:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
@@ -273,6 +290,7 @@ class PairGenerator(StreamingGenerator):
         eos = self.model.generation_config.eos_token_id
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.stop_ids.discard(None)
+        self.cpu_share = cpu_share
 
     def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
                     ) -> list[SampledPair]:
@@ -326,6 +344,8 @@ class PairGenerator(StreamingGenerator):
 
         def work() -> None:
             try:
+                if self.cpu_share:
+                    self.cpu_share.apply()
                 with self.adapter_context() as version, torch.inference_mode():
                     outcome["version"] = version
                     output = self._generate(prompt, streamer, stream.cancel, n, max_new_tokens)
@@ -364,11 +384,14 @@ class PairGenerator(StreamingGenerator):
     def _generate(self, prompt: list[int], streamer: _PairStreamer, cancel: threading.Event,
                   n: int, max_new_tokens: int):
         input_ids = torch.tensor([prompt], device=self.device)
+        criteria = StoppingCriteriaList([_Cancelled(cancel)])
+        if self.cpu_share:
+            criteria.append(_FollowShare(self.cpu_share))
         return self.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p,
             top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
-            streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+            streamer=streamer, stopping_criteria=criteria,
             output_logits=True, return_dict_in_generate=True,
             pad_token_id=self.tokenizer.pad_token_id)
 

@@ -67,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         learner = Learner(config, store, load_model(config, training=True),
                           seed=config.seed)
         if args.share_cpu_with:
-            from learner.cores import CpuShare
+            from learner.cores import learner_share
 
-            share = CpuShare(args.share_cpu_with, config.threads or torch.get_num_threads(),
-                             args.idle_threads)
+            share = learner_share(args.share_cpu_with,
+                                  config.threads or torch.get_num_threads(), args.idle_threads)
             learner.clock.pace = share.apply
             log.info("sharing the CPU with pid %d: %d threads while it works, %d while it "
                      "is idle", args.share_cpu_with, share.busy_threads, share.idle_threads)

@@ -1,17 +1,22 @@
-"""The learner's CPU share: its own share of threads while the server works, every core while
-the server has been idle for a while, its share when the server cannot be read."""
+"""Thread counts that follow the CPU: the learner's share (its own share of threads while the
+server works, every core while the server has been idle for a while, its share when the server
+cannot be read) and the server's (every core while the rest of the host is quiet, one thread
+while another process keeps it busy, and each sampler thread set to the answer)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
-from learner.cores import QUIET_S, CpuShare, process_cpu_seconds
+from chatbot.threads import CpuShare, host_cpu_seconds, host_share, process_cpu_seconds
+from learner.cores import BUSY_CORES, QUIET_S, learner_share
 
 
 class FakeServer:
@@ -26,8 +31,8 @@ class FakeServer:
 
 
 def share_with(server: FakeServer) -> CpuShare:
-    return CpuShare(1234, busy_threads=1, idle_threads=4, clock=lambda: server.now,
-                    cpu_seconds=lambda pid: server.cpu)
+    return CpuShare(1, 4, lambda: server.cpu, busy_cores=BUSY_CORES, quiet_s=QUIET_S,
+                    clock=lambda: server.now)
 
 
 def test_every_core_while_the_server_is_idle_its_share_while_it_works():
@@ -46,8 +51,8 @@ def test_every_core_while_the_server_is_idle_its_share_while_it_works():
 def test_a_server_that_cannot_be_read_keeps_the_learner_to_its_share():
     server = FakeServer()
     readings = iter([1.0, None, 2.0, 2.0])
-    share = CpuShare(1234, busy_threads=2, idle_threads=8, clock=lambda: server.now,
-                     cpu_seconds=lambda pid: next(readings))
+    share = CpuShare(2, 8, lambda: next(readings), busy_cores=BUSY_CORES, quiet_s=QUIET_S,
+                     clock=lambda: server.now)
     server.run(1.0, cores=0.0)
     assert share.threads() == 2  # gone: no reading
     server.run(1.0, cores=0.0)
@@ -57,7 +62,9 @@ def test_a_server_that_cannot_be_read_keeps_the_learner_to_its_share():
 
 
 def test_the_share_never_exceeds_every_core():
-    assert CpuShare(os.getpid(), busy_threads=3, idle_threads=2).idle_threads == 3
+    assert learner_share(os.getpid(), busy_threads=3, idle_threads=2).idle_threads == 3
+    assert learner_share(os.getpid(), busy_threads=1).threads() == learner_share(
+        os.getpid(), busy_threads=1).idle_threads  # this process, idle
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="no /proc: not Linux")
@@ -97,3 +104,126 @@ def test_the_learners_share_is_half_the_cores_this_process_may_use(tmp_path, mon
     assert LearnerProcess(Config(data_dir=tmp_path), store=None).threads() == 3
     config = Config(data_dir=tmp_path, learner_threads=5)
     assert LearnerProcess(config, store=None).threads() == 5
+
+
+# The server's share: the rest of the host.
+
+class FakeHost:
+    """A clock, the host's CPU seconds and the server's, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now, self.host, self.server = 50.0, 1000.0, 20.0
+
+    def run(self, seconds: float, cores: float, server_cores: float = 0.0) -> None:
+        self.now += seconds
+        self.host += seconds * (cores + server_cores)
+        self.server += seconds * server_cores
+
+
+def server_share_on(host: FakeHost) -> CpuShare:
+    """The server's share (`host_share`, 4 cores) reading the fake host instead of /proc."""
+    return host_share(4, lambda: [1234], clock=lambda: host.now, host_seconds=lambda: host.host,
+                      process_seconds=lambda pid: host.server)
+
+
+def test_the_server_takes_every_core_on_a_quiet_host_and_one_beside_a_busy_process():
+    host = FakeHost()
+    share = server_share_on(host)
+    host.run(1.0, cores=0.1, server_cores=2.0)  # a browser, a shell; the server's own pair
+    assert share.threads() == 4
+    host.run(1.0, cores=1.0)  # another server's pair, a training job
+    assert share.threads() == 1
+    host.run(0.2, cores=0.0)  # looked at again within half a second: the last answer
+    assert share.threads() == 1
+    host.run(1.0, cores=0.0)  # quiet, but only for a moment
+    assert share.threads() == 1
+    host.run(share.quiet_s, cores=0.0)
+    assert share.threads() == 4
+
+
+def test_a_neighbour_seen_within_half_a_second_is_acted_on_at_the_next_look():
+    host = FakeHost()
+    share = server_share_on(host)
+    host.run(0.3, cores=2.0)
+    assert share.threads() == 4  # too soon to tell: the answer stands
+    host.run(0.3, cores=2.0)
+    assert share.threads() == 1
+
+
+def test_a_host_that_cannot_be_read_leaves_the_server_every_core():
+    host = FakeHost()
+    share = host_share(4, lambda: [1234], clock=lambda: host.now, host_seconds=lambda: None)
+    host.run(1.0, cores=2.0)
+    assert share.threads() == 4
+
+
+def test_each_thread_that_applies_the_share_sets_its_own_count(monkeypatch):
+    """torch keeps an OpenMP thread count per thread: a second sampler thread running beside
+    the first must set it too, though torch.get_num_threads() already says the new count."""
+    host = FakeHost()
+    share = server_share_on(host)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads",
+                        lambda n: calls.append((threading.current_thread().name, n)))
+    host.run(1.0, cores=1.5)
+    for name in ("pair-1", "pair-2"):
+        worker = threading.Thread(target=lambda: (share.apply(), share.apply()), name=name)
+        worker.start()
+        worker.join()
+    assert calls == [("pair-1", 1), ("pair-2", 1)]  # once per thread, not once per apply
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="no /proc: not Linux")
+def test_the_server_sees_a_busy_neighbour_but_not_its_own_learner():
+    assert host_cpu_seconds() > 0
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        neighbour = host_share(4, lambda: [os.getpid()])
+        own_child = host_share(4, lambda: [os.getpid(), child.pid])
+        time.sleep(1.5)
+        assert neighbour.threads() == 1
+        assert own_child.threads() == 4
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_pair_follows_the_share_at_each_step_with_exact_logprobs(tiny_loaded, tiny_config,
+                                                                   monkeypatch):
+    """A share that changes its answer mid-pair: the sampler thread's count follows it, and
+    the stored log-probs still match a fresh forward pass."""
+    from chatbot.sampling import PairGenerator
+    from tests.test_sampling import MESSAGES, sequence_logprobs
+
+    answers = iter([2, 2, 1, 1, 2] + [1] * 100)
+    share = CpuShare(1, 2, lambda: 0.0, busy_cores=0.5, quiet_s=2.0)
+    monkeypatch.setattr(share, "threads", lambda: next(answers))
+    sampler_counts = []
+    set_num_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (
+        sampler_counts.append((threading.current_thread().name, n)), set_num_threads(n)))
+    threads = torch.get_num_threads()
+    try:
+        generator = PairGenerator(tiny_loaded, dataclasses.replace(
+            tiny_config, max_new_tokens=8), cpu_share=share)
+        torch.manual_seed(3)
+        stream = generator.stream(MESSAGES)
+        list(stream)
+    finally:
+        set_num_threads(threads)
+    assert sampler_counts[:3] == [("pair-sampler", 2), ("pair-sampler", 1),
+                                  ("pair-sampler", 2)]
+    for reply in stream.result.replies:
+        fresh = sequence_logprobs(tiny_loaded.model, stream.result.prompt_token_ids,
+                                  reply.token_ids)
+        assert torch.allclose(torch.tensor(reply.token_logprobs), fresh, atol=1e-4)
+
+
+def test_the_server_follows_the_host_only_on_a_cpu_and_without_threads(tiny_config):
+    from app import server_share
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    share = server_share(tiny_config, cpu, learner=None)
+    assert (share.busy_threads, share.idle_threads) == (1, torch.get_num_threads())
+    assert server_share(dataclasses.replace(tiny_config, threads=2), cpu, None) is None
+    assert server_share(tiny_config, cuda, None) is None
