@@ -184,8 +184,9 @@ class Config:
         "takes every core (default: half the cores, at least 1)", "server",
         type=_positive_int))
     learner_idle_threads: int | None = field(default=None, metadata=setting(
-        "torch CPU threads of the learner child while the server is idle (default: every "
-        "core; the same as --learner-threads: a fixed count)", "server", type=_positive_int))
+        "torch CPU threads of the learner child while the server and the rest of the host "
+        "are idle (default: every core; the same as --learner-threads: a fixed count)",
+        "server", type=_positive_int))
     admins: tuple[str, ...] = field(default=(), metadata=setting(  # names; never passwords
         "a logged-in user who may roll back adapters (repeatable); without --auth the single "
         "local user is the admin", "server", flag="--admin", kind="append", metavar="USER"))
@@ -390,11 +391,11 @@ def learner_parser() -> argparse.ArgumentParser:
                         help="run one round over the feedback pending now, then exit")
     parser.add_argument("--share-cpu-with", type=_positive_int, default=None, metavar="PID",
                         help="a process on the same CPU that comes first (the server starts "
-                             "the learner with its own pid): --threads while it works, "
-                             "--idle-threads while it is idle (default: none, a fixed thread "
-                             "count)")
+                             "the learner with its own pid): --threads while it or any other "
+                             "process on the host works, --idle-threads while all are idle "
+                             "(default: none, a fixed thread count)")
     parser.add_argument("--idle-threads", type=_positive_int, default=None,
-                        help="with --share-cpu-with: torch CPU threads while that process is "
+                        help="with --share-cpu-with: torch CPU threads while the host is "
                              "idle (default: every core)")
     return parser
 

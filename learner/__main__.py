@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             share = learner_share(args.share_cpu_with,
                                   config.threads or torch.get_num_threads(), args.idle_threads)
             learner.clock.pace = share.apply
-            log.info("sharing the CPU with pid %d: %d threads while it works, %d while it "
-                     "is idle", args.share_cpu_with, share.busy_threads, share.idle_threads)
+            log.info("sharing the CPU with pid %d and the rest of the host: %d threads while "
+                     "they work, %d while they are idle", args.share_cpu_with,
+                     share.busy_threads, share.idle_threads)
         if args.once:
             step = learner.round()
             print("nothing pending" if step is None else
