@@ -602,13 +602,14 @@ def test_the_soak_summary_reads_growth_over_the_second_half():
 @pytest.mark.slow
 def test_a_short_soak_through_the_api_loses_nothing_and_keeps_folders_bounded(tiny_model_dir,
                                                                               tmp_path):
-    """The soak harness on the tiny model for a minute: chat, votes and rounds through /v1."""
+    """The soak harness on the tiny model for half a minute: chat, votes and rounds through
+    /v1, a reading every 5 s."""
     import argparse
 
     from bench.soak import run
 
     path = run(argparse.Namespace(
-        minutes=1.0, sample_seconds=10.0, reader_seconds=0.1, turns=3, oracle="shorter",
+        minutes=0.5, sample_seconds=5.0, reader_seconds=0.1, turns=3, oracle="shorter",
         max_new_tokens=8, model=str(tiny_model_dir), seed=0, out=str(tmp_path),
         extra=["--learn-every", "2", "--keep-versions", "2", "--swap-poll-seconds", "0.5"]))
     results = json.loads(path.read_text())["results"]

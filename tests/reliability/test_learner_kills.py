@@ -46,7 +46,7 @@ def start_learner(config: Config, model_dir, log):
     db_args = ["--db", config.db] if config.db else []
     return subprocess.Popen(
         [sys.executable, "-m", "learner", "--data-dir", str(config.data_dir), *db_args,
-         "--model", str(model_dir),
+         "--model", str(model_dir), "--max-new-tokens", str(config.max_new_tokens),
          "--learn-every", "1", "--max-batch-votes", "2", "--judge-new",
          "--keep-versions", "3", "--steps-per-round", "2"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
