@@ -12,11 +12,17 @@ It also times the project's own streaming path, `PairGenerator.stream`, against 
 Between them sits `generate` with the stream's streamer and stopping criterion but nobody
 reading the stream, which tells the cost of the hooks from the cost of the reader.
 
+With `--int4` (on a CPU whose torch has the kernel) it also times the model with 4-bit weights
+(chatbot/int4.py: the GGUF's own Q4_1 blocks for the embedded model, computed in bf16), with
+transformers' `generate` as the server calls it and with a static KV cache whose step
+`torch.compile` compiles (compiled once per shape in the warm-up, not timed); plain `generate`
+only, as these are not yet how the server samples.
+
 Every measurement runs in a fresh thread, as a pair does in the server, and the main thread
 runs no torch op: a thread that ran one keeps an idle OpenMP team, and libgomp then throttles
 every other thread's team (chatbot/sampling.py, "Threads").
 
-    python -m bench decode [--new-tokens 64] [--repeats 5] [--dtypes float32,bfloat16]
+    python -m bench decode [--new-tokens 64] [--repeats 5] [--dtypes float32,bfloat16] [--int4]
 
 Left out: the KV cache's reads (~5 MB per row at 100 tokens of context for the 135M model,
 under 1% of its weights) and the prefill.
@@ -58,6 +64,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         default=True,
                         help="on a CPU, also time each dtype with --pair-kernels off (plain "
                              "generate only; default: on)")
+    parser.add_argument("--int4", action=argparse.BooleanOptionalAction, default=False,
+                        help="on a CPU, also time 4-bit weights (chatbot/int4.py), eager and "
+                             "with a compiled static-cache step (default: off)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
     add_model_args(parser)
 
@@ -67,11 +76,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter once, except an input
     embedding that is not tied to the output layer (a step reads one row of it)."""
+    from chatbot.int4 import Int4Linear
+
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
-    tied = output is not None and output.weight is embedding
-    return sum(p.numel() * p.element_size() for p in model.parameters()
-               if tied or p is not embedding)
+    tied = output is not None and getattr(output, "weight", None) is embedding
+    packed = sum(m.weight_bytes() for m in model.modules() if isinstance(m, Int4Linear))
+    return packed + sum(p.numel() * p.element_size() for p in model.parameters()
+                        if tied or p is not embedding)
 
 
 def step_seconds(long_seconds: float, short_seconds: float, long_tokens: int,
@@ -114,13 +126,34 @@ def memory_bandwidth(device: torch.device, megabytes: int, repeats: int) -> dict
             "copy_gb_per_s_runs": [c / 1e9 for c in copies[1:]], "megabytes": megabytes}
 
 
-def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool
-             ) -> list[tuple[str, str, str]]:
-    """(label, dtype, --pair-kernels) of each model to time: every dtype as the server loads
-    it, and on a CPU, when asked, also with --pair-kernels off (chatbot/pair_kernels.py)."""
-    out = [(dtype, dtype, "auto") for dtype in dtypes]
-    if compare_pair_kernels and device.type == "cpu":
-        out += [(f"{dtype}, pair kernels off", dtype, "off") for dtype in dtypes]
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One model to time: a dtype as the server loads it, its --pair-kernels, and whether its
+    linear layers are 4-bit (chatbot/int4.py) and its decode step compiled."""
+    label: str
+    dtype: str
+    pair_kernels: str = "auto"
+    int4: bool = False
+    compiled: bool = False
+
+    @property
+    def served(self) -> bool:
+        """Loaded as the server samples (its streaming path is timed too)."""
+        return self.pair_kernels == "auto" and not self.int4
+
+
+def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool,
+             int4: bool = False) -> list[Variant]:
+    """Every dtype as the server loads it; on a CPU, when asked, each again with --pair-kernels
+    off (chatbot/pair_kernels.py), and bf16 with 4-bit weights, eager and compiled."""
+    out = [Variant(dtype, dtype) for dtype in dtypes]
+    if device.type == "cpu":
+        if compare_pair_kernels:
+            out += [Variant(f"{dtype}, pair kernels off", dtype, "off") for dtype in dtypes]
+        if int4:
+            out += [Variant("4-bit weights, bf16", "bfloat16", "off", int4=True),
+                    Variant("4-bit weights, bf16, compiled static cache", "bfloat16", "off",
+                            int4=True, compiled=True)]
     return out
 
 
@@ -132,21 +165,30 @@ def default_dtypes(device: torch.device) -> list[str]:
 class Timer:
     """Times generations of one loaded model on one prompt, every one seeded the same."""
 
-    def __init__(self, loaded, config: Config, new_tokens: int) -> None:
+    def __init__(self, loaded, config: Config, new_tokens: int, compiled: bool = False) -> None:
         self.loaded = loaded
         self.config = config
         self.new_tokens = new_tokens
+        self.compiled = compiled
         self.generator = PairGenerator(loaded, config)
         self.prompt = torch.tensor([self.generator.prompt_ids(PROMPT)], device=loaded.device)
 
     def _kwargs(self, n: int, tokens: int) -> dict:
-        """What PairGenerator._generate passes, at a forced length."""
-        return dict(input_ids=self.prompt, attention_mask=torch.ones_like(self.prompt),
-                    do_sample=True, temperature=self.config.temperature,
-                    top_p=self.config.top_p, top_k=0, max_new_tokens=tokens,
-                    min_new_tokens=tokens, num_return_sequences=n, output_logits=True,
-                    return_dict_in_generate=True,
-                    pad_token_id=self.loaded.tokenizer.pad_token_id)
+        """What PairGenerator._generate passes, at a forced length; compiled: a static cache
+        and transformers' compiled decode step (which it otherwise compiles on GPUs only)."""
+        kwargs = dict(input_ids=self.prompt, attention_mask=torch.ones_like(self.prompt),
+                      do_sample=True, temperature=self.config.temperature,
+                      top_p=self.config.top_p, top_k=0, max_new_tokens=tokens,
+                      min_new_tokens=tokens, num_return_sequences=n, output_logits=True,
+                      return_dict_in_generate=True,
+                      pad_token_id=self.loaded.tokenizer.pad_token_id)
+        if self.compiled:
+            from transformers.generation.configuration_utils import CompileConfig
+
+            compile_config = CompileConfig(fullgraph=False)
+            compile_config._compile_all_devices = True
+            kwargs.update(cache_implementation="static", compile_config=compile_config)
+        return kwargs
 
     def _timed(self, run) -> float:
         def timed() -> float:
@@ -194,37 +236,46 @@ def run(args: argparse.Namespace) -> Path:
     bytes_per_second = bandwidth["read_gb_per_s"] * 1e9
 
     timers = {}
-    for label, dtype, kernels in variants(dtypes, device, args.compare_pair_kernels):
-        config = dataclasses.replace(base, dtype=dtype, pair_kernels=kernels)
+    for variant in variants(dtypes, device, args.compare_pair_kernels, args.int4):
+        config = dataclasses.replace(base, dtype=variant.dtype, pair_kernels=variant.pair_kernels)
         loaded = load_model(config)
+        if variant.int4:
+            from chatbot.int4 import quantize_model
+
+            quantize_model(loaded.model)
         # The stream stops at the end-of-turn token; forced to full length like the others,
         # every path writes the same tokens.
         loaded.model.generation_config.min_new_tokens = args.new_tokens
-        timers[label] = Timer(loaded, config, args.new_tokens)
-    for timer in timers.values():  # warm-up
-        timer.plain(1, 2)
-        timer.plain(2, 2)
+        timers[variant] = Timer(loaded, config, args.new_tokens, compiled=variant.compiled)
+    compile_seconds = {}
+    for variant, timer in timers.items():  # warm-up; a compiled step compiles once per shape
+        started = time.perf_counter()
+        for n, tokens in ([(1, 1), (1, args.new_tokens), (2, 1), (2, args.new_tokens)]
+                          if variant.compiled else [(1, 2), (2, 2)]):
+            timer.plain(n, tokens)
+        compile_seconds[variant.label] = time.perf_counter() - started
 
-    runs: dict = {label: {k: [] for k in ("single_long", "single_short", "pair_long",
-                                          "pair_short", "pair_hooked", "pair_streamed")}
-                  for label in timers}
+    runs: dict = {variant: {k: [] for k in ("single_long", "single_short", "pair_long",
+                                            "pair_short", "pair_hooked", "pair_streamed")}
+                  for variant in timers}
     n = args.new_tokens
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
-        for label, timer in timers.items():
-            times = runs[label]
+        for variant, timer in timers.items():
+            times = runs[variant]
             times["single_short"].append(timer.plain(1, 1))
             times["single_long"].append(timer.plain(1, n))
             times["pair_short"].append(timer.plain(2, 1))
             times["pair_long"].append(timer.plain(2, n))
-            if timer.config.pair_kernels == "off":  # the comparison is of plain generate
+            if not variant.served:  # the comparison is of plain generate
                 continue
             times["pair_hooked"].append(timer.hooked(2))
             times["pair_streamed"].append(timer.streamed(2))
 
     per_dtype = {}
-    for label, times in runs.items():
+    for variant, times in runs.items():
+        label = variant.label
         median = {k: statistics.median(v) if v else None for k, v in times.items()}
-        weights = weight_bytes_per_step(timers[label].loaded.model)
+        weights = weight_bytes_per_step(timers[variant].loaded.model)
         limit = bandwidth_limit_ms(weights, bytes_per_second)
         single = 1000 * step_seconds(median["single_long"], median["single_short"], n)
         pair = 1000 * step_seconds(median["pair_long"], median["pair_short"], n)
@@ -245,6 +296,7 @@ def run(args: argparse.Namespace) -> Path:
             "streamed_minus_plain_seconds": (None if streamed is None
                                              else streamed - median["pair_long"]),
             "hooked_minus_plain_seconds": None if hooked is None else hooked - median["pair_long"],
+            "warm_up_seconds": compile_seconds[label],  # with the compiling, if any
             "runs_seconds": times,
         }
     results = {"bandwidth": bandwidth, "dtypes": per_dtype, "device": str(device),
@@ -253,7 +305,8 @@ def run(args: argparse.Namespace) -> Path:
                "load_average_before_after": [load_before[0], os.getloadavg()[0]],
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     settings = {"model": next(iter(timers.values())).loaded.model_id, "new_tokens": n,
-                "repeats": args.repeats, "dtypes": dtypes, "variants": list(timers),
+                "repeats": args.repeats, "dtypes": dtypes,
+                "variants": [v.label for v in timers],
                 "temperature": base.temperature,
                 "top_p": base.top_p}
     return write_result(f"decode-{device.type}", settings, results,

@@ -218,6 +218,25 @@ def test_decode_runs_every_dtype_and_times_the_stream(tiny_model_dir, tmp_path):
         assert off["pair_over_single"] > 0 and off["pair_streamed_seconds"] is None
 
 
+@pytest.mark.slow  # compiles the decode step for four shapes: ~15 s
+def test_decode_times_4bit_weights_eager_and_compiled(tiny_model_dir, tmp_path):
+    from chatbot.int4 import unavailable
+
+    if unavailable():
+        pytest.skip(unavailable())
+    bench(["decode", "--model", str(tiny_model_dir), "--device", "cpu", "--new-tokens", "4",
+           "--repeats", "1", "--dtypes", "bfloat16", "--bandwidth-mb", "8",
+           "--no-compare-pair-kernels", "--int4", "--out", str(tmp_path)])
+    results = result(tmp_path, "decode-cpu")["dtypes"]
+    bf16 = results["bfloat16"]
+    for label in ("4-bit weights, bf16", "4-bit weights, bf16, compiled static cache"):
+        numbers = results[label]
+        # the tiny model's output layer (tied, 49152 x 64) stays bf16 and is most of its bytes
+        assert numbers["weight_bytes_per_step"] < bf16["weight_bytes_per_step"]
+        assert numbers["pair_over_single"] > 0 and numbers["pair_streamed_seconds"] is None
+        assert numbers["warm_up_seconds"] > 0
+
+
 def test_decode_arithmetic(tiny_loaded):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

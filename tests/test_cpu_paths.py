@@ -36,6 +36,8 @@ RUN_ON_AVX2 = [
     "tests/test_model.py::test_a_quantized_load_keeps_its_own_compute_dtype",
     "tests/test_model.py::test_4bit_on_cpu_refuses_widths_the_cpu_kernel_cannot_run",
     "tests/test_learner.py::test_a_round_on_a_4bit_base",
+    "tests/test_int4.py::test_a_4bit_layer_computes_what_its_blocks_stand_for",  # torch's int4
+    "tests/test_int4.py::test_a_model_with_4bit_layers_samples_and_keeps_its_output_layer",
 ]
 # ... and these need native bf16, so they must skip there.
 SKIP_ON_AVX2 = [
