@@ -237,6 +237,22 @@ def test_decode_times_4bit_weights_eager_and_compiled(tiny_model_dir, tmp_path):
         assert numbers["warm_up_seconds"] > 0
 
 
+def test_llama_bench_output_is_read_as_ms_per_token():
+    from bench.llama_cpp import decode_result
+
+    # llama-bench -p 0 -n 64 -t 2 -r 3 -o json on the embedded GGUF (fields cut to those read)
+    output = json.dumps([{"model_type": "llama 256M Q4_1", "model_size": 96576768,
+                          "n_threads": 2, "n_prompt": 0, "n_gen": 64, "avg_ts": 90.474857,
+                          "stddev_ts": 0.99974, "samples_ts": [91.4191, 89.4276, 90.5778]}])
+    result = decode_result(output)
+    assert result["ms_per_token"] == pytest.approx(1000 / 90.474857)
+    assert result["threads"] == 2 and result["tokens"] == 64
+    assert result["model_bytes"] == 96576768
+    # a prompt-processing test alone is not a decode figure
+    with pytest.raises(ValueError, match="no generation"):
+        decode_result(json.dumps([{"n_prompt": 512, "n_gen": 0, "avg_ts": 900.0}]))
+
+
 def test_decode_arithmetic(tiny_loaded):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
