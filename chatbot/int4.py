@@ -1,4 +1,4 @@
-"""4-bit weights for decoding on a CPU: a model's linear layers as torch's int4 CPU kernel runs
+"""4-bit weights for sampling on a CPU: a model's linear layers as torch's int4 CPU kernel runs
 them, blocks of 32 weights with a scale and a minimum each.
 
 Why: a CPU decode step reads every weight once, and most of it is matrix-vector products
@@ -12,10 +12,14 @@ packing each row back into blocks of 32 from their least and greatest weights re
 GGUF's own codes: the only loss is the scales and minimums rounded to bf16, the dtype the
 kernel computes in. `bench decode --int4` times it against the float models.
 
-Left out, for now: serving with it. The learner keeps float weights, LoRA adapters (PEFT's
-layers wrap `nn.Linear`) do not yet sit on top of these layers, and on CUDA bitsandbytes' 4-bit
-is the path (`--quantize 4bit`). A float model quantized here is rounded to 16 levels per
-block: for the embedded GGUF that is what it already was; for another model it is a change.
+The server samples with these layers under `--quantize int4` (the default on a CPU that
+samples in bf16, chatbot/model.py); adapters sit on them through chatbot/int4_lora.py.
+
+Left out: training through these layers (the kernel has no backward; the learner keeps float
+weights), the output layer
+(the embedded GGUF keeps it in 8 bits, Q8_0), CUDA (bitsandbytes' 4-bit is the path there,
+`--quantize 4bit`). A float model quantized here is rounded to 16 levels per block: for the
+embedded GGUF that is what it already was; for another model it is a change.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 
 GROUP = 32  # weights per block: Q4_1's, and a size the kernel takes
 LEVELS = 15  # q in 0..15
+ROWS = 16  # the kernel packs output rows in sixteens
 
 
 def unavailable() -> str | None:
@@ -34,6 +39,11 @@ def unavailable() -> str | None:
         if not hasattr(ops, name):
             return f"torch {torch.__version__} has no aten.{name}"
     return None
+
+
+def fits(linear: nn.Linear, group: int = GROUP) -> bool:
+    """Whether the kernel takes this layer's shape: whole blocks per row, rows in sixteens."""
+    return linear.in_features % group == 0 and linear.out_features % ROWS == 0
 
 
 def quantize_blocks(weight: torch.Tensor, group: int = GROUP
@@ -78,6 +88,12 @@ class Int4Linear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes under the name PEFT looks for a quantized layer's weights by (to
+        place an adapter on their device; their integer dtype is not cast to)."""
+        return self.packed
+
     def weight_bytes(self) -> int:
         """Bytes of the packed codes, scales and zeros a step reads (the bias, a parameter,
         is counted with the model's parameters)."""
@@ -99,22 +115,27 @@ def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.T
 def quantize_model(model: nn.Module, group: int = GROUP,
                    dtype: torch.dtype = torch.bfloat16) -> dict:
     """Replace every `nn.Linear` of a model for sampling with an Int4Linear, in place, except
-    the output layer: the embedded GGUF keeps its token embedding (tied to the output layer)
-    in 8 bits (Q8_0), which 4 bits would change. Returns how many layers were replaced and the
-    largest change to a weight that 4-bit blocks made, relative to the layer's largest weight
-    (0 for the embedded model's Q4_1 layers)."""
+    the output layer (the embedded GGUF keeps its token embedding, tied to the output layer,
+    in 8 bits, Q8_0, which 4 bits would change) and layers of a shape the kernel does not take
+    (`fits`), which stay as they are. Returns how many layers were replaced, how many were
+    left for their shape, and the largest change to a weight that 4-bit blocks made, relative
+    to the layer's largest weight (0 for the embedded model's Q4_1 layers)."""
     reason = unavailable()
     if reason:
         raise RuntimeError(f"4-bit CPU weights: {reason}")
     output = model.get_output_embeddings()
-    replaced, change = 0, 0.0
+    replaced, unfit, change = 0, 0, 0.0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child is not output:
-                weight = child.weight.detach().float()
-                blocks = dequantize_blocks(*quantize_blocks(weight, group))
-                change = max(change, ((blocks - weight).abs().max()
-                                      / weight.abs().max().clamp(min=1e-30)).item())
-                setattr(parent, name, Int4Linear(child, group, dtype))
-                replaced += 1
-    return {"layers": replaced, "max_relative_change": change}
+            if not isinstance(child, nn.Linear) or child is output:
+                continue
+            if not fits(child, group):
+                unfit += 1
+                continue
+            weight = child.weight.detach().float()
+            blocks = dequantize_blocks(*quantize_blocks(weight, group))
+            change = max(change, ((blocks - weight).abs().max()
+                                  / weight.abs().max().clamp(min=1e-30)).item())
+            setattr(parent, name, Int4Linear(child, group, dtype))
+            replaced += 1
+    return {"layers": replaced, "unfit": unfit, "max_relative_change": change}

@@ -38,6 +38,8 @@ RUN_ON_AVX2 = [
     "tests/test_learner.py::test_a_round_on_a_4bit_base",
     "tests/test_int4.py::test_a_4bit_layer_computes_what_its_blocks_stand_for",  # torch's int4
     "tests/test_int4.py::test_a_model_with_4bit_layers_samples_and_keeps_its_output_layer",
+    "tests/test_int4.py::test_the_server_serves_adapter_versions_on_4bit_layers",
+    "tests/test_int4.py::test_behaviour_logprobs_on_4bit_layers_match_a_fresh_forward_pass",
 ]
 # ... and these need native bf16, so they must skip there.
 SKIP_ON_AVX2 = [
