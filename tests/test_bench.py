@@ -219,22 +219,33 @@ def test_decode_runs_every_dtype_and_times_the_stream(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow  # compiles the decode step for four shapes: ~15 s
-def test_decode_times_4bit_weights_eager_and_compiled(tiny_model_dir, tmp_path):
+def test_decode_times_4bit_weights_as_served_compiled_and_with_an_adapter(tiny_model_dir,
+                                                                          tmp_path):
     from chatbot.int4 import unavailable
 
     if unavailable():
         pytest.skip(unavailable())
     bench(["decode", "--model", str(tiny_model_dir), "--device", "cpu", "--new-tokens", "4",
            "--repeats", "1", "--dtypes", "bfloat16", "--bandwidth-mb", "8",
-           "--no-compare-pair-kernels", "--int4", "--out", str(tmp_path)])
+           "--no-compare-pair-kernels", "--int4", "--adapter", "--out", str(tmp_path)])
     results = result(tmp_path, "decode-cpu")["dtypes"]
     bf16 = results["bfloat16"]
+    assert set(results) == {"bfloat16", "4-bit weights, bf16",
+                            "4-bit weights, bf16, compiled static cache", "bfloat16 + adapter",
+                            "4-bit weights, bf16 + adapter"}
     for label in ("4-bit weights, bf16", "4-bit weights, bf16, compiled static cache"):
         numbers = results[label]
         # the tiny model's output layer (tied, 49152 x 64) stays bf16 and is most of its bytes
         assert numbers["weight_bytes_per_step"] < bf16["weight_bytes_per_step"]
-        assert numbers["pair_over_single"] > 0 and numbers["pair_streamed_seconds"] is None
-        assert numbers["warm_up_seconds"] > 0
+        assert numbers["pair_over_single"] > 0 and numbers["warm_up_seconds"] > 0
+    # the 4-bit model as the server loads it is timed on the streaming path too
+    assert results["4-bit weights, bf16"]["pair_streamed_seconds"] > 0
+    assert results["4-bit weights, bf16, compiled static cache"]["pair_streamed_seconds"] is None
+    for label in ("bfloat16", "4-bit weights, bf16"):
+        # an adapter's LoRA weights are read by every step too
+        with_adapter = results[f"{label} + adapter"]
+        assert with_adapter["weight_bytes_per_step"] > results[label]["weight_bytes_per_step"]
+        assert with_adapter["pair_streamed_seconds"] > 0
 
 
 def test_llama_bench_output_is_read_as_ms_per_token():
