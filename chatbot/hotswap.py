@@ -210,15 +210,15 @@ class LiveAdapter:
         from peft import PeftConfig
         from transformers.utils import logging as hf_logging
 
-        from chatbot import int4_lora
+        from chatbot import serving_lora
 
         name = SLOTS[1] if self._slot == SLOTS[0] else SLOTS[0]
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # its load report lists LoRA keys as "missing"
         try:
             self.model.load_adapter(adapter_name=name, hotswap=False,
-                                    peft_config=int4_lora.lora_config(
-                                        PeftConfig.from_peft_type(**config)),
+                                    peft_config=serving_lora.lora_config(
+                                        PeftConfig.from_peft_type(**config), self.model),
                                     adapter_state_dict=state)
         except Exception:
             if name in getattr(self.model, "peft_config", {}):

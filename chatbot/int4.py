@@ -13,7 +13,7 @@ GGUF's own codes: the only loss is the scales and minimums rounded to bf16, the 
 kernel computes in. `bench decode --int4` times it against the float models.
 
 The server samples with these layers under `--quantize int4` (the default on a CPU that
-samples in bf16, chatbot/model.py); adapters sit on them through chatbot/int4_lora.py.
+samples in bf16, chatbot/model.py); adapters sit on them through chatbot/serving_lora.py.
 
 Left out: training through these layers (the kernel has no backward; the learner keeps float
 weights), the output layer

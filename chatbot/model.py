@@ -287,6 +287,8 @@ def load_model(config: Config, training: bool = False) -> LoadedModel:
         kwargs["dtype"] = dtype
         kwargs["quantization_config"] = _bnb_config(quantize, device)
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    if quantize == "int4":  # blocks of the weights as stored: bf16 first would move their levels
+        kwargs["dtype"] = torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:  # noqa: BLE001
@@ -298,6 +300,7 @@ def load_model(config: Config, training: bool = False) -> LoadedModel:
     model.eval()
     if quantize == "int4":
         _to_int4(model, config.model)
+        model.to(dtype)  # the layers left (embeddings, norms, the output layer)
     if quantize in ("none", "int4") and not training and config.pair_kernels == "auto":
         pair_kernels.install(model)  # a no-op off the CPU; the plain layers int4 leaves
     if model.generation_config.pad_token_id is None:

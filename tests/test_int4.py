@@ -1,10 +1,11 @@
 """4-bit CPU weights (chatbot/int4.py): blocks that recover Q4_1 weights exactly, a layer that
 computes what its blocks stand for, a model that samples with them, and the server under
---quantize int4 serving adapter versions on them (chatbot/int4_lora.py)."""
+--quantize int4 serving adapter versions on them (chatbot/serving_lora.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -109,12 +110,26 @@ def q4_1_model_dir(tiny_model_dir, tmp_path) -> Path:
     return folder
 
 
+def test_int4_finds_the_blocks_of_the_stored_weights_not_of_their_bf16_rounding(
+        tiny_config, q4_1_model_dir, caplog):
+    """In bf16 the model's other layers are bf16, but the 4-bit blocks come from the stored
+    float32 weights: Q4_1 weights rounded to bf16 first would no longer be whole levels."""
+    config = dataclasses.replace(tiny_config, model=str(q4_1_model_dir), dtype="bfloat16",
+                                 quantize="int4")
+    with caplog.at_level("INFO", logger="chatbot.model"):
+        loaded = load_model(config)
+    found = re.search(r"14 linear layers in 4-bit blocks \(0 left as they were for their "
+                      r"shape\), largest change to a weight (\S+) of", caplog.text)
+    assert found and float(found[1]) < 1e-6  # float32 rounding; bf16 first moved them ~3e-3
+    assert loaded.model.get_output_embeddings().weight.dtype == torch.bfloat16
+
+
 def test_the_server_serves_adapter_versions_on_4bit_layers(tiny_config, q4_1_model_dir):
     """--quantize int4: the live adapter loads onto the 4-bit layers (PEFT's LoRA through
-    chatbot/int4_lora.py), changes the replies as on float weights, a later version of the same
+    chatbot/serving_lora.py), changes the replies as on float weights, a later version of the same
     shape is copied into the same slot, and version 0 gives back the base exactly; the
     learner's load of the same settings keeps float weights."""
-    from chatbot.int4_lora import LoraInt4Linear
+    from chatbot.serving_lora import ServingLora
     from tests.test_hotswap import logits, publish_random_adapter
 
     config = dataclasses.replace(tiny_config, model=str(q4_1_model_dir))
@@ -130,7 +145,7 @@ def test_the_server_serves_adapter_versions_on_4bit_layers(tiny_config, q4_1_mod
     live = LiveAdapter(served.model, served.model_id, store, config.adapters_dir)
     plain_live = LiveAdapter(plain.model, plain.model_id, store, config.adapters_dir)
     assert live.sync() and plain_live.sync()
-    assert isinstance(served.model.model.layers[0].mlp.down_proj, LoraInt4Linear)
+    assert isinstance(served.model.model.layers[0].mlp.down_proj, ServingLora)
     v1 = logits(served.model)
     assert (v1 - base).abs().max() > 0.3  # the adapter moved the logits...
     assert torch.allclose(v1, logits(plain.model), atol=0.03)  # ...as it does on float ones

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chatbot import int4
 from chatbot import model as model_module
 from chatbot.config import Config, add_model_args
 from chatbot.errors import ModelLoadError
@@ -31,10 +32,25 @@ from chatbot.store import Store
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_auto_quantization_is_4bit_on_cuda_and_none_on_cpu():
+def test_auto_quantization_is_4bit_on_cuda_int4_for_bf16_sampling_on_a_cpu(monkeypatch):
+    from chatbot import model as model_module
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
     assert resolve_quantization("auto", torch.device("cuda")) == "4bit"
-    assert resolve_quantization("auto", torch.device("cpu")) == "none"
-    assert resolve_quantization("8bit", torch.device("cpu")) == "8bit"
+    assert resolve_quantization("auto", torch.device("cuda"), training=True) == "4bit"  # QLoRA
+    assert resolve_quantization("auto", cpu) == "none"  # float32 sampling
+    assert resolve_quantization("8bit", cpu) == "8bit"
+    monkeypatch.setattr(int4, "unavailable", lambda: None)
+    for native in (True, False):
+        monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda n=native: n)
+        assert resolve_quantization("auto", cpu, bf16) == ("int4" if native else "none")
+        assert resolve_quantization("auto", cpu, bf16, training=True) == "none"
+        assert resolve_quantization("int4", cpu, torch.float32) == "int4"  # asked for: given
+        assert resolve_quantization("int4", cpu, bf16, training=True) == "none"  # learner
+    monkeypatch.setattr(int4, "unavailable", lambda: "torch 9 has no aten.x")
+    assert resolve_quantization("auto", cpu, bf16) == "none"
+    with pytest.raises(ModelLoadError, match="torch 9 has no aten.x; use --quantize none"):
+        resolve_quantization("int4", cpu, bf16)
 
 
 CPUINFO = """processor\t: 0
@@ -107,10 +123,11 @@ def test_a_quantized_load_keeps_its_own_compute_dtype(tiny_config):
                     reason="this CPU has no native bf16 (avx512_bf16 / amx_bf16): auto never "
                            "picks bfloat16 here")
 def test_bf16_serving_and_learning_on_a_native_bf16_cpu(tiny_config):
-    """What --dtype auto runs on this CPU: pairs sampled in bf16, and a learner in float32
-    whose fresh log-probs of those replies agree with the stored behaviour log-probs to within
-    bf16 rounding; with an explicit --dtype bfloat16 the learner trains on bf16 weights and
-    keeps its LoRA weights in float32. Both rounds train and publish."""
+    """What --dtype auto runs on this CPU: pairs sampled in bf16 (on 4-bit layers where torch
+    has the int4 kernel, --quantize auto), and a learner in float32 whose fresh log-probs of
+    those replies agree with the stored behaviour log-probs to within bf16 rounding; with an
+    explicit --dtype bfloat16 the learner trains on bf16 weights and keeps its LoRA weights in
+    float32. Both rounds train and publish."""
     from learner.batch import Sample
     from learner.worker import Learner
 
@@ -119,6 +136,7 @@ def test_bf16_serving_and_learning_on_a_native_bf16_cpu(tiny_config):
     store = Store(config.db_path)
     loaded = load_model(config)
     assert loaded.dtype == torch.bfloat16
+    assert loaded.quantize == ("none" if int4.unavailable() else "int4")
     service = ChatService(config, store, PairGenerator(loaded, config), model_id=loaded.model_id)
 
     def vote_four(start: int) -> str:
