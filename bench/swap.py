@@ -65,7 +65,7 @@ def publish_versions(config: Config, store: Store, count: int) -> None:
     config = dataclasses.replace(config, pair_kernels="off")  # nothing here decodes
     for version in range(1, count + 1):
         torch.manual_seed(version)
-        peft_model = get_peft_model(load_model(config).model, LoraConfig(
+        peft_model = get_peft_model(load_model(config, training=True).model, LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, target_modules="all-linear",
             init_lora_weights=False))
         folder, sha = adapters.publish(config.adapters_dir, version, peft_model.save_pretrained,

@@ -17,7 +17,7 @@ import torch
 
 from chatbot import adapters
 from chatbot.config import Config
-from chatbot.errors import AdapterError
+from chatbot.errors import AdapterError, ModelLoadError
 from chatbot.model import LoadedModel
 
 
@@ -29,6 +29,10 @@ class TrainableAdapter:
         self.store = store
         self.loaded = loaded
         model = loaded.model
+        if loaded.quantize == "int4":
+            raise ModelLoadError("the learner trains on float weights, and 4-bit CPU layers have "
+                                 "no backward: load its model with load_model(config, "
+                                 "training=True)")
         if loaded.quantize != "none":
             from peft import prepare_model_for_kbit_training
 

@@ -195,7 +195,7 @@ def test_mean_ci_over_runs():
 
 def test_pair_runs(tiny_model_dir, tmp_path):
     bench(["pair", "--model", str(tiny_model_dir), "--device", "cpu", "--new-tokens", "4",
-           "--repeats", "2", "--out", str(tmp_path)])
+           "--repeats", "2", "--dtype", "float32", "--out", str(tmp_path)])
     results = result(tmp_path, "pair-cpu")
     assert results["pair_over_single"] > 0
     assert 0 < results["time_to_first_token_seconds_median"] < results["pair_seconds_median"] * 5
@@ -315,7 +315,7 @@ def test_shared_prompts_runs(tiny_model_dir, tmp_path):
 def test_swap_runs(tiny_model_dir, tmp_path):
     bench(["swap", "--model", str(tiny_model_dir), "--device", "cpu", "--swaps", "3",
            "--memory-swaps", "4", "--versions", "2", "--load-swaps", "10", "--load-clients", "2",
-           "--load-tokens", "4", "--out", str(tmp_path)])
+           "--load-tokens", "4", "--dtype", "float32", "--out", str(tmp_path)])
     results = result(tmp_path, "swap-cpu")
     assert len(results["swap_ms"]) == 3 and results["swap_ms_max"] >= results["swap_ms_median"]
     assert len(results["blocking_ms"]) == 3

@@ -234,7 +234,7 @@ def test_the_rewrite_tokens_are_the_inverse_of_decoding(tiny_loaded):
 def test_a_round_raises_the_rewrite_over_the_samples_and_uses_the_correction(learner_config):
     store = Store(learner_config.db_path)
     (pair_id,) = ask_and_correct(learner_config, store, ["Tell me a joke."])
-    learner = Learner(learner_config, store, load_model(learner_config), seed=0)
+    learner = Learner(learner_config, store, load_model(learner_config, training=True), seed=0)
     rewrite_before, replies_before = rewrite_and_reply_logprobs(learner, store, pair_id)
 
     step = learner.round()
@@ -254,7 +254,7 @@ def test_the_round_item_of_a_correction_and_its_replay(learner_config):
     store = Store(learner_config.db_path)
     first, second = ask_and_correct(learner_config, store, ["Say hi.", "Name a colour."])
     config = dataclasses.replace(learner_config, replay=1)
-    learner = Learner(config, store, load_model(config), seed=0)
+    learner = Learner(config, store, load_model(config, training=True), seed=0)
     claimed = store.claim_feedback("r1", limit=1)
     data = learner.builder.build(claimed)
     (item,) = data.new_items
@@ -279,7 +279,7 @@ def test_a_replayed_correction_is_compared_with_fresh_replies_of_the_live_weight
     store = Store(learner_config.db_path)
     ask_and_correct(learner_config, store, ["Say hi.", "Name a colour."])
     config = dataclasses.replace(learner_config, replay=1)
-    learner = Learner(config, store, load_model(config), seed=0)
+    learner = Learner(config, store, load_model(config, training=True), seed=0)
     learner.round()  # the corrections: used by v1
     learner.prepare()  # the next round: the newest correction replayed
     head = learner.head_start
@@ -309,14 +309,14 @@ def test_dpo_trains_on_a_correction(learner_config):
     store = Store(learner_config.db_path)
     ask_and_correct(learner_config, store, ["Say hi."])
     config = dataclasses.replace(learner_config, objective="dpo")
-    step = Learner(config, store, load_model(config), seed=0).round()
+    step = Learner(config, store, load_model(config, training=True), seed=0).round()
     assert step["status"] == "promoted" and step["loss"] is not None
 
 
 def test_a_failed_round_loses_no_correction(learner_config, monkeypatch):
     store = Store(learner_config.db_path)
     ask_and_correct(learner_config, store, ["Say hi."])
-    learner = Learner(learner_config, store, load_model(learner_config), seed=0)
+    learner = Learner(learner_config, store, load_model(learner_config, training=True), seed=0)
 
     def broken(*args, **kwargs):
         raise RoundFailed("broken on purpose")

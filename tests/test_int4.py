@@ -202,3 +202,11 @@ def test_int4_is_refused_where_it_cannot_run(tiny_model_dir, tmp_path):
                           cache_dir=tmp_path / "cache", pair_kernels="off"))
     with pytest.raises(ModelLoadError, match="on a GPU use 4bit"):
         resolve_quantization("int4", torch.device("cuda"))
+
+
+def test_a_learner_handed_4bit_layers_says_to_load_float_weights(tiny_config):
+    from learner.worker import Learner
+
+    served = load_model(dataclasses.replace(tiny_config, quantize="int4"))
+    with pytest.raises(ModelLoadError, match="training=True"):
+        Learner(tiny_config, Store(tiny_config.db_path), served, seed=0)

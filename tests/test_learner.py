@@ -40,7 +40,7 @@ def learner_config(tiny_config):
 
 
 def make_learner(config, store, **kwargs):
-    return Learner(config, store, load_model(config), seed=0, **kwargs)
+    return Learner(config, store, load_model(config, training=True), seed=0, **kwargs)
 
 
 def reply_logprob(learner, store, pair_id, side) -> float:

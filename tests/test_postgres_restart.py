@@ -77,7 +77,7 @@ def test_the_learner_waits_out_a_restart_and_learns_the_votes_after_it(server, t
                                  kl_tripwire=100.0, learner_poll_seconds=0.1)
     store = Store(config.db_url)
     assert store.take_learner_lock(wait_s=0)
-    learner = Learner(config, store, load_model(config), seed=0)
+    learner = Learner(config, store, load_model(config, training=True), seed=0)
     stop, failure = threading.Event(), []
 
     def run():
@@ -109,7 +109,7 @@ def test_a_learner_whose_lock_was_taken_while_the_database_was_away_stops(server
     config = dataclasses.replace(tiny_config, db=server.url(), learner_poll_seconds=0.1)
     store = Store(config.db_url)
     assert store.take_learner_lock(wait_s=0)
-    learner = Learner(config, store, load_model(config), seed=0)
+    learner = Learner(config, store, load_model(config, training=True), seed=0)
     restart(server)
     other = Store(config.db_url)
     assert other.take_learner_lock(wait_s=0)  # another learner, first

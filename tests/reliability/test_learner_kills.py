@@ -189,7 +189,7 @@ def test_a_kill_inside_publish_loses_nothing(tiny_model_dir, tmp_path, stage, mo
     for i in range(2):
         turn = service.ask("ann", f"q{i}", "")
         service.vote("ann", turn["pair_id"], "A")
-    learner = Learner(config, store, load_model(config))
+    learner = Learner(config, store, load_model(config, training=True))
 
     class Killed(BaseException):
         pass

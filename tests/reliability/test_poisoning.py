@@ -33,7 +33,7 @@ def test_a_biased_user_gets_a_capped_share_of_every_batch(tiny_config):
     vote("mallory", 24, longer=True)
     vote("alice", 3, longer=False)
     vote("bob", 3, longer=False)
-    learner = Learner(config, store, load_model(config), seed=0)
+    learner = Learner(config, store, load_model(config, training=True), seed=0)
     original = learner.builder.build
     batches = []
 

@@ -33,7 +33,7 @@ def voted_store(config, n, choices=("A", "B")):
 def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
     config = dataclasses.replace(tiny_config, judge_new=False, steps_per_round=3)
     store = voted_store(config, 2)
-    learner = Learner(config, store, load_model(config), max_bad_steps=10)
+    learner = Learner(config, store, load_model(config, training=True), max_bad_steps=10)
     params = [p for p in learner.model.parameters() if p.requires_grad]
     weights_before = [p.detach().clone() for p in params]
     calls = {"n": 0}
@@ -63,7 +63,7 @@ def test_a_non_finite_step_is_skipped_without_any_change(tiny_config, fault):
 def test_non_finite_steps_in_a_row_publish_nothing(tiny_config):
     config = dataclasses.replace(tiny_config, judge_new=False, steps_per_round=4)
     store = voted_store(config, 2)
-    learner = Learner(config, store, load_model(config), max_bad_steps=3)
+    learner = Learner(config, store, load_model(config, training=True), max_bad_steps=3)
     learner.objective.accumulate = lambda samples, anchors, **kwargs: Step(float("nan"), 0.0)
     with pytest.raises(RoundFailed):
         learner.round()
@@ -76,7 +76,7 @@ def test_a_learning_rate_100x_too_high_trips_the_wire(tmp_path):
     config = Config(data_dir=tmp_path / "data", device="cpu", max_new_tokens=24, judge_new=False)
     config = dataclasses.replace(config, lr=config.lr * 100)
     store = voted_store(config, 4)
-    step = Learner(config, store, load_model(config), seed=0).round()
+    step = Learner(config, store, load_model(config, training=True), seed=0).round()
     assert step["status"] == "rejected"
     assert "tripwire" in step["note"]
     assert store.live_adapter_version() == 0
