@@ -112,8 +112,8 @@ class Config:
     quantize: str = field(default="auto", metadata=setting(
         "weight quantization: 4bit and 8bit are bitsandbytes'; int4 is the server's linear "
         "layers in 4-bit blocks through torch's CPU kernel (the learner keeps float weights); "
-        "auto = 4bit on CUDA, int4 on a CPU that samples in bf16 (--dtype), none on other CPUs "
-        "(default: {default})",
+        "auto = 4bit on CUDA, int4 on a CPU with native bf16 that samples in bf16 (--dtype), "
+        "none on other CPUs (default: {default})",
         "model", choices=QUANTIZE_CHOICES))
     dtype: str = field(default="auto", metadata=setting(  # chatbot.model.resolve_dtype
         "dtype of the unquantized weights, in the server and the learner: auto = bfloat16 on "

@@ -12,14 +12,15 @@ packing each row back into blocks of 32 from their least and greatest weights re
 GGUF's own codes: the only loss is the scales and minimums rounded to bf16, the dtype the
 kernel computes in. `bench decode --int4` times it against the float models.
 
-The server samples with these layers under `--quantize int4` (the default on a CPU that
-samples in bf16, chatbot/model.py); adapters sit on them through chatbot/serving_lora.py.
+The server samples with these layers under `--quantize int4` (the default on a CPU with
+native bf16 that samples in bf16, chatbot/model.py); adapters sit on them through
+chatbot/serving_lora.py.
 
 Left out: training through these layers (the kernel has no backward; the learner keeps float
-weights), the output layer
-(the embedded GGUF keeps it in 8 bits, Q8_0), CUDA (bitsandbytes' 4-bit is the path there,
-`--quantize 4bit`). A float model quantized here is rounded to 16 levels per block: for the
-embedded GGUF that is what it already was; for another model it is a change.
+weights), the output layer (the embedded GGUF keeps it in 8 bits, Q8_0), CUDA (bitsandbytes'
+4-bit is the path there, `--quantize 4bit`). A float model quantized here is rounded to 16
+levels per block: for the embedded GGUF that is what it already was; for another model it is a
+change.
 """
 
 from __future__ import annotations

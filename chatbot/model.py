@@ -18,10 +18,11 @@ within the ~1e-2 per token that bf16 rounding moves a log-prob. A 4-bit or 8-bit
 its own compute dtype.
 
 `--quantize` (resolve_quantization): on CUDA, bitsandbytes' 4-bit NF4 by default (the learner
-trains on it, QLoRA); on a CPU that samples in bf16, the server's linear layers by default go
-into 4-bit blocks through torch's int4 kernel (chatbot/int4.py: the embedded GGUF's own Q4_1
-blocks, recovered exactly), 1.6x faster a token than bf16 on this project's EPYC, while the
-learner keeps float weights; on other CPUs, float32 throughout.
+trains on it, QLoRA); on a CPU with native bf16 that samples in bf16, the server's linear
+layers by default go into 4-bit blocks through torch's int4 kernel (chatbot/int4.py: the
+embedded GGUF's own Q4_1 blocks, recovered exactly), 1.4-1.6x faster a token than bf16 on this
+project's EPYC (`bench decode --int4`), while the learner keeps float weights; on other CPUs,
+float32 throughout.
 
 Left out: multi-GPU sharding and any hub download beyond what `from_pretrained` does itself.
 """

@@ -4,7 +4,7 @@
 PEFT's own LoRA layer computes B(A(x)) * scaling with two matrix products. At decode time x
 has one or two rows (one reply, or the pair), and on this project's 2-core EPYC those tiny
 float32 products took ~140 us each inside a decode step: a live adapter made a pair's step
-2.1x slower on 4-bit weights and 1.9x on bf16 ones (`bench decode --adapter`). `ServingLora`
+2.5x slower on 4-bit weights and 1.9x on bf16 ones (`bench decode --adapter`). `ServingLora`
 computes the same update for a few rows as elementwise products and sums, and with matrix
 products for more (a prompt's prefill, training-sized batches), in the adapter's float32.
 
