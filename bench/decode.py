@@ -179,10 +179,10 @@ def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool
     return out
 
 
-def attach_adapter(model: torch.nn.Module, rank: int, alpha: int) -> int:
+def attach_adapter(model: torch.nn.Module, rank: int, alpha: int) -> None:
     """A LoRA version on every linear layer but the output one, as the learner trains them,
     with random weights (its numbers do not change a step's work); on 4-bit layers through
-    chatbot/serving_lora.py, as the server loads a version. Returns the layers it sits on."""
+    chatbot/serving_lora.py, as the server loads a version."""
     from peft import LoraConfig
 
     from chatbot import serving_lora
@@ -194,8 +194,6 @@ def attach_adapter(model: torch.nn.Module, rank: int, alpha: int) -> int:
     model.add_adapter(serving_lora.lora_config(LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=sorted(names), init_lora_weights=False), model),
         adapter_name="live")
-    return sum("lora_A" in name and name.endswith("weight")
-               for name, _ in model.named_parameters())
 
 
 def default_dtypes(device: torch.device) -> list[str]:
