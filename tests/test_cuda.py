@@ -109,3 +109,44 @@ def test_the_server_swaps_adapters_into_its_resident_slot_on_the_gpu(cuda_config
     store.set_live(0)
     live.sync()
     assert torch.allclose(gpu_logits(served.model), base, atol=0.05)
+
+
+def test_pairs_decode_through_cuda_graphs_that_follow_a_hot_swap(cuda_config):
+    """The server's GPU path: streamed pairs replay a captured decode step; a version copied
+    into the resident slot is read by the same graph (the stored log-probs are the new
+    version's), with no second capture."""
+    from chatbot.hotswap import LiveAdapter
+    from tests.test_hotswap import publish_random_adapter
+
+    config = dataclasses.replace(cuda_config, max_new_tokens=12)
+    store = Store(config.db_path)
+    served = load_model(config)
+    live = LiveAdapter(served.model, served.model_id, store, config.adapters_dir)
+    generator = PairGenerator(served, config, adapter_context=live.reading,
+                              base_context=live.base)
+    assert generator.decoder is not None and generator.decoder.capture
+
+    def logprob_gaps(pair) -> torch.Tensor:
+        gaps = []
+        for reply in pair.replies:
+            ids = torch.tensor([pair.prompt_token_ids + reply.token_ids], device="cuda")
+            with torch.no_grad():
+                logits = served.model(ids).logits[0, len(pair.prompt_token_ids) - 1:-1].float()
+            target = torch.tensor(reply.token_ids, device="cuda")[:, None]
+            fresh = torch.log_softmax(logits, -1).gather(-1, target)[:, 0].cpu()
+            gaps.append((torch.tensor(reply.token_logprobs) - fresh).abs())
+        return torch.cat(gaps)
+
+    publish_random_adapter(config, store, 1, seed=1)
+    assert live.sync()
+    torch.manual_seed(1)
+    first = generator.sample(MESSAGES)
+    assert first.adapter_version == 1 and len(generator.decoder._graphs) == 1
+    gaps = logprob_gaps(first)
+    assert gaps.mean().item() < 0.05 and gaps.max().item() < 0.5, gaps
+    publish_random_adapter(config, store, 2, seed=2)
+    assert live.sync()
+    second = generator.sample(MESSAGES)
+    assert second.adapter_version == 2 and len(generator.decoder._graphs) == 1
+    gaps = logprob_gaps(second)
+    assert gaps.mean().item() < 0.05 and gaps.max().item() < 0.5, gaps
