@@ -17,7 +17,8 @@ prompt + reply gives the same numbers. The sampling settings (temperature, top-p
 beside it, so the distribution the tokens were actually drawn from can be recomputed.
 
 Threads. A streamed pair's torch work - `generate` and the log-probs of its replies - all runs
-in the pair's own short-lived sampler thread; the reader only turns token ids into text.
+in the pair's own sampler thread (a short-lived one on a CPU; on a GPU one long-lived thread,
+below); the reader only turns token ids into text.
 libgomp (torch's OpenMP on Linux) lets a team's idle workers spin between parallel regions
 only while the process holds no more OpenMP threads than CPUs; past that they sleep almost at
 once, and each of a decode step's hundreds of small parallel regions waits for a wake-up. A
@@ -33,6 +34,10 @@ it out of this; not measured.) So the server gives its generator a `CpuShare`
 quiet and on one thread while another process keeps the CPU busy, and follows a change within
 half a second, at a decode step. `sample_many` runs in the caller's thread: the learner and the
 benchmarks call it from the thread that does their other torch work, with the caller's threads.
+On a GPU the opposite holds: every new thread that runs the model there kept host memory after
+it ended (on an H200, 1.75 MB a pair through CUDA graphs and 11 MB through `generate`, while
+the same decode in one thread stayed flat: bench/results/gpu-logs/), so there a generator
+samples its streamed pairs in one long-lived thread, one pair after another.
 
 Left out: batching the turns of different users together, speculative decoding.
 """
@@ -44,6 +49,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -293,6 +299,8 @@ class PairGenerator(StreamingGenerator):
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.stop_ids.discard(None)
         self.cpu_share = cpu_share
+        self.sampler = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="pair-sampler")
+                        if self.device.type == "cuda" else None)
         self.decoder = graph_decode.for_generator(
             self.model, self.device, config.cuda_graphs,
             config.max_prompt_tokens + config.max_new_tokens)
@@ -360,8 +368,12 @@ class PairGenerator(StreamingGenerator):
                 outcome["error"] = exc
                 streamer.end()
 
-        worker = threading.Thread(target=work, name="pair-sampler", daemon=True)
-        worker.start()
+        if self.sampler is not None:  # a GPU: one long-lived thread (see "Threads")
+            wait = self.sampler.submit(work).result
+        else:
+            worker = threading.Thread(target=work, name="pair-sampler", daemon=True)
+            worker.start()
+            wait = worker.join
         tokens: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         first_token = None
@@ -375,7 +387,7 @@ class PairGenerator(StreamingGenerator):
                 yield tuple(self._decode(row) for row in tokens)
         finally:  # also reached when the consumer stops early: end generation with it
             stream.cancel.set()
-            worker.join()
+            wait()
             heap.release()  # the pair's tensors are gone: their pages go back (chatbot/heap.py)
         if "error" in outcome:
             raise outcome["error"]

@@ -4,6 +4,7 @@ streaming, and the end-of-turn token kept in the reply."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -213,3 +214,27 @@ def test_a_pair_chosen_from_candidates_is_stored_with_their_count(tiny_loaded, t
     i, j = most_different([reply.text for reply in drafted[-1]])
     assert [r["token_ids"] for r in stored["replies"]] == [drafted[-1][i].token_ids,
                                                             drafted[-1][j].token_ids]
+
+
+def test_on_a_gpu_streamed_pairs_share_one_long_lived_sampler_thread(generator, monkeypatch):
+    """A GPU generator samples every streamed pair in one thread of its own (a thread per pair
+    kept host memory there); a pair whose reader leaves early frees it for the next."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert generator.sampler is None  # on a CPU: a fresh thread per pair
+    generator.sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pair-sampler")
+    threads = []
+    original = generator._generate
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "_generate", recording)
+    stream = generator.stream(MESSAGES)
+    next(iter(stream))  # the reader leaves after the first step
+    stream._chunks.close()
+    pairs = [generator.sample(MESSAGES) for _ in range(2)]
+    assert all(len(pair.replies) == 2 for pair in pairs)
+    assert len(threads) == 3 and len(set(threads)) == 1
+    assert threads[0] is not threading.main_thread() and threads[0].name.startswith("pair-sampler")
