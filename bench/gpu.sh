@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one run, on a CUDA machine with the embedded model and the product's
 # defaults there (--device/--quantize/--dtype auto: a 4-bit NF4 base with bf16 compute):
-# the CUDA tests, then bench pair, swap, learner and a short learn.
+# the CUDA tests, then bench pair, decode (generate against the CUDA graphs the server decodes
+# through), swap, learner and a short learn.
 #
 #   bash bench/gpu.sh [OUT]        results to OUT (default: bench/results)
 #   bash bench/gpu.sh OUT SHAPE    without the embedded model (its 93 MB wheel takes two device
@@ -15,7 +16,8 @@
 # step runs past GPU_BUDGET seconds from the start (default 540: the whole run fits one device
 # call of 10 minutes); the last step, a short learn, gets what is left. LEARN_VOTES sets its
 # length (default 16), SWAP_LOAD_SWAPS the swaps under load (default 30: on an H200 a swap
-# under load waits ~1.7 s for the pair in flight, so 100 take ~3 minutes). The script's status
+# under load waits for the pair in flight, 0.4 s through the graphs), DECODE_REPEATS bench
+# decode's repeats (default 3). The script's status
 # is the number of steps that failed. bench/gpu_carry.sh packs what a machine without network
 # needs beside its torch.
 set -uo pipefail
@@ -78,6 +80,8 @@ EOF
 fi
 step 120 "tests/test_cuda.py" $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
 step 120 "bench pair" $PY -m bench pair --out "$OUT"
+step 150 "bench decode" $PY -m bench decode --dtypes bfloat16 --adapter \
+    --repeats "${DECODE_REPEATS:-3}" --bandwidth-mb 2048 --out "$OUT"
 step 150 "bench swap" $PY -m bench swap --load-swaps "${SWAP_LOAD_SWAPS:-30}" --out "$OUT"
 step 120 "bench learner" $PY -m bench learner --pairs 4,16 --repeats 2 --out "$OUT"
 step "$BUDGET" "bench learn" $PY -m bench learn --oracle numbers --votes "${LEARN_VOTES:-16}" \
