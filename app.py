@@ -186,6 +186,7 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
                     share=config.share, theme=THEME, css=CSS, app_kwargs={"routes": routes})
     finally:
         live.stop()
+        generator.close()
         if learner:
             learner.stop()
 

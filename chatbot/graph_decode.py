@@ -16,19 +16,22 @@ then top-p, then a draw from what is left; `sample_tokens`), and the raw logits 
 are kept, as `generate(output_logits=True)` keeps them, for the stored log-probs.
 
 A graph belongs to a batch size and a model state: which parameter tensors the model holds
-and which adapters are switched on (`model_state`). A hot swap that copies a version into the
+(addresses and shapes), which adapters are switched on and their LoRA scalings
+(`model_state`). A hot swap that copies a version into the
 resident LoRA slot keeps the graph, which reads the slot's memory; a swap that rebuilds the
 slot, or the base model's replies with the adapter switched off, meet another state and
 capture another graph (the first pair of a state pays ~1 s for it). At most `MAX_GRAPHS` are
 kept. One decode runs at a time per model, which keeps a capture free of its own model's
 other work; a capture that fails anyway (another thread's work on the GPU can break one)
-decodes that pair eagerly, logs why, and is tried again at the next pair.
+decodes eagerly, logs why once, and is not tried again for that state.
 
 Off the GPU (`capture=False`: the tests on a CPU) the same loop runs the step eagerly, so the
 static cache, the masks and the sampling rule are tested where CI runs.
 
 Left out: batches of different prompts (`sample_many` keeps `generate`), the prefill in a
-graph, sampling inside the graph, and CPUs (a CPU step is bound by reading the weights:
+graph, sampling inside the graph, the rest of a model's generation config (a repetition
+penalty, say: `for_generator` refuses a model whose config sets one, as the server passes
+only temperature and top-p), and CPUs (a CPU step is bound by reading the weights:
 chatbot/pair_kernels.py, chatbot/int4.py).
 """
 
@@ -71,15 +74,17 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> tor
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1)[:, 0]
 
 
-def model_state(model: torch.nn.Module) -> tuple:
-    """What a captured step depends on beyond its inputs: the addresses of the model's
-    parameters (a rebuilt LoRA slot has new ones; a version copied into the slot has not)
-    and which adapters each LoRA layer has switched on."""
+def model_state(model: torch.nn.Module) -> tuple[tuple, tuple]:
+    """What a captured step depends on beyond its inputs: the addresses and shapes of the
+    model's parameters (a rebuilt LoRA slot has new ones, though the allocator may hand it
+    an earlier slot's addresses; a version copied into the slot keeps them), and, per LoRA
+    layer, which adapters are switched on and their scalings (a float the graph bakes in)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    switches = tuple((m.disable_adapters, tuple(m.active_adapters)) for m in model.modules()
-                     if isinstance(m, BaseTunerLayer))
-    return tuple(p.data_ptr() for p in model.parameters()), switches
+    switches = tuple((m.disable_adapters, tuple(m.active_adapters),
+                      tuple(sorted(getattr(m, "scaling", {}).items())))
+                     for m in model.modules() if isinstance(m, BaseTunerLayer))
+    return tuple((p.data_ptr(), tuple(p.shape)) for p in model.parameters()), switches
 
 
 class _Buffers:
@@ -115,6 +120,7 @@ class StaticDecoder:
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = \
             OrderedDict()
         self._lock = threading.Lock()
+        self._eager: set[tuple] = set()  # states whose capture failed: decoded eagerly
 
     def decode(self, prompt: list[int], n: int, max_new_tokens: int, *, temperature: float,
                top_p: float, stop_ids: set[int], pad_id: int,
@@ -124,10 +130,11 @@ class StaticDecoder:
         stop id, and is padded with `pad_id` while others go on; the decode ends when every
         row has ended, at `cancel`, or at the limit. `on_step` gets each step's tokens."""
         length = len(prompt)
-        steps = min(max_new_tokens, self.max_len - length)
-        if steps < 1:
-            raise ValueError(f"a prompt of {length} tokens leaves no room in a static cache "
-                             f"of {self.max_len}")
+        if length > self.max_len:
+            raise ValueError(f"a prompt of {length} tokens does not fit a static cache of "
+                             f"{self.max_len}")
+        # the last token is sampled, never written to the cache
+        steps = min(max_new_tokens, self.max_len - length + 1)
         with self._lock, torch.inference_mode():
             buffers = self._buffers.get(n) or self._buffers.setdefault(
                 n, _Buffers(self.model, n, self.max_len, self.device))
@@ -136,19 +143,19 @@ class StaticDecoder:
             buffers.mask.zero_()
             buffers.mask[..., :length] = True
             logits = self._prefill(buffers, prompt, n)
-            done = torch.zeros(n, dtype=torch.bool, device=self.device)
+            done = [False] * n
             rows, kept = [], []
             for t in range(steps):
                 kept.append(logits.to(torch.float32, copy=True))  # a replay overwrites
                 token = sample_tokens(kept[-1], temperature, top_p)
-                token = token.masked_fill(done, pad_id)
+                if any(done):
+                    token = token.masked_fill(torch.tensor(done, device=self.device), pad_id)
                 rows.append(token)
-                host = token.tolist()
+                step_tokens = token.tolist()  # the step's one wait for the GPU
                 if on_step:
-                    on_step(host)
-                done |= torch.tensor([token_id in stop_ids for token_id in host],
-                                     device=self.device)
-                if t == steps - 1 or bool(done.all()) or (cancel and cancel.is_set()):
+                    on_step(step_tokens)
+                done = [d or token_id in stop_ids for d, token_id in zip(done, step_tokens)]
+                if t == steps - 1 or all(done) or (cancel and cancel.is_set()):
                     break
                 buffers.tokens.copy_(token[:, None])
                 buffers.positions.fill_(length + t)
@@ -176,12 +183,15 @@ class StaticDecoder:
         if not self.capture:
             return lambda: buffers.step(self.model)
         key = (n, model_state(self.model))
+        if key in self._eager:
+            return lambda: buffers.step(self.model)
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._captured(buffers)
             except RuntimeError as exc:
-                log.warning("no CUDA graph for a batch of %d (%s); this pair decodes eagerly",
-                            n, exc)
+                log.warning("no CUDA graph for a batch of %d (%s): this model state decodes "
+                            "eagerly", n, exc)
+                self._eager.add(key)
                 return lambda: buffers.step(self.model)
             while len(self._graphs) > MAX_GRAPHS:
                 self._graphs.popitem(last=False)
@@ -197,7 +207,10 @@ class StaticDecoder:
     def _captured(self, buffers: _Buffers) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record one decode step on the buffers (the cache is reset before the pair's own
         prefill). The warm-up steps run first, on a side stream, as torch asks: they also
-        allocate the cache, which must exist before the capture."""
+        allocate the cache, which must exist before the capture; they write from the cache's
+        start, wherever the last pair left it."""
+        buffers.cache.reset()
+        buffers.mask.zero_()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -212,7 +225,28 @@ class StaticDecoder:
 
 def for_generator(model: torch.nn.Module, device: torch.device, setting: str,
                   max_len: int) -> StaticDecoder | None:
-    """The decoder `--cuda-graphs` asks for: on a CUDA device unless off; else none."""
+    """The decoder `--cuda-graphs` asks for: on a CUDA device unless off; else none. A model
+    whose generation config asks for more than temperature and top-p (which `generate` would
+    apply and this loop does not) keeps `generate`, and the log says why."""
     if setting == "off" or device.type != "cuda":
         return None
+    extra = unsupported_generation_settings(model.generation_config)
+    if extra:
+        log.warning("decoding through generate, not CUDA graphs: the model's generation "
+                    "config sets %s", ", ".join(extra))
+        return None
     return StaticDecoder(model, device, max_len, capture=True)
+
+
+# generation-config settings that change which token is drawn, and their neutral values
+_NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty":
+            1.0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+            "sequence_bias": None, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+            "eta_cutoff": 0.0, "forced_bos_token_id": None, "forced_eos_token_id": None}
+
+
+def unsupported_generation_settings(generation_config) -> list[str]:
+    """The settings of a generation config that `generate` would apply and this loop
+    does not (it applies the server's temperature and top-p only)."""
+    return [name for name, neutral in _NEUTRAL.items()
+            if getattr(generation_config, name, neutral) not in (neutral, None)]

@@ -37,7 +37,8 @@ benchmarks call it from the thread that does their other torch work, with the ca
 On a GPU the opposite holds: every new thread that runs the model there kept host memory after
 it ended (on an H200, 1.75 MB a pair through CUDA graphs and 11 MB through `generate`, while
 the same decode in one thread stayed flat: bench/results/gpu-logs/), so there a generator
-samples its streamed pairs in one long-lived thread, one pair after another.
+samples its streamed pairs in one long-lived thread, one pair after another (through CUDA
+graphs or, with --cuda-graphs off, through `generate`).
 
 Left out: batching the turns of different users together, speculative decoding.
 """
@@ -115,6 +116,8 @@ class Generator(Protocol):
                     ) -> list[SampledPair]: ...
 
     def token_texts(self, token_ids: list[int]) -> list[str]: ...
+
+    def close(self) -> None: ...
 
 
 class _PairStreamer(BaseStreamer):
@@ -241,6 +244,9 @@ class StreamingGenerator:
             pass
         assert stream.result is not None
         return stream.result
+
+    def close(self) -> None:
+        """Let go of what the engine holds for sampling, at the server's end (nothing here)."""
 
     def _run(self, prompt: list[int], stream: PairStream, n: int,
              max_new_tokens: int) -> Iterator[tuple[str, str]]:
@@ -397,6 +403,12 @@ class PairGenerator(StreamingGenerator):
             temperature=self.config.temperature, top_p=self.config.top_p,
             max_new_tokens=max_new_tokens,
             seconds=time.perf_counter() - started, first_token_seconds=first_token)
+
+    def close(self) -> None:
+        """Drop the pairs still queued for the GPU's sampler thread and let it end (the pair
+        it is sampling runs to its end); a CPU generator has nothing to close."""
+        if self.sampler is not None:
+            self.sampler.shutdown(wait=False, cancel_futures=True)
 
     def _generate(self, prompt: list[int], streamer: _PairStreamer, cancel: threading.Event,
                   n: int, max_new_tokens: int):

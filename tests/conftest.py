@@ -115,8 +115,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from chatbot.model import EMBEDDED_GGUF, embedded_gguf_dir
 
     folder = tmp_path_factory.mktemp("tiny-llama")
-    if os.environ.get("DUET_TEST_TOKENIZER"):  # a folder with SmolLM2's tokenizer saved in it,
-        # where the embedded package is not installed (bench/gpu_decode.sh on a GPU machine)
+    # DUET_TEST_TOKENIZER: a folder with SmolLM2's tokenizer saved in it, where the embedded
+    # package is not installed (`bash bench/gpu.sh OUT SHAPE` on a GPU machine)
+    if os.environ.get("DUET_TEST_TOKENIZER"):
         tokenizer = AutoTokenizer.from_pretrained(os.environ["DUET_TEST_TOKENIZER"])
     else:
         tokenizer = AutoTokenizer.from_pretrained(embedded_gguf_dir(), gguf_file=EMBEDDED_GGUF)

@@ -150,3 +150,19 @@ def test_pairs_decode_through_cuda_graphs_that_follow_a_hot_swap(cuda_config):
     assert second.adapter_version == 2 and len(generator.decoder._graphs) == 1
     gaps = logprob_gaps(second)
     assert gaps.mean().item() < 0.05 and gaps.max().item() < 0.5, gaps
+
+
+def test_a_capture_after_a_pair_that_filled_the_cache_stays_inside_it(cuda_config):
+    """A new capture (an evicted graph, a rebuilt slot) after a pair that filled the static
+    cache: its warm-up steps write from the cache's start, not past its end."""
+    from chatbot.graph_decode import StaticDecoder
+
+    loaded = load_model(cuda_config)
+    prompt = PairGenerator(loaded, cuda_config).prompt_ids(MESSAGES)
+    decoder = StaticDecoder(loaded.model, loaded.device, len(prompt) + 3, capture=True)
+    for _ in range(2):
+        decoded = decoder.decode(prompt, 2, 8, temperature=1.0, top_p=1.0, stop_ids=set(),
+                                 pad_id=0)
+        assert decoded.sequences.shape == (2, len(prompt) + 4)
+        decoder._graphs.clear()  # the next pair captures again on the same buffers
+    torch.cuda.synchronize()

@@ -4,14 +4,22 @@ same seed, stops, cancelling, stored log-probs, and the model state a graph is k
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 
 import pytest
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from chatbot.graph_decode import StaticDecoder, for_generator, model_state, sample_tokens
+from chatbot.graph_decode import (
+    StaticDecoder,
+    for_generator,
+    model_state,
+    sample_tokens,
+    unsupported_generation_settings,
+)
 from chatbot.hotswap import LiveAdapter
 from chatbot.model import load_model
 from chatbot.sampling import PairGenerator
@@ -94,13 +102,41 @@ def test_cancel_and_the_limit_end_the_decode(tiny_loaded):
     decoded = decoder.decode(prompt, 2, 12, temperature=1.0, top_p=1.0, stop_ids=set(),
                              pad_id=0, cancel=cancel)
     assert decoded.sequences.shape == (2, len(prompt) + 1)
-    # the static cache has room for 3 new tokens after this prompt
+    # a static cache of the prompt + 3 takes 4 new tokens: the last is sampled, never cached
     short = decoder_for(tiny_loaded, max_len=len(prompt) + 3)
     decoded = short.decode(prompt, 1, 12, temperature=1.0, top_p=1.0, stop_ids=set(), pad_id=0)
-    assert decoded.sequences.shape == (1, len(prompt) + 3)
-    with pytest.raises(ValueError, match="no room"):
-        decoder_for(tiny_loaded, max_len=len(prompt)).decode(
+    assert decoded.sequences.shape == (1, len(prompt) + 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        decoder_for(tiny_loaded, max_len=len(prompt) - 1).decode(
             prompt, 1, 4, temperature=1.0, top_p=1.0, stop_ids=set(), pad_id=0)
+
+
+def test_a_short_prompt_after_a_long_one_reads_nothing_of_it(tiny_loaded):
+    """The buffers are reused from pair to pair: a short prompt decoded after a long one on the
+    same decoder draws what `generate` draws for it alone."""
+    decoder = decoder_for(tiny_loaded)
+    long_prompt = prompt_of(tiny_loaded) * 2
+    short_prompt = long_prompt[:7]
+    decoder.decode(long_prompt, 2, 10, temperature=1.0, top_p=1.0, stop_ids=set(), pad_id=0)
+    ids = torch.tensor([short_prompt])
+    torch.manual_seed(4)
+    with torch.inference_mode():
+        expected = tiny_loaded.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+            temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6, min_new_tokens=6,
+            num_return_sequences=2, return_dict_in_generate=True,
+            pad_token_id=tiny_loaded.tokenizer.pad_token_id)
+    torch.manual_seed(4)
+    decoded = decoder.decode(short_prompt, 2, 6, temperature=1.0, top_p=1.0, stop_ids=set(),
+                             pad_id=0)
+    assert torch.equal(decoded.sequences, expected.sequences)
+
+
+def test_a_generation_config_the_loop_cannot_follow_keeps_generate(tiny_loaded):
+    config = copy.deepcopy(tiny_loaded.model.generation_config)
+    assert unsupported_generation_settings(config) == []
+    config.repetition_penalty = 1.3
+    assert unsupported_generation_settings(config) == ["repetition_penalty"]
 
 
 def test_graphs_only_on_cuda(tiny_loaded, tiny_config):
@@ -156,3 +192,8 @@ def test_a_graph_is_keyed_on_the_slot_and_the_adapter_switch(served):
     publish_random_adapter(config, store, 3, seed=3, rank=8)  # another shape: a new slot
     live.sync()
     assert model_state(loaded.model) != first
+    rebuilt = model_state(loaded.model)
+    layer = next(m for m in loaded.model.modules() if isinstance(m, BaseTunerLayer))
+    name = next(iter(layer.scaling))
+    layer.scaling[name] *= 2  # a scaling is baked into a captured graph
+    assert model_state(loaded.model) != rebuilt

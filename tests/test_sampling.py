@@ -238,3 +238,38 @@ def test_on_a_gpu_streamed_pairs_share_one_long_lived_sampler_thread(generator, 
     assert all(len(pair.replies) == 2 for pair in pairs)
     assert len(threads) == 3 and len(set(threads)) == 1
     assert threads[0] is not threading.main_thread() and threads[0].name.startswith("pair-sampler")
+    generator.close()
+
+
+def test_on_a_gpu_a_failed_pair_reaches_its_reader_and_the_next_one_waits_its_turn(
+        generator, monkeypatch):
+    """The sampler thread's failures reach the reader and leave the thread serving; a pair
+    asked while the thread is busy waits for it, then is sampled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator.sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pair-sampler")
+    original = generator._generate
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("the GPU said no")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "_generate", failing_once)
+    with pytest.raises(RuntimeError, match="the GPU said no"):
+        generator.sample(MESSAGES)
+    assert len(generator.sample(MESSAGES).replies) == 2
+    busy = threading.Event()
+    blocker = generator.sampler.submit(busy.wait)  # the thread is busy with another pair
+    result = {}
+    waiting = threading.Thread(target=lambda: result.update(pair=generator.sample(MESSAGES)))
+    waiting.start()
+    waiting.join(timeout=0.5)
+    assert waiting.is_alive() and len(calls) == 2  # queued behind the busy thread
+    busy.set()
+    waiting.join(timeout=60)
+    blocker.result()
+    assert len(result["pair"].replies) == 2 and len(calls) == 3
+    generator.close()
