@@ -54,7 +54,7 @@ import torch
 from bench.common import RESULTS, write_result
 from chatbot.config import Config, add_model_args
 from chatbot.model import cpu_has_native_bf16, load_model, resolve_device
-from chatbot.sampling import PairGenerator, _Cancelled, _PairStreamer
+from chatbot.sampling import PairGenerator, _Cancelled, _PairStreamer, sampling_kwargs
 from chatbot.threads import in_fresh_thread
 
 PROMPT = [{"role": "user", "content": "Explain why the sky is blue, in a few sentences."}]
@@ -229,11 +229,10 @@ class Timer:
         """What PairGenerator._generate passes, at a forced length; compiled: a static cache
         and transformers' compiled decode step (which it otherwise compiles on GPUs only)."""
         kwargs = dict(input_ids=self.prompt, attention_mask=torch.ones_like(self.prompt),
-                      do_sample=True, temperature=self.config.temperature,
-                      top_p=self.config.top_p, top_k=0, max_new_tokens=tokens,
-                      min_new_tokens=tokens, num_return_sequences=n, output_logits=True,
-                      return_dict_in_generate=True,
-                      pad_token_id=self.loaded.tokenizer.pad_token_id)
+                      max_new_tokens=tokens, min_new_tokens=tokens, num_return_sequences=n,
+                      output_logits=True, return_dict_in_generate=True,
+                      pad_token_id=self.loaded.tokenizer.pad_token_id,
+                      **sampling_kwargs(self.config))
         if self.compiled:
             from transformers.generation.configuration_utils import CompileConfig
 

@@ -55,7 +55,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from chatbot import graph_decode, heap
@@ -155,6 +160,25 @@ class _FollowShare(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self.share.apply()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class _Warp(LogitsProcessor):
+    """The server's temperature and top-p inside `generate`, as graph_decode.warp computes
+    them: the same tokens kept as transformers' own warpers, without sorting the vocabulary."""
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return graph_decode.warp(scores, self.temperature, self.top_p)
+
+
+def sampling_kwargs(config: Config) -> dict:
+    """How every `generate` call here samples: --temperature and --top-p through `_Warp`, and
+    none of transformers' own warpers (temperature 1, top-p 1, top-k 0 switch them off)."""
+    return dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                logits_processor=LogitsProcessorList([_Warp(config.temperature, config.top_p)]))
 
 
 def encode_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:
@@ -337,10 +361,10 @@ class PairGenerator(StreamingGenerator):
             raise ValueError("base replies asked for, but this generator has no base_context")
         with context() as version, torch.inference_mode():
             output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
-                temperature=self.config.temperature, top_p=self.config.top_p, top_k=0,
+                input_ids=input_ids, attention_mask=attention_mask,
                 max_new_tokens=self.config.max_new_tokens, num_return_sequences=n,
-                output_logits=True, return_dict_in_generate=True, pad_token_id=pad)
+                output_logits=True, return_dict_in_generate=True, pad_token_id=pad,
+                **sampling_kwargs(self.config))
         seconds = time.perf_counter() - started
         new_tokens = output.sequences[:, width:]  # (nP, T): rows n*i ... n*i + n-1 answer i
         logits = torch.stack(output.logits, dim=1).float()  # (nP, T, V)
@@ -425,11 +449,10 @@ class PairGenerator(StreamingGenerator):
             criteria.append(_FollowShare(self.cpu_share))
         return self.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-            do_sample=True, temperature=self.config.temperature, top_p=self.config.top_p,
-            top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
+            max_new_tokens=max_new_tokens, num_return_sequences=n,
             streamer=streamer, stopping_criteria=criteria,
             output_logits=True, return_dict_in_generate=True,
-            pad_token_id=self.tokenizer.pad_token_id)
+            pad_token_id=self.tokenizer.pad_token_id, **sampling_kwargs(self.config))
 
     def _replies(self, prompt: list[int], output) -> tuple[Reply, ...]:
         new_tokens = output.sequences[:, len(prompt):]  # (n, T)

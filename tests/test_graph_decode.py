@@ -28,11 +28,14 @@ from tests.test_hotswap import publish_random_adapter
 from tests.test_sampling import MESSAGES, sequence_logprobs
 
 
-@pytest.mark.parametrize("temperature, top_p", [(0.8, 0.95), (1.0, 0.5), (1.3, 1.0)])
-def test_draws_follow_generates_rule(temperature, top_p):
+@pytest.mark.parametrize("temperature, top_p, vocabulary, spread", [
+    (0.8, 0.95, 500, 3.0), (1.0, 0.5, 500, 3.0), (1.3, 1.0, 500, 3.0),
+    (0.8, 0.95, 49152, 4.0),  # the embedded model's vocabulary: top-p found among the top 512
+    (1.0, 0.95, 4096, 0.1)])  # nearly flat: the top 512 fall short, the whole row is sorted
+def test_draws_follow_generates_rule(temperature, top_p, vocabulary, spread):
     """Temperature, then top-p, then a draw: the same tokens as transformers' warpers under
     the same seed."""
-    logits = torch.randn(64, 500) * 3
+    logits = torch.randn(64, vocabulary) * spread
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
     torch.manual_seed(7)
     expected = torch.multinomial(warpers(None, logits.clone()).softmax(-1), 1)[:, 0]
