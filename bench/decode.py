@@ -54,8 +54,9 @@ import torch
 from bench.common import RESULTS, write_result
 from chatbot.config import Config, add_model_args
 from chatbot.model import cpu_has_native_bf16, load_model, resolve_device
-from chatbot.sampling import PairGenerator, _Cancelled, _PairStreamer, sampling_kwargs
+from chatbot.sampling import PairGenerator, _Cancelled, _PairStreamer
 from chatbot.threads import in_fresh_thread
+from chatbot.warp import sampling_kwargs
 
 PROMPT = [{"role": "user", "content": "Explain why the sky is blue, in a few sentences."}]
 

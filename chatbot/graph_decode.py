@@ -11,9 +11,9 @@ attention mask over the cache) are tensors the loop writes in place before each 
 
 `StaticDecoder.decode` is what `PairGenerator` runs instead of `generate` for a streamed
 reply or pair when `--cuda-graphs auto` finds a GPU: the prompt's prefill runs eagerly, then
-one replay per token. Sampling runs outside the graph with `generate`'s rule (temperature,
-then top-p, then a draw from what is left; `sample_tokens`), and the raw logits of every step
-are kept, as `generate(output_logits=True)` keeps them, for the stored log-probs.
+one replay per token. Sampling runs outside the graph with `generate`'s rule
+(chatbot/warp.py), and the raw logits of every step are kept, as
+`generate(output_logits=True)` keeps them, for the stored log-probs.
 
 A graph belongs to a batch size and a model state: which parameter tensors the model holds
 (addresses and shapes), which adapters are switched on and their LoRA scalings
@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
+from chatbot.warp import sample_tokens
+
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 4  # captured (batch size, model state) pairs kept; the oldest goes first
@@ -58,39 +60,6 @@ class Decoded:
     PairGenerator reads it."""
     sequences: torch.Tensor  # (n, prompt + T): the prompt, then each row's tokens
     logits: tuple[torch.Tensor, ...]  # T float32 tensors (n, vocabulary), raw
-
-
-TOP_P_CANDIDATES = 512  # the most likely tokens top-p looks among before it sorts them all
-
-
-def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Raw logits (n, V) as `generate(do_sample=True, top_k=0)` warps them: divided by the
-    temperature; then, below top-p 1, every token but the most likely ones whose
-    probabilities reach top_p (at least one) set to -inf.
-
-    transformers sorts the whole vocabulary for top-p: 5.5 ms a step for a pair over the
-    embedded model's 49,152 tokens on this project's 2-core EPYC (9.6 ms on one thread),
-    where a whole 4-bit pair step took about 70 ms (`bench decode`). The tokens top-p keeps
-    are almost always among the few hundred most likely (353 and 369 of 49,152 on random
-    logits at top-p 0.95), so it ranks those (`topk`, 0.26 ms) and sorts the whole
-    vocabulary only for a row where they fall short of top_p: the same tokens kept."""
-    scores = logits / temperature if temperature != 1.0 else logits
-    if top_p >= 1.0:
-        return scores
-    probs = scores.softmax(dim=-1)
-    ranked, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
-    if bool((ranked.sum(dim=-1) < top_p).any()):
-        ranked, order = probs.sort(dim=-1, descending=True)
-    mass_above = ranked.cumsum(dim=-1) - ranked  # of the tokens ranked before each
-    drop = torch.ones_like(probs, dtype=torch.bool)  # a token outside `order` is dropped
-    drop.scatter_(-1, order, mass_above >= top_p)  # the most likely has 0 above: kept
-    return scores.masked_fill(drop, float("-inf"))
-
-
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """One token per row of raw logits (n, V), drawn as `generate(do_sample=True, top_k=0)`
-    draws it: from the softmax of the warped logits (`warp`)."""
-    return torch.multinomial(warp(logits, temperature, top_p).softmax(dim=-1), 1)[:, 0]
 
 
 def model_state(model: torch.nn.Module) -> tuple[tuple, tuple]:

@@ -56,8 +56,6 @@ from typing import Any, Protocol
 
 import torch
 from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
 )
@@ -69,6 +67,7 @@ from chatbot.errors import InvalidInput
 from chatbot.model import LoadedModel
 from chatbot.pair_choice import most_different
 from chatbot.threads import CpuShare
+from chatbot.warp import sampling_kwargs
 
 
 @dataclass
@@ -160,25 +159,6 @@ class _FollowShare(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         self.share.apply()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-class _Warp(LogitsProcessor):
-    """The server's temperature and top-p inside `generate`, as graph_decode.warp computes
-    them: the same tokens kept as transformers' own warpers, without sorting the vocabulary."""
-
-    def __init__(self, temperature: float, top_p: float) -> None:
-        self.temperature = temperature
-        self.top_p = top_p
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return graph_decode.warp(scores, self.temperature, self.top_p)
-
-
-def sampling_kwargs(config: Config) -> dict:
-    """How every `generate` call here samples: --temperature and --top-p through `_Warp`, and
-    none of transformers' own warpers (temperature 1, top-p 1, top-k 0 switch them off)."""
-    return dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                logits_processor=LogitsProcessorList([_Warp(config.temperature, config.top_p)]))
 
 
 def encode_prompt(tokenizer, messages: list[dict], max_prompt_tokens: int) -> list[int]:

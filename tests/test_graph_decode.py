@@ -11,13 +11,11 @@ import threading
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from chatbot.graph_decode import (
     StaticDecoder,
     for_generator,
     model_state,
-    sample_tokens,
     unsupported_generation_settings,
 )
 from chatbot.hotswap import LiveAdapter
@@ -26,28 +24,6 @@ from chatbot.sampling import PairGenerator
 from chatbot.store import Store
 from tests.test_hotswap import publish_random_adapter
 from tests.test_sampling import MESSAGES, sequence_logprobs
-
-
-@pytest.mark.parametrize("temperature, top_p, vocabulary, spread", [
-    (0.8, 0.95, 500, 3.0), (1.0, 0.5, 500, 3.0), (1.3, 1.0, 500, 3.0),
-    (0.8, 0.95, 49152, 4.0),  # the embedded model's vocabulary: top-p found among the top 512
-    (1.0, 0.95, 4096, 0.1)])  # nearly flat: the top 512 fall short, the whole row is sorted
-def test_draws_follow_generates_rule(temperature, top_p, vocabulary, spread):
-    """Temperature, then top-p, then a draw: the same tokens as transformers' warpers under
-    the same seed."""
-    logits = torch.randn(64, vocabulary) * spread
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
-    torch.manual_seed(7)
-    expected = torch.multinomial(warpers(None, logits.clone()).softmax(-1), 1)[:, 0]
-    torch.manual_seed(7)
-    assert torch.equal(sample_tokens(logits, temperature, top_p), expected)
-
-
-def test_top_p_keeps_the_smallest_set_that_reaches_it():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    drawn = {sample_tokens(logits, 1.0, 0.75).item() for _ in range(300)}
-    assert drawn == {0, 1}
-    assert {sample_tokens(logits, 1.0, 0.1).item() for _ in range(50)} == {0}
 
 
 def decoder_for(loaded, max_len: int = 96) -> StaticDecoder:

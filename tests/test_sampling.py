@@ -273,22 +273,3 @@ def test_on_a_gpu_a_failed_pair_reaches_its_reader_and_the_next_one_waits_its_tu
     blocker.result()
     assert len(result["pair"].replies) == 2 and len(calls) == 3
     generator.close()
-
-
-def test_generate_keeps_what_transformers_own_warpers_keep(tiny_loaded, tiny_config):
-    """The server's generate calls warp with graph_decode.warp (no full sort for top-p): the
-    same tokens as transformers' temperature and top-p warpers under the same seed."""
-    from chatbot.sampling import sampling_kwargs
-
-    ids = torch.tensor([[1, 5, 9, 13, 17]])
-    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                  min_new_tokens=12, num_return_sequences=2, return_dict_in_generate=True,
-                  pad_token_id=0)
-    with torch.inference_mode():
-        torch.manual_seed(9)
-        theirs = tiny_loaded.model.generate(**common, do_sample=True, temperature=0.8,
-                                            top_p=0.95, top_k=0)
-        torch.manual_seed(9)
-        ours = tiny_loaded.model.generate(**common, **sampling_kwargs(tiny_config))
-    assert (tiny_config.temperature, tiny_config.top_p) == (0.8, 0.95)
-    assert torch.equal(ours.sequences, theirs.sequences)

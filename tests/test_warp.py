@@ -1,0 +1,49 @@
+"""The server's sampling rule (chatbot/warp.py): temperature, then top-p without a full sort,
+then a draw - the same tokens as transformers' own warpers under the same seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from chatbot.warp import sample_tokens, sampling_kwargs
+
+
+@pytest.mark.parametrize("temperature, top_p, vocabulary, spread", [
+    (0.8, 0.95, 500, 3.0), (1.0, 0.5, 500, 3.0), (1.3, 1.0, 500, 3.0),
+    (0.8, 0.95, 49152, 4.0),  # the embedded model's vocabulary: top-p found among the top 512
+    (1.0, 0.95, 4096, 0.1)])  # nearly flat: the top 512 fall short, the whole row is sorted
+def test_draws_follow_generates_rule(temperature, top_p, vocabulary, spread):
+    """Temperature, then top-p, then a draw: the same tokens as transformers' warpers under
+    the same seed."""
+    logits = torch.randn(64, vocabulary) * spread
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+    torch.manual_seed(7)
+    expected = torch.multinomial(warpers(None, logits.clone()).softmax(-1), 1)[:, 0]
+    torch.manual_seed(7)
+    assert torch.equal(sample_tokens(logits, temperature, top_p), expected)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    drawn = {sample_tokens(logits, 1.0, 0.75).item() for _ in range(300)}
+    assert drawn == {0, 1}
+    assert {sample_tokens(logits, 1.0, 0.1).item() for _ in range(50)} == {0}
+
+
+def test_generate_keeps_what_transformers_own_warpers_keep(tiny_loaded, tiny_config):
+    """The server's generate calls warp with `warp` (no full sort for top-p): the
+    same tokens as transformers' temperature and top-p warpers under the same seed."""
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                  min_new_tokens=12, num_return_sequences=2, return_dict_in_generate=True,
+                  pad_token_id=0)
+    with torch.inference_mode():
+        torch.manual_seed(9)
+        theirs = tiny_loaded.model.generate(**common, do_sample=True, temperature=0.8,
+                                            top_p=0.95, top_k=0)
+        torch.manual_seed(9)
+        ours = tiny_loaded.model.generate(**common, **sampling_kwargs(tiny_config))
+    assert (tiny_config.temperature, tiny_config.top_p) == (0.8, 0.95)
+    assert torch.equal(ours.sequences, theirs.sequences)
