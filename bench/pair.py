@@ -19,6 +19,7 @@ from bench.common import RESULTS, device_tag, write_result
 from chatbot.config import Config, add_model_args
 from chatbot.model import load_model
 from chatbot.sampling import PairGenerator
+from chatbot.warp import sampling_kwargs
 
 PROMPT = [{"role": "user", "content": "Explain why the sky is blue, in a few sentences."}]
 
@@ -48,11 +49,11 @@ def run(args: argparse.Namespace) -> Path:
         started = time.perf_counter()
         with torch.inference_mode():
             model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                           do_sample=True, temperature=config.temperature, top_p=config.top_p,
-                           top_k=0, max_new_tokens=args.new_tokens,
+                           max_new_tokens=args.new_tokens,
                            min_new_tokens=args.new_tokens, num_return_sequences=n,
                            output_logits=True, return_dict_in_generate=True,
-                           pad_token_id=loaded.tokenizer.pad_token_id)
+                           pad_token_id=loaded.tokenizer.pad_token_id,
+                           **sampling_kwargs(config))
         _sync(loaded.device)
         return time.perf_counter() - started
 
