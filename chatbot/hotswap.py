@@ -38,6 +38,7 @@ import torch
 from chatbot import adapters
 from chatbot.errors import AdapterError
 from chatbot.store import Store
+from chatbot.threads import in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,8 @@ class LiveAdapter:
         target, sha = (row["version"], row["sha256"]) if row else (0, "")
         if target == self.version or self._failed == (target, sha):
             return False
-        try:
-            self._load(row)
+        try:  # in a thread of its own: see chatbot/model.py load_model on OpenMP teams
+            in_fresh_thread(lambda: self._load(row), name="adapter-swap")
         except (AdapterError, OSError, ValueError, RuntimeError, TypeError) as exc:
             self._failed = (target, sha)
             self.last_error = f"v{target} not loaded, v{self.version} keeps serving: {exc}"
