@@ -24,7 +24,8 @@ only while the process holds no more OpenMP threads than CPUs; past that they sl
 once, and each of a decode step's hundreds of small parallel regions waits for a wake-up. A
 thread that ran one parallel torch op keeps its idle team until it exits: when the reader
 computed the log-probs itself, its thread kept one, and every later pair decoded with
-sleeping workers, about 1.4x the first pair's time on 2 quiet cores. The spinning has its
+sleeping workers, about 1.4x the first pair's time on 2 quiet cores; the same held for the
+thread that loaded the model (1.7x: chatbot/model.py `load_model`). The spinning has its
 price where other processes of the same or a higher priority keep the cores busy: a spinning
 worker then holds a core its partner needs, and on this project's shared 2-core machine a
 pair took 10x longer or more; `OMP_WAIT_POLICY=PASSIVE` in the environment makes the workers
