@@ -35,17 +35,23 @@ def prompt_of(loaded) -> list[int]:
         MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
+def generated(loaded, prompt: list[int], n: int, tokens: int, temperature: float,
+              top_p: float, seed: int):
+    """transformers' own `generate` with its own warpers, forced to `tokens` new tokens."""
+    ids = torch.tensor([prompt])
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        return loaded.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+            temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=tokens,
+            min_new_tokens=tokens, num_return_sequences=n, output_logits=True,
+            return_dict_in_generate=True, pad_token_id=loaded.tokenizer.pad_token_id)
+
+
 def test_the_static_loop_draws_what_generate_draws(tiny_loaded):
     """Same seed, same prompt, same settings: the same tokens, and the same raw logits."""
     prompt = prompt_of(tiny_loaded)
-    ids = torch.tensor([prompt])
-    torch.manual_seed(3)
-    with torch.inference_mode():
-        expected = tiny_loaded.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-            temperature=0.8, top_p=0.95, top_k=0, max_new_tokens=10, min_new_tokens=10,
-            num_return_sequences=2, output_logits=True, return_dict_in_generate=True,
-            pad_token_id=tiny_loaded.tokenizer.pad_token_id)
+    expected = generated(tiny_loaded, prompt, 2, 10, temperature=0.8, top_p=0.95, seed=3)
     torch.manual_seed(3)
     decoded = decoder_for(tiny_loaded).decode(prompt, 2, 10, temperature=0.8, top_p=0.95,
                                               stop_ids=set(), pad_id=0)
@@ -97,14 +103,7 @@ def test_a_short_prompt_after_a_long_one_reads_nothing_of_it(tiny_loaded):
     long_prompt = prompt_of(tiny_loaded) * 2
     short_prompt = long_prompt[:7]
     decoder.decode(long_prompt, 2, 10, temperature=1.0, top_p=1.0, stop_ids=set(), pad_id=0)
-    ids = torch.tensor([short_prompt])
-    torch.manual_seed(4)
-    with torch.inference_mode():
-        expected = tiny_loaded.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-            temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6, min_new_tokens=6,
-            num_return_sequences=2, return_dict_in_generate=True,
-            pad_token_id=tiny_loaded.tokenizer.pad_token_id)
+    expected = generated(tiny_loaded, short_prompt, 2, 6, temperature=1.0, top_p=1.0, seed=4)
     torch.manual_seed(4)
     decoded = decoder.decode(short_prompt, 2, 6, temperature=1.0, top_p=1.0, stop_ids=set(),
                              pad_id=0)
