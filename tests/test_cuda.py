@@ -115,15 +115,10 @@ def test_pairs_decode_through_cuda_graphs_that_follow_a_hot_swap(cuda_config):
     """The server's GPU path: streamed pairs replay a captured decode step; a version copied
     into the resident slot is read by the same graph (the stored log-probs are the new
     version's), with no second capture."""
-    from chatbot.hotswap import LiveAdapter
-    from tests.test_hotswap import publish_random_adapter
+    from tests.test_hotswap import publish_random_adapter, wired
 
     config = dataclasses.replace(cuda_config, max_new_tokens=12)
-    store = Store(config.db_path)
-    served = load_model(config)
-    live = LiveAdapter(served.model, served.model_id, store, config.adapters_dir)
-    generator = PairGenerator(served, config, adapter_context=live.reading,
-                              base_context=live.base)
+    store, served, live, generator = wired(config)
     assert generator.decoder is not None and generator.decoder.capture
 
     def logprob_gaps(pair) -> torch.Tensor:

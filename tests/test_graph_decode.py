@@ -18,11 +18,8 @@ from chatbot.graph_decode import (
     model_state,
     unsupported_generation_settings,
 )
-from chatbot.hotswap import LiveAdapter
-from chatbot.model import load_model
 from chatbot.sampling import PairGenerator
-from chatbot.store import Store
-from tests.test_hotswap import publish_random_adapter
+from tests.test_hotswap import publish_random_adapter, wired
 from tests.test_sampling import MESSAGES, sequence_logprobs
 
 
@@ -130,11 +127,7 @@ def served(tiny_config):
     """A fresh tiny model with its LiveAdapter and a generator that decodes through the static
     loop, as a GPU server does (eagerly here)."""
     config = dataclasses.replace(tiny_config, max_new_tokens=12)
-    store = Store(config.db_path)
-    loaded = load_model(config)
-    live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)
-    generator = PairGenerator(loaded, config, adapter_context=live.reading,
-                              base_context=live.base)
+    store, loaded, live, generator = wired(config)
     generator.decoder = StaticDecoder(loaded.model, loaded.device,
                                       config.max_prompt_tokens + config.max_new_tokens,
                                       capture=False)

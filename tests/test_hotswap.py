@@ -37,15 +37,21 @@ def publish_random_adapter(config, store, version: int, seed: int, status: str =
     return folder
 
 
+def wired(config):
+    """A fresh model of the config with a LiveAdapter and a PairGenerator wired like app.py
+    does: (store, loaded, live, generator)."""
+    store = Store(config.db_path)
+    loaded = load_model(config)
+    live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)
+    generator = PairGenerator(loaded, config, adapter_context=live.reading,
+                              base_context=live.base)
+    return store, loaded, live, generator
+
+
 @pytest.fixture
 def server_side(tiny_config):
     """A fresh tiny model with a LiveAdapter and a PairGenerator wired like app.py does."""
-    store = Store(tiny_config.db_path)
-    loaded = load_model(tiny_config)
-    live = LiveAdapter(loaded.model, loaded.model_id, store, tiny_config.adapters_dir)
-    generator = PairGenerator(loaded, tiny_config, adapter_context=live.reading,
-                              base_context=live.base)
-    return store, loaded, live, generator
+    return wired(tiny_config)
 
 
 def logits(model) -> torch.Tensor:
