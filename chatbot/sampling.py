@@ -53,13 +53,10 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
-from transformers import (
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from chatbot import graph_decode, heap
@@ -67,8 +64,10 @@ from chatbot.config import Config
 from chatbot.errors import InvalidInput
 from chatbot.model import LoadedModel
 from chatbot.pair_choice import most_different
-from chatbot.threads import CpuShare
+from chatbot.threads import CpuShare, in_fresh_thread
 from chatbot.warp import sampling_kwargs
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -121,6 +120,8 @@ class Generator(Protocol):
                     ) -> list[SampledPair]: ...
 
     def token_texts(self, token_ids: list[int]) -> list[str]: ...
+
+    def in_sampling_thread(self, work: Callable[[], T]) -> T: ...
 
     def close(self) -> None: ...
 
@@ -249,6 +250,11 @@ class StreamingGenerator:
             pass
         assert stream.result is not None
         return stream.result
+
+    def in_sampling_thread(self, work: Callable[[], T]) -> T:
+        """work(), which samples, run where this engine's sampling belongs; here the caller's
+        thread (an engine whose sampling is a request to another process runs no torch)."""
+        return work()
 
     def close(self) -> None:
         """Let go of what the engine holds for sampling, at the server's end (nothing here)."""
@@ -379,12 +385,7 @@ class PairGenerator(StreamingGenerator):
                 outcome["error"] = exc
                 streamer.end()
 
-        if self.sampler is not None:  # a GPU: one long-lived thread (see "Threads")
-            wait = self.sampler.submit(work).result
-        else:
-            worker = threading.Thread(target=work, name="pair-sampler", daemon=True)
-            worker.start()
-            wait = worker.join
+        wait = self._start(work)
         tokens: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         first_token = None
@@ -408,6 +409,24 @@ class PairGenerator(StreamingGenerator):
             temperature=self.config.temperature, top_p=self.config.top_p,
             max_new_tokens=max_new_tokens,
             seconds=time.perf_counter() - started, first_token_seconds=first_token)
+
+    def _start(self, work: Callable[[], None]) -> Callable[[], Any]:
+        """Start `work` in the thread this generator's torch work belongs in (see "Threads"):
+        on a GPU its one long-lived sampler thread, on a CPU a new one. Returns the wait for
+        its end."""
+        if self.sampler is not None:
+            return self.sampler.submit(work).result
+        worker = threading.Thread(target=work, name="pair-sampler", daemon=True)
+        worker.start()
+        return worker.join
+
+    def in_sampling_thread(self, work: Callable[[], T]) -> T:
+        """work() in the thread `_start` picks, for a caller whose own thread must stay free
+        of torch work (the server's request threads: see "Threads"); its exception is raised
+        here."""
+        if self.sampler is not None:
+            return self.sampler.submit(work).result()
+        return in_fresh_thread(work, name="pair-sampler")
 
     def close(self) -> None:
         """Drop the pairs still queued for the GPU's sampler thread and let it end (the pair

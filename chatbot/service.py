@@ -31,7 +31,6 @@ from chatbot.hotswap import LiveAdapter
 from chatbot.limits import RateLimiter
 from chatbot.sampling import Generator, SampledPair
 from chatbot.store import CHOICES, SIDES, Store  # noqa: F401 - the page's choices
-from chatbot.threads import in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -300,10 +299,10 @@ class ChatService:
         if not version or not chosen:
             return {"live_adapter_version": version, "rows": []}
         conversations = [c["messages"] for c in chosen]
-        # in a thread of its own, not the request's (chatbot/model.py load_model: OpenMP teams)
-        live, base = in_fresh_thread(lambda: (
+        # not in the request's thread: chatbot/sampling.py, "Threads"
+        live, base = self.generator.in_sampling_thread(lambda: (
             self.generator.sample_many(conversations, n=1),
-            self.generator.sample_many(conversations, n=1, base=True)), name="base-vs-live")
+            self.generator.sample_many(conversations, n=1, base=True)))
         rows = []
         for turn, from_live, from_base in zip(chosen, live, base):
             _, (live_reply,) = _pair_columns(from_live)

@@ -198,6 +198,9 @@ class FakeGenerator:
     def token_texts(self, token_ids: list[int]) -> list[str]:
         return [f"<{t}>" for t in token_ids]
 
+    def in_sampling_thread(self, work):
+        return work()
+
     def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
                     ) -> list[SampledPair]:
         """Replies that say which prompt they answer and whether the adapter was off."""

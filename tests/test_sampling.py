@@ -273,3 +273,24 @@ def test_on_a_gpu_a_failed_pair_reaches_its_reader_and_the_next_one_waits_its_tu
     blocker.result()
     assert len(result["pair"].replies) == 2 and len(calls) == 3
     generator.close()
+
+
+def test_work_for_a_request_runs_where_the_generators_sampling_runs(generator):
+    """A request thread hands its sampling (the base-vs-live replies) to another thread: a new
+    one on a CPU, the GPU's one sampler thread there; an error comes back to the caller."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    here = threading.current_thread()
+    assert generator.in_sampling_thread(threading.current_thread) is not here
+    generator.sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pair-sampler")
+    first = generator.in_sampling_thread(threading.current_thread)
+    assert first is not here and first.name.startswith("pair-sampler")
+    assert generator.in_sampling_thread(threading.current_thread) is first
+
+    def failing():
+        raise RuntimeError("no replies")
+
+    with pytest.raises(RuntimeError, match="no replies"):
+        generator.in_sampling_thread(failing)
+    generator.close()
+
