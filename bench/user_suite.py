@@ -16,7 +16,9 @@ are then compared on one baseline); a run's `before_from` says which run read th
 A suite may try a rule: `extra` flags for app.py, and `against`, a suite without the rule
 (with fewer flags) whose runs it is read beside, user by user and seed by seed, on the same
 held-out replies before (`length-neutral-reader` against `corrections-reader`'s votes-only
-arm; `candidates-reader`, which adds --pair-candidates 4, against `length-neutral-reader`).
+arm; `candidates-reader`, which adds --pair-candidates 4, against `length-neutral-reader`;
+`defaults-reader`, the product's defaults, against `corrections-neutral-reader`, whose flag
+became a default).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end. A server that chooses its pairs from candidates is asked for its held-out
 replies one at a time: its pairs are not two samples of its policy.
@@ -83,6 +85,10 @@ SUITES = {
                                         (8,), paces=("reader",),
                                         extra=("--length-neutral", "1"),
                                         against="corrections-reader"),
+    # The product's defaults (length-neutral votes since stop 40), both arms: corrections
+    # first, then votes only, each arm over every user and seed before the next.
+    "defaults-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (8, 0),
+                             paces=("reader",), against="corrections-neutral-reader"),
 }
 
 
@@ -115,10 +121,10 @@ def run_suite(args: argparse.Namespace) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     before_folder = suite_folder(args, baseline_of(args.suite))
     runs = []
-    for seed in suite.seeds:
-        for name, (oracle, text) in users.items():
-            for pace in suite.paces:
-                for every in suite.correct_every:
+    for every in suite.correct_every:  # an arm at a time: a suite cut short has whole arms
+        for seed in suite.seeds:
+            for name, (oracle, text) in users.items():
+                for pace in suite.paces:
                     path = folder / f"{name}-s{seed}-{pace}-every{every}.json"
                     if not path.exists() and not args.summarize:
                         run_to_file(args, path, folder, name, oracle, text, seed, pace, every,

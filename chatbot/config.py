@@ -253,12 +253,13 @@ class Config:
     negative_weight: float = field(default=1.0, metadata=setting(
         "weight of the rejected reply's (negative) advantage in a pair: 1 = RLOO, 0 = learn "
         "from the chosen reply only (default: {default})", "learner", type=float))
-    length_neutral: float = field(default=0.0, metadata=setting(
+    length_neutral: float = field(default=1.0, metadata=setting(
         "take out of each pair vote's advantage what the replies' lengths alone predict (the "
         "share of votes the shorter reply won), scaled by this: 1 = all of it, so votes teach "
         "what a person prefers beyond length; 0 = off, a taste for shorter replies is learnt "
-        "like any other; the policy gradient's pair votes only, not DPO's pairs nor the reward "
-        "model's self-samples (default: {default})", "learner", type=_fraction))
+        "like any other (set 0 where brevity itself is what the users want); the policy "
+        "gradient's pair votes only, not corrections, DPO's pairs nor the reward model's "
+        "self-samples (default: {default})", "learner", type=_fraction))
     judge_new: bool = field(default=False, metadata=setting(
         "test-then-train: each new vote first judges the round's candidate against the live "
         "adapter and trains from the next round on; off (default), it trains at once and the "

@@ -38,7 +38,9 @@ def _another_value(f, s, default, tmp_path):
         return (tmp_path / f.name).resolve()
     if s.type in (int, _positive_int, _candidates):
         return (default or 0) + 3
-    if s.type in (float, _fraction):
+    if s.type is _fraction:  # within [0, 1]
+        return default - 0.25 if default >= 0.5 else default + 0.25
+    if s.type is float:
         return (default or 0) + 0.25
     return "postgresql://duet@db.example/duet" if f.name == "db" else f"some-{f.name}"
 
