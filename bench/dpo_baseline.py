@@ -31,7 +31,8 @@ from bench.oracles import Oracle
 from bench.simulate import EVAL_BATCH, Evaluation, Evaluator
 from chatbot.config import Config
 from chatbot.model import load_model
-from chatbot.sampling import PairGenerator, SampledPair
+from chatbot.replies import SampledPair
+from chatbot.sampling import PairGenerator
 
 log = logging.getLogger(__name__)
 

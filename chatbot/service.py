@@ -29,7 +29,7 @@ from chatbot.config import Config
 from chatbot.errors import Conflict, InvalidInput, NotFound
 from chatbot.hotswap import LiveAdapter
 from chatbot.limits import RateLimiter
-from chatbot.sampling import Generator, SampledPair
+from chatbot.replies import Generator, SampledPair
 from chatbot.store import CHOICES, SIDES, Store  # noqa: F401 - the page's choices
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 interface over vLLM's OpenAI-compatible HTTP API, and the live adapter loaded into that server.
 
 Each turn is one streamed request to `/v1/completions`: the prompt as token ids (Duet's own
-chat template and truncation, `sampling.encode_prompt`, so the stored prompt is exactly what
+chat template and truncation, `replies.encode_prompt`, so the stored prompt is exactly what
 vLLM saw, whatever template its own transformers would apply), `n=2` (1 for the API's n=1;
 K under --pair-candidates K, of which two are shown),
 the server's temperature and top-p with every other sampling knob off, `max_tokens` (the
@@ -55,7 +55,7 @@ import httpx
 from chatbot.config import Config
 from chatbot.errors import AdapterError, EngineError
 from chatbot.hotswap import LiveAdapter
-from chatbot.sampling import (
+from chatbot.replies import (
     PairStream,
     Reply,
     SampledPair,

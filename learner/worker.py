@@ -27,7 +27,7 @@ import time
 
 from chatbot.config import Config
 from chatbot.model import LoadedModel
-from chatbot.sampling import end_of_turn_id, reply_token_ids
+from chatbot.replies import end_of_turn_id, reply_token_ids
 from chatbot.store import Store
 from learner.clock import RoundClock
 from learner.data import RoundBuilder, RoundData

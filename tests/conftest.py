@@ -23,7 +23,7 @@ if CPU_PATH == "avx2":  # torch, oneDNN and MKL read these at their first use, a
 import pytest  # noqa: E402
 
 from chatbot.config import Config  # noqa: E402
-from chatbot.sampling import PairStream, Reply, SampledPair  # noqa: E402
+from chatbot.replies import PairStream, Reply, SampledPair  # noqa: E402
 from tests.postgres import db_target, postgres_server, postgres_url  # noqa: E402, F401
 
 

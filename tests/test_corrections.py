@@ -10,7 +10,8 @@ import torch
 
 from chatbot.errors import Conflict, InvalidInput, NotFound, TooBusy
 from chatbot.model import load_model
-from chatbot.sampling import PairGenerator, decode_reply, end_of_turn_id, reply_token_ids
+from chatbot.replies import decode_reply, end_of_turn_id, reply_token_ids
+from chatbot.sampling import PairGenerator
 from chatbot.service import ChatService
 from chatbot.store import Store
 from learner.batch import Sample

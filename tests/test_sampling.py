@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from chatbot.errors import InvalidInput
-from chatbot.sampling import PairGenerator, decode_reply
+from chatbot.replies import decode_reply
+from chatbot.sampling import PairGenerator
 from chatbot.store import Store
 
 MESSAGES = [{"role": "user", "content": "Say something nice."}]
