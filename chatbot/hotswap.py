@@ -38,7 +38,7 @@ import torch
 from chatbot import adapters
 from chatbot.errors import AdapterError
 from chatbot.store import Store
-from chatbot.threads import in_fresh_thread
+from chatbot.threads import in_fresh_thread_on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,10 @@ class LiveAdapter:
         target, sha = (row["version"], row["sha256"]) if row else (0, "")
         if target == self.version or self._failed == (target, sha):
             return False
-        try:  # in a thread of its own: see chatbot/model.py load_model on OpenMP teams
-            in_fresh_thread(lambda: self._load(row), name="adapter-swap")
+        try:  # on a CPU in a thread of its own (chatbot/model.py load_model: OpenMP teams);
+            # on a GPU in this one, the server's long-lived poller (chatbot/threads.py)
+            in_fresh_thread_on_cpu(lambda: self._load(row), self._device_type(),
+                                   name="adapter-swap")
         except (AdapterError, OSError, ValueError, RuntimeError, TypeError) as exc:
             self._failed = (target, sha)
             self.last_error = f"v{target} not loaded, v{self.version} keeps serving: {exc}"
@@ -147,6 +149,10 @@ class LiveAdapter:
             adapters.remove_versions(self.adapters_dir, {
                 a["version"] for a in self.store.adapters() if not a["path"]})
         return True
+
+    def _device_type(self) -> str:
+        """The model's device type; "none" where no model is in this process (vLLM's)."""
+        return "none" if self.model is None else next(self.model.parameters()).device.type
 
     def _verified(self, row: dict) -> tuple[Path, adapters.VerifiedAdapter, dict]:
         """The registry row's folder, checked by its manifest hashes (fetched from the

@@ -21,6 +21,9 @@ priority that wants the cores too: a spinning worker holds the core its partner 
 slower per step. A team of one has nobody to wait for: 1.2-1.3x beside such a neighbour
 (`python -m bench neighbours`, docs/performance.md).
 
+`in_fresh_thread_on_cpu` does that on a CPU only: on a GPU a thread per use keeps host memory,
+so there the work stays in the caller's (long-lived) thread.
+
 Left out: a pool for `in_fresh_thread` (each call starts and joins one thread); cgroup CPU
 quotas (a container's share of the host is read as the host's).
 """
@@ -56,6 +59,16 @@ def in_fresh_thread(work: Callable[[], T], name: str = "torch-work") -> T:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def in_fresh_thread_on_cpu(work: Callable[[], T], device_type: str,
+                           name: str = "torch-work") -> T:
+    """work() in a new thread where its torch work runs on a CPU (the thread takes its OpenMP
+    team with it); in the caller's thread on a GPU, where each new thread that ran CUDA work
+    kept host memory after it ended (chatbot/sampling.py, "Threads")."""
+    if device_type == "cpu":
+        return in_fresh_thread(work, name)
+    return work()
 
 
 def all_cores() -> int:

@@ -15,7 +15,13 @@ import time
 import pytest
 import torch
 
-from chatbot.threads import CpuShare, host_cpu_seconds, host_share, process_cpu_seconds
+from chatbot.threads import (
+    CpuShare,
+    host_cpu_seconds,
+    host_share,
+    in_fresh_thread_on_cpu,
+    process_cpu_seconds,
+)
 from learner.cores import BUSY_CORES, QUIET_S, learner_share
 
 
@@ -247,3 +253,18 @@ def test_the_server_follows_the_host_only_on_a_cpu_and_without_threads(tiny_conf
     assert (share.busy_threads, share.idle_threads) == (1, torch.get_num_threads())
     assert server_share(dataclasses.replace(tiny_config, threads=2), cpu, None) is None
     assert server_share(tiny_config, cuda, None) is None
+
+
+def test_torch_work_leaves_the_callers_thread_on_a_cpu_only():
+    """A fresh thread on a CPU (its OpenMP team ends with it); the caller's on a GPU and where
+    no model is in the process; an error comes back to the caller either way."""
+    def where() -> threading.Thread:
+        return threading.current_thread()
+
+    assert in_fresh_thread_on_cpu(where, "cpu", name="swap").name == "swap"
+    assert in_fresh_thread_on_cpu(where, "cuda") is threading.current_thread()
+    assert in_fresh_thread_on_cpu(where, "none") is threading.current_thread()
+    for device_type in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="bad"):
+            in_fresh_thread_on_cpu(lambda: int("bad"), device_type)
+

@@ -105,6 +105,24 @@ def test_a_swap_of_the_same_shape_copies_into_the_resident_slot(tiny_config, ser
     assert torch.allclose(logits(loaded.model), logits(fresh.model), atol=1e-6)
 
 
+def test_a_swap_loads_in_a_thread_of_its_own_on_a_cpu_and_in_the_pollers_on_a_gpu(
+        tiny_config, server_side, monkeypatch):
+    """On a CPU the version loads in a fresh thread, which takes its OpenMP team with it; on a
+    GPU in the calling thread (the server's one poller), as a new thread per use of CUDA kept
+    host memory."""
+    store, _, live, _ = server_side
+    threads = []
+    load = live._load
+    monkeypatch.setattr(live, "_load", lambda row: (threads.append(threading.current_thread()),
+                                                    load(row))[1])
+    publish_random_adapter(tiny_config, store, 1, seed=1)
+    assert live.sync() and threads[-1] is not threading.current_thread()
+    assert threads[-1].name == "adapter-swap"
+    monkeypatch.setattr(live, "_device_type", lambda: "cuda")
+    publish_random_adapter(tiny_config, store, 2, seed=2)
+    assert live.sync() and live.version == 2 and threads[-1] is threading.current_thread()
+
+
 def test_many_swaps_keep_one_adapter_in_memory(tiny_config, server_side):
     store, loaded, live, _ = server_side
     publish_random_adapter(tiny_config, store, 1, seed=1)
