@@ -61,7 +61,7 @@ TRL_CACHE = "trl-cache"  # a folder beside the suite's result
 TRL_SOURCES = ("trl_baseline.py", "simulate.py", "oracles.py")
 DPO_CACHE = "dpo-cache"
 DPO_SOURCES = ("bench/dpo_baseline.py", "bench/simulate.py", "bench/oracles.py",
-               "learner/batch.py", "chatbot/sampling.py", "chatbot/model.py")
+               "learner/batch.py", "chatbot/sampling.py", "chatbot/replies.py", "chatbot/model.py")
 ANCHOR_NAMES = {"trl": "TRL RLOO", "dpo": "offline DPO"}
 ROOT = Path(__file__).parent.parent
 # What Duet's side of a run executes: a change to any of these re-runs the kept runs.
