@@ -644,6 +644,42 @@ def test_a_paired_suite_reads_the_baselines_replies_before_and_writes_only_its_o
     assert first["before_from"] == "theirs/x"
 
 
+def test_the_defaults_suite_runs_the_product_with_no_flags_an_arm_at_a_time(
+        tmp_path, monkeypatch):
+    """defaults-reader gives app.py no flags (length-neutral votes are a default now) and is
+    read beside corrections-neutral-reader, which gave that flag; it runs every run of its
+    first arm (corrections) before any of votes only, so a suite cut short has whole arms."""
+    import argparse
+
+    import bench.user_suite as user_suite
+    from bench.user_suite import SUITES, baseline_of
+
+    suite = SUITES["defaults-reader"]
+    assert suite.extra == () and suite.correct_every == (8, 0)
+    assert SUITES[suite.against].extra == ("--length-neutral", "1")
+    assert baseline_of("defaults-reader") == "corrections-reader"
+    order = []
+
+    def fake_run_to_file(args, path, folder, name, oracle, text, seed, pace, every, *rest):
+        order.append(path.stem)
+        path.write_text(json.dumps({
+            "settings": {"user": name, "seed": seed, "pace": pace, "correct_every": every},
+            "results": {"satisfied_share_before": 0.3, "satisfied_share_after": 0.5,
+                        "p_value_one_sided": 0.01, "length_ratio": 0.9, "corrections": 0,
+                        "round_sizes": [4], "vote_to_live_seconds_median": 30.0}}))
+
+    monkeypatch.setattr(user_suite, "run_to_file", fake_run_to_file)
+    monkeypatch.setattr(user_suite, "check_user", lambda name: (name, "text"))
+    monkeypatch.setattr(user_suite, "plot", lambda runs, path: None)
+    monkeypatch.setattr(user_suite, "write_result", lambda *a: tmp_path / "suite.json")
+    args = argparse.Namespace(suite="defaults-reader", out=str(tmp_path), extra=[],
+                              summarize=False, eval_prompts=32, max_new_tokens=48, model="m")
+    user_suite.run_suite(args)
+    arms = [int(name.split("every")[1]) for name in order]
+    assert len(order) == 16 and arms == [8] * 8 + [0] * 8
+    assert order[:2] == ["contractions-s0-reader-every8", "can-s0-reader-every8"]
+
+
 def test_the_soak_summary_reads_growth_over_the_second_half():
     from bench.soak import slope_per_hour, summary
 
