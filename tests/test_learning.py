@@ -44,7 +44,8 @@ FEATURE_VOTES = 24
 def test_a_content_preference_moves_the_held_out_share(tmp_path):
     # 48-token replies, as in the learning suite: with 32-token replies (nearly all cut off)
     # a run of 32 votes made the replies shorter and left the share with a number where it
-    # was (17/48 -> 12/48); with 48 tokens this run goes 11/48 -> 25/48 at 24 votes.
+    # was (17/48 -> 12/48); with 48 tokens this run went 11/48 -> 25/48 at 24 votes, and with
+    # length-neutral votes (the default since stop 40) 11/48 -> 26/48, p = 0.0008.
     config, sim = simulation(tmp_path, "numbers", max_new_tokens=48)
     base, after = sim.run(FEATURE_VOTES, checkpoints=[0, FEATURE_VOTES])
     replies = 2 * EVAL_PROMPTS
