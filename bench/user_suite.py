@@ -139,8 +139,9 @@ def run_suite(args: argparse.Namespace) -> Path:
         baseline = [json.loads(path.read_text()) for path in
                     sorted(suite_folder(args, suite.against).glob("*-every*.json"))]
         theirs = " ".join(SUITES[suite.against].extra) or "no flags"
+        ours = " ".join(suite.extra) or "no flags"
         table_text += (f"\nPaired with the suite {suite.against} (its flags: {theirs}; this "
-                       f"suite's: {' '.join(suite.extra) or 'no flags'}):\n\n" + paired_table(runs, baseline))
+                       f"suite's: {ours}):\n\n" + paired_table(runs, baseline))
         lines["minus_" + suite.against] = paired_gains(runs, baseline)
     (folder / "table.md").write_text(table_text)
     print(table_text)
