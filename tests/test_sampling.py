@@ -294,4 +294,3 @@ def test_work_for_a_request_runs_where_the_generators_sampling_runs(generator):
     with pytest.raises(RuntimeError, match="no replies"):
         generator.in_sampling_thread(failing)
     generator.close()
-
