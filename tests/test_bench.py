@@ -596,6 +596,23 @@ def test_a_chain_of_paired_suites_is_scored_on_its_last_suites_replies_before():
         == baseline_of("corrections-reader") == "corrections-reader"
 
 
+def test_every_paired_suite_has_its_baselines_users_seeds_and_paces():
+    """A suite read beside another is paired run by run: each of its runs has a run of the
+    same user, seed and pace there (defaults-reader-64, 64 interactions, beside the 32 of
+    defaults-reader)."""
+    from bench.user_suite import SUITES, baseline_of
+
+    for name, suite in SUITES.items():
+        if suite.against:
+            baseline = SUITES[suite.against]
+            assert set(suite.users) <= set(baseline.users), name
+            assert set(suite.seeds) <= set(baseline.seeds), name
+            assert set(suite.paces) <= set(baseline.paces), name
+            assert baseline_of(name) == baseline_of(suite.against)
+    assert SUITES["defaults-reader-64"].interactions == 64
+    assert SUITES["defaults-reader-64"].correct_every == (8,)
+
+
 def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_won():
     from bench.user_suite import table
 
