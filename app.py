@@ -289,6 +289,16 @@ def copy(config: Config, args: argparse.Namespace) -> None:
               + ", ".join(f"v{v}" for v in result["versions_without_files"]))
 
 
+def check_pairs(config: Config) -> None:
+    """InvalidInput where the ways to make a pair do not go together."""
+    if config.explore_temperature and config.pair_candidates > 2:
+        raise InvalidInput("--explore-temperature and --pair-candidates above 2 do not go "
+                           "together: choose one way to make a pair")
+    if config.explore_temperature and config.engine == "vllm":
+        raise InvalidInput("--explore-temperature needs --engine transformers: a vLLM request "
+                           "draws all its replies at one temperature")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -310,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             config = Config.from_args(with_device_defaults(args))  # the learner gets the same
             if (config.engine == "vllm") != bool(config.engine_url):
                 raise InvalidInput("--engine vllm and --engine-url http://HOST:PORT go together")
+            check_pairs(config)
             serve(config, read_credentials(args.auth, args.auth_file))
     except DuetError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -114,7 +114,9 @@ def held_out_texts(client, prompts: list[str], per_prompt: int = 2, pairs: bool 
                    ) -> list[str]:
     """`per_prompt` replies to each prompt (pairs, then one reply if odd), in prompt order.
     `pairs=False` asks for one reply at a time: a server that chooses its pairs from
-    candidates (--pair-candidates) shows two chosen replies, not two samples of its policy."""
+    candidates (--pair-candidates) shows two chosen replies, and one that explores
+    (--explore-temperature) draws one of the two at another temperature: neither pair is two
+    samples of its policy."""
     texts = []
     for prompt in prompts:
         sizes = ([2] * (per_prompt // 2) + [1] * (per_prompt % 2) if pairs
@@ -166,11 +168,13 @@ def _stamp(text: str) -> float:
 
 
 def chooses_pairs(extra: list[str]) -> bool:
-    """Whether app.py's flags make it choose each pair from more than two candidates (read by
-    app.py's own parser)."""
+    """Whether app.py's flags make its pairs other than two samples of its policy: chosen from
+    more than two candidates, or one reply drawn at an exploring temperature (read by app.py's
+    own parser)."""
     import app
 
-    return app.build_parser().parse_args(list(extra)).pair_candidates > 2
+    args = app.build_parser().parse_args(list(extra))
+    return args.pair_candidates > 2 or bool(args.explore_temperature)
 
 
 def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: int,

@@ -15,6 +15,13 @@ the share of pairs that differ in it when the pair is the one the server's
 candidates (a plain pair) and the share of prompts where some two candidates differ (the most
 any choice of two could reach); and the mean word-count gap of each kind of pair.
 
+With `--explore-temperature X` it also samples one more reply per prompt at X and reports,
+per oracle, the share of such replies with the feature and the share of pairs that differ in
+it when the pair is a reply at --temperature beside the one at X (the pair the server's
+`--explore-temperature X` shows), beside the plain pair of the same prompts; and the mean
+word-count gap of each. Drawn apart, the two replies of a pair are as the server's one batch
+draws them: each row's tokens depend only on its own temperature.
+
 Left out: prompts other than bench/data/prompts.txt (use --prompts), the adapter.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -79,6 +87,24 @@ def chosen_pair_shares(oracle, candidates: list[list[str]]) -> dict:
             "most_different_pair_word_gap": chosen_gap / n}
 
 
+def exploring_pair_shares(oracle, plain: list[tuple[str, str]], explored: list[str]) -> dict:
+    """Per prompt: its plain pair (two replies at --temperature) and a reply at the exploring
+    temperature. The share of exploring replies with the feature, of exploring pairs (the
+    plain pair's first reply beside the exploring one) and of plain pairs that differ in it,
+    and the mean word-count gap of both kinds of pair."""
+    from bench.oracles import words
+
+    n = len(plain)
+    marks = [(oracle.truth.satisfied(a), oracle.truth.satisfied(b), oracle.truth.satisfied(x))
+             for (a, b), x in zip(plain, explored)]
+    return {"explore_reply_share": sum(x for _, _, x in marks) / n,
+            "exploring_pair_differs": sum(a != x for a, _, x in marks) / n,
+            "plain_pair_differs": sum(a != b for a, b, _ in marks) / n,
+            "exploring_pair_word_gap": sum(abs(words(a) - words(x))
+                                           for (a, _), x in zip(plain, explored)) / n,
+            "plain_pair_word_gap": sum(abs(words(a) - words(b)) for a, b in plain) / n}
+
+
 def run(args: argparse.Namespace) -> Path:
     from chatbot.model import load_model
     from chatbot.sampling import PairGenerator
@@ -105,6 +131,13 @@ def run(args: argparse.Namespace) -> Path:
                                         n=args.candidates)
         candidates += [[r.text for r in pair.replies] for pair in sampled]
     pairs = [(texts[0], texts[1]) for texts in candidates]
+    explored = []
+    if config.explore_temperature:
+        exploring = PairGenerator(loaded, replace(config, temperature=config.explore_temperature))
+        for i in range(0, len(prompts), args.batch):
+            chunk = prompts[i:i + args.batch]
+            explored += [pair.replies[0].text for pair in exploring.sample_many(
+                [[{"role": "user", "content": p}] for p in chunk], n=1)]
     results = {name: shares(oracle, pairs) for name, oracle in oracles.items()}
     for name, row in results.items():
         print(f"{row['reply_share']:.2f} of replies, {row['differing_pair_share']:.2f} of pairs "
@@ -115,9 +148,18 @@ def run(args: argparse.Namespace) -> Path:
                   f"{row['most_different_pair_differs']:.2f}, some pair in "
                   f"{row['some_pair_differs']:.2f}; word gap {row['plain_pair_word_gap']:.1f} "
                   f"-> {row['most_different_pair_word_gap']:.1f}")
+        if explored:
+            row.update(exploring_pair_shares(oracles[name], pairs, explored))
+            print(f"  one reply at {config.explore_temperature:g}: "
+                  f"{row['explore_reply_share']:.2f} of them, and the pair differs in "
+                  f"{row['exploring_pair_differs']:.2f} (plain {row['plain_pair_differs']:.2f}); "
+                  f"word gap {row['plain_pair_word_gap']:.1f} -> "
+                  f"{row['exploring_pair_word_gap']:.1f}")
     settings = {**config.as_dict(), "patterns": args.pattern, "prompts_used": len(prompts),
                 "seed": seed, "candidates": args.candidates}
     # with candidates, a file of its own: the API-level suite reads feature-share.json's shares
     name = "feature-share" if args.candidates == 2 else f"feature-share-candidates{args.candidates}"
+    if explored:
+        name += f"-explore{config.explore_temperature:g}"
     return write_result(name, settings, {"features": results, "pairs": len(pairs)},
                         Path(args.out) if args.out else RESULTS)

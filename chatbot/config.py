@@ -56,6 +56,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number 0 or more, got {value:g}")
+    return value
+
+
 MAX_PAIR_CANDIDATES = 8
 
 
@@ -145,6 +152,11 @@ class Config:
         f"{GPU_MAX_NEW_TOKENS} on a GPU)", "sampling", type=_positive_int, unset=True))
     temperature: float = field(default=0.8, metadata=setting(
         "sampling temperature of both replies (default: {default})", "sampling", type=float))
+    explore_temperature: float = field(default=0.0, metadata=setting(  # chatbot.warp
+        "sample one reply of each pair (on a random side) at this temperature instead, so "
+        "that the two differ more often in what a person looks for; each reply stores its "
+        "own; 0 = both at --temperature (default: {default}, off)", "sampling",
+        type=_non_negative, handed_on=False))
     top_p: float = field(default=0.95, metadata=setting(
         "nucleus sampling threshold (default: {default})", "sampling", type=float))
     pair_candidates: int = field(default=2, metadata=setting(  # chatbot.pair_choice

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from transformers import StaticCache
 
-from chatbot.warp import sample_tokens
+from chatbot.warp import Temperature, sample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +112,12 @@ class StaticDecoder:
         self._lock = threading.Lock()
         self._eager: set[tuple] = set()  # states whose capture failed: decoded eagerly
 
-    def decode(self, prompt: list[int], n: int, max_new_tokens: int, *, temperature: float,
+    def decode(self, prompt: list[int], n: int, max_new_tokens: int, *, temperature: Temperature,
                top_p: float, stop_ids: set[int], pad_id: int,
                on_step: Callable[[list[int]], None] | None = None,
                cancel: threading.Event | None = None) -> Decoded:
-        """Sample n rows of at most `max_new_tokens` after `prompt`. A row ends at its first
+        """Sample n rows of at most `max_new_tokens` after `prompt` (at one temperature, or a
+        row's own: chatbot/warp.py). A row ends at its first
         stop id, and is padded with `pad_id` while others go on; the decode ends when every
         row has ended, at `cancel`, or at the limit. `on_step` gets each step's tokens."""
         length = len(prompt)

@@ -128,5 +128,12 @@ def m008_pair_candidates(cur: Cursor) -> None:
     _ddl(cur, "alter table pairs add column candidates integer")
 
 
+def m009_reply_temperature(cur: Cursor) -> None:
+    """The temperature each reply was drawn at (--explore-temperature draws one of a pair at
+    another); null for a reply stored before: its pair's."""
+    _ddl(cur, "alter table replies add column temperature double precision")
+
+
 MIGRATIONS = [m001_initial, m002_judged_pairs, m003_api_keys, m004_adapter_files,
-              m005_corrections, m006_preview_of, m007_drop_votes_split, m008_pair_candidates]
+              m005_corrections, m006_preview_of, m007_drop_votes_split, m008_pair_candidates,
+              m009_reply_temperature]

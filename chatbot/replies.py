@@ -1,15 +1,16 @@
 """What a sampled reply and pair are, and what every engine shares to make them.
 
-`Reply` and `SampledPair` are what the store keeps of a turn: each reply's text, token ids and
-behaviour log-probs, and the pair's adapter version and sampling settings. `PairStream` is a
-pair as it grows. `Generator` is what the service asks of an engine: chatbot/sampling.py's
-`PairGenerator` (transformers, in this process) or chatbot/vllm_engine.py's `VllmGenerator`
-(a vLLM server). Both derive from `StreamingGenerator`, which encodes the conversation in the
-chat template (`encode_prompt`: the oldest turns dropped until it fits), caps a request's reply
-length at the server's, and, with --pair-candidates K, shows the two of K drafts that differ
-most (`_choose_pair`, chatbot/pair_choice.py). The chat template's other edges live here too:
-a reply's text from its tokens, a person's rewrite as tokens (`reply_token_ids`, for the
-learner), the end-of-turn token.
+`Reply` and `SampledPair` are what the store keeps of a turn: each reply's text, token ids,
+behaviour log-probs and temperature, and the pair's adapter version and sampling settings.
+`PairStream` is a pair as it grows. `Generator` is what the service asks of an engine:
+chatbot/sampling.py's `PairGenerator` (transformers, in this process) or
+chatbot/vllm_engine.py's `VllmGenerator` (a vLLM server). Both derive from
+`StreamingGenerator`, which encodes the conversation in the chat template (`encode_prompt`: the
+oldest turns dropped until it fits), caps a request's reply length at the server's, and, with
+--pair-candidates K, shows the two of K drafts that differ most (`_choose_pair`,
+chatbot/pair_choice.py). The chat template's other edges live here too: a reply's text from its
+tokens, a person's rewrite as tokens (`reply_token_ids`, for the learner), the end-of-turn
+token.
 
 Left out: any torch work; sampling itself is the engines'.
 """
@@ -34,6 +35,9 @@ class Reply:
     token_ids: list[int]
     token_logprobs: list[float]
     finish_reason: str  # "stop" (end-of-turn token) or "length" (hit max_new_tokens)
+    # the temperature it was drawn at; None: its pair's (--explore-temperature draws one
+    # reply of a pair at another)
+    temperature: float | None = None
 
     @property
     def behaviour_logprob(self) -> float:

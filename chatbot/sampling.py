@@ -5,10 +5,11 @@ pair costs about one reply's time on a GPU, and much less than two on a CPU. A s
 receives both rows' new tokens at each step and hands the partial texts to the caller.
 
 `stream(messages, n=1)` samples a single reply the same way (the OpenAI-compatible API's
-`n=1`), and `max_new_tokens` may lower the server's limit for one request, never raise it.
-With `--pair-candidates K` a pair is a batch of K, of which two are shown. What a reply and a
-pair are, the prompt's encoding and the stream's shape are shared with the vLLM engine
-(chatbot/replies.py).
+`n=1`), and `max_new_tokens` may lower the server's limit for one request, never raise it. With
+`--pair-candidates K` a pair is a batch of K, of which two are shown; with `--explore-
+temperature X` one row of the pair, on a random side, is drawn at X (chatbot/warp.py). What a
+reply and a pair are, the prompt's encoding and the stream's shape are shared with the vLLM
+engine (chatbot/replies.py).
 
 For every reply we keep its token ids (up to and including the end-of-turn token, which the
 learner must see to learn when to stop) and each token's log-probability under the model's
@@ -48,7 +49,9 @@ Left out: batching the turns of different users together, speculative decoding.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,7 +73,7 @@ from chatbot.replies import (
     decode_reply,
 )
 from chatbot.threads import CpuShare, in_fresh_thread
-from chatbot.warp import sampling_kwargs
+from chatbot.warp import as_rows, row_temperatures, sampling_kwargs
 
 T = TypeVar("T")
 
@@ -152,6 +155,7 @@ class PairGenerator(StreamingGenerator):
         self.decoder = graph_decode.for_generator(
             self.model, self.device, config.cuda_graphs,
             config.max_prompt_tokens + config.max_new_tokens)
+        self._sides = random.Random(config.seed)  # which reply explores (--explore-temperature)
 
     def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
                     ) -> list[SampledPair]:
@@ -202,6 +206,8 @@ class PairGenerator(StreamingGenerator):
         streamer = _PairStreamer()
         outcome: dict = {}
         started = time.perf_counter()
+        temperatures = (row_temperatures(self.config, self._sides.random() < 0.5) if n == 2
+                        else (self.config.temperature,) * n)
 
         def work() -> None:
             try:
@@ -209,9 +215,12 @@ class PairGenerator(StreamingGenerator):
                     self.cpu_share.apply()
                 with self.adapter_context() as version, torch.inference_mode():
                     outcome["version"] = version
-                    output = self._generate(prompt, streamer, stream.cancel, n, max_new_tokens)
+                    output = self._generate(prompt, streamer, stream.cancel, n, max_new_tokens,
+                                            as_rows(temperatures, self.device))
                 # Here, not in the consumer's thread: see "Threads" in the module docstring.
-                outcome["replies"] = self._replies(prompt, output)
+                outcome["replies"] = tuple(
+                    dataclasses.replace(reply, temperature=t)
+                    for reply, t in zip(self._replies(prompt, output), temperatures))
             except BaseException as exc:  # re-raised in the consuming thread
                 outcome["error"] = exc
                 streamer.end()
@@ -266,10 +275,11 @@ class PairGenerator(StreamingGenerator):
             self.sampler.shutdown(wait=False, cancel_futures=True)
 
     def _generate(self, prompt: list[int], streamer: _PairStreamer, cancel: threading.Event,
-                  n: int, max_new_tokens: int):
+                  n: int, max_new_tokens: int, temperature):
+        """`n` rows after `prompt`, each at its temperature (`warp`'s: one, or (n, 1))."""
         if self.decoder is not None:  # a GPU: CUDA graph replays (chatbot/graph_decode.py)
             output = self.decoder.decode(
-                prompt, n, max_new_tokens, temperature=self.config.temperature,
+                prompt, n, max_new_tokens, temperature=temperature,
                 top_p=self.config.top_p, stop_ids=self.stop_ids,
                 pad_id=self.tokenizer.pad_token_id, on_step=streamer.steps.put, cancel=cancel)
             streamer.end()
@@ -283,7 +293,8 @@ class PairGenerator(StreamingGenerator):
             max_new_tokens=max_new_tokens, num_return_sequences=n,
             streamer=streamer, stopping_criteria=criteria,
             output_logits=True, return_dict_in_generate=True,
-            pad_token_id=self.tokenizer.pad_token_id, **sampling_kwargs(self.config))
+            pad_token_id=self.tokenizer.pad_token_id,
+            **sampling_kwargs(self.config, temperature))
 
     def _replies(self, prompt: list[int], output) -> tuple[Reply, ...]:
         new_tokens = output.sequences[:, len(prompt):]  # (n, T)

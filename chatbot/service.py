@@ -92,6 +92,7 @@ def _pair_columns(pair: SampledPair) -> tuple[dict, list[dict]]:
                "first_token_seconds": pair.first_token_seconds, "candidates": pair.candidates}
     replies = [{"text": r.text, "token_ids": r.token_ids, "token_logprobs": r.token_logprobs,
                 "behaviour_logprob": r.behaviour_logprob, "adapter_version": pair.adapter_version,
+                "temperature": pair.temperature if r.temperature is None else r.temperature,
                 "finish_reason": r.finish_reason, "n_tokens": len(r.token_ids)}
                for r in pair.replies]
     return columns, replies

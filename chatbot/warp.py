@@ -1,7 +1,8 @@
 """How a token is drawn from a decode step's logits: the server's temperature, then top-p,
 then a draw from what is left - the rule of `generate(do_sample=True, top_k=0)`, for every
 engine in this process (chatbot/sampling.py's `generate` calls, chatbot/graph_decode.py's
-loop), computed without sorting the whole vocabulary.
+loop), computed without sorting the whole vocabulary. The temperature may be one per row (a
+pair whose second reply explores at --explore-temperature, `row_temperatures`).
 
 Left out: top-k, min-p and the other warpers transformers has (the server sets temperature
 and top-p only), and vLLM's sampler (a vLLM server samples with its own).
@@ -17,10 +18,13 @@ from chatbot.config import Config
 TOP_P_CANDIDATES = 512  # the most likely tokens top-p looks among before it sorts them all
 
 
-def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+Temperature = float | torch.Tensor  # one for every row, or (n, 1): one per row
+
+
+def warp(logits: torch.Tensor, temperature: Temperature, top_p: float) -> torch.Tensor:
     """Raw logits (n, V) as `generate(do_sample=True, top_k=0)` warps them: divided by the
-    temperature; then, below top-p 1, every token but the most likely ones whose
-    probabilities reach top_p (at least one) set to -inf.
+    temperature (a row's own, given (n, 1)); then, below top-p 1, every token but the most
+    likely ones whose probabilities reach top_p (at least one) set to -inf.
 
     transformers sorts the whole vocabulary for top-p: 5.5 ms a step for a pair over the
     embedded model's 49,152 tokens on this project's 2-core EPYC (9.6 ms on one thread),
@@ -28,7 +32,8 @@ def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor
     are almost always among the few hundred most likely (353 and 369 of 49,152 on random
     logits at top-p 0.95), so it ranks those (`topk`, 0.26 ms) and sorts the whole
     vocabulary only for a row where they fall short of top_p: the same tokens kept."""
-    scores = logits / temperature if temperature != 1.0 else logits
+    plain = not isinstance(temperature, torch.Tensor) and temperature == 1.0
+    scores = logits if plain else logits / temperature
     if top_p >= 1.0:
         return scores
     probs = scores.softmax(dim=-1)
@@ -41,7 +46,7 @@ def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor
     return scores.masked_fill(drop, float("-inf"))
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: Temperature, top_p: float) -> torch.Tensor:
     """One token per row of raw logits (n, V), drawn as `generate(do_sample=True, top_k=0)`
     draws it: from the softmax of the warped logits (`warp`)."""
     return torch.multinomial(warp(logits, temperature, top_p).softmax(dim=-1), 1)[:, 0]
@@ -51,7 +56,7 @@ class _Warp(LogitsProcessor):
     """The server's temperature and top-p inside `generate`, as `warp` computes them: the
     same tokens kept as transformers' own warpers, without sorting the vocabulary."""
 
-    def __init__(self, temperature: float, top_p: float) -> None:
+    def __init__(self, temperature: Temperature, top_p: float) -> None:
         self.temperature = temperature
         self.top_p = top_p
 
@@ -59,8 +64,27 @@ class _Warp(LogitsProcessor):
         return warp(scores, self.temperature, self.top_p)
 
 
-def sampling_kwargs(config: Config) -> dict:
-    """How every `generate` call here samples: --temperature and --top-p through `_Warp`, and
-    none of transformers' own warpers (temperature 1, top-p 1, top-k 0 switch them off)."""
+def sampling_kwargs(config: Config, temperature: Temperature | None = None) -> dict:
+    """How every `generate` call here samples: --temperature (or the rows' own, `temperature`)
+    and --top-p through `_Warp`, and none of transformers' own warpers (temperature 1, top-p
+    1, top-k 0 switch them off)."""
+    temperature = config.temperature if temperature is None else temperature
     return dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                logits_processor=LogitsProcessorList([_Warp(config.temperature, config.top_p)]))
+                logits_processor=LogitsProcessorList([_Warp(temperature, config.top_p)]))
+
+
+def row_temperatures(config: Config, explore_first: bool) -> tuple[float, float]:
+    """The temperatures of a pair's two replies: both --temperature, or, with
+    --explore-temperature, one of them (the first if `explore_first`) at that."""
+    if not config.explore_temperature:
+        return (config.temperature, config.temperature)
+    if explore_first:
+        return (config.explore_temperature, config.temperature)
+    return (config.temperature, config.explore_temperature)
+
+
+def as_rows(temperatures: tuple[float, ...], device) -> Temperature:
+    """Row temperatures as `warp` takes them: one float when they are all the same."""
+    if len(set(temperatures)) == 1:
+        return temperatures[0]
+    return torch.tensor(temperatures, device=device, dtype=torch.float32)[:, None]

@@ -466,6 +466,24 @@ def test_feature_share_compares_the_most_different_pair_with_a_plain_one(tiny_mo
     assert not (tmp_path / "feature-share.json").exists()  # the suite's shares stay as they were
 
 
+def test_feature_share_compares_an_exploring_pair_with_a_plain_one(tiny_model_dir, tmp_path):
+    from bench.feature_share import exploring_pair_shares
+
+    # prompt 1: the plain pair agrees on x, the exploring reply lacks it; prompt 2: all have x
+    row = exploring_pair_shares(make_oracle("re:x"), [("x a", "x b c"), ("x", "x")],
+                                ["q r s t", "x y"])
+    assert row == {"explore_reply_share": 0.5, "exploring_pair_differs": 0.5,
+                   "plain_pair_differs": 0.0, "exploring_pair_word_gap": 1.5,
+                   "plain_pair_word_gap": 0.5}
+    bench(["feature-share", "--model", str(tiny_model_dir), "--device", "cpu", "--pattern",
+           "re:.", "--prompts-used", "3", "--batch", "2", "--explore-temperature", "1.3",
+           "--max-new-tokens", "4", "--out", str(tmp_path)])
+    results = result(tmp_path, "feature-share-explore1.3")
+    assert results["pairs"] == 3
+    assert set(results["features"]["re:."]) >= {"exploring_pair_differs", "explore_reply_share"}
+    assert not (tmp_path / "feature-share.json").exists()
+
+
 def test_held_out_replies_are_single_samples_where_the_server_chooses_its_pairs():
     from types import SimpleNamespace
 
@@ -474,6 +492,8 @@ def test_held_out_replies_are_single_samples_where_the_server_chooses_its_pairs(
     assert not chooses_pairs([]) and not chooses_pairs(["--pair-candidates", "2"])
     assert chooses_pairs(["--length-neutral", "1", "--pair-candidates", "4"])
     assert chooses_pairs(["--pair-candidates=3"])
+    assert chooses_pairs(["--explore-temperature", "1.2"])
+    assert not chooses_pairs(["--explore-temperature", "0"])
     asked = []
 
     def create(model, messages, n):

@@ -13,6 +13,7 @@ from chatbot.config import (
     Config,
     _candidates,
     _fraction,
+    _non_negative,
     _positive_int,
     command_line,
     flag_of,
@@ -40,7 +41,7 @@ def _another_value(f, s, default, tmp_path):
         return (default or 0) + 3
     if s.type is _fraction:  # within [0, 1]
         return default - 0.25 if default >= 0.5 else default + 0.25
-    if s.type is float:
+    if s.type in (float, _non_negative):
         return (default or 0) + 0.25
     return "postgresql://duet@db.example/duet" if f.name == "db" else f"some-{f.name}"
 
@@ -125,9 +126,27 @@ def test_bounded_settings_refuse_values_out_of_range_and_say_so(capsys):
 
     for flag, value, message in [("--pair-candidates", "1", "between 2 and 8, got 1"),
                                  ("--pair-candidates", "9", "between 2 and 8, got 9"),
-                                 ("--length-neutral", "1.5", "between 0 and 1, got 1.5")]:
+                                 ("--length-neutral", "1.5", "between 0 and 1, got 1.5"),
+                                 ("--explore-temperature", "-0.5", "0 or more, got -0.5"),
+                                 ("--explore-temperature", "nan", "0 or more, got nan")]:
         with pytest.raises(SystemExit):
             app.build_parser().parse_args([flag, value])
         assert message in capsys.readouterr().err
     assert Config.from_args(app.build_parser().parse_args(["--pair-candidates", "4"])
                             ).pair_candidates == 4
+
+
+def test_an_exploring_pair_goes_with_neither_candidates_nor_vllm():
+    """--explore-temperature draws one reply of a plain pair at another temperature: the
+    server refuses it beside --pair-candidates above 2, and on vLLM (whose request draws all
+    its replies at one temperature), and says why."""
+    import app
+    from chatbot.errors import InvalidInput
+
+    app.check_pairs(Config(explore_temperature=1.2))
+    app.check_pairs(Config(pair_candidates=4))
+    with pytest.raises(InvalidInput, match="choose one way to make a pair"):
+        app.check_pairs(Config(explore_temperature=1.2, pair_candidates=4))
+    with pytest.raises(InvalidInput, match="needs --engine transformers"):
+        app.check_pairs(Config(explore_temperature=1.2, engine="vllm",
+                               engine_url="http://127.0.0.1:8000"))

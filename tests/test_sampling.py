@@ -174,7 +174,10 @@ def test_a_pair_chosen_from_candidates_is_the_two_that_differ_most(tiny_loaded, 
     assert len(candidates) == 4
     i, j = most_different([reply.text for reply in candidates])
     pair = stream.result
-    assert pair.replies == (candidates[i], candidates[j]) and pair.candidates == 4
+    drawn_at = dataclasses.replace  # each reply carries the temperature it was drawn at
+    assert pair.replies == (drawn_at(candidates[i], temperature=0.8),
+                            drawn_at(candidates[j], temperature=0.8))
+    assert pair.candidates == 4
     assert chunks[-1] == (candidates[i].text, candidates[j].text)
     assert set(chunks[:-1]) == {("", "")}  # drafting: nothing shown until the choice
     assert pair.first_token_seconds == pair.seconds
@@ -215,6 +218,46 @@ def test_a_pair_chosen_from_candidates_is_stored_with_their_count(tiny_loaded, t
     i, j = most_different([reply.text for reply in drafted[-1]])
     assert [r["token_ids"] for r in stored["replies"]] == [drafted[-1][i].token_ids,
                                                             drafted[-1][j].token_ids]
+
+
+def test_an_exploring_pair_draws_one_reply_at_the_other_temperature_and_stores_it(
+        tiny_loaded, tiny_config, db_target):
+    """--explore-temperature: one reply of each pair, on a random side, is drawn at that
+    temperature (here near zero: the same tokens every time, where the other reply's vary),
+    and each reply is stored with its own. Log-probs stay the policy's own; a single reply
+    (n=1) keeps --temperature."""
+    from chatbot.service import ChatService
+
+    config = dataclasses.replace(tiny_config, max_new_tokens=8, temperature=1.0,
+                                 explore_temperature=1e-6, seed=5)
+    generator = PairGenerator(tiny_loaded, config)
+    torch.manual_seed(0)
+    pairs = [generator.sample(MESSAGES) for _ in range(8)]
+    sides = [[r.temperature for r in pair.replies].index(1e-6) for pair in pairs]
+    assert set(sides) == {0, 1}  # the exploring reply is on either side
+    for pair in pairs:
+        assert sorted(r.temperature for r in pair.replies) == [1e-6, 1.0]
+        assert pair.temperature == 1.0
+    greedy = {tuple(p.replies[s].token_ids) for p, s in zip(pairs, sides)}
+    sampled = {tuple(p.replies[1 - s].token_ids) for p, s in zip(pairs, sides)}
+    assert len(greedy) == 1 and len(sampled) > 1
+    pair = pairs[0]
+    for reply in pair.replies:
+        fresh = sequence_logprobs(tiny_loaded.model, pair.prompt_token_ids, reply.token_ids)
+        assert torch.allclose(torch.tensor(reply.token_logprobs), fresh, atol=1e-4)
+    single = generator.stream(MESSAGES, n=1)
+    list(single)
+    assert single.result.replies[0].temperature == 1.0
+
+    store = Store(db_target)
+    try:
+        service = ChatService(config, store, generator, model_id=tiny_loaded.model_id)
+        turn = service.ask("ann", "Say something nice.")
+        stored = store.pair("ann", turn["pair_id"])
+    finally:
+        store.close()
+    assert sorted(r["temperature"] for r in stored["replies"]) == [1e-6, 1.0]
+    assert stored["temperature"] == 1.0
 
 
 def test_on_a_gpu_streamed_pairs_share_one_long_lived_sampler_thread(generator, monkeypatch):

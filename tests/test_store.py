@@ -48,9 +48,11 @@ def test_migrations_build_every_table_once(db_target):
             } <= store.db.tables()
     assert store.db.applied_migrations() == [m.__name__ for m in MIGRATIONS] == [
         "m001_initial", "m002_judged_pairs", "m003_api_keys", "m004_adapter_files",
-        "m005_corrections", "m006_preview_of", "m007_drop_votes_split", "m008_pair_candidates"]
+        "m005_corrections", "m006_preview_of", "m007_drop_votes_split", "m008_pair_candidates",
+        "m009_reply_temperature"]
     assert "judged_pairs" in store.db.columns("learner_steps")
     assert "candidates" in store.db.columns("pairs")
+    assert "temperature" in store.db.columns("replies")
     if store.db.dialect.name == "sqlite":
         assert store.db.query("pragma journal_mode")[0]["journal_mode"] == "wal"
 
@@ -70,12 +72,13 @@ def test_a_sqlite_file_made_by_sqlite_utils_opens_and_migrates(tmp_path):
         "('duet', 'm003_api_keys', 'x');"
         "create table adapters (version integer primary key, path text);"
         "create table votes (id integer primary key, pair_id text, split text);"
-        "create table pairs (id text primary key);")
+        "create table pairs (id text primary key);"
+        "create table replies (id integer primary key, pair_id text);")
     old.close()
     store = Store(path)
-    assert store.db.applied_migrations()[-5:] == [
+    assert store.db.applied_migrations()[-6:] == [
         "m004_adapter_files", "m005_corrections", "m006_preview_of", "m007_drop_votes_split",
-        "m008_pair_candidates"]
+        "m008_pair_candidates", "m009_reply_temperature"]
     assert {"adapter_files", "corrections"} <= store.db.tables()
     assert store.db.columns("votes") == {"id", "pair_id"}  # m001 not run again; m007 ran
 

@@ -47,3 +47,29 @@ def test_generate_keeps_what_transformers_own_warpers_keep(tiny_loaded, tiny_con
         ours = tiny_loaded.model.generate(**common, **sampling_kwargs(tiny_config))
     assert (tiny_config.temperature, tiny_config.top_p) == (0.8, 0.95)
     assert torch.equal(ours.sequences, theirs.sequences)
+
+
+def test_a_row_temperature_warps_each_row_as_its_own_temperature_would():
+    """A pair whose second reply explores (--explore-temperature) warps each row by its own
+    temperature: the same scores as warping the row alone."""
+    from chatbot.warp import as_rows, warp
+
+    logits = torch.randn(2, 4096) * 3.0
+    rows = as_rows((0.8, 1.3), logits.device)
+    assert rows.shape == (2, 1)
+    together = warp(logits, rows, 0.95)
+    assert torch.equal(together[0], warp(logits[:1], 0.8, 0.95)[0])
+    assert torch.equal(together[1], warp(logits[1:], 1.3, 0.95)[0])
+    assert as_rows((0.8, 0.8), logits.device) == 0.8  # one temperature: a plain float
+
+
+def test_a_pair_explores_on_one_side_only_when_asked(tiny_config):
+    import dataclasses
+
+    from chatbot.warp import row_temperatures
+
+    assert row_temperatures(tiny_config, True) == row_temperatures(tiny_config, False) == (
+        tiny_config.temperature, tiny_config.temperature)
+    exploring = dataclasses.replace(tiny_config, explore_temperature=1.2)
+    assert row_temperatures(exploring, True) == (1.2, tiny_config.temperature)
+    assert row_temperatures(exploring, False) == (tiny_config.temperature, 1.2)
