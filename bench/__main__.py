@@ -19,6 +19,7 @@ BENCHMARKS = {
     "latency": "bench.latency",
     "api-user": "bench.api_user",
     "feature-share": "bench.feature_share",
+    "pair-choice": "bench.choice",
     "sweep": "bench.sweep",
     "store": "bench.store",
     "soak": "bench.soak",

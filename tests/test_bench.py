@@ -484,6 +484,38 @@ def test_feature_share_compares_an_exploring_pair_with_a_plain_one(tiny_model_di
     assert not (tmp_path / "feature-share.json").exists()
 
 
+def test_a_reward_model_on_the_votes_chooses_pairs_that_differ_once_it_knows(tiny_model_dir,
+                                                                             tmp_path):
+    """pair-choice: candidates whose first feature says whether they have an x. A plain pair
+    differs in x as often as chance has it; the reward-model rule, once its model has votes
+    enough to beat a coin, shows a pair that differs wherever some two candidates do."""
+    import random
+
+    from bench.choice import reward_choice, simulate
+
+    assert reward_choice([0.0, 2.0, -1.0], [3, 3, 3]) == (1, 2)
+    assert reward_choice([0.0, 2.0, -1.0], [3, 30, 3]) == (0, 2)  # the long one is left out
+    rng = random.Random(0)
+    texts, features = [], []
+    for _ in range(96):
+        has = [rng.random() < 0.3 for _ in range(4)]
+        texts.append(["x b c" if h else "a b c" for h in has])
+        features.append(torch.tensor([[float(h)] + [rng.gauss(0, 1) for _ in range(3)]
+                                      for h in has]))
+    row = simulate(make_oracle("re:\\bx\\b"), texts, features, 4, random.Random(0))
+    assert row["reward_model_knows_from_prompt"] is not None
+    assert row["reward_model_knows_from_prompt"] < 48
+    later = {rule: row[rule]["differs_later_half"] for rule in ("plain", "reward_model",
+                                                                "ceiling")}
+    assert later["reward_model"] == later["ceiling"] > later["plain"] + 0.2
+    bench(["pair-choice", "--model", str(tiny_model_dir), "--device", "cpu", "--pattern",
+           "re:.", "--pattern", "noisy-numbers", "--prompts-used", "3", "--candidates", "3",
+           "--batch", "2", "--max-new-tokens", "4", "--out", str(tmp_path)])
+    results = result(tmp_path, "pair-choice-candidates3")
+    assert set(results["users"]) == {"re:.", "noisy-numbers"}
+    assert set(results["users"]["re:."]) >= {"plain", "words", "reward_model", "ceiling"}
+
+
 def test_held_out_replies_are_single_samples_where_the_server_chooses_its_pairs():
     from types import SimpleNamespace
 
