@@ -18,7 +18,10 @@ shows its pair and the simulated user votes on it (ties to the shorter; noisy-NA
 Bradley-Terry on the base model's frozen features, strength by cross-validation) on its own
 votes so far every `--refit-every` votes, and while the model's cross-validated accuracy
 beats a coin it shows the two candidates of about the same length (pair_choice's length
-rule) whose rewards differ most; before that, a plain pair. Reported per user and rule: the
+rule) whose rewards differ most; before that, a plain pair. The reward-model-less-length rule
+does the same with the reply's word count (log) as one more feature, left out of the reward
+it chooses by: a user who breaks ties toward the shorter reply casts mostly votes that length
+explains, and a model of them alone learns length. Reported per user and rule: the
 share of pairs that differ in the feature, over all prompts and over the later half (when the
 model has votes to learn from), beside a plain pair, the most-different-words pair and the
 ceiling (some two candidates differ), all on the same candidates.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,7 +45,7 @@ from bench.oracles import make_oracle
 from bench.simulate import load_prompts
 from chatbot.config import Config, add_model_args, add_sampling_args
 
-RULES = ("plain", "words", "reward_model", "ceiling")
+RULES = ("plain", "words", "reward_model", "reward_model_less_length", "ceiling")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -73,44 +77,74 @@ def reward_choice(scores: list[float], counts: list[int]) -> tuple[int, int]:
     return max(matched or pairs, key=lambda ij: abs(scores[ij[0]] - scores[ij[1]]))
 
 
+class RewardRule:
+    """Shows the pair its reward model, refitted on the rule's own votes, is surest differ;
+    with `less_length`, the reply's log word count is a feature of the model and no part of
+    the reward it chooses by."""
+
+    def __init__(self, refit_every: int, rng: random.Random, less_length: bool) -> None:
+        self.refit_every, self.rng, self.less_length = refit_every, rng, less_length
+        self.votes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.model = None
+        self.knows_from: int | None = None
+
+    def rows(self, features: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if not self.less_length:
+            return features
+        lengths = torch.tensor(counts, dtype=features.dtype)[:, None]
+        return torch.cat([features, (lengths + 1).log()], dim=1)
+
+    def choose(self, rows: torch.Tensor, counts: list[int]) -> tuple[int, int]:
+        if self.model is None or not self.model.knows_something:
+            return 0, 1
+        model = self.model
+        if self.less_length:  # the length's weight left out of the reward
+            model = replace(model, weights=torch.cat([model.weights[:-1],
+                                                      model.weights.new_zeros(1)]))
+        return reward_choice(model.score(rows).tolist(), counts)
+
+    def vote(self, p: int, rows: torch.Tensor, chosen: int, rejected: int) -> None:
+        from learner.reward import MIN_PAIRS, fit_reward_model
+
+        self.votes.append((rows[chosen], rows[rejected]))
+        if len(self.votes) >= MIN_PAIRS and len(self.votes) % self.refit_every == 0:
+            self.model = fit_reward_model(torch.stack([c for c, _ in self.votes]),
+                                          torch.stack([r for _, r in self.votes]), self.rng)
+            if self.model.knows_something and self.knows_from is None:
+                self.knows_from = p + 1  # it chooses from the next prompt on
+
+
 def simulate(oracle, texts: list[list[str]], features: list[torch.Tensor],
              refit_every: int, rng: random.Random) -> dict:
     """Each rule's pairs over the prompts in order: 1 where the pair differs in the oracle's
     feature. `features[p]` is (K, F), one row per candidate of prompt p."""
     from chatbot.pair_choice import most_different, words
-    from learner.reward import MIN_PAIRS, fit_reward_model
 
     differs: dict[str, list[int]] = {rule: [] for rule in RULES}
-    votes: list[tuple[torch.Tensor, torch.Tensor]] = []  # the reward-model rule's own votes
-    model, knows_from = None, None
-    for p, (candidates, rows) in enumerate(zip(texts, features)):
+    rules = {"reward_model": RewardRule(refit_every, random.Random(rng.random()), False),
+             "reward_model_less_length": RewardRule(refit_every, random.Random(rng.random()),
+                                                    True)}
+    for p, (candidates, features_p) in enumerate(zip(texts, features)):
         marks = [oracle.truth.satisfied(text) for text in candidates]
+        counts = [len(words(text)) for text in candidates]
         differs["plain"].append(int(marks[0] != marks[1]))
         i, j = most_different(candidates)
         differs["words"].append(int(marks[i] != marks[j]))
         differs["ceiling"].append(int(len(set(marks)) > 1))
-        if model is not None and model.knows_something:
-            i, j = reward_choice(model.score(rows).tolist(),
-                                 [len(words(text)) for text in candidates])
-        else:
-            i, j = 0, 1
-        differs["reward_model"].append(int(marks[i] != marks[j]))
-        choice = oracle.prefer(candidates[i], candidates[j])
-        if choice in ("A", "B"):
-            chosen, rejected = (i, j) if choice == "A" else (j, i)
-            votes.append((rows[chosen], rows[rejected]))
-            if len(votes) >= MIN_PAIRS and len(votes) % refit_every == 0:
-                model = fit_reward_model(torch.stack([c for c, _ in votes]),
-                                         torch.stack([r for _, r in votes]), rng)
-                if model.knows_something and knows_from is None:
-                    knows_from = p + 1  # it chooses from the next prompt on
+        for name, rule in rules.items():
+            rows = rule.rows(features_p, counts)
+            i, j = rule.choose(rows, counts)
+            differs[name].append(int(marks[i] != marks[j]))
+            choice = oracle.prefer(candidates[i], candidates[j])
+            if choice in ("A", "B"):
+                rule.vote(p, rows, *((i, j) if choice == "A" else (j, i)))
     half = len(texts) // 2
     out = {}
     for rule, marks in differs.items():
         out[rule] = {"differs": sum(marks) / len(marks),
                      "differs_later_half": sum(marks[half:]) / len(marks[half:])}
-    out["reward_model_knows_from_prompt"] = knows_from
-    out["votes"] = len(votes)
+    for name, rule in rules.items():
+        out[name].update(knows_from_prompt=rule.knows_from, votes=len(rule.votes))
     return out
 
 
@@ -160,7 +194,7 @@ def run(args: argparse.Namespace) -> Path:
         print(f"{name}: " + ", ".join(
             f"{rule} {row[rule]['differs']:.2f} (later half {row[rule]['differs_later_half']:.2f})"
             for rule in RULES) + f"; the reward model knew from prompt "
-            f"{row['reward_model_knows_from_prompt']}")
+            f"{row['reward_model']['knows_from_prompt']}")
     settings = {**config.as_dict(), "patterns": args.pattern, "prompts_used": len(pairs),
                 "seed": seed, "candidates": args.candidates, "refit_every": args.refit_every}
     return write_result(f"pair-choice-candidates{args.candidates}", settings,

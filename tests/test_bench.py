@@ -491,7 +491,7 @@ def test_a_reward_model_on_the_votes_chooses_pairs_that_differ_once_it_knows(tin
     enough to beat a coin, shows a pair that differs wherever some two candidates do."""
     import random
 
-    from bench.choice import reward_choice, simulate
+    from bench.choice import RULES, reward_choice, simulate
 
     assert reward_choice([0.0, 2.0, -1.0], [3, 3, 3]) == (1, 2)
     assert reward_choice([0.0, 2.0, -1.0], [3, 30, 3]) == (0, 2)  # the long one is left out
@@ -503,17 +503,18 @@ def test_a_reward_model_on_the_votes_chooses_pairs_that_differ_once_it_knows(tin
         features.append(torch.tensor([[float(h)] + [rng.gauss(0, 1) for _ in range(3)]
                                       for h in has]))
     row = simulate(make_oracle("re:\\bx\\b"), texts, features, 4, random.Random(0))
-    assert row["reward_model_knows_from_prompt"] is not None
-    assert row["reward_model_knows_from_prompt"] < 48
-    later = {rule: row[rule]["differs_later_half"] for rule in ("plain", "reward_model",
-                                                                "ceiling")}
+    for name in ("reward_model", "reward_model_less_length"):
+        assert row[name]["knows_from_prompt"] is not None
+        assert row[name]["knows_from_prompt"] < 48
+    later = {rule: row[rule]["differs_later_half"] for rule in RULES}
     assert later["reward_model"] == later["ceiling"] > later["plain"] + 0.2
+    assert later["reward_model_less_length"] == later["ceiling"]
     bench(["pair-choice", "--model", str(tiny_model_dir), "--device", "cpu", "--pattern",
            "re:.", "--pattern", "noisy-numbers", "--prompts-used", "3", "--candidates", "3",
            "--batch", "2", "--max-new-tokens", "4", "--out", str(tmp_path)])
     results = result(tmp_path, "pair-choice-candidates3")
     assert set(results["users"]) == {"re:.", "noisy-numbers"}
-    assert set(results["users"]["re:."]) >= {"plain", "words", "reward_model", "ceiling"}
+    assert set(results["users"]["re:."]) == set(RULES)
 
 
 def test_held_out_replies_are_single_samples_where_the_server_chooses_its_pairs():
