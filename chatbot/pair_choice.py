@@ -18,7 +18,9 @@ leave-one-out advantages still point from the rejected reply to the chosen one, 
 gradient is no longer an unbiased estimate of the policy's; the pair records how many
 candidates it was chosen from (`pairs.candidates`).
 
-Left out: choosing by a reward model fitted on the votes (the pair it is least sure about);
+Left out: choosing by a reward model fitted on the votes (`python -m bench pair-choice`
+measured the learner's on the base model's candidates: its pairs differed in a user's feature
+no more often than plain ones, docs/results.md);
 choosing before the replies are complete (the candidates are drafted whole, so the pair is
 shown when all K are done, not streamed).
 """
