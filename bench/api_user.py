@@ -23,6 +23,10 @@ z-test and (each prompt a stratum: prompts differ in how often any reply has the
 one-sided Cochran-Mantel-Haenszel test, and the mean reply length. `--eval-replies` sets the
 replies per prompt (2: one pair; a suite fixes its own).
 
+A run with corrections also scores the replies after with the user's correction sentence
+taken out (`less_correction`): the suite's user puts the same sentence first in every
+rewrite, and a model that learns to write it verbatim satisfies the preference by copying.
+
 Left out: the browser (tests/test_browser.py drives the page), several users on one server.
 """
 
@@ -134,6 +138,20 @@ def scored(texts: list[str], oracle, per_prompt: int = 2) -> dict:
             "mean_words": sum(map(words, texts)) / len(texts), "sample": texts[:4],
             "satisfied_by_prompt": [sum(hits[i:i + per_prompt])
                                     for i in range(0, len(hits), per_prompt)]}
+
+
+def less_correction(texts: list[str], sentence: str, oracle, before_satisfied: int) -> dict:
+    """The held-out replies after, scored with the user's correction sentence taken out
+    wherever it appears. A simulated user puts the same sentence first in every rewrite, and
+    after several corrections the model writes it verbatim: that satisfies the preference by
+    a copied sentence, which a person whose rewrites vary would not teach. The share without
+    it, its one-sided p against the share before (the base model never wrote the sentence),
+    and how many replies had it."""
+    stripped = [" ".join(text.replace(sentence, " ").split()) for text in texts]
+    satisfied = sum(oracle.truth.satisfied(text) for text in stripped)
+    return {"satisfied_share_after_less_correction": satisfied / len(texts),
+            "p_value_less_correction": one_sided_p(before_satisfied, satisfied, len(texts)),
+            "replies_with_correction_sentence": sum(sentence in text for text in texts)}
 
 
 def learner_done(status: dict) -> bool:
@@ -279,6 +297,8 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
         "vote_to_live_seconds_median": (statistics.median(seconds_to_live)
                                         if seconds_to_live else None),
         "seconds_total": time.perf_counter() - started,
+        **(less_correction(after_texts, correction_text, oracle, before["satisfied"])
+           if correct_every else {}),
     }
 
 

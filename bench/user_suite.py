@@ -24,8 +24,10 @@ chain's end. A server that chooses its pairs from candidates is asked for its he
 replies one at a time: its pairs are not two samples of its policy.
 
 The headline: per arm and pace, the share of runs significant at 5% and the mean gain with its
-95% t-interval; each arm with corrections minus votes only, paired; and, for a suite tried
-against another, its gain minus the other's, paired.
+95% t-interval (for an arm with corrections, also with the user's correction sentence taken out
+of the replies after: a model that copies it verbatim satisfies the user by copying); each arm
+with corrections minus votes only, paired; and, for a suite tried against another, its gain
+minus the other's, paired.
 
 Left out: running several runs at once (each must have the machine to itself).
 """
@@ -215,6 +217,14 @@ def headline(runs: list[dict]) -> dict:
         s = run["settings"]
         groups.setdefault(f"{s['pace']}-every{s['correct_every']}", []).append(run["results"])
         by_run[_run_key(run)] = run["results"]
+    less: dict[str, list[tuple[float, float]]] = {}  # arm -> (gain, p) less the sentence
+    for run in runs:
+        scored = less_correction_of(run)
+        if scored is not None:
+            s, r = run["settings"], run["results"]
+            less.setdefault(f"{s['pace']}-every{s['correct_every']}", []).append(
+                (scored["satisfied_share_after_less_correction"] - r["satisfied_share_before"],
+                 scored["p_value_less_correction"]))
     out = {}
     for key, results in groups.items():
         out[key] = {"runs": len(results),
@@ -222,6 +232,10 @@ def headline(runs: list[dict]) -> dict:
                     / len(results),
                     "gain": mean_ci([_gain(r) for r in results]),
                     "length_ratio_min": min(r["length_ratio"] for r in results)}
+        if key in less:
+            out[key]["less_correction_sentence"] = {
+                "significant_share": sum(p < 0.05 for _, p in less[key]) / len(less[key]),
+                "gain": mean_ci([gain for gain, _ in less[key]])}
     for (user, seed, pace, every), result in by_run.items():
         alone = by_run.get((user, seed, pace, 0))
         if every and alone:
@@ -230,6 +244,27 @@ def headline(runs: list[dict]) -> dict:
     for key in [k for k in out if k.endswith("minus-votes-only")]:
         out[key] = mean_ci(out[key])
     return out
+
+
+def less_correction_of(run: dict) -> dict | None:
+    """A run with corrections, scored with the user's correction sentence taken out of the
+    replies after (bench/api_user.py `less_correction`): kept in the run, or computed from
+    its replies for a run made before it was; None for a run without corrections, or one
+    whose replies after were not kept (runs made before b85e0e0)."""
+    from bench.api_user import less_correction
+    from bench.oracles import make_oracle
+
+    s, r = run["settings"], run["results"]
+    if not s["correct_every"]:
+        return None
+    if "satisfied_share_after_less_correction" in r:
+        return r
+    if "after_texts" not in r:
+        return None
+    n = len(r["after_texts"])
+    return less_correction(r["after_texts"], s["correction_text"],
+                           make_oracle(s["oracle"], s["seed"]),
+                           round(r["satisfied_share_before"] * n))
 
 
 def _share(value: float | None) -> str:
@@ -279,17 +314,23 @@ def paired_table(runs: list[dict], baseline: list[dict]) -> str:
 
 def table(runs: list[dict]) -> str:
     lines = ["| user | seed | pace | corrections every | share before → after | p | p by prompt "
+             "| after less the correction's sentence (p; replies with it) "
              "| words after ÷ before | shorter reply won | corrections | rounds (new items) "
              "| vote-to-live median s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         s, r = run["settings"], run["results"]
         live = r["vote_to_live_seconds_median"]
         stratified = f"{r['p_value_stratified']:.3g}" if "p_value_stratified" in r else "-"
+        scored = less_correction_of(run)
+        less = "-" if scored is None else (
+            f"{scored['satisfied_share_after_less_correction']:.2f} "
+            f"({scored['p_value_less_correction']:.3g}; "
+            f"{scored['replies_with_correction_sentence']})")
         lines.append(
             f"| {s['user']} | {s['seed']} | {s['pace']} | {s['correct_every'] or '-'} | "
             f"{r['satisfied_share_before']:.2f} → {r['satisfied_share_after']:.2f} | "
-            f"{r['p_value_one_sided']:.3g} | {stratified} | {r['length_ratio']:.2f} | "
+            f"{r['p_value_one_sided']:.3g} | {stratified} | {less} | {r['length_ratio']:.2f} | "
             f"{_share(r.get('shorter_won'))} | {r['corrections']} | "
             f"{r['round_sizes']} | {'-' if live is None else f'{live:.0f}'} |")
     return "\n".join(lines) + "\n"

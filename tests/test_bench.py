@@ -683,6 +683,38 @@ def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_wo
     assert "| 0.90 | - | 0 |" in old and "| 0.90 | 0.80 | 0 |" in new
 
 
+def test_a_run_with_corrections_is_also_scored_without_the_users_sentence():
+    """A model that learned to write the user's correction sentence verbatim satisfies the
+    simulated user by copying: the suite scores the replies after with the sentence taken
+    out, beside the plain share, in the table and the headline."""
+    from bench.api_user import less_correction
+    from bench.user_suite import headline, table
+
+    sentence = "Here is an answer for you."
+    after = [f"{sentence} The sky is blue.", f"{sentence} Ask what you like.",
+             "Grass is green.", "It depends on you."]
+    scored = less_correction(after, sentence, make_oracle("you"), before_satisfied=1)
+    assert scored["satisfied_share_after_less_correction"] == 0.5  # 2 of 4 keep a "you"
+    assert scored["replies_with_correction_sentence"] == 2
+    assert scored["p_value_less_correction"] > 0.05  # 1 of 4 -> 2 of 4 is no evidence
+
+    def run(every):
+        return {"settings": {"user": "you", "seed": 0, "pace": "reader", "correct_every": every,
+                             "oracle": "you", "correction_text": sentence if every else None},
+                "results": {"satisfied_share_before": 0.25, "satisfied_share_after": 1.0,
+                            "p_value_one_sided": 0.01, "length_ratio": 0.9, "corrections": 1,
+                            "round_sizes": [4], "vote_to_live_seconds_median": 30.0,
+                            "after_texts": after}}
+
+    rows = table([run(8), run(0)]).splitlines()
+    assert "| 0.50 (" in rows[2] and "; 2) |" in rows[2]
+    assert "| 0.50 (" not in rows[3]
+    out = headline([run(8), run(0)])
+    assert out["reader-every8"]["less_correction_sentence"]["significant_share"] == 0.0
+    assert out["reader-every8"]["less_correction_sentence"]["gain"]["mean"] == 0.25
+    assert "less_correction_sentence" not in out["reader-every0"]
+
+
 def test_a_paired_suite_reads_the_baselines_replies_before_and_writes_only_its_own(
         tmp_path, monkeypatch):
     import argparse
