@@ -5,11 +5,11 @@ pair costs about one reply's time on a GPU, and much less than two on a CPU. A s
 receives both rows' new tokens at each step and hands the partial texts to the caller.
 
 `stream(messages, n=1)` samples a single reply the same way (the OpenAI-compatible API's
-`n=1`), and `max_new_tokens` may lower the server's limit for one request, never raise it. With
-`--pair-candidates K` a pair is a batch of K, of which two are shown; with `--explore-
-temperature X` one row of the pair, on a random side, is drawn at X (chatbot/warp.py). What a
-reply and a pair are, the prompt's encoding and the stream's shape are shared with the vLLM
-engine (chatbot/replies.py).
+`n=1`), and `max_new_tokens` may lower the server's limit for one request, never raise it.
+With `--pair-candidates K` a pair is a batch of K, of which two are shown; with
+`--explore-temperature X` one row of the pair, on a random side, is drawn at X
+(chatbot/warp.py). What a reply and a pair are, the prompt's encoding and the stream's shape
+are shared with the vLLM engine (chatbot/replies.py).
 
 For every reply we keep its token ids (up to and including the end-of-turn token, which the
 learner must see to learn when to stop) and each token's log-probability under the model's
