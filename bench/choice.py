@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS, write_result
+from bench.feature_share import sample_batched, shuffled_prompts
 from bench.oracles import make_oracle
-from bench.simulate import load_prompts
 from chatbot.config import Config, add_model_args, add_sampling_args
 
 RULES = ("plain", "words", "reward_model", "reward_model_less_length", "ceiling")
@@ -170,19 +170,11 @@ def run(args: argparse.Namespace) -> Path:
         raise SystemExit("--candidates must be at least 3: with two there is nothing to "
                          "choose")
     oracles = {name: make_oracle(name, seed=0) for name in args.pattern}
-    prompts = load_prompts(Path(args.prompts)) if args.prompts else load_prompts()
-    seed = 0 if args.seed is None else args.seed
-    random.Random(seed).shuffle(prompts)
-    prompts = prompts[:args.prompts_used]
+    prompts, seed = shuffled_prompts(args)
     config = Config.from_args(args)
     torch.manual_seed(seed)
     loaded = load_model(config)
-    generator = PairGenerator(loaded, config)
-    pairs = []
-    for i in range(0, len(prompts), args.batch):
-        chunk = prompts[i:i + args.batch]
-        pairs += generator.sample_many([[{"role": "user", "content": p}] for p in chunk],
-                                       n=args.candidates)
+    pairs = sample_batched(PairGenerator(loaded, config), prompts, args.candidates, args.batch)
     pairs = [pair for pair in pairs if all(reply.token_ids for reply in pair.replies)]
     texts = [[reply.text for reply in pair.replies] for pair in pairs]
     features = candidate_features(loaded.model, pairs, loaded.tokenizer.pad_token_id,

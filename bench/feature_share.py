@@ -105,6 +105,25 @@ def exploring_pair_shares(oracle, plain: list[tuple[str, str]], explored: list[s
             "plain_pair_word_gap": sum(abs(words(a) - words(b)) for a, b in plain) / n}
 
 
+def shuffled_prompts(args: argparse.Namespace) -> tuple[list[str], int]:
+    """The first --prompts-used prompts (of --prompts, else bench/data/prompts.txt), shuffled
+    by --seed, and the seed (0 if none was given)."""
+    prompts = load_prompts(Path(args.prompts)) if args.prompts else load_prompts()
+    seed = 0 if args.seed is None else args.seed
+    random.Random(seed).shuffle(prompts)
+    return prompts[:args.prompts_used], seed
+
+
+def sample_batched(generator, prompts: list[str], n: int, batch: int) -> list:
+    """`n` replies to each prompt (a one-message conversation), `batch` prompts per
+    generate call, in the prompts' order."""
+    sampled = []
+    for i in range(0, len(prompts), batch):
+        sampled += generator.sample_many(
+            [[{"role": "user", "content": p}] for p in prompts[i:i + batch]], n=n)
+    return sampled
+
+
 def run(args: argparse.Namespace) -> Path:
     from chatbot.model import load_model
     from chatbot.sampling import PairGenerator
@@ -115,29 +134,20 @@ def run(args: argparse.Namespace) -> Path:
         raise SystemExit("--pair-candidates is the server's; here, --candidates K samples K "
                          "replies per prompt and reports both kinds of pair")
     oracles = {name: make_oracle(name) for name in args.pattern}  # bad patterns fail first
-    prompts = load_prompts(Path(args.prompts)) if args.prompts else load_prompts()
-    seed = 0 if args.seed is None else args.seed
-    random.Random(seed).shuffle(prompts)
-    prompts = prompts[:args.prompts_used]
+    prompts, seed = shuffled_prompts(args)
     config = Config.from_args(args)
     torch.manual_seed(seed)
     loaded = load_model(config)
     generator = PairGenerator(loaded, config)
-    candidates = []
     batch = max(1, args.batch * 2 // args.candidates)  # rows per generate call as with pairs
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        sampled = generator.sample_many([[{"role": "user", "content": p}] for p in chunk],
-                                        n=args.candidates)
-        candidates += [[r.text for r in pair.replies] for pair in sampled]
+    candidates = [[r.text for r in pair.replies]
+                  for pair in sample_batched(generator, prompts, args.candidates, batch)]
     pairs = [(texts[0], texts[1]) for texts in candidates]
     explored = []
     if config.explore_temperature:
         exploring = PairGenerator(loaded, replace(config, temperature=config.explore_temperature))
-        for i in range(0, len(prompts), args.batch):
-            chunk = prompts[i:i + args.batch]
-            explored += [pair.replies[0].text for pair in exploring.sample_many(
-                [[{"role": "user", "content": p}] for p in chunk], n=1)]
+        explored = [pair.replies[0].text
+                    for pair in sample_batched(exploring, prompts, 1, args.batch)]
     results = {name: shares(oracle, pairs) for name, oracle in oracles.items()}
     for name, row in results.items():
         print(f"{row['reply_share']:.2f} of replies, {row['differing_pair_share']:.2f} of pairs "

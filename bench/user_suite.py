@@ -213,16 +213,15 @@ def headline(runs: list[dict]) -> dict:
 
     groups: dict[str, list[dict]] = {}
     by_run: dict[tuple, dict] = {}
-    for run in runs:
-        s = run["settings"]
-        groups.setdefault(f"{s['pace']}-every{s['correct_every']}", []).append(run["results"])
-        by_run[_run_key(run)] = run["results"]
     less: dict[str, list[tuple[float, float]]] = {}  # arm -> (gain, p) less the sentence
     for run in runs:
+        s, r = run["settings"], run["results"]
+        key = f"{s['pace']}-every{s['correct_every']}"
+        groups.setdefault(key, []).append(r)
+        by_run[_run_key(run)] = r
         scored = less_correction_of(run)
         if scored is not None:
-            s, r = run["settings"], run["results"]
-            less.setdefault(f"{s['pace']}-every{s['correct_every']}", []).append(
+            less.setdefault(key, []).append(
                 (scored["satisfied_share_after_less_correction"] - r["satisfied_share_before"],
                  scored["p_value_less_correction"]))
     out = {}

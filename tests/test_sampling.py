@@ -24,6 +24,19 @@ def sequence_logprobs(model, prompt: list[int], reply: list[int]) -> torch.Tenso
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
 
 
+def stored_turn(config, generator, loaded, db_target) -> dict:
+    """One turn asked through the service with `generator`: its pair as the store keeps it."""
+    from chatbot.service import ChatService
+
+    store = Store(db_target)
+    try:
+        service = ChatService(config, store, generator, model_id=loaded.model_id)
+        turn = service.ask("ann", "Say something nice.")
+        return store.pair("ann", turn["pair_id"])
+    finally:
+        store.close()
+
+
 @pytest.fixture
 def generator(tiny_loaded, tiny_config):
     return PairGenerator(tiny_loaded, dataclasses.replace(tiny_config, max_new_tokens=12))
@@ -199,7 +212,6 @@ def test_a_pair_chosen_from_candidates_is_the_two_that_differ_most(tiny_loaded, 
 def test_a_pair_chosen_from_candidates_is_stored_with_their_count(tiny_loaded, tiny_config,
                                                                   monkeypatch, db_target):
     from chatbot.pair_choice import most_different
-    from chatbot.service import ChatService
 
     config = dataclasses.replace(tiny_config, max_new_tokens=6, pair_candidates=3)
     generator = PairGenerator(tiny_loaded, config)
@@ -207,13 +219,7 @@ def test_a_pair_chosen_from_candidates_is_stored_with_their_count(tiny_loaded, t
     original = generator._replies
     monkeypatch.setattr(generator, "_replies",
                         lambda *a: drafted.append(original(*a)) or drafted[-1])
-    store = Store(db_target)
-    try:
-        service = ChatService(config, store, generator, model_id=tiny_loaded.model_id)
-        turn = service.ask("ann", "Say something nice.")
-        stored = store.pair("ann", turn["pair_id"])
-    finally:
-        store.close()
+    stored = stored_turn(config, generator, tiny_loaded, db_target)
     assert stored["candidates"] == 3
     i, j = most_different([reply.text for reply in drafted[-1]])
     assert [r["token_ids"] for r in stored["replies"]] == [drafted[-1][i].token_ids,
@@ -226,8 +232,6 @@ def test_an_exploring_pair_draws_one_reply_at_the_other_temperature_and_stores_i
     temperature (here near zero: the same tokens every time, where the other reply's vary),
     and each reply is stored with its own. Log-probs stay the policy's own; a single reply
     (n=1) keeps --temperature."""
-    from chatbot.service import ChatService
-
     config = dataclasses.replace(tiny_config, max_new_tokens=8, temperature=1.0,
                                  explore_temperature=1e-6, seed=5)
     generator = PairGenerator(tiny_loaded, config)
@@ -249,13 +253,7 @@ def test_an_exploring_pair_draws_one_reply_at_the_other_temperature_and_stores_i
     list(single)
     assert single.result.replies[0].temperature == 1.0
 
-    store = Store(db_target)
-    try:
-        service = ChatService(config, store, generator, model_id=tiny_loaded.model_id)
-        turn = service.ask("ann", "Say something nice.")
-        stored = store.pair("ann", turn["pair_id"])
-    finally:
-        store.close()
+    stored = stored_turn(config, generator, tiny_loaded, db_target)
     assert sorted(r["temperature"] for r in stored["replies"]) == [1e-6, 1.0]
     assert stored["temperature"] == 1.0
 
