@@ -18,7 +18,7 @@ A suite may try a rule: `extra` flags for app.py, and `against`, a suite without
 held-out replies before (`length-neutral-reader` against `corrections-reader`'s votes-only
 arm; `candidates-reader`, which adds --pair-candidates 4, against `length-neutral-reader`;
 `defaults-reader`, the product's defaults, against `corrections-neutral-reader`, whose flag
-became a default; `defaults-reader-64`, its corrections arm at 64 interactions, against it).
+became a default; `defaults-reader-64`, both its arms at 64 interactions, against it).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end. A server that chooses its pairs from candidates is asked for its held-out
 replies one at a time: its pairs are not two samples of its policy.
@@ -91,9 +91,9 @@ SUITES = {
     # first, then votes only, each arm over every user and seed before the next.
     "defaults-reader": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (8, 0),
                              paces=("reader",), against="corrections-neutral-reader"),
-    # The issue's bar: the defaults with a correction every 8, at 64 interactions, read beside
-    # the same arm at 32 (the gain of 32 more interactions).
-    "defaults-reader-64": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (8,),
+    # The issue's bar: the defaults at 64 interactions, with a correction every 8 and then
+    # votes only, each arm read beside the same arm at 32 (the gain of 32 more interactions).
+    "defaults-reader-64": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (8, 0),
                                 paces=("reader",), interactions=64,
                                 against="defaults-reader"),
 }

@@ -663,7 +663,7 @@ def test_every_paired_suite_has_its_baselines_users_seeds_and_paces():
             assert set(suite.paces) <= set(baseline.paces), name
             assert baseline_of(name) == baseline_of(suite.against)
     assert SUITES["defaults-reader-64"].interactions == 64
-    assert SUITES["defaults-reader-64"].correct_every == (8,)
+    assert SUITES["defaults-reader-64"].correct_every == (8, 0)  # corrections first
 
 
 def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_won():
