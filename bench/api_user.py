@@ -6,6 +6,8 @@ after.
     python -m bench api-user --oracle you --votes 64
     python -m bench api-user --oracle can --votes 32 --correct-every 8 \\
         --correction-text "Here is what I can tell you."
+    python -m bench api-user --oracle can --votes 32 --correct-every 8 \\
+        --correction-text "I can help with that." --correction-text "Anyone can learn this."
     python -m bench api-user --suite corrections     # users x seeds x arms: bench/user_suite.py
 
 A user asks for a pair (`n=2` through the `openai` package), reads it at their pace (`instant`:
@@ -13,8 +15,10 @@ votes as soon as it comes; `reader`: --reader-seconds after it came) and votes t
 `POST /v1/feedback`. With --correct-every N a correction falls due every N interactions: at
 the first interaction from then on whose preferred reply lacks the feature, the user sends the
 vote with a rewrite of that reply (bench/oracles.py `corrected`: their own sentence with the
-feature first, the rest kept). An interaction is one pair: a run with corrections has as many
-as one without.
+feature first, the rest kept). Given several sentences, the user draws one at random for each
+correction (a rng of its own, so the prompts asked are the same as with one sentence): a
+person's rewrites vary. An interaction is one pair: a run with corrections has as many as one
+without.
 
 Before voting, and again once the learner has used every vote and correction, the user asks
 each held-out prompt (never voted on, so never trained on) for a pair and reads both replies:
@@ -23,9 +27,9 @@ z-test and (each prompt a stratum: prompts differ in how often any reply has the
 one-sided Cochran-Mantel-Haenszel test, and the mean reply length. `--eval-replies` sets the
 replies per prompt (2: one pair; a suite fixes its own).
 
-A run with corrections also scores the replies after with the user's correction sentence
-taken out (`less_correction`): the suite's user puts the same sentence first in every
-rewrite, and a model that learns to write it verbatim satisfies the preference by copying.
+A run with corrections also scores the replies after with the user's correction sentences
+taken out (`less_correction`): a model that learns to write a sentence the user put first in
+rewrite after rewrite satisfies the preference by copying it.
 
 Left out: the browser (tests/test_browser.py drives the page), several users on one server.
 """
@@ -58,9 +62,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="interactions (pairs voted on) (default: 64)")
     parser.add_argument("--correct-every", type=int, default=0,
                         help="a correction falls due every N interactions (default: 0, none)")
-    parser.add_argument("--correction-text", default=None,
+    parser.add_argument("--correction-text", action="append", default=None,
                         help="the sentence with the feature the user puts first when they fix "
-                             "a reply (needed with --correct-every)")
+                             "a reply (needed with --correct-every); given more than once, "
+                             "one of them drawn at random for each correction")
     parser.add_argument("--pace", choices=("instant", "reader"), default="instant",
                         help="instant: vote as soon as the pair comes; reader: after "
                              "--reader-seconds (default: instant)")
@@ -140,18 +145,32 @@ def scored(texts: list[str], oracle, per_prompt: int = 2) -> dict:
                                     for i in range(0, len(hits), per_prompt)]}
 
 
-def less_correction(texts: list[str], sentence: str, oracle, before_satisfied: int) -> dict:
-    """The held-out replies after, scored with the user's correction sentence taken out
-    wherever it appears. A simulated user puts the same sentence first in every rewrite, and
-    after several corrections the model writes it verbatim: that satisfies the preference by
-    a copied sentence, which a person whose rewrites vary would not teach. The share without
-    it, its one-sided p against the share before (the base model never wrote the sentence),
-    and how many replies had it."""
-    stripped = [" ".join(text.replace(sentence, " ").split()) for text in texts]
+def correction_sentences(text: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """The user's correction sentences: one (a str, as runs before the pools stored it) or
+    several, of which each correction draws one."""
+    if text is None:
+        return []
+    return [text] if isinstance(text, str) else list(text)
+
+
+def less_correction(texts: list[str], sentences: str | list[str], oracle,
+                    before_satisfied: int) -> dict:
+    """The held-out replies after, scored with the user's correction sentences taken out
+    wherever they appear. A simulated user puts a sentence of their own first in every
+    rewrite, and after several corrections the model writes it verbatim: that satisfies the
+    preference by a copied sentence. The share without them, its one-sided p against the share
+    before (the base model never wrote them), and how many replies had one."""
+    sentences = correction_sentences(sentences)
+    stripped = []
+    for text in texts:
+        for sentence in sentences:
+            text = text.replace(sentence, " ")
+        stripped.append(" ".join(text.split()))
     satisfied = sum(oracle.truth.satisfied(text) for text in stripped)
     return {"satisfied_share_after_less_correction": satisfied / len(texts),
             "p_value_less_correction": one_sided_p(before_satisfied, satisfied, len(texts)),
-            "replies_with_correction_sentence": sum(sentence in text for text in texts)}
+            "replies_with_correction_sentence": sum(any(sentence in text for sentence in sentences)
+                                                    for text in texts)}
 
 
 def learner_done(status: dict) -> bool:
@@ -196,11 +215,13 @@ def chooses_pairs(extra: list[str]) -> bool:
 
 
 def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: int,
-            correction_text: str | None, pace: str, reader_seconds: float, eval_prompts: int,
-            eval_replies: int = 2,
+            correction_text: str | list[str] | None, pace: str, reader_seconds: float,
+            eval_prompts: int, eval_replies: int = 2,
             max_new_tokens: int, model: str, timeout: float, extra: list[str],
             prompts_file: str | None = None, before_texts: list[str] | None = None) -> dict:
-    """One user's run; `before_texts`: the base model's held-out replies, read already."""
+    """One user's run; `before_texts`: the base model's held-out replies, read already;
+    `correction_text`: the sentence the user's corrections put first, or several to draw
+    from."""
     import httpx
     from gradio_client import Client
     from openai import OpenAI
@@ -208,13 +229,15 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
     from tests.serving import running_server
 
     oracle = make_oracle(oracle_name, seed)
-    if correct_every and not correction_text:
+    sentences = correction_sentences(correction_text)
+    if correct_every and not sentences:
         raise ValueError("--correct-every needs --correction-text: the sentence the user adds")
-    if correction_text:
-        corrected(oracle, "", correction_text)  # the text must have the feature
+    for sentence in sentences:
+        corrected(oracle, "", sentence)  # each must have the feature
     prompts = load_prompts(Path(prompts_file)) if prompts_file else load_prompts()
     train, held_out = split_prompts(prompts, eval_prompts, seed=seed)
     rng = random.Random(seed)
+    drafts = random.Random(f"{seed}-corrections")  # apart from rng: the same prompts either way
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="duet-api-user-") as data_dir:
         data = Path(data_dir)
@@ -239,7 +262,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
                 choice = oracle.prefer(a, b)
                 body = {"pair_id": completion.pair_id, "choice": choice}
                 side = "B" if choice == "B" else "A"
-                rewrite = corrected(oracle, a if side == "A" else b, correction_text) \
+                rewrite = corrected(oracle, a if side == "A" else b, drafts.choice(sentences)) \
                     if due else None
                 if rewrite is not None:
                     body.update(correction=rewrite, side=side)

@@ -18,7 +18,8 @@ A suite may try a rule: `extra` flags for app.py, and `against`, a suite without
 held-out replies before (`length-neutral-reader` against `corrections-reader`'s votes-only
 arm; `candidates-reader`, which adds --pair-candidates 4, against `length-neutral-reader`;
 `defaults-reader`, the product's defaults, against `corrections-neutral-reader`, whose flag
-became a default; `defaults-reader-64`, both its arms at 64 interactions, against it).
+became a default; `defaults-reader-64`, both its arms at 64 interactions, against it;
+`varied-reader-64`, whose users' rewrites vary, against that).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end. A server that chooses its pairs from candidates is asked for its held-out
 replies one at a time: its pairs are not two samples of its policy.
@@ -44,13 +45,23 @@ from bench.common import RESULTS, write_result
 
 CONTRACTIONS = (r"re:\b(\w+n't|I'm|I'd|I'll|I've|you're|you'll|you've|we're|we'll|they're|"
                 r"it's|that's|there's|here's|let's|what's)\b")
-# The users a suite may name: their preference, and the sentence they put first when they fix
-# a reply (it must have the feature). `noisy-NAME` is NAME with 20% of its votes flipped.
+# The users a suite may name: their preference, and the sentences they put first when they fix
+# a reply (each has the feature). A suite's user puts the first one first in every rewrite; in
+# a suite with `varied` corrections, one of them drawn at random for each rewrite, as a
+# person's rewrites vary. `noisy-NAME` is NAME with 20% of its votes flipped.
 USERS = {
-    "contractions": (CONTRACTIONS, "That's a good question."),
-    "can": ("can", "Here is what I can tell you."),
-    "you": ("you", "Here is an answer for you."),
-    "numbers": ("numbers", "There are two sides to this."),
+    "contractions": (CONTRACTIONS, ("That's a good question.", "Here's the short version.",
+                                    "It's simpler than it looks.", "Let's go through it.",
+                                    "I'd start with the basics.", "There's more to it.")),
+    "can": ("can", ("Here is what I can tell you.", "I can help with that.",
+                    "Most people can do this.", "This can work in a few ways.",
+                    "We can start with the main point.", "Anyone can learn this.")),
+    "you": ("you", ("Here is an answer for you.", "You asked a good question.",
+                    "This should help you.", "Here is what your question needs.",
+                    "Let me show you how.", "You will find this useful.")),
+    "numbers": ("numbers", ("There are two sides to this.", "Here are three points.",
+                            "First, the main idea.", "Let me give one example.",
+                            "It comes down to 2 things.", "The answer has four parts.")),
 }
 SHARE_RANGE = (0.2, 0.5)  # the learning claim's range of base-model feature shares
 FEATURE_SHARES = RESULTS / "feature-share.json"
@@ -65,6 +76,7 @@ class Suite:
     interactions: int = 32
     eval_replies: int = 2  # per held-out prompt, before and after
     extra: tuple[str, ...] = ()  # flags for app.py: the rule this suite tries
+    varied: bool = False  # each correction's sentence drawn from the user's; else the first
     # A suite this one is paired with (same users, seeds, paces and arms, without the rule this
     # one adds): the held-out replies before are reused (from the end of the chain of
     # `against`), and the headline reports the gain minus theirs.
@@ -96,16 +108,22 @@ SUITES = {
     "defaults-reader-64": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (8, 0),
                                 paces=("reader",), interactions=64,
                                 against="defaults-reader"),
+    # Its corrections arm with a user whose rewrites vary: each puts one of six sentences
+    # first, drawn at random, where defaults-reader-64's user put the same one every time
+    # (and the model learned to copy it).
+    "varied-reader-64": Suite(("contractions", "can", "you", "noisy-numbers"), (0, 1), (8,),
+                              paces=("reader",), interactions=64, varied=True,
+                              against="defaults-reader-64"),
 }
 
 
-def check_user(name: str, shares_file: Path = FEATURE_SHARES) -> tuple[str, str]:
-    """The user's (oracle name, correction text), if their feature's base share was measured
-    and lies in SHARE_RANGE; else ValueError saying why."""
+def check_user(name: str, shares_file: Path = FEATURE_SHARES) -> tuple[str, tuple[str, ...]]:
+    """The user's (oracle name, correction sentences), if their feature's base share was
+    measured and lies in SHARE_RANGE; else ValueError saying why."""
     base = name.removeprefix("noisy-")
     if base not in USERS:
         raise ValueError(f"no suite user {name!r}: one of {', '.join(USERS)} (or noisy-NAME)")
-    oracle, text = USERS[base]
+    oracle, sentences = USERS[base]
     features = (json.loads(shares_file.read_text())["results"]["features"]
                 if shares_file.exists() else {})
     if oracle not in features:
@@ -116,7 +134,7 @@ def check_user(name: str, shares_file: Path = FEATURE_SHARES) -> tuple[str, str]
     if not low <= share <= high:
         raise ValueError(f"{base!r} is in {share:.0%} of the base model's replies, outside "
                          f"the claim's range {low:.0%}-{high:.0%}")
-    return ("noisy-" if name.startswith("noisy-") else "") + oracle, text
+    return ("noisy-" if name.startswith("noisy-") else "") + oracle, sentences
 
 
 def run_suite(args: argparse.Namespace) -> Path:
@@ -130,7 +148,8 @@ def run_suite(args: argparse.Namespace) -> Path:
     runs = []
     for every in suite.correct_every:  # an arm at a time: a suite cut short has whole arms
         for seed in suite.seeds:
-            for name, (oracle, text) in users.items():
+            for name, (oracle, sentences) in users.items():
+                text = list(sentences) if suite.varied else sentences[0]
                 for pace in suite.paces:
                     path = folder / f"{name}-s{seed}-{pace}-every{every}.json"
                     if not path.exists() and not args.summarize:
@@ -156,9 +175,10 @@ def run_suite(args: argparse.Namespace) -> Path:
     return write_result(f"api-user-suite-{args.suite}", {
         "suite": args.suite, "users": list(suite.users), "seeds": list(suite.seeds),
         "correct_every": list(suite.correct_every), "paces": list(suite.paces),
-        "interactions": suite.interactions, "eval_prompts": args.eval_prompts,
-        "max_new_tokens": args.max_new_tokens, "model": args.model, "extra": args.extra,
-        "against": suite.against}, lines, Path(args.out or RESULTS))
+        "interactions": suite.interactions, "varied": suite.varied,
+        "eval_prompts": args.eval_prompts, "max_new_tokens": args.max_new_tokens,
+        "model": args.model, "extra": args.extra, "against": suite.against},
+        lines, Path(args.out or RESULTS))
 
 
 def baseline_of(name: str) -> str:
@@ -176,9 +196,9 @@ def suite_folder(args: argparse.Namespace, name: str) -> Path:
     return Path(args.out or RESULTS) / f"api-user-suite-{name}"
 
 
-def run_to_file(args, path: Path, folder: Path, name: str, oracle: str, text: str, seed: int,
-                pace: str, every: int, interactions: int, before_folder: Path | None = None
-                ) -> None:
+def run_to_file(args, path: Path, folder: Path, name: str, oracle: str, text: str | list[str],
+                seed: int, pace: str, every: int, interactions: int,
+                before_folder: Path | None = None) -> None:
     """One run of a suite into `path`. The held-out replies before are sampled once per seed
     (by the first run) and kept in `folder`; a suite paired with another reads that suite's
     (`before_folder`) when it has them."""

@@ -409,12 +409,18 @@ def test_a_simulated_correction_puts_the_feature_first_and_keeps_the_reply():
 
 
 def test_a_suite_takes_only_users_in_the_claims_range(tmp_path):
-    from bench.user_suite import check_user
+    from bench.oracles import corrected
+    from bench.user_suite import USERS, check_user
 
     shares = tmp_path / "feature-share.json"
     shares.write_text(json.dumps({"results": {"features": {
         "can": {"reply_share": 0.29}, "you": {"reply_share": 0.08}}}}))
-    assert check_user("can", shares) == ("can", "Here is what I can tell you.")
+    oracle, sentences = check_user("can", shares)
+    assert oracle == "can" and sentences[0] == "Here is what I can tell you."
+    for name, (feature, sentences) in USERS.items():  # every sentence a user may write fits
+        assert len(set(sentences)) == len(sentences) == 6, name
+        for sentence in sentences:
+            assert corrected(make_oracle(feature), "Rain falls.", sentence), (name, sentence)
     assert check_user("noisy-can", shares)[0] == "noisy-can"
     with pytest.raises(ValueError, match="8% of the base model's replies, outside"):
         check_user("you", shares)
@@ -715,6 +721,21 @@ def test_a_run_with_corrections_is_also_scored_without_the_users_sentence():
     assert "less_correction_sentence" not in out["reader-every0"]
 
 
+def test_a_user_whose_rewrites_vary_is_scored_without_any_of_their_sentences():
+    from bench.api_user import correction_sentences, less_correction
+
+    sentences = ["Here is an answer for you.", "Let me show you how."]
+    after = [f"{sentences[0]} The sky is blue.", f"{sentences[1]} Grass is green.",
+             "Ask what you like.", "Rain falls."]
+    scored = less_correction(after, sentences, make_oracle("you"), before_satisfied=1)
+    assert scored["satisfied_share_after_less_correction"] == 0.25  # only "Ask what you like."
+    assert scored["replies_with_correction_sentence"] == 2
+    one = less_correction(after, sentences[0], make_oracle("you"), before_satisfied=1)
+    assert one["satisfied_share_after_less_correction"] == 0.5  # the other sentence counts
+    assert correction_sentences("a") == ["a"] and correction_sentences(("a", "b")) == ["a", "b"]
+    assert correction_sentences(None) == []
+
+
 def test_a_paired_suite_reads_the_baselines_replies_before_and_writes_only_its_own(
         tmp_path, monkeypatch):
     import argparse
@@ -760,10 +781,11 @@ def test_the_defaults_suite_runs_the_product_with_no_flags_an_arm_at_a_time(
     assert suite.extra == () and suite.correct_every == (8, 0)
     assert SUITES[suite.against].extra == ("--length-neutral", "1")
     assert baseline_of("defaults-reader") == "corrections-reader"
-    order = []
+    order, texts = [], []
 
     def fake_run_to_file(args, path, folder, name, oracle, text, seed, pace, every, *rest):
         order.append(path.stem)
+        texts.append(text)
         path.write_text(json.dumps({
             "settings": {"user": name, "seed": seed, "pace": pace, "correct_every": every},
             "results": {"satisfied_share_before": 0.3, "satisfied_share_after": 0.5,
@@ -771,7 +793,7 @@ def test_the_defaults_suite_runs_the_product_with_no_flags_an_arm_at_a_time(
                         "round_sizes": [4], "vote_to_live_seconds_median": 30.0}}))
 
     monkeypatch.setattr(user_suite, "run_to_file", fake_run_to_file)
-    monkeypatch.setattr(user_suite, "check_user", lambda name: (name, "text"))
+    monkeypatch.setattr(user_suite, "check_user", lambda name: (name, ("first", "second")))
     monkeypatch.setattr(user_suite, "plot", lambda runs, path: None)
     monkeypatch.setattr(user_suite, "write_result", lambda *a: tmp_path / "suite.json")
     args = argparse.Namespace(suite="defaults-reader", out=str(tmp_path), extra=[],
@@ -780,6 +802,13 @@ def test_the_defaults_suite_runs_the_product_with_no_flags_an_arm_at_a_time(
     arms = [int(name.split("every")[1]) for name in order]
     assert len(order) == 16 and arms == [8] * 8 + [0] * 8
     assert order[:2] == ["contractions-s0-reader-every8", "can-s0-reader-every8"]
+    assert set(texts) == {"first"}  # the same sentence first in every rewrite
+
+    texts.clear()
+    varied = SUITES["varied-reader-64"]  # its users draw from all their sentences
+    assert varied.varied and varied.against == "defaults-reader-64"
+    user_suite.run_suite(argparse.Namespace(**{**vars(args), "suite": "varied-reader-64"}))
+    assert texts and all(text == ["first", "second"] for text in texts)
 
 
 def test_the_soak_summary_reads_growth_over_the_second_half():
