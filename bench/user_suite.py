@@ -333,7 +333,7 @@ def paired_table(runs: list[dict], baseline: list[dict]) -> str:
 
 def table(runs: list[dict]) -> str:
     lines = ["| user | seed | pace | corrections every | share before → after | p | p by prompt "
-             "| after less the correction's sentence (p; replies with it) "
+             "| after less the user's correction sentences (p; replies with one) "
              "| words after ÷ before | shorter reply won | corrections | rounds (new items) "
              "| vote-to-live median s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
