@@ -372,9 +372,11 @@ def test_latency_runs(tiny_model_dir, tmp_path):
 def test_api_user_runs(tiny_model_dir, tmp_path):
     bench(["api-user", "--model", str(tiny_model_dir), "--votes", "4", "--eval-prompts", "2",
            "--max-new-tokens", "4", "--correct-every", "2", "--correction-text",
-           "Here is an answer for you.", "--out", str(tmp_path),
-           "--extra", "--learn-every", "2", "--length-neutral", "1"])
+           "Here is an answer for you.", "--correction-text", "Let me show you how.",
+           "--out", str(tmp_path), "--extra", "--learn-every", "2", "--length-neutral", "1"])
     results = result(tmp_path, "api-user-you")
+    settings = json.loads((tmp_path / "api-user-you.json").read_text())["settings"]
+    assert settings["correction_text"] == ["Here is an answer for you.", "Let me show you how."]
     assert results["before"]["replies"] == results["after"]["replies"] == 4
     assert len(results["after_texts"]) == 4
     assert sum(results["votes"].values()) == 4
