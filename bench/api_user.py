@@ -320,7 +320,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
         "vote_to_live_seconds_median": (statistics.median(seconds_to_live)
                                         if seconds_to_live else None),
         "seconds_total": time.perf_counter() - started,
-        **(less_correction(after_texts, correction_text, oracle, before["satisfied"])
+        **(less_correction(after_texts, sentences, oracle, before["satisfied"])
            if correct_every else {}),
     }
 
