@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, slug, write_result
-from bench.oracles import ORACLES, corrected, make_oracle, words
+from bench.oracles import ORACLES, Oracle, corrected, make_oracle, words
 from bench.simulate import load_prompts, split_prompts
 from chatbot.store import Store
 from learner.objectives import shorter_reply_won
@@ -313,10 +313,11 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
         "corrections": corrections,
         "kl_last_round": rounds[-1]["kl"] if rounds else None,
         "round_sizes": [s["new_votes"] for s in rounds],
-        "rounds": [{k: s.get(k) for k in ("adapter_version", "status", "kl", "loss",
+        "rounds": [{k: s.get(k) for k in ("adapter_version", "status", "kl", "beta", "loss",
                                           "new_votes", "replayed_votes", "seconds")}
                    for s in steps],
         "shorter_won": shorter_won(voted),
+        "feature_decided": feature_decided(voted, oracle),
         "vote_to_live_seconds_median": (statistics.median(seconds_to_live)
                                         if seconds_to_live else None),
         "seconds_total": time.perf_counter() - started,
@@ -332,10 +333,27 @@ def shorter_won(voted: list[tuple[str, str, str]]) -> float | None:
     return sum(outcomes) / len(outcomes) if outcomes else None
 
 
+def feature_decided(voted: list[tuple[str, str, str]], oracle: Oracle) -> dict:
+    """Of the A-or-B votes the learner used (Store.used_vote_texts), those between a reply with
+    the user's feature and one without, judged without annotation noise: how many, how many
+    the reply with the feature won, and in how many it was the shorter one (the feature and
+    the tie-break agree there, and a length-neutral rule gives the vote little weight). These
+    votes can teach the preference; the others teach the tie-break."""
+    truth = oracle.truth
+    decided = []
+    for choice, a, b in voted:
+        has_a, has_b = truth.satisfied(a), truth.satisfied(b)
+        if has_a != has_b:
+            featured, other = (a, b) if has_a else (b, a)
+            decided.append((choice == ("A" if has_a else "B"), words(featured) < words(other)))
+    return {"votes": len(decided), "won_by_feature": sum(won for won, _ in decided),
+            "feature_in_shorter": sum(shorter for _, shorter in decided)}
+
+
 def summary(result: dict) -> dict:
     return {k: result[k] for k in ("satisfied_share_before", "satisfied_share_after",
                                    "p_value_one_sided", "length_ratio", "corrections",
-                                   "round_sizes", "shorter_won",
+                                   "round_sizes", "shorter_won", "feature_decided",
                                    "vote_to_live_seconds_median",
                                    "seconds_total")}
 

@@ -272,6 +272,11 @@ class Config:
         "like any other (set 0 where brevity itself is what the users want); the policy "
         "gradient's pair votes only, not corrections, DPO's pairs nor the reward model's "
         "self-samples (default: {default})", "learner", type=_fraction))
+    length_neutral_rescale: bool = field(default=False, metadata=setting(
+        "scale each length-neutral pair vote's advantages back to a vote's usual weight "
+        "(divided by the mean the shift leaves, at most 4 times): a person whose votes length "
+        "mostly explains is then held no closer to the base than anyone else (default: off)",
+        "learner", kind="switch"))
     judge_new: bool = field(default=False, metadata=setting(
         "test-then-train: each new vote first judges the round's candidate against the live "
         "adapter and trains from the next round on; off (default), it trains at once and the "

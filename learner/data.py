@@ -41,7 +41,8 @@ chatbot/limits.py).
 Under `--length-neutral` a pair vote's advantages lose what the replies' lengths alone
 predict, from the share of the pair votes finished rounds used that the shorter reply won
 (objectives.length_neutral): a person who picks the shorter of two replies that differ in
-nothing they care about otherwise teaches length, not what they prefer.
+nothing they care about otherwise teaches length, not what they prefer. With
+`--length-neutral-rescale` the shifted advantages are scaled back to a vote's usual weight.
 
 Left out: prioritised replay, weighting users by how much they agree with others, a taste for
 length per user.
@@ -157,9 +158,10 @@ class RoundBuilder:
                  max_user_share: float = 1.0, rng: random.Random | None = None,
                  negative_weight: float = 1.0, learn_every: int | None = None,
                  encode_reply: Callable[[str], list[int]] | None = None,
-                 length_neutral: float = 0.0) -> None:
+                 length_neutral: float = 0.0, length_neutral_rescale: bool = False) -> None:
         self.store = store
         self.length_neutral = length_neutral  # 0: a pair vote's advantages as they are
+        self.length_neutral_rescale = length_neutral_rescale  # see objectives.length_neutral
         self.encode_reply = encode_reply  # a rewrite's text -> its reply token ids
         self.learn_every = learn_every  # None: a round is one slice, however many items
         self.negative_weight = negative_weight
@@ -340,7 +342,8 @@ class RoundBuilder:
             if data.shorter_wins is not None:
                 texts = [reply["text"] or "" for reply in self._pair(row["pair_id"])["replies"]]
                 advantages = length_neutral(tuple(advantages), tuple(map(reply_words, texts)),
-                                            data.shorter_wins, self.length_neutral)
+                                            data.shorter_wins, self.length_neutral,
+                                            rescale=self.length_neutral_rescale)
             adv_a, adv_b = (damp_negative(a, self.negative_weight) for a in advantages)
             items.append([self._sample(row["pair_id"], "A", adv_a),
                           self._sample(row["pair_id"], "B", adv_b)])

@@ -64,6 +64,7 @@ class Learner:
                                     negative_weight=config.negative_weight,
                                     learn_every=config.learn_every,
                                     length_neutral=config.length_neutral,
+                                    length_neutral_rescale=config.length_neutral_rescale,
                                     encode_reply=functools.partial(
                                         reply_token_ids, loaded.tokenizer,
                                         end_of_turn_id(loaded.model, loaded.tokenizer)))

@@ -400,6 +400,22 @@ def test_the_share_of_votes_the_shorter_reply_won():
     assert shorter_won([("A", "x", "y")]) is None
 
 
+def test_the_votes_the_users_feature_decided_are_counted_without_annotation_noise():
+    from bench.api_user import feature_decided
+
+    votes = [("A", "I can go.", "No."),  # the feature won, in the longer reply
+             ("B", "Yes.", "You can."),  # the feature won, in the longer reply
+             ("A", "Go.", "It can be done."),  # the tie-break won over the feature
+             ("B", "Go on.", "Stop."),  # neither has it: the tie-break's vote
+             ("A", "Can do.", "We can do it all.")]  # both have it
+    assert feature_decided(votes, make_oracle("can")) == {
+        "votes": 3, "won_by_feature": 2, "feature_in_shorter": 0}
+    # a noisy annotator's votes are judged by the preference under the noise
+    assert feature_decided(votes, make_oracle("noisy-can", 1))["votes"] == 3
+    assert feature_decided([("B", "Can.", "No, not that one.")], make_oracle("can")) == {
+        "votes": 1, "won_by_feature": 0, "feature_in_shorter": 1}
+
+
 def test_a_simulated_correction_puts_the_feature_first_and_keeps_the_reply():
     from bench.oracles import corrected
 
@@ -686,9 +702,13 @@ def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_wo
         return {"settings": {"user": user, "seed": 0, "pace": "reader", "correct_every": 0},
                 "results": results}
 
-    header, rule, old, new = table([run("a", None), run("b", 0.8)]).splitlines()
+    decided = run("c", 0.8)
+    decided["results"]["feature_decided"] = {"votes": 20, "won_by_feature": 15,
+                                             "feature_in_shorter": 9}
+    header, rule, old, new, last = table([run("a", None), run("b", 0.8), decided]).splitlines()
     assert header.count("|") == rule.count("|") == old.count("|") == new.count("|")
-    assert "| 0.90 | - | 0 |" in old and "| 0.90 | 0.80 | 0 |" in new
+    assert "| 0.90 | - | - | 0 |" in old and "| 0.90 | 0.80 | - | 0 |" in new
+    assert "| 0.80 | 20 (15; 9) | 0 |" in last
 
 
 def test_a_run_with_corrections_is_also_scored_without_the_users_sentence():

@@ -699,6 +699,10 @@ def test_length_neutral_votes_lose_what_length_alone_predicts(tmp_path):
                                    pytest.approx([-0.75, 0.75])]
     half = data.RoundBuilder(store, replay=0, length_neutral=0.5).build(claimed)
     assert advantages(half)[0] == pytest.approx([-1.125, 1.125])
+    rescaled = data.RoundBuilder(store, replay=0, length_neutral=1.0,
+                                 length_neutral_rescale=True).build(claimed)
+    assert advantages(rescaled)[0] == pytest.approx([-1.25 / (1 - 0.25 ** 2),
+                                                     1.25 / (1 - 0.25 ** 2)])
     use(new[:2])  # two more votes the longer reply won: 3 of 6, (3 + 2) / (6 + 4) = 1/2
     assert builder.build({"votes": new[2:], "ratings": [], "corrections": []}
                          ).shorter_wins == pytest.approx(0.5)

@@ -136,6 +136,28 @@ def test_length_neutral_votes_teach_no_length_on_average():
     assert length_neutral((1.0, -1.0), (10, 30), 0.5) == (1.0, -1.0)  # no taste: unchanged
 
 
+def test_rescaled_length_neutral_votes_keep_a_votes_usual_weight():
+    """At full strength the shift leaves a vote a mean |advantage| of 4p(1 - p) (0.75 at
+    p = 0.75); rescaled, it is 1 again, still with no length on average, and never scaled by
+    more than RESCALE_MAX."""
+    from learner.objectives import RESCALE_MAX, length_neutral
+
+    p = 0.75
+    won = length_neutral((1.0, -1.0), (10, 30), p, rescale=True)  # the shorter chosen
+    lost = length_neutral((-1.0, 1.0), (10, 30), p, rescale=True)  # the longer chosen
+    assert won == pytest.approx((0.5 / 0.75, -0.5 / 0.75))
+    assert lost == pytest.approx((-1.5 / 0.75, 1.5 / 0.75))
+    assert p * abs(won[0]) + (1 - p) * abs(lost[0]) == pytest.approx(1.0)
+    assert p * won[0] + (1 - p) * lost[0] == pytest.approx(0.0)
+    half = length_neutral((1.0, -1.0), (10, 30), p, strength=0.5, rescale=True)
+    assert half == pytest.approx((0.75 / 0.875, -0.75 / 0.875))  # 1 - 0.25 * 0.5
+    assert length_neutral((1.0, -1.0), (20, 20), p, rescale=True) == (1.0, -1.0)  # equal
+    assert length_neutral((1.0, -1.0), (10, 30), 0.5, rescale=True) == (1.0, -1.0)
+    # a voter who always picks the shorter: scaled by the cap, not by 1 / 0
+    assert length_neutral((-1.0, 1.0), (10, 30), 0.99, rescale=True) == pytest.approx(
+        (-1.98 * RESCALE_MAX, 1.98 * RESCALE_MAX))
+
+
 def test_winners_only_gradient_is_the_chosen_replys_score():
     """Rewards (1, 0) with no baseline: the seed's estimator is grad log pi(chosen)."""
     logits = torch.tensor([0.0, 0.4], requires_grad=True)
