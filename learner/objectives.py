@@ -106,7 +106,8 @@ def length_neutral(advantages: tuple[float, float], words: tuple[int, int],
     92% of the votes), while the KL penalty keeps its weight: the policy of a person whose
     votes length mostly explains is held closer to the base than anyone else's. `rescale`
     divides the shifted advantages by that mean (at most RESCALE_MAX times), so every voter's
-    votes pull against the KL penalty as hard as unshifted votes would.
+    votes pull against the KL penalty as hard as unshifted votes would (at strength 1 still
+    with no push along "shorter" on average; below 1 the push left is scaled up with them).
     """
     if words[0] == words[1]:
         return advantages

@@ -388,6 +388,8 @@ def test_api_user_runs(tiny_model_dir, tmp_path):
     assert results["vote_to_live_seconds_median"] > 0
     assert 0.0 <= results["p_value_one_sided"] <= 1.0
     assert "shorter_won" in results
+    assert set(results["feature_decided"]) == {"votes", "won_by_feature", "feature_in_shorter"}
+    assert all("beta" in step for step in results["rounds"])
 
 
 def test_the_share_of_votes_the_shorter_reply_won():
@@ -400,7 +402,7 @@ def test_the_share_of_votes_the_shorter_reply_won():
     assert shorter_won([("A", "x", "y")]) is None
 
 
-def test_the_votes_the_users_feature_decided_are_counted_without_annotation_noise():
+def test_the_votes_the_users_feature_decided_are_counted():
     from bench.api_user import feature_decided
 
     votes = [("A", "I can go.", "No."),  # the feature won, in the longer reply
@@ -410,8 +412,6 @@ def test_the_votes_the_users_feature_decided_are_counted_without_annotation_nois
              ("A", "Can do.", "We can do it all.")]  # both have it
     assert feature_decided(votes, make_oracle("can")) == {
         "votes": 3, "won_by_feature": 2, "feature_in_shorter": 0}
-    # a noisy annotator's votes are judged by the preference under the noise
-    assert feature_decided(votes, make_oracle("noisy-can", 1))["votes"] == 3
     assert feature_decided([("B", "Can.", "No, not that one.")], make_oracle("can")) == {
         "votes": 1, "won_by_feature": 0, "feature_in_shorter": 1}
 
