@@ -3,7 +3,8 @@
 Only one learner may run per database (`Store.take_learner_lock`: a file lock beside a SQLite
 file, an advisory lock on PostgreSQL). On start it gives back claims a killed learner left
 behind, withdraws the preview of a round it died in (learner/rounds.py), and deletes adapter
-folders the registry does not know (a crash between writing a folder and registering it). Its
+folders the registry does not know (a crash between writing a folder and registering it); on
+SIGTERM it deletes them on its way out too. Its
 adapters folder is its own (--data-dir); with PostgreSQL the files it publishes also go into
 the database, for front-ends on other hosts.
 """
@@ -27,6 +28,13 @@ def _stop(*_) -> None:
     """First SIGTERM: unwind (claims go back). A second one while unwinding: die at once."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise SystemExit(143)
+
+
+def remove_stale_folders(store, config: Config) -> list:
+    """Delete the adapter folders the registry does not know (or no longer knows): a stop
+    between writing a folder and registering it, or between unregistering and deleting one."""
+    registered = {a["version"] for a in store.adapters() if a["path"]}
+    return adapters.remove_stale(config.adapters_dir, registered)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(config.seed)
         released = store.release_claims()
         withdrawn = store.withdraw_unfinished_preview()
-        registered = {a["version"] for a in store.adapters() if a["path"]}
-        removed = adapters.remove_stale(config.adapters_dir, registered)
+        removed = remove_stale_folders(store, config)
         if released or removed or withdrawn:
             log.info("recovered: %d claims released, %d stale folders removed%s", released,
                      len(removed), f", the preview v{withdrawn} of an unfinished round "
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         store.set_learner_status(pid, LearnerState.STOPPED)
         return 130
     except SystemExit as exc:  # SIGTERM: 143, as a process killed by it reports
+        remove_stale_folders(store, config)  # a folder the stop caught between two writes
         store.set_learner_status(pid, LearnerState.STOPPED)
         return exc.code if isinstance(exc.code, int) else 0
     except Exception as exc:

@@ -250,8 +250,10 @@ def _preview(learner, round_id: str, data: RoundData, live_totals: dict[int, flo
 
 
 def retire_old_versions(store, config) -> None:
-    """Delete the folders the registry's retention rule lets go (`old_folders`: all but the
-    newest `keep_versions` rounds' versions and the live one) and unregister their paths."""
+    """Unregister the folders the registry's retention rule lets go (`old_folders`: all but
+    the newest `keep_versions` rounds' versions and the live one), then delete them. In that
+    order a kill between the two leaves a folder the registry does not know, which the next
+    start deletes (`adapters.remove_stale`), never a registered path with no folder."""
     for row in store.old_folders(config.keep_versions):
-        shutil.rmtree(config.adapters_dir / row["path"], ignore_errors=True)
         store.set_adapter_path(row["version"], None)
+        shutil.rmtree(config.adapters_dir / row["path"], ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,3 +303,37 @@ def test_a_previews_folder_goes_once_it_is_not_live(preview_config):
     on_disk = {a["version"] for a in store.adapters() if a["path"]}
     assert on_disk == {4, 6}  # the last two rounds' versions; the previews 1, 3, 5 are gone
     assert sorted(p.name for p in preview_config.adapters_dir.iterdir()) == ["v4", "v6"]
+
+
+def test_a_stop_while_an_old_folder_goes_leaves_no_registered_path_without_its_folder(
+        preview_config, monkeypatch):
+    """A SIGTERM (or kill) right after an old version's folder is deleted: the registry no
+    longer names that folder, and what the next start tidies leaves folders == registry."""
+    from learner.__main__ import remove_stale_folders
+
+    store = Store(preview_config.db_path)
+    config = dataclasses.replace(preview_config, keep_versions=2)
+    learner = make_learner(config, store)
+    for choices in (["A", "B"], ["B", "A"]):
+        collect_votes(config, store, choices)
+        learner.round()
+
+    class Stopped(BaseException):
+        pass
+
+    real_rmtree = rounds.shutil.rmtree
+
+    def delete_then_stop(path, **kwargs):  # a version folder's deletion; others pass
+        real_rmtree(path, **kwargs)
+        if Path(path).parent == config.adapters_dir and Path(path).name.startswith("v"):
+            raise Stopped
+
+    monkeypatch.setattr(rounds.shutil, "rmtree", delete_then_stop)
+    collect_votes(config, store, ["A", "A"])
+    with pytest.raises(Stopped):
+        learner.round()
+    monkeypatch.setattr(rounds.shutil, "rmtree", real_rmtree)
+    registered = {a["path"] for a in store.adapters() if a["path"]}
+    assert all((config.adapters_dir / path).is_dir() for path in registered)
+    remove_stale_folders(store, config)
+    assert {p.name for p in config.adapters_dir.iterdir()} == registered
