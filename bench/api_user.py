@@ -285,9 +285,11 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
             after_texts = held_out_texts(client, held_out, eval_replies, plain)
             store = Store(data / "duet.db")
             steps = store.learner_steps()
+            metrics = {a["version"]: a["metrics"] or {} for a in store.adapters()}
             seconds_to_live = vote_to_live(store)
             voted = store.used_vote_texts()
             store.close()
+        learner_lines = learner_log_lines(data / "learner.log")
     if len(before_texts) != len(after_texts):
         raise ValueError(f"{len(before_texts)} held-out replies before, {len(after_texts)} "
                          "after: read the base model's again with the same --eval-replies")
@@ -313,17 +315,30 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
         "corrections": corrections,
         "kl_last_round": rounds[-1]["kl"] if rounds else None,
         "round_sizes": [s["new_votes"] for s in rounds],
-        "rounds": [{k: s.get(k) for k in ("adapter_version", "status", "kl", "beta", "loss",
-                                          "new_votes", "replayed_votes", "seconds")}
+        "rounds": [{**{k: s.get(k) for k in ("adapter_version", "status", "kl", "beta", "loss",
+                                             "new_votes", "replayed_votes", "seconds")},
+                    **{k: metrics.get(s.get("adapter_version"), {}).get(k)
+                       for k in ("kl_loss", "largest_term")}}
                    for s in steps],
         "shorter_won": shorter_won(voted),
         "feature_decided": feature_decided(voted, oracle),
         "vote_to_live_seconds_median": (statistics.median(seconds_to_live)
                                         if seconds_to_live else None),
         "seconds_total": time.perf_counter() - started,
+        "learner_log": learner_lines,
         **(less_correction(after_texts, sentences, oracle, before["satisfied"])
            if correct_every else {}),
     }
+
+
+def learner_log_lines(path: Path) -> list[str]:
+    """The learner log's round summaries and warnings (the rest is per-request noise): what
+    a look into a run after the fact needs, since the run's data folder is deleted."""
+    if not path.exists():
+        return []
+    return [line for line in path.read_text(errors="replace").splitlines()
+            if (" INFO learner" in line and "round " in line) or " WARNING " in line
+            or " ERROR " in line]
 
 
 def shorter_won(voted: list[tuple[str, str, str]]) -> float | None:

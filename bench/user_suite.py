@@ -22,7 +22,9 @@ became a default; `defaults-reader-64`, both its arms at 64 interactions, agains
 `varied-reader-64`, whose users' rewrites vary, against that; `rescaled-reader-64`, which
 adds --length-neutral-rescale to votes only, against it too).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
-chain's end. A server that chooses its pairs from candidates is asked for its held-out
+chain's end; a suite at another pace names the suite whose replies before it reads in
+`reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
+reads `defaults-reader-64`'s), and is not paired with it. A server that chooses its pairs from candidates is asked for its held-out
 replies one at a time: its pairs are not two samples of its policy.
 
 The headline: per arm and pace, the share of runs significant at 5% and the mean gain with its
@@ -82,6 +84,9 @@ class Suite:
     # one adds): the held-out replies before are reused (from the end of the chain of
     # `against`), and the headline reports the gain minus theirs.
     against: str | None = None
+    # A suite whose held-out replies before this one reuses without being paired with it
+    # (other paces: no run of the same user, seed and pace to pair with).
+    reads_before_of: str | None = None
 
 
 SUITES = {
@@ -122,6 +127,11 @@ SUITES = {
                                 paces=("reader",), interactions=64,
                                 extra=("--length-neutral-rescale",),
                                 against="defaults-reader-64"),
+    # The bar's instant half: the defaults, votes only, at 64 interactions from a user who
+    # votes the moment a pair appears (the learner falls behind and trains in slices). Its two
+    # users are the two the reader-pace votes-only arm missed on seed 0: the hardest known.
+    "defaults-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
+                                 interactions=64, reads_before_of="defaults-reader-64"),
 }
 
 
@@ -190,11 +200,11 @@ def run_suite(args: argparse.Namespace) -> Path:
 
 
 def baseline_of(name: str) -> str:
-    """The suite at the end of `name`'s chain of `against`: the one whose runs read the
-    held-out replies before that every suite of the chain is scored on."""
+    """The suite at the end of `name`'s chain of `against` (or `reads_before_of`): the one
+    whose runs read the held-out replies before that every suite of the chain is scored on."""
     seen = {name}
-    while SUITES[name].against:
-        name = SUITES[name].against
+    while SUITES[name].against or SUITES[name].reads_before_of:
+        name = SUITES[name].against or SUITES[name].reads_before_of
         assert name not in seen, f"the suites' against form a loop at {name!r}"
         seen.add(name)
     return name

@@ -46,6 +46,8 @@ class HeadStart:
     loss_sum: float = 0.0  # of the summed terms, normalizer 1
     kl_tokens: float = 0.0  # the k3 KL summed over their tokens
     clipped_tokens: float = 0.0  # tokens where the clip binds (none at the live weights)
+    kl_loss_sum: float = 0.0  # the KL penalty's part of loss_sum
+    largest: dict | None = None  # the largest token term (objectives.largest_term)
 
     def fits(self, version: int | None, beta: float) -> bool:
         return self.version == version and self.beta == beta

@@ -178,12 +178,38 @@ def policy_gradient_loss(logp: torch.Tensor, anchor_logp: torch.Tensor,
         per_token = torch.where(rows, -adv * logp, per_token)
         stopped = torch.where(rows, torch.zeros_like(stopped), stopped)
     stats = {"clip_fraction": (stopped * mask).sum().item() / max(mask.sum().item(), 1.0)}
+    kl_part = torch.zeros_like(per_token)
     if ref_logp is not None:
         kl = k3_kl(logp, ref_logp)
-        per_token = per_token + beta * kl
+        kl_part = beta * kl
+        per_token = per_token + kl_part
         stats["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
     loss = (per_token * mask).sum() / normalizer
+    stats["kl_loss"] = (kl_part.detach() * mask).sum().item() / normalizer
+    stats["largest"] = largest_term(per_token.detach(), kl_part.detach(), logp.detach(),
+                                    anchor_logp, ref_logp, adv, mask)
     return loss, stats
+
+
+def largest_term(per_token: torch.Tensor, kl_part: torch.Tensor, logp: torch.Tensor,
+                 anchor_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
+                 mask: torch.Tensor) -> dict | None:
+    """Where the loss is largest: the reply token with the largest term (before the
+    normalizer), its KL share, its log-ratio to the trust region's anchor and its log-prob
+    below the reference's, and its reply's advantage. A diagnostic for loss spikes: a term
+    far above the rest is either the k3 KL of a token pushed far below the reference (kl
+    close to term) or a ratio outside the clip's reach on a negative advantage."""
+    if not mask.any():
+        return None
+    flat = torch.where(mask > 0, per_token, torch.full_like(per_token, -math.inf)).flatten()
+    index = int(flat.argmax())
+    row, col = divmod(index, per_token.shape[1])
+    return {"term": float(flat[index]), "kl": float(kl_part[row, col]), "row": row,
+            "token": int(col - (per_token.shape[1] - int(mask[row].sum().item()))),
+            "log_ratio": float(logp[row, col] - anchor_logp[row, col]),
+            "below_ref": (float(ref_logp[row, col] - logp[row, col])
+                          if ref_logp is not None else None),
+            "advantage": float(adv[row, 0])}
 
 
 def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor,

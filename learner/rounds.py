@@ -64,6 +64,8 @@ class RoundResult:
 
     def metrics(self) -> dict:
         return {"loss": self.stats["loss"], "kl": self.kl, "train_k3": self.stats["kl"],
+                "kl_loss": self.stats.get("kl_loss"),
+                "largest_term": self.stats.get("largest_term"),
                 "clip_fraction": self.stats.get("clip_fraction"),
                 "heldout_acc": self.candidate_acc, "live_heldout_acc": self.live_acc,
                 "judged_pairs": len(self.data.judged), "beta": self.beta,
@@ -175,11 +177,11 @@ def _round(learner, round_id: str, claimed: dict, started: float) -> dict:
         step["status"] = RoundOutcome.REJECTED
         adapter.version = None  # the weights are the rejected candidate's
     log.info("round %s: v%d %s (%s) in %.1f s (%s; micro batches by threads %s), loss %s, "
-             "KL %.4f, %d new + %d replayed", round_id[:8], result.version, step["status"],
-             decision.reason, step["seconds"],
+             "KL %.4f, %d new + %d replayed; largest token term %s", round_id[:8],
+             result.version, step["status"], decision.reason, step["seconds"],
              ", ".join(f"{k} {v:.1f} s" for k, v in clock.seconds.items()),
              metrics["micro_batches_by_threads"], stats["loss"], kl,
-             step["new_votes"], step["replayed_votes"])
+             step["new_votes"], step["replayed_votes"], stats.get("largest_term"))
     retire_old_versions(learner.store, learner.config)
     return step
 

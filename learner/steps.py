@@ -68,6 +68,21 @@ class Terms:
     clipped: float = 0.0
     anchors: dict[int, torch.Tensor] = field(default_factory=dict)
     totals: dict[int, float] = field(default_factory=dict)
+    kl_loss: float = 0.0  # the KL penalty's part of `loss`
+    largest: dict | None = None  # the largest token term (objectives.largest_term)
+
+
+def larger(a: dict | None, b: dict | None) -> dict | None:
+    """The larger of two `largest` token terms (None: none seen)."""
+    return a if b is None or (a is not None and a["term"] >= b["term"]) else b
+
+
+def sample_kind(sample: Sample) -> str:
+    """What a sample is, for diagnostics: a stored reply, a person's rewrite, or a reply the
+    learner sampled itself (fresh replies beside a correction, --self-samples)."""
+    if sample.reply_id > 0:
+        return "reply"
+    return "rewrite" if sample.behaviour is None else "own sample"
 
 
 @dataclass
@@ -78,6 +93,8 @@ class Step:
     kl: float
     anchors: dict[int, torch.Tensor] = field(default_factory=dict)
     totals: dict[int, float] = field(default_factory=dict)
+    kl_loss: float = 0.0
+    largest: dict | None = None
 
 
 def steps_for(config: Config, new_items: int) -> int:
@@ -244,6 +261,8 @@ class PolicyGradient(Objective):
         head.anchors.update(terms.anchors)
         head.live_totals.update(terms.totals)
         head.loss_sum += terms.loss
+        head.kl_loss_sum += terms.kl_loss
+        head.largest = larger(head.largest, terms.largest)
         head.kl_tokens += terms.kl_tokens
         head.clipped_tokens += terms.clipped
         head.done.update(map(sample_key, todo))
@@ -276,15 +295,18 @@ class PolicyGradient(Objective):
             assert todo is not None, "the head start has samples this step does not"
             head.put_grads(self.adapter.parameters(), normalizer)
             done = Terms(head.loss_sum / normalizer, head.kl_tokens, head.clipped_tokens,
-                         dict(head.anchors), dict(head.live_totals))
+                         dict(head.anchors), dict(head.live_totals),
+                         head.kl_loss_sum / normalizer, head.largest)
         if todo:
             more = self.terms(todo, {**anchors, **done.anchors}, normalizer)
             done = Terms(done.loss + more.loss, done.kl_tokens + more.kl_tokens,
                          done.clipped + more.clipped, {**done.anchors, **more.anchors},
-                         {**done.totals, **more.totals})
+                         {**done.totals, **more.totals}, done.kl_loss + more.kl_loss,
+                         larger(done.largest, more.largest))
         tokens = max(sum(len(s.reply) for s in samples), 1)
         self.clip_fraction = done.clipped / tokens
-        return Step(done.loss, done.kl_tokens / tokens, done.anchors, done.totals)
+        return Step(done.loss, done.kl_tokens / tokens, done.anchors, done.totals,
+                    done.kl_loss, done.largest)
 
     def terms(self, samples: list[Sample], anchors: dict[int, torch.Tensor],
               normalizer: float) -> Terms:
@@ -292,7 +314,7 @@ class PolicyGradient(Objective):
         parameters' .grad); a sample not in `anchors` is anchored at this pass's log-probs
         (and the anchor is in the returned Terms)."""
         model = self.adapter.model
-        loss_sum, kl_tokens, clipped = 0.0, 0.0, 0.0
+        loss_sum, kl_tokens, clipped, kl_loss, largest = 0.0, 0.0, 0.0, 0.0, None
         found: dict[int, torch.Tensor] = {}
         totals: dict[int, float] = {}
         for micro in self.clock.micro_batches(samples, MICRO_BATCH):
@@ -314,9 +336,14 @@ class PolicyGradient(Objective):
             loss.backward()
             micro_tokens = batch.mask.sum().item()
             loss_sum += loss.item()
+            kl_loss += stats["kl_loss"]
+            if stats["largest"] is not None:
+                sample = micro[stats["largest"]["row"]]
+                largest = larger(largest, {**stats["largest"], "reply_id": sample.reply_id,
+                                           "kind": sample_kind(sample)})
             kl_tokens += stats["kl"] * micro_tokens
             clipped += stats["clip_fraction"] * micro_tokens
-        return Terms(loss_sum, kl_tokens, clipped, found, totals)
+        return Terms(loss_sum, kl_tokens, clipped, found, totals, kl_loss, largest)
 
     def after_round(self, kl: float, steps: int) -> None:
         """The round's exact KL is known: the KL coefficient follows it (a budget)."""
@@ -365,8 +392,10 @@ def take_steps(objective: Objective, adapter: TrainableAdapter, data: RoundData,
                after_first_step: Callable[[dict[int, float]], None] | None = None, *,
                max_bad_steps: int = 3, on_step: Callable[[], None] = lambda: None) -> dict:
     """The round's optimizer steps, as `objective.schedule(data)` lays them out. Returns step
-    stats: the mean loss, the last step's KL estimate, skipped and taken steps, and
-    `live_totals`: the summed log-prob of each reply the first step saw, at the live weights.
+    stats: the mean loss and the KL penalty's mean part of it, the last step's KL estimate,
+    skipped and taken steps, the largest token term of any step taken (`largest_term`, with
+    its step and sample: objectives.largest_term), and `live_totals`: the summed log-prob of
+    each reply the first step saw, at the live weights.
 
     `head`: the first step's terms summed between rounds, used if the objective finds it
     usable. `after_first_step`: called with those live totals once the first optimizer step
@@ -376,14 +405,17 @@ def take_steps(objective: Objective, adapter: TrainableAdapter, data: RoundData,
     optimizer = adapter.the_optimizer()
     schedule = objective.schedule(data)
     if not schedule:
-        return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0, "live_totals": {}}
+        return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0, "live_totals": {},
+                "kl_loss": None, "largest_term": None}
     head = objective.usable(head, schedule[0][0])
     losses, kls, skipped, bad_in_a_row, live_totals = [], [], 0, 0, {}
+    kl_losses, largest = [], None
     planned, tried = sum(steps for _, steps in schedule), 0
     for part, steps in schedule:
         anchors: dict[int, torch.Tensor] = {}  # reply id -> log-probs at the slice's start
         for _ in range(steps):
             tried += 1
+            first_of_slice = not anchors  # its ratios are all 1: only KL can make it large
             optimizer.zero_grad(set_to_none=True)
             if head is not None:  # the first step, begun between rounds
                 step = objective.accumulate(part, anchors, head=head)
@@ -409,9 +441,15 @@ def take_steps(objective: Objective, adapter: TrainableAdapter, data: RoundData,
             optimizer.step()
             losses.append(loss)
             kls.append(kl)
+            kl_losses.append(step.kl_loss)
+            if step.largest is not None:
+                largest = larger(largest, {**step.largest, "step": tried,
+                                           "first_of_slice": first_of_slice})
             on_step()
             if after_first_step is not None and len(losses) == 1 and tried < planned:
                 after_first_step(dict(live_totals))
     return {"loss": sum(losses) / len(losses) if losses else None,
             "kl": kls[-1] if kls else None, "skipped_steps": skipped, "steps": len(losses),
-            "clip_fraction": objective.clip_fraction, "live_totals": live_totals}
+            "clip_fraction": objective.clip_fraction, "live_totals": live_totals,
+            "kl_loss": sum(kl_losses) / len(kl_losses) if kl_losses else None,
+            "largest_term": largest}

@@ -390,6 +390,10 @@ def test_api_user_runs(tiny_model_dir, tmp_path):
     assert "shorter_won" in results
     assert set(results["feature_decided"]) == {"votes", "won_by_feature", "feature_in_shorter"}
     assert all("beta" in step for step in results["rounds"])
+    # where each round's loss came from: its KL part and its largest token term
+    promoted = [r for r in results["rounds"] if r["status"] == "promoted"]
+    assert promoted and all(r["largest_term"]["kind"] in ("reply", "rewrite", "own sample")
+                            and r["kl_loss"] is not None for r in promoted)
 
 
 def test_the_share_of_votes_the_shorter_reply_won():
@@ -688,6 +692,10 @@ def test_every_paired_suite_has_its_baselines_users_seeds_and_paces():
             assert baseline_of(name) == baseline_of(suite.against)
     assert SUITES["defaults-reader-64"].interactions == 64
     assert SUITES["defaults-reader-64"].correct_every == (8, 0)  # corrections first
+    # a suite at another pace is not paired, but is scored on the same replies before
+    instant = SUITES["defaults-instant-64"]
+    assert instant.against is None and instant.paces == ("instant",)
+    assert baseline_of("defaults-instant-64") == baseline_of("defaults-reader-64")
 
 
 def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_won():

@@ -192,3 +192,33 @@ def test_a_demonstration_row_is_the_seeds_estimator_without_ratio_or_clip():
         loss.backward()
         grads.append(fresh.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_the_largest_token_term_names_a_kl_spike_and_a_ratio_spike_apart():
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    logp = torch.full((2, 4), -2.0)
+    ref = torch.full((2, 4), -2.0)
+    anchor = logp.clone()
+    # row 0, its third reply token: pushed 12 nats below the reference (k3 ~ e^12)
+    logp[0, 3] = -14.0
+    anchor[0, 3] = -14.0
+    loss, stats = policy_gradient_loss(logp, anchor, ref, torch.tensor([1.0, -1.0]), mask,
+                                       beta=0.1, normalizer=8.0)
+    big = stats["largest"]
+    assert (big["row"], big["token"]) == (0, 2)
+    assert big["kl"] == pytest.approx(0.1 * (math.exp(12.0) - 12.0 - 1.0), rel=1e-4)
+    assert big["term"] == pytest.approx(big["kl"] - 1.0, rel=1e-4)  # -A rho + beta k3
+    assert big["below_ref"] == pytest.approx(12.0) and big["log_ratio"] == 0.0
+    assert stats["kl_loss"] == pytest.approx(big["kl"] / 8.0, rel=1e-4)
+    assert loss.item() == pytest.approx((big["term"] - 2.0 + 4.0) / 8.0, rel=1e-4)
+
+    # a negative advantage on a token whose ratio rose past the clip: unbounded, no KL
+    logp = torch.full((2, 4), -2.0)
+    logp[1, 1] = 3.0  # ratio e^5 to the anchor, and above the reference: small k3
+    loss, stats = policy_gradient_loss(logp, torch.full((2, 4), -2.0), ref,
+                                       torch.tensor([1.0, -1.0]), mask, beta=0.1)
+    big = stats["largest"]
+    assert (big["row"], big["token"], big["advantage"]) == (1, 1, -1.0)
+    assert big["log_ratio"] == pytest.approx(5.0)
+    assert big["term"] == pytest.approx(math.exp(5.0) + big["kl"], rel=1e-5)
+    assert big["kl"] < 0.5
