@@ -20,12 +20,14 @@ arm; `candidates-reader`, which adds --pair-candidates 4, against `length-neutra
 `defaults-reader`, the product's defaults, against `corrections-neutral-reader`, whose flag
 became a default; `defaults-reader-64`, both its arms at 64 interactions, against it;
 `varied-reader-64`, whose users' rewrites vary, against that; `rescaled-reader-64`, which
-adds --length-neutral-rescale to votes only, against it too).
+adds --length-neutral-rescale to votes only, against it too; `bounded-instant-64`, which
+bounds the loss's two unbounded terms, against `defaults-instant-64`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
-reads `defaults-reader-64`'s), and is not paired with it. A server that chooses its pairs from candidates is asked for its held-out
-replies one at a time: its pairs are not two samples of its policy.
+reads `defaults-reader-64`'s), and is not paired with it. A server that chooses its pairs
+from candidates is asked for its held-out replies one at a time: its pairs are not two
+samples of its policy.
 
 The headline: per arm and pace, the share of runs significant at 5% and the mean gain with its
 95% t-interval (for an arm with corrections, also with the user's correction sentence taken out
@@ -132,6 +134,14 @@ SUITES = {
     # users are the two the reader-pace votes-only arm missed on seed 0: the hardest known.
     "defaults-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
                                  interactions=64, reads_before_of="defaults-reader-64"),
+    # Its two unbounded loss terms bounded: one optimizer step moves single tokens by up to
+    # ~2.5 nats, far past the clip's 0.2, so a rejected reply's token can end with a ratio of
+    # e^2.6 (a term growing with it) or, replayed, 3-5 nats below the base (a k3 growing as
+    # e^gap); either can take a step's whole clipped gradient norm.
+    "bounded-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
+                                interactions=64,
+                                extra=("--dual-clip", "3", "--kl-linear-beyond", "3"),
+                                against="defaults-instant-64"),
 }
 
 

@@ -56,6 +56,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _dual_clip(text: str) -> float:
+    value = float(text)
+    if not (value == 0.0 or 1.0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or more than 1, got {value:g}")
+    return value
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < float("inf"):
@@ -247,6 +254,16 @@ class Config:
     clip_eps: float = field(default=0.2, metadata=setting(
         "PPO clip of each token's ratio to the weights the round started from (default: "
         "{default})", "learner", type=float))
+    dual_clip: float = field(default=0.0, metadata=setting(
+        "bound a rejected reply's (negative advantage's) token term at this many times its "
+        "advantage, the dual clip of Ye et al. 2020: a token whose ratio rose past it within a "
+        "round passes no gradient; 0 = off, the term grows with the ratio (default: "
+        "{default:g})", "learner", type=_dual_clip))
+    kl_linear_beyond: float = field(default=0.0, metadata=setting(
+        "make a token's k3 KL penalty grow linearly, not exponentially, once its log-prob is "
+        "this many nats below the base model's, so that one token pushed far down cannot swamp "
+        "a step's gradient (whose norm is clipped at 1: every other token's share shrinks "
+        "with it); 0 = off (default: {default:g})", "learner", type=_non_negative))
     steps_per_round: int = field(default=2, metadata=setting(
         "optimizer steps per --learn-every new votes in a round (default: {default})",
         "learner", type=_positive_int))

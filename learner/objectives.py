@@ -139,16 +139,25 @@ def running_baseline_advantages(rewards: list[float], window: int = 64,
     return advantages
 
 
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi_theta || pi_ref); >= 0, differentiable through logp."""
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor,
+          linear_beyond: float = 0.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref); >= 0, differentiable through logp.
+    `linear_beyond` > 0: where logp is more than that many nats below ref_logp, the estimate
+    continues along its tangent there (value and slope continuous), so its gradient is at most
+    e^linear_beyond - 1 per token instead of growing as e^(ref - logp)."""
     log_ratio = ref_logp - logp
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    if linear_beyond <= 0:
+        return torch.exp(log_ratio) - log_ratio - 1.0
+    capped = torch.clamp(log_ratio, max=linear_beyond)
+    return (torch.exp(capped) - capped - 1.0
+            + (math.exp(linear_beyond) - 1.0) * (log_ratio - capped))
 
 
 def policy_gradient_loss(logp: torch.Tensor, anchor_logp: torch.Tensor,
                          ref_logp: torch.Tensor | None, advantages: torch.Tensor,
                          mask: torch.Tensor, *, beta: float = 0.0, clip_eps: float = 0.2,
-                         normalizer: float = 1.0,
+                         normalizer: float = 1.0, dual_clip: float = 0.0,
+                         kl_linear_beyond: float = 0.0,
                          demonstration: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped policy-gradient loss with a per-token KL penalty. Minimise it.
 
@@ -164,6 +173,9 @@ def policy_gradient_loss(logp: torch.Tensor, anchor_logp: torch.Tensor,
     how far a round moves the policy's own samples; a person's text is a target, and clipped
     at 1 + eps a token the policy gives 1% would need ~25 rounds to reach 10%. At rho = 1 the
     two terms have the same gradient.
+    `dual_clip` c > 1: a negative advantage's token term is at most -c A (Ye et al. 2020), so a
+    token of a rejected reply whose ratio rose past c passes no gradient; 0: unbounded.
+    `kl_linear_beyond`: see `k3_kl`.
     """
     assert logp.shape == anchor_logp.shape == mask.shape and advantages.shape == logp.shape[:1]
     mask = mask.to(logp.dtype)
@@ -173,6 +185,11 @@ def policy_gradient_loss(logp: torch.Tensor, anchor_logp: torch.Tensor,
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
     per_token = -torch.minimum(unclipped, clipped)  # (B, T)
     stopped = (clipped < unclipped).to(mask.dtype)  # the clip is binding: no gradient there
+    if dual_clip > 0:
+        bound = (-dual_clip * adv).expand_as(per_token)
+        binds = (adv < 0) & (per_token > bound)
+        per_token = torch.where(binds, bound, per_token)
+        stopped = torch.maximum(stopped, binds.to(mask.dtype))
     if demonstration is not None:
         rows = demonstration[:, None]  # (B, 1)
         per_token = torch.where(rows, -adv * logp, per_token)
@@ -180,7 +197,7 @@ def policy_gradient_loss(logp: torch.Tensor, anchor_logp: torch.Tensor,
     stats = {"clip_fraction": (stopped * mask).sum().item() / max(mask.sum().item(), 1.0)}
     kl_part = torch.zeros_like(per_token)
     if ref_logp is not None:
-        kl = k3_kl(logp, ref_logp)
+        kl = k3_kl(logp, ref_logp, kl_linear_beyond)
         kl_part = beta * kl
         per_token = per_token + kl_part
         stats["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()

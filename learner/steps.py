@@ -331,6 +331,8 @@ class PolicyGradient(Objective):
             loss, stats = policy_gradient_loss(
                 logp, anchor, ref, batch.advantages, batch.mask,
                 beta=self.kl_control.beta, clip_eps=self.config.clip_eps, normalizer=normalizer,
+                dual_clip=self.config.dual_clip,
+                kl_linear_beyond=self.config.kl_linear_beyond,
                 demonstration=torch.tensor(written, device=logp.device) if any(written)
                 else None)
             loss.backward()

@@ -12,6 +12,7 @@ from chatbot.config import (
     GROUPS,
     Config,
     _candidates,
+    _dual_clip,
     _fraction,
     _non_negative,
     _positive_int,
@@ -43,6 +44,8 @@ def _another_value(f, s, default, tmp_path):
         return default - 0.25 if default >= 0.5 else default + 0.25
     if s.type in (float, _non_negative):
         return (default or 0) + 0.25
+    if s.type is _dual_clip:  # 0 (off) or more than 1
+        return 3.0 if default == 0 else 0.0
     return "postgresql://duet@db.example/duet" if f.name == "db" else f"some-{f.name}"
 
 
@@ -128,7 +131,9 @@ def test_bounded_settings_refuse_values_out_of_range_and_say_so(capsys):
                                  ("--pair-candidates", "9", "between 2 and 8, got 9"),
                                  ("--length-neutral", "1.5", "between 0 and 1, got 1.5"),
                                  ("--explore-temperature", "-0.5", "0 or more, got -0.5"),
-                                 ("--explore-temperature", "nan", "0 or more, got nan")]:
+                                 ("--explore-temperature", "nan", "0 or more, got nan"),
+                                 ("--dual-clip", "0.8", "0 (off) or more than 1, got 0.8"),
+                                 ("--kl-linear-beyond", "-1", "0 or more, got -1")]:
         with pytest.raises(SystemExit):
             app.build_parser().parse_args([flag, value])
         assert message in capsys.readouterr().err

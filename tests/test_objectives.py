@@ -222,3 +222,37 @@ def test_the_largest_token_term_names_a_kl_spike_and_a_ratio_spike_apart():
     assert big["log_ratio"] == pytest.approx(5.0)
     assert big["term"] == pytest.approx(math.exp(5.0) + big["kl"], rel=1e-5)
     assert big["kl"] < 0.5
+
+
+def test_k3_past_its_linear_point_keeps_value_and_slope_and_bounds_the_gradient():
+    ref = torch.zeros(4)
+    logp = torch.tensor([-1.0, -3.0, -6.0, -12.0], requires_grad=True)
+    plain = k3_kl(logp.detach(), ref)
+    bounded = k3_kl(logp, ref, linear_beyond=3.0)
+    assert torch.allclose(bounded[:2].detach(), plain[:2])  # at or within 3 nats: unchanged
+    slope = math.exp(3.0) - 1.0
+    assert bounded[2].item() == pytest.approx(plain[1].item() + slope * 3.0, rel=1e-6)
+    bounded.sum().backward()
+    assert logp.grad[0].item() == pytest.approx(-(math.exp(1.0) - 1.0), rel=1e-6)
+    assert logp.grad[2].item() == pytest.approx(-slope, rel=1e-6)  # not -(e^6 - 1)
+    assert logp.grad[3].item() == pytest.approx(-slope, rel=1e-6)
+
+
+def test_the_dual_clip_bounds_a_rejected_token_whose_ratio_rose():
+    anchor = torch.zeros(1, 3)
+    mask = torch.ones(1, 3)
+    logp = torch.tensor([[0.1, math.log(2.0), math.log(10.0)]], requires_grad=True)
+    loss, stats = policy_gradient_loss(logp, anchor, None, torch.tensor([-0.5]), mask,
+                                       dual_clip=3.0)
+    loss.backward()
+    # ratio 1.1: the plain term; ratio 2: still the ratio's (under 3); ratio 10: 3 x 0.5
+    assert loss.item() == pytest.approx(0.5 * math.exp(0.1) + 0.5 * 2.0 + 1.5, rel=1e-5)
+    assert logp.grad[0, 2].item() == 0.0 and logp.grad[0, 1].item() > 0
+    assert stats["clip_fraction"] == pytest.approx(1 / 3)
+    unbounded, _ = policy_gradient_loss(logp.detach(), anchor, None, torch.tensor([-0.5]), mask)
+    assert unbounded.item() == pytest.approx(0.5 * math.exp(0.1) + 0.5 * 2.0 + 5.0, rel=1e-5)
+    # a positive advantage is the PPO clip's alone
+    up, _ = policy_gradient_loss(logp.detach(), anchor, None, torch.tensor([0.5]), mask,
+                                 dual_clip=3.0)
+    plain, _ = policy_gradient_loss(logp.detach(), anchor, None, torch.tensor([0.5]), mask)
+    assert up.item() == plain.item()
