@@ -134,10 +134,9 @@ SUITES = {
     # users are the two the reader-pace votes-only arm missed on seed 0: the hardest known.
     "defaults-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
                                  interactions=64, reads_before_of="defaults-reader-64"),
-    # Its two unbounded loss terms bounded: one optimizer step moves single tokens by up to
-    # ~2.5 nats, far past the clip's 0.2, so a rejected reply's token can end with a ratio of
-    # e^2.6 (a term growing with it) or, replayed, 3-5 nats below the base (a k3 growing as
-    # e^gap); either can take a step's whole clipped gradient norm.
+    # Its two unbounded loss terms bounded (a ratio past the clip on a negative advantage,
+    # and the k3 of a token far below the base: docs/learning.md), each of which can take a
+    # step's whole clipped gradient norm.
     "bounded-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
                                 interactions=64,
                                 extra=("--dual-clip", "3", "--kl-linear-beyond", "3"),

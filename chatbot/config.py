@@ -63,6 +63,13 @@ def _dual_clip(text: str) -> float:
     return value
 
 
+def _kl_linear_point(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 20.0:  # e^20 is still a finite float32 slope; e^89 is not
+        raise argparse.ArgumentTypeError(f"must be between 0 (off) and 20 nats, got {value:g}")
+    return value
+
+
 def _non_negative(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < float("inf"):
@@ -263,7 +270,7 @@ class Config:
         "make a token's k3 KL penalty grow linearly, not exponentially, once its log-prob is "
         "this many nats below the base model's, so that one token pushed far down cannot swamp "
         "a step's gradient (whose norm is clipped at 1: every other token's share shrinks "
-        "with it); 0 = off (default: {default:g})", "learner", type=_non_negative))
+        "with it); 0 = off (default: {default:g})", "learner", type=_kl_linear_point))
     steps_per_round: int = field(default=2, metadata=setting(
         "optimizer steps per --learn-every new votes in a round (default: {default})",
         "learner", type=_positive_int))

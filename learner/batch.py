@@ -35,6 +35,14 @@ class Sample:
     ref: list[float] | None = None  # cached reference log-probs, when known
 
 
+def sample_kind(sample: Sample) -> str:
+    """What a sample is, for diagnostics: a stored reply, a person's rewrite, or a reply the
+    learner sampled itself (fresh replies beside a correction, --self-samples)."""
+    if sample.reply_id > 0:
+        return "reply"
+    return "rewrite" if sample.behaviour is None else "own sample"
+
+
 @dataclass
 class SharedPrompts:
     """The distinct prompts of a batch, left-padded, and each row's replies after its prompt."""

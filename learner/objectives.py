@@ -164,8 +164,9 @@ def policy_gradient_loss(logp: torch.Tensor, anchor_logp: torch.Tensor,
     logp, anchor_logp, ref_logp, mask: (B, T) per-token values for B replies (mask 1 on
     reply tokens); advantages: (B,). `anchor_logp`: the log-probs the ratio rho is taken to
     (the worker passes those at the round's first step: see the module's docstring). Returns
-    the loss and detached stats: kl, and clip_fraction (the share of tokens where the clip
-    binds and passes no gradient).
+    the loss and detached stats: kl (the plain k3 per token), clip_fraction (the share of
+    tokens where a clip binds and passes no gradient; dual_clip_fraction, the dual clip's
+    share of them), kl_loss (the KL penalty's part of the loss) and largest (`largest_term`).
     The loss is sum over replies and tokens of -min(rho A, clip(rho) A) + beta k3, divided by
     `normalizer`; at rho = 1 and beta = 0 its gradient is -sum_b A_b grad log pi(a_b)/normalizer.
     `demonstration`: (B,) True for rows a person wrote (a correction): their term is
@@ -185,37 +186,47 @@ def policy_gradient_loss(logp: torch.Tensor, anchor_logp: torch.Tensor,
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
     per_token = -torch.minimum(unclipped, clipped)  # (B, T)
     stopped = (clipped < unclipped).to(mask.dtype)  # the clip is binding: no gradient there
+    dual = torch.zeros_like(stopped)
     if dual_clip > 0:
         bound = (-dual_clip * adv).expand_as(per_token)
         binds = (adv < 0) & (per_token > bound)
         per_token = torch.where(binds, bound, per_token)
-        stopped = torch.maximum(stopped, binds.to(mask.dtype))
+        dual = binds.to(mask.dtype)
+        stopped = torch.maximum(stopped, dual)
+    sampled = mask  # the policy's own replies, not a person's rewrite
     if demonstration is not None:
         rows = demonstration[:, None]  # (B, 1)
         per_token = torch.where(rows, -adv * logp, per_token)
         stopped = torch.where(rows, torch.zeros_like(stopped), stopped)
-    stats = {"clip_fraction": (stopped * mask).sum().item() / max(mask.sum().item(), 1.0)}
+        dual = torch.where(rows, torch.zeros_like(dual), dual)
+        sampled = mask * (~rows).to(mask.dtype)
+    tokens = max(mask.sum().item(), 1.0)
+    stats = {"clip_fraction": (stopped * mask).sum().item() / tokens,
+             "dual_clip_fraction": (dual * mask).sum().item() / tokens}
     kl_part = torch.zeros_like(per_token)
     if ref_logp is not None:
         kl = k3_kl(logp, ref_logp, kl_linear_beyond)
         kl_part = beta * kl
         per_token = per_token + kl_part
-        stats["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1)).item()
+        plain = kl if kl_linear_beyond <= 0 else k3_kl(logp.detach(), ref_logp)
+        stats["kl"] = ((plain * mask).sum() / mask.sum().clamp(min=1)).item()
     loss = (per_token * mask).sum() / normalizer
     stats["kl_loss"] = (kl_part.detach() * mask).sum().item() / normalizer
     stats["largest"] = largest_term(per_token.detach(), kl_part.detach(), logp.detach(),
-                                    anchor_logp, ref_logp, adv, mask)
+                                    anchor_logp, ref_logp, adv, sampled)
     return loss, stats
 
 
 def largest_term(per_token: torch.Tensor, kl_part: torch.Tensor, logp: torch.Tensor,
                  anchor_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
                  mask: torch.Tensor) -> dict | None:
-    """Where the loss is largest: the reply token with the largest term (before the
-    normalizer), its KL share, its log-ratio to the trust region's anchor and its log-prob
-    below the reference's, and its reply's advantage. A diagnostic for loss spikes: a term
-    far above the rest is either the k3 KL of a token pushed far below the reference (kl
-    close to term) or a ratio outside the clip's reach on a negative advantage."""
+    """Where the loss is largest: among the tokens of `mask` (the policy's own replies: a
+    person's rewrite has a term -A log pi that is large by nature, with a gradient of only A),
+    the one with the largest term (before the normalizer), its KL share, its log-ratio to the
+    trust region's anchor and its log-prob below the reference's, and its reply's advantage
+    and row. A diagnostic for loss spikes: a term far above the rest is either the k3 KL of a
+    token pushed far below the reference (kl close to term) or a ratio outside the clip's
+    reach on a negative advantage."""
     if not mask.any():
         return None
     flat = torch.where(mask > 0, per_token, torch.full_like(per_token, -math.inf)).flatten()
@@ -227,6 +238,11 @@ def largest_term(per_token: torch.Tensor, kl_part: torch.Tensor, logp: torch.Ten
             "below_ref": (float(ref_logp[row, col] - logp[row, col])
                           if ref_logp is not None else None),
             "advantage": float(adv[row, 0])}
+
+
+def larger(a: dict | None, b: dict | None) -> dict | None:
+    """The larger of two `largest_term`s (None: none seen)."""
+    return a if b is None or (a is not None and a["term"] >= b["term"]) else b
 
 
 def dpo_loss(chosen_logp: torch.Tensor, rejected_logp: torch.Tensor,

@@ -28,7 +28,14 @@ import torch
 
 from chatbot.config import Config
 from chatbot.errors import DuetError
-from learner.batch import Sample, collate, ref_to_tensor, right_aligned_rows, token_logprobs
+from learner.batch import (
+    Sample,
+    collate,
+    ref_to_tensor,
+    right_aligned_rows,
+    sample_kind,
+    token_logprobs,
+)
 from learner.clock import RoundClock
 from learner.data import PreferencePair, RoundBuilder, RoundData
 from learner.head_start import HeadStart, sample_key
@@ -37,6 +44,7 @@ from learner.objectives import (
     damp_negative,
     dpo_loss,
     k3_kl,
+    larger,
     policy_gradient_loss,
     rloo_advantages,
 )
@@ -70,19 +78,6 @@ class Terms:
     totals: dict[int, float] = field(default_factory=dict)
     kl_loss: float = 0.0  # the KL penalty's part of `loss`
     largest: dict | None = None  # the largest token term (objectives.largest_term)
-
-
-def larger(a: dict | None, b: dict | None) -> dict | None:
-    """The larger of two `largest` token terms (None: none seen)."""
-    return a if b is None or (a is not None and a["term"] >= b["term"]) else b
-
-
-def sample_kind(sample: Sample) -> str:
-    """What a sample is, for diagnostics: a stored reply, a person's rewrite, or a reply the
-    learner sampled itself (fresh replies beside a correction, --self-samples)."""
-    if sample.reply_id > 0:
-        return "reply"
-    return "rewrite" if sample.behaviour is None else "own sample"
 
 
 @dataclass
@@ -340,8 +335,9 @@ class PolicyGradient(Objective):
             loss_sum += loss.item()
             kl_loss += stats["kl_loss"]
             if stats["largest"] is not None:
-                sample = micro[stats["largest"]["row"]]
-                largest = larger(largest, {**stats["largest"], "reply_id": sample.reply_id,
+                found_at = dict(stats["largest"])
+                sample = micro[found_at.pop("row")]
+                largest = larger(largest, {**found_at, "reply_id": sample.reply_id,
                                            "kind": sample_kind(sample)})
             kl_tokens += stats["kl"] * micro_tokens
             clipped += stats["clip_fraction"] * micro_tokens
@@ -417,7 +413,7 @@ def take_steps(objective: Objective, adapter: TrainableAdapter, data: RoundData,
         anchors: dict[int, torch.Tensor] = {}  # reply id -> log-probs at the slice's start
         for _ in range(steps):
             tried += 1
-            first_of_slice = not anchors  # its ratios are all 1: only KL can make it large
+            first_of_slice = not anchors  # its ratios are all 1: only KL makes a term large
             optimizer.zero_grad(set_to_none=True)
             if head is not None:  # the first step, begun between rounds
                 step = objective.accumulate(part, anchors, head=head)

@@ -14,6 +14,7 @@ from chatbot.config import (
     _candidates,
     _dual_clip,
     _fraction,
+    _kl_linear_point,
     _non_negative,
     _positive_int,
     command_line,
@@ -45,6 +46,8 @@ def _another_value(f, s, default, tmp_path):
     if s.type in (float, _non_negative):
         return (default or 0) + 0.25
     if s.type is _dual_clip:  # 0 (off) or more than 1
+        return 3.0 if default == 0 else 0.0
+    if s.type is _kl_linear_point:  # within [0, 20]
         return 3.0 if default == 0 else 0.0
     return "postgresql://duet@db.example/duet" if f.name == "db" else f"some-{f.name}"
 
@@ -133,7 +136,8 @@ def test_bounded_settings_refuse_values_out_of_range_and_say_so(capsys):
                                  ("--explore-temperature", "-0.5", "0 or more, got -0.5"),
                                  ("--explore-temperature", "nan", "0 or more, got nan"),
                                  ("--dual-clip", "0.8", "0 (off) or more than 1, got 0.8"),
-                                 ("--kl-linear-beyond", "-1", "0 or more, got -1")]:
+                                 ("--kl-linear-beyond", "-1", "between 0 (off) and 20 nats"),
+                                 ("--kl-linear-beyond", "90", "and 20 nats, got 90")]:
         with pytest.raises(SystemExit):
             app.build_parser().parse_args([flag, value])
         assert message in capsys.readouterr().err

@@ -545,6 +545,11 @@ def test_a_round_begun_between_rounds_takes_the_same_steps(learner_config, monke
                                                                abs=1e-4)
     assert with_head["loss"] == pytest.approx(whole["loss"], rel=1e-4, abs=1e-6)
     assert with_head["kl"] == pytest.approx(whole["kl"], rel=1e-4, abs=1e-7)
+    assert with_head["kl_loss"] == pytest.approx(whole["kl_loss"], rel=1e-4, abs=1e-7)
+    head_big, whole_big = with_head["largest_term"], whole["largest_term"]
+    assert (head_big["reply_id"], head_big["token"], head_big["step"]) == (
+        whole_big["reply_id"], whole_big["token"], whole_big["step"])
+    assert head_big["term"] == pytest.approx(whole_big["term"], rel=1e-4)
     for name, value in _lora_state(learner).items():
         torch.testing.assert_close(weights_head[name], value, rtol=1e-4, atol=1e-6)
     moved = max((weights_head[n] - start[0][n]).abs().max().item() for n in start[0])
@@ -754,3 +759,23 @@ def test_fewer_votes_than_learn_every_are_learnt_once_nothing_new_comes(learner_
     (step,) = store.learner_steps()
     assert step["new_votes"] == 2 and store.pending_counts()["votes_pending"] == 0
     assert time.monotonic() - started >= 1.0  # not before the quiet second
+
+
+def test_the_loss_bounds_reach_the_policy_gradient(learner_config, monkeypatch):
+    """--dual-clip and --kl-linear-beyond are the round's: every pass of the policy gradient
+    takes them from the config."""
+    from learner import steps
+
+    config = dataclasses.replace(learner_config, dual_clip=3.0, kl_linear_beyond=2.5)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "A", "B"])
+    seen = []
+    loss = steps.policy_gradient_loss
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["dual_clip"], kwargs["kl_linear_beyond"]))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "policy_gradient_loss", spy)
+    step = make_learner(config, store).round()
+    assert step["status"] == "promoted" and seen and set(seen) == {(3.0, 2.5)}

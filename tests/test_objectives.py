@@ -236,6 +236,15 @@ def test_k3_past_its_linear_point_keeps_value_and_slope_and_bounds_the_gradient(
     assert logp.grad[0].item() == pytest.approx(-(math.exp(1.0) - 1.0), rel=1e-6)
     assert logp.grad[2].item() == pytest.approx(-slope, rel=1e-6)  # not -(e^6 - 1)
     assert logp.grad[3].item() == pytest.approx(-slope, rel=1e-6)
+    # through the loss: the penalty is the bounded one, the KL reported the plain k3
+    rows = logp.detach()[None, :]
+    mask = torch.ones_like(rows)
+    args = (rows, rows, ref[None, :], torch.tensor([0.0]), mask)
+    _, linear = policy_gradient_loss(*args, beta=0.1, kl_linear_beyond=3.0)
+    _, exponential = policy_gradient_loss(*args, beta=0.1)
+    assert linear["kl_loss"] == pytest.approx(0.1 * bounded.sum().item(), rel=1e-5)
+    assert exponential["kl_loss"] == pytest.approx(0.1 * plain.sum().item(), rel=1e-5)
+    assert linear["kl"] == exponential["kl"] == pytest.approx(plain.mean().item(), rel=1e-5)
 
 
 def test_the_dual_clip_bounds_a_rejected_token_whose_ratio_rose():
@@ -248,7 +257,7 @@ def test_the_dual_clip_bounds_a_rejected_token_whose_ratio_rose():
     # ratio 1.1: the plain term; ratio 2: still the ratio's (under 3); ratio 10: 3 x 0.5
     assert loss.item() == pytest.approx(0.5 * math.exp(0.1) + 0.5 * 2.0 + 1.5, rel=1e-5)
     assert logp.grad[0, 2].item() == 0.0 and logp.grad[0, 1].item() > 0
-    assert stats["clip_fraction"] == pytest.approx(1 / 3)
+    assert stats["clip_fraction"] == stats["dual_clip_fraction"] == pytest.approx(1 / 3)
     unbounded, _ = policy_gradient_loss(logp.detach(), anchor, None, torch.tensor([-0.5]), mask)
     assert unbounded.item() == pytest.approx(0.5 * math.exp(0.1) + 0.5 * 2.0 + 5.0, rel=1e-5)
     # a positive advantage is the PPO clip's alone
@@ -256,3 +265,14 @@ def test_the_dual_clip_bounds_a_rejected_token_whose_ratio_rose():
                                  dual_clip=3.0)
     plain, _ = policy_gradient_loss(logp.detach(), anchor, None, torch.tensor([0.5]), mask)
     assert up.item() == plain.item()
+
+
+def test_the_largest_token_term_is_the_policys_own_not_a_persons_rewrite():
+    logp = torch.tensor([[-15.0, -15.0], [-1.0, -2.0]])  # row 0: a rewrite the policy finds odd
+    mask = torch.ones(2, 2)
+    _, stats = policy_gradient_loss(logp, logp, None, torch.tensor([1.0, -1.0]), mask,
+                                    demonstration=torch.tensor([True, False]))
+    assert stats["largest"]["row"] == 1 and stats["largest"]["term"] == pytest.approx(1.0)
+    _, alone = policy_gradient_loss(logp[:1], logp[:1], None, torch.tensor([1.0]),
+                                    mask[:1], demonstration=torch.tensor([True]))
+    assert alone["largest"] is None
