@@ -21,7 +21,8 @@ arm; `candidates-reader`, which adds --pair-candidates 4, against `length-neutra
 became a default; `defaults-reader-64`, both its arms at 64 interactions, against it;
 `varied-reader-64`, whose users' rewrites vary, against that; `rescaled-reader-64`, which
 adds --length-neutral-rescale to votes only, against it too; `bounded-instant-64`, which
-bounds the loss's two unbounded terms, against `defaults-instant-64`).
+bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
+`rounds-of-4-instant-64`, which trains the instant voter's votes in rounds of 4).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -141,6 +142,12 @@ SUITES = {
                                 interactions=64,
                                 extra=("--dual-clip", "3", "--kl-linear-beyond", "3"),
                                 against="defaults-instant-64"),
+    # The same votes trained in real rounds of 4 (--max-batch-votes 4) instead of slices of
+    # rounds of up to 16: whether the slice emulation of missed rounds is what the instant
+    # voter loses (the pairs voted on are as old either way).
+    "rounds-of-4-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
+                                    interactions=64, extra=("--max-batch-votes", "4"),
+                                    against="defaults-instant-64"),
 }
 
 
