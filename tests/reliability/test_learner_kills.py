@@ -28,6 +28,7 @@ from chatbot.model import load_model
 from chatbot.sampling import PairGenerator
 from chatbot.service import ChatService
 from chatbot.store import Store
+from learner.__main__ import remove_stale_folders
 from tests.serving import ROOT
 
 KILLS = 8
@@ -209,9 +210,7 @@ def test_a_kill_inside_publish_loses_nothing(tiny_model_dir, tmp_path, stage, mo
         monkeypatch.setattr(store, "finish_round", die)
     with pytest.raises(Killed):
         learner.round()
-    # what a restarted learner does first
-    removed = adapters.remove_stale(config.adapters_dir,
-                                    {a["version"] for a in store.adapters() if a["path"]})
+    removed = remove_stale_folders(store, config)  # what a restarted learner does first
     assert store.adapters() == [] and store.live_adapter_version() == 0
     assert store.adapter_files(1) == {}
     assert store.pending_counts()["votes_pending"] == 2
