@@ -22,7 +22,8 @@ became a default; `defaults-reader-64`, both its arms at 64 interactions, agains
 `varied-reader-64`, whose users' rewrites vary, against that; `rescaled-reader-64`, which
 adds --length-neutral-rescale to votes only, against it too; `bounded-instant-64`, which
 bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
-`rounds-of-4-instant-64`, which trains the instant voter's votes in rounds of 4).
+`rounds-of-4-instant-64`, which trains the instant voter's votes in rounds of 4, and
+`self-samples-instant-64`, `judge-new-instant-64` and `steps-4-instant-64`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -148,6 +149,24 @@ SUITES = {
     "rounds-of-4-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
                                     interactions=64, extra=("--max-batch-votes", "4"),
                                     against="defaults-instant-64"),
+    # The two rules the issue asks this suite to judge, each beside the defaults: the reward
+    # model's self-samples (four fresh pairs a round from the learner's own weights, scored by
+    # a Bradley-Terry model fitted on the votes: on-policy pairs the instant voter's stale
+    # ones are not) and test-then-train (each new vote judges the candidate first and trains
+    # a round later).
+    "self-samples-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,),
+                                     paces=("instant",), interactions=64,
+                                     extra=("--self-samples", "4"),
+                                     against="defaults-instant-64"),
+    "judge-new-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
+                                  interactions=64, extra=("--judge-new",),
+                                  against="defaults-instant-64"),
+    # Twice the steps per vote: these users' policies ended 0.16-0.33 nats per token from the
+    # base, under the KL budget (0.2 before beta rises) and the tripwire (0.5): whether the
+    # votes are under-used rather than too few.
+    "steps-4-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
+                                interactions=64, extra=("--steps-per-round", "4"),
+                                against="defaults-instant-64"),
 }
 
 
