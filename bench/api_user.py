@@ -50,6 +50,11 @@ from bench.simulate import load_prompts, split_prompts
 from chatbot.store import Store
 from learner.objectives import shorter_reply_won
 
+# Each round's adapter metrics kept beside its learner_steps row (the run's data folder is
+# deleted): where its loss came from, and with --self-samples what the reward model knew.
+ROUND_METRICS = ("kl_loss", "largest_term", "shorter_wins", "reward_model_cv_acc",
+                 "reward_model_new_acc", "self_samples")
+
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     from bench.user_suite import SUITES
@@ -318,7 +323,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
         "rounds": [{**{k: s.get(k) for k in ("adapter_version", "status", "kl", "beta", "loss",
                                              "new_votes", "replayed_votes", "seconds")},
                     **{k: metrics.get(s.get("adapter_version"), {}).get(k)
-                       for k in ("kl_loss", "largest_term")}}
+                       for k in ROUND_METRICS}}
                    for s in steps],
         "shorter_won": shorter_won(voted),
         "feature_decided": feature_decided(voted, oracle),

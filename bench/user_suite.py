@@ -23,7 +23,9 @@ became a default; `defaults-reader-64`, both its arms at 64 interactions, agains
 adds --length-neutral-rescale to votes only, against it too; `bounded-instant-64`, which
 bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
 `rounds-of-4-instant-64`, which trains the instant voter's votes in rounds of 4, and
-`self-samples-instant-64`, `judge-new-instant-64` and `steps-4-instant-64`).
+`self-samples-instant-64`, `judge-new-instant-64` and `steps-4-instant-64`; `varied-instant-64`,
+corrections from the instant voter, reads `defaults-reader-64`'s replies before like
+`defaults-instant-64`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -167,6 +169,12 @@ SUITES = {
     "steps-4-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
                                 interactions=64, extra=("--steps-per-round", "4"),
                                 against="defaults-instant-64"),
+    # The instant voter who also corrects: varied-reader-64's arm (a correction every 8, the
+    # rewrites varied) at the instant pace, read beside defaults-instant-64's votes alone (no
+    # run of the same arm to pair with): whether the strongest label carries the fast voter.
+    "varied-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (8,), paces=("instant",),
+                               interactions=64, varied=True,
+                               reads_before_of="defaults-reader-64"),
 }
 
 
