@@ -1,4 +1,4 @@
-"""A round's optimizer steps: the two objectives behind one interface, and the step loop.
+"""What a round's optimizer steps compute: the two objectives behind one interface.
 
 `PolicyGradient` (the default) is the seed's estimator with its guards (learner/objectives.py):
 each step sums -min(rho A, clip(rho) A) + beta k3 over a slice's samples, the trust region
@@ -9,25 +9,18 @@ the same pairs, for comparison. Both answer the same questions: what to step on 
 (`schedule`), which replies the first step scores at the live weights, the gradient of one
 step (`accumulate`), what to do once the round's KL is known.
 
-`take_steps` runs a round's steps whatever the objective: gradient norm clipped to 1.0; a step
-whose loss or gradient is not finite is skipped (no parameter or optimizer change), and
-`max_bad_steps` such steps in a row fail the round.
-
-Left out: the round around the steps (learner/rounds.py), the passes that train nothing
-(learner/scoring.py).
+Left out: the loop that takes the steps (learner/step_loop.py), the round around them
+(learner/rounds.py), the passes that train nothing (learner/scoring.py).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from chatbot.config import Config
-from chatbot.errors import DuetError
 from learner.batch import (
     Sample,
     collate,
@@ -52,17 +45,11 @@ from learner.reward import SelfSampler
 from learner.scoring import MICRO_BATCH, by_prompt
 from learner.weights import TrainableAdapter
 
-log = logging.getLogger(__name__)
-
 # Replies the learner samples on a replayed correction's prompt to compare its rewrite with: a
 # pair, as the turn had (SelfSampler.sample).
 FRESH_REPLIES = 2
 
 Schedule = list[tuple[list, int]]  # (what one step trains on, steps), in order
-
-
-class RoundFailed(DuetError):
-    """Too many non-finite steps, or another reason to publish nothing this round."""
 
 
 @dataclass
@@ -383,71 +370,3 @@ class DirectPreference(Objective):
 
 
 OBJECTIVES = {o.name: o for o in (PolicyGradient, DirectPreference)}  # by --objective
-
-
-def take_steps(objective: Objective, adapter: TrainableAdapter, data: RoundData,
-               head: HeadStart | None = None,
-               after_first_step: Callable[[dict[int, float]], None] | None = None, *,
-               max_bad_steps: int = 3, on_step: Callable[[], None] = lambda: None) -> dict:
-    """The round's optimizer steps, as `objective.schedule(data)` lays them out. Returns step
-    stats: the mean loss and the KL penalty's mean part of it, the last step's KL estimate,
-    skipped and taken steps, the largest token term of any step taken (`largest_term`, with
-    its step and sample: objectives.largest_term), and `live_totals`: the summed log-prob of
-    each reply the first step saw, at the live weights.
-
-    `head`: the first step's terms summed between rounds, used if the objective finds it
-    usable. `after_first_step`: called with those live totals once the first optimizer step
-    is taken, if more follow (the preview); it must leave the weights as they are. `on_step`:
-    after every optimizer step (the heartbeat)."""
-    params = adapter.parameters()
-    optimizer = adapter.the_optimizer()
-    schedule = objective.schedule(data)
-    if not schedule:
-        return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0, "live_totals": {},
-                "kl_loss": None, "largest_term": None}
-    head = objective.usable(head, schedule[0][0])
-    losses, kls, skipped, bad_in_a_row, live_totals = [], [], 0, 0, {}
-    kl_losses, largest = [], None
-    planned, tried = sum(steps for _, steps in schedule), 0
-    for part, steps in schedule:
-        anchors: dict[int, torch.Tensor] = {}  # reply id -> log-probs at the slice's start
-        for _ in range(steps):
-            tried += 1
-            first_of_slice = not anchors  # its ratios are all 1: only KL makes a term large
-            optimizer.zero_grad(set_to_none=True)
-            if head is not None:  # the first step, begun between rounds
-                step = objective.accumulate(part, anchors, head=head)
-            else:
-                step = objective.accumulate(part, anchors)
-            head = None
-            anchors.update(step.anchors)
-            if not losses:  # no step taken yet: these are the live weights' log-probs
-                live_totals.update(step.totals)
-            loss, kl = step.loss, step.kl
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                skipped += 1
-                bad_in_a_row += 1
-                log.warning("skipped a step: loss %s, grad norm %s", loss, grad_norm.item())
-                optimizer.zero_grad(set_to_none=True)
-                anchors.clear()  # taken from a broken forward pass: take them again
-                if bad_in_a_row >= max_bad_steps:
-                    raise RoundFailed(f"{bad_in_a_row} steps in a row had a non-finite loss "
-                                      "or gradient; nothing was published")
-                continue
-            bad_in_a_row = 0
-            optimizer.step()
-            losses.append(loss)
-            kls.append(kl)
-            kl_losses.append(step.kl_loss)
-            if step.largest is not None:
-                largest = larger(largest, {**step.largest, "step": tried,
-                                           "first_of_slice": first_of_slice})
-            on_step()
-            if after_first_step is not None and len(losses) == 1 and tried < planned:
-                after_first_step(dict(live_totals))
-    return {"loss": sum(losses) / len(losses) if losses else None,
-            "kl": kls[-1] if kls else None, "skipped_steps": skipped, "steps": len(losses),
-            "clip_fraction": objective.clip_fraction, "live_totals": live_totals,
-            "kl_loss": sum(kl_losses) / len(kl_losses) if kl_losses else None,
-            "largest_term": largest}

@@ -3,7 +3,8 @@ When a round runs is learner/loop.py's; what a round does, learner/rounds.py's.
 
 The parts: the adapter it trains and its optimizer (learner/weights.py), the batch builder over
 the store (learner/data.py), the passes that train nothing (learner/scoring.py), the objective
-and its steps (learner/steps.py), the reward model's sampler (learner/reward.py) and the
+and what its steps compute (learner/steps.py), the loop that takes them
+(learner/step_loop.py), the reward model's sampler (learner/reward.py) and the
 round's clock (learner/clock.py).
 
 Between rounds (`prepare`: when a round ends, and as each vote comes in) the learner does what
@@ -37,7 +38,8 @@ from learner.objectives import AdaptiveKLController
 from learner.reward import SelfSampler
 from learner.rounds import run_round
 from learner.scoring import Scorer, kl_replies
-from learner.steps import OBJECTIVES, take_steps
+from learner.step_loop import take_steps
+from learner.steps import OBJECTIVES
 from learner.weights import TrainableAdapter
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ class Learner:
 
     def train(self, data: RoundData, head: HeadStart | None = None,
               after_first_step=None) -> dict:
-        """The round's optimizer steps (steps.take_steps with this learner's parts)."""
+        """The round's optimizer steps (step_loop.take_steps with this learner's parts)."""
         return take_steps(self.objective, self.adapter, data, head, after_first_step,
                           max_bad_steps=self.max_bad_steps, on_step=self.on_step)
 

@@ -8,6 +8,7 @@ from gradio_client import Client
 from chatbot.store import Store
 from tests.serving import running_server
 
+pytestmark = pytest.mark.processes  # a real server process
 
 @pytest.fixture(scope="module")
 def api(tiny_model_dir, tmp_path_factory):

@@ -347,6 +347,7 @@ def test_swap_runs(tiny_model_dir, tmp_path):
     assert set(load["versions_served"]) <= {"1", "2"}
 
 
+@pytest.mark.processes  # the real server and learner
 def test_latency_runs(tiny_model_dir, tmp_path):
     bench(["latency", "--model", str(tiny_model_dir), "--rounds", "1", "--learn-every", "2",
            "--max-new-tokens", "4", "--read-seconds", "0.1", "--pair-kernels", "off",
@@ -369,6 +370,7 @@ def test_latency_runs(tiny_model_dir, tmp_path):
         1000 * results["pair_seconds_idle"][0] / results["pair_steps_idle"][0])
 
 
+@pytest.mark.processes  # a real `python app.py`
 def test_api_user_runs(tiny_model_dir, tmp_path):
     bench(["api-user", "--model", str(tiny_model_dir), "--votes", "4", "--eval-prompts", "2",
            "--max-new-tokens", "4", "--correct-every", "2", "--correction-text",

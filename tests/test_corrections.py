@@ -18,7 +18,7 @@ from learner.batch import Sample
 from learner.data import CORRECTION_IDS
 from learner.head_start import sample_key
 from learner.scoring import kl_replies
-from learner.steps import RoundFailed
+from learner.step_loop import RoundFailed
 from learner.worker import Learner
 from tests.test_store import add_turn
 

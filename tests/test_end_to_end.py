@@ -12,6 +12,7 @@ from gradio_client import Client
 from chatbot.store import Store
 from tests.serving import running_server, wait_for
 
+pytestmark = pytest.mark.processes  # the server and its learner child
 
 @pytest.fixture
 def live_server(tiny_model_dir, tmp_path):

@@ -13,7 +13,8 @@ from chatbot.model import load_model
 from chatbot.sampling import PairGenerator
 from chatbot.service import ChatService
 from chatbot.store import Store
-from learner.steps import RoundFailed, steps_for
+from learner.step_loop import RoundFailed
+from learner.steps import steps_for
 from learner.worker import Learner
 
 PROMPTS = ["Tell me a joke.", "What is rain?", "Name a colour.", "How are you?",

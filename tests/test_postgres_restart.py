@@ -19,7 +19,8 @@ from learner.worker import Learner
 from tests.postgres import PostgresServer, postgres_bin
 from tests.test_store import add_turn
 
-pytestmark = pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed")
+pytestmark = [pytest.mark.processes,  # restarts a PostgreSQL server of its own
+              pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL is not installed")]
 
 
 @pytest.fixture

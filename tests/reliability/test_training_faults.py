@@ -13,7 +13,8 @@ from chatbot.model import load_model
 from chatbot.sampling import PairGenerator
 from chatbot.service import ChatService
 from chatbot.store import Store
-from learner.steps import RoundFailed, Step
+from learner.step_loop import RoundFailed
+from learner.steps import Step
 from learner.worker import Learner
 
 
