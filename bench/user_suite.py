@@ -23,13 +23,12 @@ became a default; `defaults-reader-64`, both its arms at 64 interactions, agains
 adds --length-neutral-rescale to votes only, against it too; `bounded-instant-64`, which
 bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
 `rounds-of-4-instant-64`, which trains the instant voter's votes in rounds of 4, and
-`self-samples-instant-64`, `judge-new-instant-64` and `steps-4-instant-64`; `varied-instant-64`,
-corrections from the instant voter, reads `defaults-reader-64`'s replies before like
-`defaults-instant-64`).
+`self-samples-instant-64`, `judge-new-instant-64` and `steps-4-instant-64`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
-reads `defaults-reader-64`'s), and is not paired with it. A server that chooses its pairs
+and `varied-instant-64`, the same user correcting every 8, read `defaults-reader-64`'s), and
+is not paired with it. A server that chooses its pairs
 from candidates is asked for its held-out replies one at a time: its pairs are not two
 samples of its policy.
 

@@ -6,7 +6,7 @@ Reference log-probs are computed once per reply and cached in the store; the ref
 distributions over the next round's KL replies are kept in memory between rounds (up to
 KEEP_REFERENCE_BYTES), so the round's KL check needs a pass of the policy alone.
 
-Left out: anything that changes the weights (learner/steps.py).
+Left out: anything that changes the weights (learner/steps.py, learner/step_loop.py).
 """
 
 from __future__ import annotations

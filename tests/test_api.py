@@ -10,6 +10,7 @@ from tests.serving import running_server
 
 pytestmark = pytest.mark.processes  # a real server process
 
+
 @pytest.fixture(scope="module")
 def api(tiny_model_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("api-data")

@@ -392,13 +392,13 @@ def test_api_user_runs(tiny_model_dir, tmp_path):
     assert "shorter_won" in results
     assert set(results["feature_decided"]) == {"votes", "won_by_feature", "feature_in_shorter"}
     assert all("beta" in step for step in results["rounds"])
-    # each round keeps its adapter metrics beside its row; no --self-samples: no reward model
-    assert all({"shorter_wins", "reward_model_cv_acc"} <= set(step) for step in results["rounds"])
-    assert all(step["reward_model_cv_acc"] is None for step in results["rounds"])
     # where each round's loss came from: its KL part and its largest token term
     promoted = [r for r in results["rounds"] if r["status"] == "promoted"]
     assert promoted and all(r["largest_term"]["kind"] in ("reply", "rewrite", "own sample")
                             and r["kl_loss"] is not None for r in promoted)
+    # and the rest of its adapter metrics: the length-neutral rate it used; no reward model
+    assert all(isinstance(r["shorter_wins"], float) for r in promoted)
+    assert all(r["reward_model_cv_acc"] is None for r in promoted)
 
 
 def test_the_share_of_votes_the_shorter_reply_won():

@@ -14,6 +14,7 @@ from tests.serving import running_server, wait_for
 
 pytestmark = pytest.mark.processes  # the server and its learner child
 
+
 @pytest.fixture
 def live_server(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
