@@ -27,7 +27,8 @@ bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
-and `varied-instant-64`, the same user correcting every 8, read `defaults-reader-64`'s), and
+and `varied-instant-64` and `varied-instant-64-more`, users correcting every 8, read
+`defaults-reader-64`'s), and
 is not paired with it. A server that chooses its pairs
 from candidates is asked for its held-out replies one at a time: its pairs are not two
 samples of its policy.
@@ -174,6 +175,10 @@ SUITES = {
     "varied-instant-64": Suite(("you", "noisy-numbers"), (0, 1), (8,), paces=("instant",),
                                interactions=64, varied=True,
                                reads_before_of="defaults-reader-64"),
+    # The same for the suite's other two users: whether it holds beyond the two hardest.
+    "varied-instant-64-more": Suite(("contractions", "can"), (0, 1), (8,), paces=("instant",),
+                                    interactions=64, varied=True,
+                                    reads_before_of="defaults-reader-64"),
 }
 
 
