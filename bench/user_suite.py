@@ -28,10 +28,9 @@ Every suite of a chain of `against` reads its held-out replies before from the s
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
 and `varied-instant-64` and `varied-instant-64-more`, users correcting every 8, read
-`defaults-reader-64`'s), and
-is not paired with it. A server that chooses its pairs
-from candidates is asked for its held-out replies one at a time: its pairs are not two
-samples of its policy.
+`defaults-reader-64`'s), and is not paired with it. A server that chooses its pairs from
+candidates is asked for its held-out replies one at a time: its pairs are not two samples of
+its policy.
 
 The headline: per arm and pace, the share of runs significant at 5% and the mean gain with its
 95% t-interval (for an arm with corrections, also with the user's correction sentence taken out
