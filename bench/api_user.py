@@ -109,19 +109,30 @@ def one_sided_p(before: int, after: int, n: int) -> float:
 
 
 def stratified_p(before: list[int], after: list[int], per_prompt: int) -> float:
-    """P(the after share is higher by chance), each held-out prompt a stratum: the one-sided
-    Cochran-Mantel-Haenszel test on per-prompt counts of satisfied replies (`per_prompt`
-    replies each, before and after). Prompts differ in how often any reply has the feature,
-    and a prompt whose replies all have it (or none do) says nothing about the change; the
-    pooled two-proportion test counts that spread as noise."""
-    excess, variance = 0.0, 0.0
-    for b, a in zip(before, after):
-        n, total = 2 * per_prompt, a + b
-        excess += a - per_prompt * total / n
-        variance += per_prompt * per_prompt * total * (n - total) / (n * n * (n - 1))
-    if variance == 0:
-        return 1.0
-    return 0.5 * math.erfc(excess / math.sqrt(variance) / math.sqrt(2))
+    """P(the after share is this high or higher by chance), each held-out prompt a stratum:
+    the exact one-sided conditional test on per-prompt counts of satisfied replies
+    (`per_prompt` replies each, before and after). Prompts differ in how often any reply has
+    the feature, and a prompt whose replies all have it (or none do) says nothing about the
+    change; the pooled two-proportion test counts that spread as noise. Given each prompt's
+    total, its count after is hypergeometric if nothing changed; the p-value is the upper
+    tail of their sum, convolved exactly. It never rejects more often than its level: with
+    no change, on 32 prompts of 2 replies whose rates range from 0 to 1, it rejected at 5% in
+    2.5-3.8% of 2,000 draws, where the Cochran-Mantel-Haenszel normal approximation it
+    replaced did in 4.3-5.8% (defaults-instant-64's "you" s0: 0.048 there, 0.075 here) and
+    the pooled test in under 1%."""
+    tail = {0: 1.0}  # distribution of the summed counts after, stratum by stratum
+    for b, a in zip(before, after, strict=True):
+        total, n = a + b, 2 * per_prompt
+        ways = math.comb(n, per_prompt)
+        here = {x: math.comb(total, x) * math.comb(n - total, per_prompt - x) / ways
+                for x in range(max(0, total - per_prompt), min(total, per_prompt) + 1)}
+        summed: dict[int, float] = {}
+        for s, p in tail.items():
+            for x, q in here.items():
+                summed[s + x] = summed.get(s + x, 0.0) + p * q
+        tail = summed
+    observed = sum(after)
+    return min(1.0, sum(p for s, p in tail.items() if s >= observed))
 
 
 def held_out_texts(client, prompts: list[str], per_prompt: int = 2, pairs: bool = True

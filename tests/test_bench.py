@@ -588,11 +588,39 @@ def test_the_stratified_test_counts_only_prompts_that_can_change():
     information: the same gain is stronger evidence among prompts that vary."""
     from bench.api_user import one_sided_p, stratified_p
 
-    assert stratified_p([1] * 8, [1] * 8, 2) == pytest.approx(0.5)
+    assert 0.5 < stratified_p([1] * 8, [1] * 8, 2) < 0.7  # no change: the upper tail and tie
     assert stratified_p([2, 0] * 4, [2, 0] * 4, 2) == 1.0  # nothing could change
     rising = stratified_p([0] * 8 + [2] * 8 + [0] * 16, [1] * 8 + [2] * 8 + [0] * 16, 2)
     assert rising < 0.01 and one_sided_p(16, 24, 64) > 0.05  # the same 16 -> 24 of 64, pooled
     assert stratified_p([1] * 8, [0] * 8, 2) > 0.99
+
+
+def test_the_stratified_test_is_exact():
+    """The p-value is the conditional tail itself: on three prompts it equals the count of
+    within-prompt relabellings of before and after replies that give as many satisfied after;
+    and under no change, with prompts that differ in how often they have the feature, it
+    rejects at 5% no more than 5% of the time."""
+    import itertools
+    import random
+
+    from bench.api_user import stratified_p
+
+    before, after = [0, 1, 2], [1, 2, 2]  # satisfied replies per prompt, 2 replies each
+    labels = []  # per prompt: the 4 replies' hits, any 2 of which could be the "after" ones
+    for b, a in zip(before, after):
+        hits = [1] * (a + b) + [0] * (4 - a - b)
+        labels.append([sum(hits[i] for i in chosen)
+                       for chosen in itertools.combinations(range(4), 2)])
+    tails = [sum(combo) >= sum(after) for combo in itertools.product(*labels)]
+    assert stratified_p(before, after, 2) == pytest.approx(sum(tails) / len(tails))
+
+    rng = random.Random(0)
+    rates = [rng.choice([0.0, 0.1, 0.4, 0.7, 1.0]) for _ in range(32)]  # per prompt
+    rejected = 0
+    for _ in range(400):
+        draw = [[sum(rng.random() < q for _ in range(2)) for q in rates] for _ in range(2)]
+        rejected += stratified_p(draw[0], draw[1], 2) < 0.05
+    assert rejected / 400 <= 0.05
 
 
 def test_store_bench_times_both_databases(tmp_path, postgres_url):
@@ -643,6 +671,15 @@ def test_the_api_user_suite_pairs_each_arm_with_votes_only():
     assert out["instant-every0"]["gain"]["mean"] == pytest.approx(0.0)
     assert out["instant-every8-minus-votes-only"]["mean"] == pytest.approx(0.15)  # 0.2, 0.1
     assert out["instant-every8-minus-votes-only"]["n"] == 2
+    assert out["instant-every8"]["significant_share_by_prompt"] is None  # no per-prompt counts
+
+    rising = run("a", 0, 0.0, 0.25, 0.2)  # 8 prompts of 32 gain a satisfied reply of 2
+    rising["results"].update(before={"satisfied_by_prompt": [0] * 32},
+                             after={"satisfied_by_prompt": [1] * 8 + [0] * 24})
+    flat = run("b", 0, 0.25, 0.25, 0.5)
+    flat["results"].update(before={"satisfied_by_prompt": [1] * 16 + [0] * 16},
+                           after={"satisfied_by_prompt": [0] * 16 + [1] * 16})
+    assert headline([rising, flat])["instant-every0"]["significant_share_by_prompt"] == 0.5
 
 
 def test_a_suite_that_tries_a_rule_is_paired_with_the_suite_without_it():
@@ -701,6 +738,9 @@ def test_every_paired_suite_has_its_baselines_users_seeds_and_paces():
     instant = SUITES["defaults-instant-64"]
     assert instant.against is None and instant.paces == ("instant",)
     assert baseline_of("defaults-instant-64") == baseline_of("defaults-reader-64")
+    # a suite scored on another's replies before asks for as many replies per prompt
+    for name in SUITES:
+        assert SUITES[name].eval_replies == SUITES[baseline_of(name)].eval_replies, name
 
 
 def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_won():
