@@ -49,7 +49,7 @@ def take_steps(objective: Objective, adapter: TrainableAdapter, data: RoundData,
     schedule = objective.schedule(data)
     if not schedule:
         return {"loss": None, "kl": None, "skipped_steps": 0, "steps": 0, "live_totals": {},
-                "kl_loss": None, "largest_term": None}
+                "kl_loss": None, "largest_term": None, "clip_fraction": None}
     head = objective.usable(head, schedule[0][0])
     losses, kls, skipped, bad_in_a_row, live_totals = [], [], 0, 0, {}
     kl_losses, largest = [], None
