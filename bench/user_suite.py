@@ -34,10 +34,11 @@ its policy. A suite with more held-out replies a prompt (`eval_replies`: the `-w
 8 where the rest have 2) reads its own replies before and is read beside the others by hand.
 
 The headline: per arm and pace, the share of runs significant at 5% (by the pooled test, and
-with each held-out prompt a stratum) and the mean gain with its 95% t-interval (for an arm with corrections, also with the user's correction sentence taken out
-of the replies after: a model that copies it verbatim satisfies the user by copying); each arm
-with corrections minus votes only, paired; and, for a suite tried against another, its gain
-minus the other's, paired.
+with each held-out prompt a stratum) and the mean gain with its 95% t-interval (for an arm
+with corrections, also with the user's correction sentence taken out of the replies after: a
+model that copies it verbatim satisfies the user by copying); each arm with corrections minus
+votes only, paired; and, for a suite tried against another, its gain minus the other's,
+paired.
 
 Left out: running several runs at once (each must have the machine to itself).
 """
