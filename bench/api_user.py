@@ -120,10 +120,11 @@ def stratified_p(before: list[int], after: list[int], per_prompt: int) -> float:
     2.5-3.8% of 2,000 draws, where the Cochran-Mantel-Haenszel normal approximation it
     replaced did in 4.3-5.8% (defaults-instant-64's "you" s0: 0.048 there, 0.075 here) and
     the pooled test in under 1%."""
+    n = 2 * per_prompt  # a prompt's replies, before and after
+    ways = math.comb(n, per_prompt)
     tail = {0: 1.0}  # distribution of the summed counts after, stratum by stratum
     for b, a in zip(before, after, strict=True):
-        total, n = a + b, 2 * per_prompt
-        ways = math.comb(n, per_prompt)
+        total = a + b
         here = {x: math.comb(total, x) * math.comb(n - total, per_prompt - x) / ways
                 for x in range(max(0, total - per_prompt), min(total, per_prompt) + 1)}
         summed: dict[int, float] = {}

@@ -325,15 +325,14 @@ def headline(runs: list[dict]) -> dict:
     out = {}
     for key, results in groups.items():
         out[key] = {"runs": len(results),
-                    "significant_share": sum(r["p_value_one_sided"] < 0.05 for r in results)
-                    / len(results),
+                    "significant_share": _share_below([r["p_value_one_sided"] for r in results]),
                     "significant_share_by_prompt": _share_below(
                         [p_by_prompt(r) for r in results]),
                     "gain": mean_ci([_gain(r) for r in results]),
                     "length_ratio_min": min(r["length_ratio"] for r in results)}
         if key in less:
             out[key]["less_correction_sentence"] = {
-                "significant_share": sum(p < 0.05 for _, p in less[key]) / len(less[key]),
+                "significant_share": _share_below([p for _, p in less[key]]),
                 "gain": mean_ci([gain for gain, _ in less[key]])}
     for (user, seed, pace, every), result in by_run.items():
         alone = by_run.get((user, seed, pace, 0))
