@@ -24,8 +24,8 @@ Before voting, and again once the learner has used every vote and correction, th
 each held-out prompt (never voted on, so never trained on) for a pair and reads both replies:
 the share that satisfies the preference, before and after, with a one-sided two-proportion
 z-test and (each prompt a stratum: prompts differ in how often any reply has the feature) the
-exact one-sided conditional test across the strata (`stratified_p`), and the mean reply length. `--eval-replies` sets the
-replies per prompt (2: one pair; a suite fixes its own).
+exact one-sided conditional test across the strata (`stratified_p`), and the mean reply
+length. `--eval-replies` sets the replies per prompt (2: one pair; a suite fixes its own).
 
 A run with corrections also scores the replies after with the user's correction sentences
 taken out (`less_correction`): a model that learns to write a sentence the user put first in
