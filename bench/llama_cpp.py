@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -31,14 +32,16 @@ CACHE = Path.home() / ".cache" / "duet" / "llama.cpp"
 
 
 def sdist_url(package: str = PACKAGE, version: str = VERSION) -> tuple[str, str]:
-    """The sdist's URL and sha256, from PyPI's JSON API."""
-    with urllib.request.urlopen(f"https://pypi.org/pypi/{package}/{version}/json",
-                                timeout=60) as response:
-        files = json.load(response)["urls"]
+    """The sdist's URL and sha256, from PyPI's JSON API (the project's page: PyPI answers 404
+    for this version's own page)."""
+    page = f"https://pypi.org/pypi/{package}/json"
+    with urllib.request.urlopen(page, timeout=60) as response:
+        files = json.load(response)["releases"].get(version, [])
     sdist = next((f for f in files if f["packagetype"] == "sdist"), None)
     if sdist is None:
         raise RuntimeError(f"PyPI has no sdist of {package} {version}")
-    return sdist["url"], sdist["digests"]["sha256"]
+    # a mirror may answer with URLs relative to the page
+    return urllib.parse.urljoin(page, sdist["url"]), sdist["digests"]["sha256"]
 
 
 def build(cache: Path = CACHE, version: str = VERSION) -> Path:

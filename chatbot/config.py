@@ -26,7 +26,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 PAIR_KERNEL_CHOICES = ("auto", "off")  # chatbot.pair_kernels
 CUDA_GRAPH_CHOICES = ("auto", "off")  # chatbot.graph_decode
 OBJECTIVES = ("pg", "dpo")
-ENGINES = ("transformers", "vllm")  # where the server's replies are generated
+ENGINES = ("transformers", "vllm", "llama-cpp")  # where the server's replies are generated
 # The longest reply when --max-new-tokens is not given, by where the model runs: a GPU writes
 # 256 tokens in about the time a CPU takes for 64 (chatbot.model.default_max_new_tokens).
 CPU_MAX_NEW_TOKENS = 64
@@ -229,8 +229,9 @@ class Config:
     engine: str = field(default="transformers", metadata=setting(
         "where replies are generated: transformers = the model in this process (default); "
         "vllm = a vLLM OpenAI-compatible server at --engine-url, serving the same --model with "
-        "--enable-lora, which must see this server's adapters folder at the same path",
-        "server", choices=ENGINES))
+        "--enable-lora, which must see this server's adapters folder at the same path; "
+        "llama-cpp = llama.cpp in this process on the embedded GGUF (a CPU; needs "
+        "requirements-llama.txt)", "server", choices=ENGINES))
     engine_url: str | None = field(default=None, metadata=setting(
         "the vLLM server for --engine vllm, e.g. http://127.0.0.1:8000", "server",
         metavar="URL"))

@@ -46,10 +46,13 @@ def warp(logits: torch.Tensor, temperature: Temperature, top_p: float) -> torch.
     return scores.masked_fill(drop, float("-inf"))
 
 
-def sample_tokens(logits: torch.Tensor, temperature: Temperature, top_p: float) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: Temperature, top_p: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of raw logits (n, V), drawn as `generate(do_sample=True, top_k=0)`
-    draws it: from the softmax of the warped logits (`warp`)."""
-    return torch.multinomial(warp(logits, temperature, top_p).softmax(dim=-1), 1)[:, 0]
+    draws it: from the softmax of the warped logits (`warp`), with `generator`'s random
+    numbers if given (torch's global ones if not)."""
+    probs = warp(logits, temperature, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 class _Warp(LogitsProcessor):

@@ -1,0 +1,284 @@
+"""The llama.cpp engine (`--engine llama-cpp`) on the embedded GGUF, and the adapter conversion
+it loads versions through.
+
+Checked without llama.cpp: PEFT's names map to llama.cpp's, the q/k rows are permuted exactly as
+the embedded GGUF's own q and k weights are (against transformers' checkpoint converted from
+it), and adapters llama.cpp cannot apply are refused with the reason.
+
+Checked with llama.cpp (llama-cpp-python, `make llama`): a streamed pair's behaviour log-probs
+are llama.cpp's own forward pass over the same tokens, and near the learner's float32 model's
+(the same Q4_1 weights, computed another way; measured here: a mean gap of 0.08 nats a token,
+as the transformers engine's 4-bit layers are 0.06 off); n=1 and the length cap; a stream
+closed early stops its sampling; a published version is verified, converted and served (its
+effect on the log-probs follows the learner's PEFT model's: correlation 0.999 measured here),
+replaced by the next and dropped by a rollback; a version that fails its manifest is never
+loaded; `python app.py --engine llama-cpp` through the openai client; a model other than the
+embedded one is a one-line error.
+
+In CI (CI or DUET_REQUIRE_LLAMA set) a llama-cpp-python that will not import fails these
+tests; elsewhere they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from chatbot.config import Config
+from chatbot.errors import AdapterError, ModelLoadError
+from chatbot.gguf_lora import gguf_name, permute_rows, write_gguf_lora
+from chatbot.model import EMBEDDED_GGUF, embedded_checkpoint, embedded_gguf_dir, load_model
+from chatbot.service import rollback
+from chatbot.store import Store
+from tests.serving import running_server
+from tests.test_hotswap import publish_random_adapter
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+MAX_NEW_TOKENS = 12
+REQUIRED = os.environ.get("CI", "").lower() not in ("", "0", "false") or bool(
+    os.environ.get("DUET_REQUIRE_LLAMA"))
+
+
+def test_peft_names_map_to_llama_cpps():
+    key = "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"
+    assert gguf_name(key) == ("blk.7.attn_q.weight.lora_a", "self_attn.q_proj", "lora_A")
+    assert gguf_name("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight")[0] == \
+        "blk.0.ffn_down.weight.lora_b"
+    for bad in ("base_model.model.lm_head.lora_A.weight",
+                "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight",
+                "base_model.model.model.layers.0.mlp.up_proj.lora_embedding_A"):
+        with pytest.raises(AdapterError, match="llama.cpp cannot load this adapter"):
+            gguf_name(bad)
+
+
+@pytest.mark.parametrize("field", ["use_rslora", "use_dora"])
+def test_an_adapter_llama_cpp_cannot_scale_is_refused(tmp_path, field):
+    with pytest.raises(AdapterError, match="rsLoRA and DoRA"):
+        write_gguf_lora(tmp_path / "a.gguf", {"r": 4, "lora_alpha": 8, field: True}, {},
+                        heads=9, kv_heads=3)
+    assert not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.slow
+def test_q_and_k_rows_are_permuted_as_the_embedded_gguf_permutes_its_own():
+    """transformers undoes llama.cpp's permutation when it converts the GGUF; permute_rows must
+    redo it exactly, or every LoRA B factor of q and k lands on the wrong rotary dimensions."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    checkpoint = embedded_checkpoint(Config().cache_dir)
+    model_config = AutoConfig.from_pretrained(checkpoint)
+    state = {}
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        state.update(load_file(file))
+    reader = gguf.GGUFReader(embedded_gguf_dir() / EMBEDDED_GGUF)
+    tensors = {t.name: t for t in reader.tensors}
+    for name, heads in (("q", model_config.num_attention_heads),
+                        ("k", model_config.num_key_value_heads)):
+        ours = state[f"model.layers.0.self_attn.{name}_proj.weight"].float().numpy()
+        tensor = tensors[f"blk.0.attn_{name}.weight"]
+        theirs = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(ours.shape)
+        assert np.allclose(permute_rows(ours, heads), theirs, atol=1e-6)
+        assert not np.allclose(ours, theirs, atol=1e-3)  # the permutation is not the identity
+
+
+# --- with llama.cpp ------------------------------------------------------------------------
+
+# Every test below is slow: the real embedded model, in llama.cpp and in transformers.
+
+@pytest.fixture(scope="module")
+def bindings():
+    from chatbot import llama_engine
+
+    try:
+        return llama_engine.bindings()
+    except ModelLoadError as exc:
+        if REQUIRED:
+            pytest.fail(f"llama-cpp-python is required here (CI / DUET_REQUIRE_LLAMA): {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def config(bindings, tmp_path) -> Config:
+    return Config(data_dir=tmp_path / "data", engine="llama-cpp", seed=0,
+                  max_new_tokens=MAX_NEW_TOKENS, device="cpu", dtype="float32",
+                  quantize="none")
+
+
+@pytest.fixture
+def engine(config):
+    from chatbot import llama_engine
+
+    store = Store(config.db_path)
+    generator, live, _ = llama_engine.connect(config, store)
+    live.sync()
+    yield store, generator, live
+    store.close()
+    generator.engine.close()
+
+
+@pytest.fixture(scope="module")
+def local_base(bindings):
+    """The learner's model: float32 weights from the same GGUF."""
+    return load_model(Config(device="cpu", dtype="float32", quantize="none")).model
+
+
+def forward_logprobs(model, prompt: list[int], reply: list[int]) -> torch.Tensor:
+    """Each reply token's log-probability under a transformers `model`, one forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + reply])).logits[0, len(prompt) - 1:-1].double()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
+
+
+def llama_logprobs(generator, prompt: list[int], reply: list[int], base: bool = False
+                   ) -> torch.Tensor:
+    """The same from llama.cpp's own forward pass over the whole sequence, with the live
+    adapter (or none)."""
+    engine = generator.engine
+    tokens = prompt + reply
+    with engine.lock:
+        engine.use(None if base else generator.live.serving()[1])
+        engine.lib.llama_memory_clear(engine.memory, True)
+        engine.decode(tokens, list(range(len(tokens))), [0] * len(tokens), [True] * len(tokens))
+        logits = engine.logits(list(range(len(prompt) - 1, len(tokens) - 1))).double()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply)[:, None])[:, 0]
+
+
+def stored(reply) -> torch.Tensor:
+    return torch.tensor(reply.token_logprobs, dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_a_streamed_pair_carries_llama_cpps_own_logprobs(engine, local_base):
+    _, generator, live = engine
+    assert live.serving() == (0, None)
+    stream = generator.stream(MESSAGES)
+    updates = list(stream)
+    pair = stream.result
+    assert len(pair.replies) == 2 and pair.adapter_version == 0
+    assert pair.prompt_token_ids == generator.prompt_ids(MESSAGES)
+    assert len(updates) > 2 and updates[-1] == tuple(r.text for r in pair.replies)  # streamed
+    gaps = []
+    for reply in pair.replies:
+        assert 1 <= len(reply.token_ids) <= MAX_NEW_TOKENS
+        assert len(reply.token_logprobs) == len(reply.token_ids)
+        assert (reply.finish_reason == "stop") == (reply.token_ids[-1] in generator.stop_ids)
+        assert reply.text == generator.tokenizer.decode(reply.token_ids,
+                                                        skip_special_tokens=True).strip()
+        own = llama_logprobs(generator, pair.prompt_token_ids, reply.token_ids)
+        assert (own - stored(reply)).abs().max() < 0.05  # batch of two vs one sequence
+        gaps.append(forward_logprobs(local_base, pair.prompt_token_ids, reply.token_ids)
+                    - stored(reply))
+    gap = torch.cat(gaps).abs()
+    print(f"|llama.cpp - float32 learner| log-prob gap: mean {gap.mean():.3f}, "
+          f"max {gap.max():.3f}")
+    assert gap.mean() < 0.2
+
+
+@pytest.mark.slow
+def test_one_reply_the_length_cap_and_a_stream_closed_early(engine):
+    _, generator, _ = engine
+    stream = generator.stream(MESSAGES, n=1, max_new_tokens=4)
+    list(stream)
+    (reply,) = stream.result.replies
+    assert len(reply.token_ids) <= 4 and stream.result.max_new_tokens == 4
+    stream = generator.stream(MESSAGES, n=1, max_new_tokens=10_000)  # never above the server's
+    list(stream)
+    assert stream.result.max_new_tokens == MAX_NEW_TOKENS
+    generator.stop_ids = set()  # nothing ends it early but the consumer
+    generator.config = dataclasses.replace(generator.config, max_new_tokens=400)
+    stream = generator.stream([{"role": "user", "content": "Count from 1 to 200."}])
+    chunks = iter(stream)
+    next(chunks)
+    chunks.close()  # what the service does when the page or API client goes away
+    assert stream.cancel.is_set() and stream.result is None
+    assert generator.engine.lock.acquire(timeout=5)  # the sampling ended and let go
+    generator.engine.lock.release()
+
+
+@pytest.mark.slow
+def test_a_published_version_is_converted_served_replaced_and_rolled_back(engine, config,
+                                                                         local_base):
+    from peft import PeftModel
+
+    store, generator, live = engine
+    folder = publish_random_adapter(config, store, 1, seed=1, rank=8)
+    assert live.sync() is True and live.last_error is None
+    assert live.version == 1 and live.serving()[1] is not None
+    pair = generator.sample(MESSAGES)
+    assert pair.adapter_version == 1
+    with_adapter = PeftModel.from_pretrained(load_model(config).model, folder).eval()
+    effects_torch, effects_llama = [], []
+    for reply in pair.replies:
+        prompt, ids = pair.prompt_token_ids, reply.token_ids
+        assert (llama_logprobs(generator, prompt, ids) - stored(reply)).abs().max() < 0.05
+        effects_torch.append(forward_logprobs(with_adapter, prompt, ids)
+                             - forward_logprobs(local_base, prompt, ids))
+        effects_llama.append(stored(reply) - llama_logprobs(generator, prompt, ids, base=True))
+    effect_torch, effect_llama = torch.cat(effects_torch), torch.cat(effects_llama)
+    assert effect_torch.abs().mean() > 0.1  # the adapter changed the distribution
+    correlation = torch.corrcoef(torch.stack([effect_torch, effect_llama]))[0, 1]
+    print(f"the adapter's effect, llama.cpp against PEFT: correlation {correlation:.3f}")
+    assert correlation > 0.9
+
+    (base_reply,) = generator.sample_many([MESSAGES], n=1, base=True)
+    assert base_reply.adapter_version == 0
+    (reply,) = base_reply.replies
+    assert (llama_logprobs(generator, base_reply.prompt_token_ids, reply.token_ids, base=True)
+            - stored(reply)).abs().max() < 0.05
+
+    publish_random_adapter(config, store, 2, seed=2, rank=8)
+    assert live.sync() is True and live.version == 2
+    assert generator.sample(MESSAGES).adapter_version == 2
+    rollback(store, config, 0)
+    assert live.sync() is True and live.serving() == (0, None)
+    assert generator.sample(MESSAGES).adapter_version == 0
+
+
+@pytest.mark.slow
+def test_a_version_that_fails_its_manifest_is_never_loaded(engine, config):
+    store, generator, live = engine
+    folder = publish_random_adapter(config, store, 1, seed=3, rank=8)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + bytes(64))  # zeroed tail
+    assert live.sync() is False
+    assert "does not match its sha256" in live.last_error and live.serving() == (0, None)
+    assert generator.sample(MESSAGES).adapter_version == 0  # the base model keeps serving
+
+
+@pytest.mark.slow
+def test_another_model_is_a_clear_error(bindings, tmp_path):
+    from chatbot import llama_engine
+
+    config = Config(data_dir=tmp_path, engine="llama-cpp", model="HuggingFaceTB/other")
+    with pytest.raises(ModelLoadError, match="serves the embedded model only"):
+        llama_engine.connect(config, Store(config.db_path))
+
+
+@pytest.mark.slow
+def test_the_app_serves_pairs_from_llama_cpp(config, tmp_path):
+    """`python app.py --engine llama-cpp`: a streamed pair through the OpenAI-compatible API,
+    stored and voted on."""
+    with running_server("--engine", "llama-cpp", "--no-learner",
+                        "--data-dir", str(config.data_dir), "--max-new-tokens", "8",
+                        log_path=tmp_path / "app.log") as (url, _):
+        client = openai.OpenAI(base_url=f"{url}v1", api_key="x", max_retries=0, timeout=120)
+        texts, pair_id = {0: "", 1: ""}, None
+        for chunk in client.chat.completions.create(model="duet", n=2, stream=True,
+                                                    messages=MESSAGES):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+            pair_id = pair_id or getattr(chunk, "pair_id", None)
+        assert pair_id and all(texts.values())
+        vote = client.post("/feedback", body={"pair_id": pair_id, "choice": "A"},
+                           cast_to=object)
+        assert vote["ok"] is True
+    pair = Store(config.db_path).pair("local", pair_id)
+    assert [r["text"] for r in pair["replies"]] == [texts[0].strip(), texts[1].strip()]
+    assert all(len(r["token_logprobs"]) == r["n_tokens"] for r in pair["replies"])
