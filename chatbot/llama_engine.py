@@ -8,11 +8,12 @@ at close to the memory's speed, where eager PyTorch pays per op. What stays Duet
 
 * The prompt: Duet's chat template and truncation (`replies.encode_prompt`), as token ids; the
   GGUF's vocabulary is the tokenizer's.
-* The draw: each step's raw logits come back from llama.cpp and `chatbot.warp` draws the token
-  from them (the server's temperature, a row's own under --explore-temperature, then top-p),
-  the rule of every engine in this process. Behaviour log-probs are the raw logits'
-  log-softmax at the drawn token: log pi(w_t | w_<t, s) at temperature 1 under what served
-  the pair (llama.cpp's kernels on the 4-bit weights, with the adapter), as the store wants.
+* The draw: each step's raw logits come back from llama.cpp and `chatbot.warp.draw_tokens`
+  draws the token from them (the server's temperature, a row's own under
+  --explore-temperature, then top-p), the rule of every engine in this process. Behaviour
+  log-probs are the raw logits' log-softmax at the drawn token: log pi(w_t | w_<t, s) at
+  temperature 1 under what served the pair (llama.cpp's kernels on the 4-bit weights, with
+  the adapter), as the store wants.
 * The pair: the prompt is decoded once as sequence 0, its cache copied to the other rows
   (`llama_memory_seq_cp`), and every step decodes one token of each unfinished row in one
   batch.
@@ -51,7 +52,7 @@ from chatbot.hotswap import LiveAdapter
 from chatbot.replies import PairStream, Reply, SampledPair, StreamingGenerator, decode_reply
 from chatbot.sampling import row_temperatures
 from chatbot.store import Store
-from chatbot.warp import sample_tokens
+from chatbot.warp import draw_tokens
 
 log = logging.getLogger(__name__)
 
@@ -321,11 +322,12 @@ class LlamaCppGenerator(StreamingGenerator):
             for step in range(max_new_tokens):
                 row_t = (rows_temperature if not isinstance(rows_temperature, torch.Tensor)
                          else rows_temperature[alive])
-                drawn = sample_tokens(logits, row_t, self.config.top_p, self._draws)
-                raw = torch.log_softmax(logits.double(), dim=-1)
+                drawn = draw_tokens(logits, row_t, self.config.top_p, self._draws)
+                raw = (logits.gather(-1, drawn[:, None])[:, 0]
+                       - torch.logsumexp(logits, dim=-1))  # log-softmax at the drawn tokens
                 for i, row in enumerate(alive):
                     tokens[row].append(int(drawn[i]))
-                    logprobs[row].append(float(raw[i, drawn[i]]))
+                    logprobs[row].append(float(raw[i]))
                 if on_step:
                     on_step([list(row) for row in tokens])
                 alive = [row for row in alive if tokens[row][-1] not in self.stop_ids]

@@ -73,3 +73,33 @@ def test_a_pair_explores_on_one_side_only_when_asked(tiny_config):
     exploring = dataclasses.replace(tiny_config, explore_temperature=1.2)
     assert row_temperatures(exploring, True) == (1.2, tiny_config.temperature)
     assert row_temperatures(exploring, False) == (tiny_config.temperature, 1.2)
+
+
+@pytest.mark.parametrize("temperature, top_p, spread", [
+    (0.8, 0.95, 3.0), (1.0, 0.5, 3.0), (1.3, 1.0, 3.0), (1.0, 0.95, 0.05)])
+def test_the_kept_tokens_draw_has_sample_tokens_distribution(temperature, top_p, spread):
+    """draw_tokens (the llama.cpp engine's) draws among the tokens top-p keeps: over many
+    draws each token's frequency is its probability after warping, and nothing top-p drops
+    is ever drawn (the last case: nearly flat, the whole row sorted)."""
+    from chatbot.warp import draw_tokens, warp
+
+    vocabulary, draws = 600, 40_000
+    logits = (torch.randn(1, vocabulary) * spread).expand(draws, -1)
+    expected = warp(logits[:1], temperature, top_p).softmax(-1)[0]
+    drawn = draw_tokens(logits, temperature, top_p, torch.Generator().manual_seed(3))
+    counts = torch.bincount(drawn, minlength=vocabulary).double()
+    assert counts[expected == 0].sum() == 0
+    # within 5 standard errors of each token's expected count
+    mean, spread_ = draws * expected.double(), (draws * expected.double() * (1 - expected)).sqrt()
+    assert ((counts - mean).abs() <= 5 * spread_ + 1).all()
+
+
+def test_the_kept_tokens_draw_takes_a_row_temperature_per_row():
+    from chatbot.warp import as_rows, draw_tokens
+
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(2, -1)
+    rows = as_rows((1e-3, 1e3), logits.device)  # first row: greedy; second: nearly uniform
+    generator = torch.Generator().manual_seed(0)
+    firsts = {int(draw_tokens(logits, rows, 1.0, generator)[0]) for _ in range(50)}
+    seconds = {int(draw_tokens(logits, rows, 1.0, generator)[1]) for _ in range(200)}
+    assert firsts == {2} and seconds == {0, 1, 2}
