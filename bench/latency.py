@@ -58,6 +58,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="the server's --learner-threads (default: the server's own)")
     parser.add_argument("--learner-idle-threads", type=int, default=None,
                         help="the server's --learner-idle-threads (default: the server's own)")
+    parser.add_argument("--engine", choices=["transformers", "llama-cpp"], default=None,
+                        help="the server's --engine (default: the server's own)")
     parser.add_argument("--pair-kernels", choices=["auto", "off"], default=None,
                         help="the server's --pair-kernels (default: the server's own)")
     parser.add_argument("--preview", action=argparse.BooleanOptionalAction, default=None,
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace) -> Path:
                             *(["--learner-idle-threads", str(args.learner_idle_threads)]
                               if args.learner_idle_threads else []),
                             *(["--pair-kernels", args.pair_kernels] if args.pair_kernels else []),
+                            *(["--engine", args.engine] if args.engine else []),
                             *([] if args.preview is None else
                               ["--preview" if args.preview else "--no-preview"]),
                             log_path=data / "server.log", timeout=600) as (url, _), \
@@ -218,6 +221,7 @@ def run(args: argparse.Namespace) -> Path:
                 "chat_during_rounds": args.chat_during_rounds, "chat_pairs": args.chat_pairs,
                 "read_seconds": args.read_seconds, "learner_threads": args.learner_threads,
                 "learner_idle_threads": args.learner_idle_threads,
-                "pair_kernels": args.pair_kernels, "preview": args.preview}
+                "pair_kernels": args.pair_kernels, "preview": args.preview,
+                "engine": args.engine}
     return write_result("latency", settings, results, Path(args.out) if args.out else RESULTS)
 

@@ -192,6 +192,12 @@ SUITES = {
     "varied-instant-64-more": Suite(("contractions", "can"), (0, 1), (8,), paces=("instant",),
                                     interactions=64, varied=True,
                                     reads_before_of="defaults-reader-64"),
+    # defaults-reader-64-wide with the server sampling in llama.cpp (--engine llama-cpp,
+    # chatbot/llama_engine.py): its pairs and its held-out replies drawn there, the learner
+    # unchanged. Seed 0, every user: whether the loop learns as well through the faster engine.
+    "llama-reader-64-wide": Suite(("you", "noisy-numbers", "contractions", "can"), (0,), (0,),
+                                  paces=("reader",), interactions=64, eval_replies=8,
+                                  extra=("--engine", "llama-cpp")),
 }
 
 
