@@ -164,7 +164,8 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
     elif config.engine == "llama-cpp":
         from chatbot import llama_engine
 
-        generator, live, model_id = llama_engine.connect(config, store)
+        generator, live, model_id = llama_engine.connect(
+            config, store, cpu_share=server_share(config, torch.device("cpu"), learner))
     else:
         loaded = load_model(config)
         live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)

@@ -23,7 +23,9 @@ at close to the memory's speed, where eager PyTorch pays per op. What stays Duet
   place of the old one, which is freed. Version 0 is the context without adapters.
 
 One context serves one pair at a time: a second pair waits for the first (on two cores they
-would share the cores anyway). Left out: models other than the embedded GGUF (a Hugging Face
+would share the cores anyway). Its threads follow the host as the transformers engine's do
+(every core while the host is quiet, one while another process keeps it busy; `--threads N`
+fixes them). Left out: models other than the embedded GGUF (a Hugging Face
 folder would need converting first), GPUs (the GPU path is the transformers engine's CUDA
 graphs, or vLLM), and llama.cpp's own samplers.
 """
@@ -52,12 +54,13 @@ from chatbot.hotswap import LiveAdapter
 from chatbot.replies import PairStream, Reply, SampledPair, StreamingGenerator, decode_reply
 from chatbot.sampling import row_temperatures
 from chatbot.store import Store
+from chatbot.threads import CpuShare
 from chatbot.warp import draw_tokens
 
 log = logging.getLogger(__name__)
 
-MISSING = ("--engine llama-cpp needs llama-cpp-python (`pip install -r requirements-llama.txt`,"
-           " which compiles llama.cpp: about ten minutes on two cores)")
+MISSING = ("--engine llama-cpp needs llama-cpp-python: `make llama` compiles it for this CPU "
+           "(about six minutes on two cores)")
 
 
 def bindings():
@@ -118,6 +121,13 @@ class LlamaCppModel:
         self.batch = lib.llama_batch_init(ctx.n_batch, 0, 1)
         self.lock = threading.Lock()
         self._adapter = None  # the LoRA set on the context (a pointer), None: the base model
+        self.threads = threads
+
+    def set_threads(self, threads: int) -> None:
+        """Decode on `threads` threads from the next decode on; the caller holds `lock`."""
+        if threads != self.threads:
+            self.lib.llama_set_n_threads(self.context, threads, threads)
+            self.threads = threads
 
     def load_adapter(self, path: Path):
         """A LoRA GGUF loaded for this model (not yet used); AdapterError if llama.cpp refuses
@@ -223,9 +233,14 @@ class LlamaCppLiveAdapter(LiveAdapter):
             version = row["version"]
         with self.engine.lock:  # between pairs
             started = time.perf_counter()
+            try:
+                self.engine.use(adapter)
+            except EngineError as exc:  # the old version stays set and keeps serving
+                if adapter is not None:
+                    self.engine.free_adapter(adapter)
+                raise AdapterError(str(exc)) from None
             old = self._serving[1]
             self._serving = (version, adapter)
-            self.engine.use(adapter)
             if old is not None:
                 self.engine.free_adapter(old)
             self.version = version
@@ -239,8 +254,10 @@ class LlamaCppGenerator(StreamingGenerator):
     """PairGenerator's interface on llama.cpp (see the module docstring)."""
 
     def __init__(self, engine: LlamaCppModel, live: LlamaCppLiveAdapter, tokenizer,
-                 config: Config, stop_ids: set[int]) -> None:
+                 config: Config, stop_ids: set[int], cpu_share: CpuShare | None = None
+                 ) -> None:
         self.engine = engine
+        self.cpu_share = cpu_share
         self.live = live
         self.tokenizer = tokenizer
         self.config = config
@@ -317,9 +334,13 @@ class LlamaCppGenerator(StreamingGenerator):
         with engine.lock:
             version, adapter = (0, None) if base else self.live.serving()
             engine.use(adapter)
+            if self.cpu_share:
+                engine.set_threads(self.cpu_share.threads())
             logits = engine.prefill(prompt, n).expand(n, -1)
             alive = list(range(n))
             for step in range(max_new_tokens):
+                if self.cpu_share:  # looks at the host at most every few steps (CpuShare)
+                    engine.set_threads(self.cpu_share.threads())
                 row_t = (rows_temperature if not isinstance(rows_temperature, torch.Tensor)
                          else rows_temperature[alive])
                 drawn = draw_tokens(logits, row_t, self.config.top_p, self._draws)
@@ -355,10 +376,13 @@ def embedded_gguf(config: Config) -> Path:
     return embedded_gguf_dir() / EMBEDDED_GGUF
 
 
-def connect(config: Config, store: Store
+def connect(config: Config, store: Store, cpu_share: CpuShare | None = None
             ) -> tuple[LlamaCppGenerator, LlamaCppLiveAdapter, str]:
     """The llama.cpp engine: (generator, live adapter, the model id adapter manifests
-    record). The tokenizer comes from the model's converted checkpoint, as the learner's."""
+    record). The tokenizer comes from the model's converted checkpoint, as the learner's.
+    `cpu_share`, if given, sets llama.cpp's threads at each pair and step, as it sets the
+    transformers engine's (app.py's server_share: every core while the host is quiet, one
+    while another process keeps it busy); without one, --threads or every core."""
     from chatbot.model import load_tokenizer
     from chatbot.vllm_engine import end_of_turn_ids
 
@@ -370,5 +394,5 @@ def connect(config: Config, store: Store
                            threads=config.threads or os.cpu_count() or 1)
     live = LlamaCppLiveAdapter(engine, model_id, store, config.adapters_dir)
     generator = LlamaCppGenerator(engine, live, tokenizer, config,
-                                  stop_ids=end_of_turn_ids(path, tokenizer))
+                                  stop_ids=end_of_turn_ids(path, tokenizer), cpu_share=cpu_share)
     return generator, live, model_id
