@@ -327,6 +327,9 @@ class LlamaCppGenerator(StreamingGenerator):
         """(the adapter version, `n` replies to `prompt`), decoded in one batch a step.
         `on_step(tokens)` gets every row's tokens so far after each step."""
         engine = self.engine
+        # torch only draws here (a few rows of 49,152 logits): on one thread, or its OpenMP
+        # workers spin beside llama.cpp's and beside a neighbour's (for this thread only)
+        torch.set_num_threads(1)
         rows_temperature = (torch.tensor(temperatures, dtype=torch.float32)[:, None]
                             if len(set(temperatures)) > 1 else temperatures[0])
         tokens: list[list[int]] = [[] for _ in range(n)]
