@@ -342,8 +342,6 @@ class LlamaCppGenerator(StreamingGenerator):
             logits = engine.prefill(prompt, n).expand(n, -1)
             alive = list(range(n))
             for step in range(max_new_tokens):
-                if self.cpu_share:  # looks at the host at most every few steps (CpuShare)
-                    engine.set_threads(self.cpu_share.threads())
                 row_t = (rows_temperature if not isinstance(rows_temperature, torch.Tensor)
                          else rows_temperature[alive])
                 drawn = draw_tokens(logits, row_t, self.config.top_p, self._draws)
@@ -358,6 +356,8 @@ class LlamaCppGenerator(StreamingGenerator):
                 if not alive or step == max_new_tokens - 1 or (cancel and cancel.is_set()):
                     break
                 position = len(prompt) + step
+                if self.cpu_share:  # looks at the host at most twice a second (CpuShare)
+                    engine.set_threads(self.cpu_share.threads())
                 engine.decode([tokens[row][-1] for row in alive], [position] * len(alive),
                               alive, [True] * len(alive))
                 logits = engine.logits(list(range(len(alive))))

@@ -32,18 +32,31 @@ def warp(logits: torch.Tensor, temperature: Temperature, top_p: float) -> torch.
     are almost always among the few hundred most likely (353 and 369 of 49,152 on random
     logits at top-p 0.95), so it ranks those (`topk`, 0.26 ms) and sorts the whole
     vocabulary only for a row where they fall short of top_p: the same tokens kept."""
-    plain = not isinstance(temperature, torch.Tensor) and temperature == 1.0
-    scores = logits if plain else logits / temperature
+    scores = _scaled(logits, temperature)
     if top_p >= 1.0:
         return scores
     probs = scores.softmax(dim=-1)
+    _, order, dropped = _top_p_ranking(probs, top_p)
+    drop = torch.ones_like(probs, dtype=torch.bool)  # a token outside `order` is dropped
+    drop.scatter_(-1, order, dropped)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def _scaled(logits: torch.Tensor, temperature: Temperature) -> torch.Tensor:
+    plain = not isinstance(temperature, torch.Tensor) and temperature == 1.0
+    return logits if plain else logits / temperature
+
+
+def _top_p_ranking(probs: torch.Tensor, top_p: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the most likely tokens' probabilities, their ids, whether top-p drops each), highest
+    first, for rows of probabilities (n, V) and top_p < 1: the few hundred most likely
+    (`topk`), or the whole row sorted where those fall short of top_p. A token is dropped
+    when the tokens ranked before it already reach top_p (the most likely never is)."""
     ranked, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
     if bool((ranked.sum(dim=-1) < top_p).any()):
         ranked, order = probs.sort(dim=-1, descending=True)
-    mass_above = ranked.cumsum(dim=-1) - ranked  # of the tokens ranked before each
-    drop = torch.ones_like(probs, dtype=torch.bool)  # a token outside `order` is dropped
-    drop.scatter_(-1, order, mass_above >= top_p)  # the most likely has 0 above: kept
-    return scores.masked_fill(drop, float("-inf"))
+    return ranked, order, ranked.cumsum(dim=-1) - ranked >= top_p
 
 
 def sample_tokens(logits: torch.Tensor, temperature: Temperature, top_p: float) -> torch.Tensor:
@@ -61,14 +74,11 @@ def draw_tokens(logits: torch.Tensor, temperature: Temperature, top_p: float,
     hundred kept it is a few microseconds. Its random numbers are not `generate`'s: the
     engines that must match `generate` token for token (the CUDA graphs) use
     `sample_tokens`."""
-    plain = not isinstance(temperature, torch.Tensor) and temperature == 1.0
-    probs = (logits if plain else logits / temperature).softmax(dim=-1)
+    probs = _scaled(logits, temperature).softmax(dim=-1)
     if top_p >= 1.0:
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
-    ranked, order = probs.topk(min(TOP_P_CANDIDATES, probs.shape[-1]), dim=-1)
-    if bool((ranked.sum(dim=-1) < top_p).any()):
-        ranked, order = probs.sort(dim=-1, descending=True)
-    kept = ranked.masked_fill(ranked.cumsum(dim=-1) - ranked >= top_p, 0.0)
+    ranked, order, dropped = _top_p_ranking(probs, top_p)
+    kept = ranked.masked_fill(dropped, 0.0)
     return order.gather(-1, torch.multinomial(kept, 1, generator=generator))[:, 0]
 
 

@@ -73,6 +73,35 @@ def running_server(*args: str, log_path: Path, timeout: float = 180.0):
         stop_process_group(process, grace=20)
 
 
+
+def a_pair_through_the_app(*args: str, data_dir: Path, log_path: Path,
+                           messages: list[dict]) -> None:
+    """Start `app.py args --no-learner --data-dir data_dir`, stream a pair through its
+    OpenAI-compatible API (the choices' indexes are A and B), vote on it, and check that the
+    store holds both replies as streamed, each with a log-prob per token."""
+    import openai
+
+    from chatbot.config import Config
+    from chatbot.store import Store
+
+    with running_server(*args, "--no-learner", "--data-dir", str(data_dir),
+                        "--max-new-tokens", "8", log_path=log_path) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}v1", api_key="x", max_retries=0, timeout=120)
+        texts, pair_id = {0: "", 1: ""}, None
+        for chunk in client.chat.completions.create(model="duet", n=2, stream=True,
+                                                    messages=messages):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+            pair_id = pair_id or getattr(chunk, "pair_id", None)
+        assert pair_id and all(texts.values())
+        vote = client.post("/feedback", body={"pair_id": pair_id, "choice": "A"},
+                           cast_to=object)
+        assert vote["ok"] is True
+    pair = Store(Config(data_dir=data_dir).db_path).pair("local", pair_id)
+    assert [r["text"] for r in pair["replies"]] == [texts[0].strip(), texts[1].strip()]
+    assert all(len(r["token_logprobs"]) == r["n_tokens"] for r in pair["replies"])
+
+
 LOG_TAIL = 6000
 
 

@@ -60,8 +60,10 @@ def test_the_pages_show_commands():
 def test_every_flag_a_page_shows_exists(page, program, rest):
     words = shlex.split(rest.replace("...", ""))
     # A bench's `--extra` passes the rest of the line to app.py: those are app.py's flags.
-    words, app_words = ((words[:words.index("--extra")], words[words.index("--extra") + 1:])
-                        if program == "-m bench" and "--extra" in words else (words, []))
+    app_words = []
+    if program == "-m bench" and "--extra" in words:
+        cut = words.index("--extra")
+        words, app_words = words[:cut], words[cut + 1:]
     for parser, checked in ((parser_of(program), words), (parser_of("app.py"), app_words)):
         flags = [w.split("=")[0] for w in checked if w.startswith("--")]
         unknown = set(flags) - known_options(parser, checked)

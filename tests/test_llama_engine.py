@@ -26,7 +26,6 @@ import dataclasses
 import os
 
 import numpy as np
-import openai
 import pytest
 import torch
 
@@ -36,7 +35,7 @@ from chatbot.gguf_lora import gguf_name, permute_rows, write_gguf_lora
 from chatbot.model import EMBEDDED_GGUF, embedded_checkpoint, embedded_gguf_dir, load_model
 from chatbot.service import rollback
 from chatbot.store import Store
-from tests.serving import running_server
+from tests.serving import a_pair_through_the_app
 from tests.test_hotswap import publish_random_adapter
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -334,20 +333,5 @@ def test_another_model_is_a_clear_error(bindings, tmp_path):
 def test_the_app_serves_pairs_from_llama_cpp(config, tmp_path):
     """`python app.py --engine llama-cpp`: a streamed pair through the OpenAI-compatible API,
     stored and voted on."""
-    with running_server("--engine", "llama-cpp", "--no-learner",
-                        "--data-dir", str(config.data_dir), "--max-new-tokens", "8",
-                        log_path=tmp_path / "app.log") as (url, _):
-        client = openai.OpenAI(base_url=f"{url}v1", api_key="x", max_retries=0, timeout=120)
-        texts, pair_id = {0: "", 1: ""}, None
-        for chunk in client.chat.completions.create(model="duet", n=2, stream=True,
-                                                    messages=MESSAGES):
-            for choice in chunk.choices:
-                texts[choice.index] += choice.delta.content or ""
-            pair_id = pair_id or getattr(chunk, "pair_id", None)
-        assert pair_id and all(texts.values())
-        vote = client.post("/feedback", body={"pair_id": pair_id, "choice": "A"},
-                           cast_to=object)
-        assert vote["ok"] is True
-    pair = Store(config.db_path).pair("local", pair_id)
-    assert [r["text"] for r in pair["replies"]] == [texts[0].strip(), texts[1].strip()]
-    assert all(len(r["token_logprobs"]) == r["n_tokens"] for r in pair["replies"])
+    a_pair_through_the_app("--engine", "llama-cpp", data_dir=config.data_dir,
+                           log_path=tmp_path / "app.log", messages=MESSAGES)

@@ -39,7 +39,14 @@ from chatbot.errors import EngineError
 from chatbot.model import embedded_checkpoint, load_model
 from chatbot.service import ChatService
 from chatbot.store import Store
-from tests.serving import ROOT, free_port, running_server, stop_process_group, wait_for
+from tests.serving import (
+    ROOT,
+    a_pair_through_the_app,
+    free_port,
+    running_server,
+    stop_process_group,
+    wait_for,
+)
 from tests.test_hotswap import publish_random_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(1800)]
@@ -302,23 +309,9 @@ def test_an_adapter_that_fails_its_manifest_never_reaches_vllm(engine, config, v
 def test_the_app_serves_pairs_from_vllm(config, tmp_path):
     """`python app.py --engine vllm`: a streamed pair through the OpenAI-compatible API (the
     choices' indexes are A and B), stored and voted on."""
-    with running_server("--engine", "vllm", "--engine-url", config.engine_url, "--no-learner",
-                        "--data-dir", str(config.data_dir), "--max-new-tokens", "8",
-                        log_path=tmp_path / "app.log") as (url, _):
-        client = openai.OpenAI(base_url=f"{url}v1", api_key="x", max_retries=0, timeout=120)
-        texts, pair_id = {0: "", 1: ""}, None
-        for chunk in client.chat.completions.create(model="duet", n=2, stream=True,
-                                                    messages=MESSAGES):
-            for choice in chunk.choices:
-                texts[choice.index] += choice.delta.content or ""
-            pair_id = pair_id or getattr(chunk, "pair_id", None)
-        assert pair_id and all(texts.values())
-        vote = client.post("/feedback", body={"pair_id": pair_id, "choice": "A"},
-                           cast_to=object)
-        assert vote["ok"] is True
-    pair = Store(config.db_path).pair("local", pair_id)
-    assert [r["text"] for r in pair["replies"]] == [texts[0].strip(), texts[1].strip()]
-    assert all(len(r["token_logprobs"]) == r["n_tokens"] for r in pair["replies"])
+    a_pair_through_the_app("--engine", "vllm", "--engine-url", config.engine_url,
+                           data_dir=config.data_dir, log_path=tmp_path / "app.log",
+                           messages=MESSAGES)
 
 
 def test_an_unreachable_server_is_a_clear_error_and_loses_nothing(engine, config, tmp_path):
