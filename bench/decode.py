@@ -37,7 +37,9 @@ With `--llama-cpp` it also times llama.cpp on the same GGUF, built once from PyP
 `--llama-engine` it times Duet's own llama.cpp engine (`--engine llama-cpp`,
 chatbot/llama_engine.py: the same library through llama-cpp-python, Duet's sampling on its
 logits) as the server runs it, one reply and the pair, streamed too, and with `--adapter`
-again with a LoRA version on it; its weight bytes are the GGUF's tensors.
+again with a LoRA version on it: on the GGUF's own 4-bit blocks (its default) and on the same
+weights unquantized in each dtype (--quantize none, chatbot/gguf_weights.py); its weight bytes
+are the GGUF's tensors.
 
 Left out: the KV cache's reads (~5 MB per row at 100 tokens of context for the 135M model,
 under 1% of its weights) and the prefill.
@@ -176,7 +178,8 @@ def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool
              ) -> list[Variant]:
     """Every dtype unquantized. On a CPU, when asked, each again with --pair-kernels off
     (chatbot/pair_kernels.py), bf16 with 4-bit weights as the server loads them (--quantize
-    int4) and with a compiled step. On a GPU, each dtype and the 4-bit NF4 base the server
+    int4) and with a compiled step, and with `llama_engine` the llama.cpp engine on the GGUF's
+    own blocks and on its weights unquantized in each dtype. On a GPU, each dtype and the 4-bit NF4 base the server
     loads by default (bf16 compute), each through `generate` and through CUDA graphs (what the
     server runs). With `adapter`, each way the server samples again with a live adapter
     version on it."""
@@ -197,7 +200,10 @@ def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool
                     Variant("4-bit weights, bf16, compiled static cache", "bfloat16", "off",
                             quantize="int4", compiled=True, served=False)]
         if llama_engine:
-            out.append(Variant("llama.cpp engine, the GGUF", "float32", engine="llama-cpp"))
+            out.append(Variant("llama.cpp engine, the GGUF", "float32", quantize="auto",
+                               engine="llama-cpp"))
+            out += [Variant(f"llama.cpp engine, {dtype}", dtype, engine="llama-cpp")
+                    for dtype in dtypes]
     if adapter:
         out += [dataclasses.replace(v, label=f"{v.label} + adapter", adapter=True)
                 for v in list(out) if v.served]

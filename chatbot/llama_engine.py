@@ -12,7 +12,7 @@ at close to the memory's speed, where eager PyTorch pays per op. What stays Duet
   draws the token from them (the server's temperature, a row's own under
   --explore-temperature, then top-p), the rule of every engine in this process. Behaviour
   log-probs are the raw logits' log-softmax at the drawn token: log pi(w_t | w_<t, s) at
-  temperature 1 under what served the pair (llama.cpp's kernels on the 4-bit weights, with
+  temperature 1 under what served the pair (llama.cpp's kernels on its weights, with
   the adapter), as the store wants.
 * The pair: the prompt is decoded once as sequence 0, its cache copied to the other rows
   (`llama_memory_seq_cp`), and every step decodes one token of each unfinished row in one
@@ -25,7 +25,9 @@ at close to the memory's speed, where eager PyTorch pays per op. What stays Duet
 One context serves one pair at a time: a second pair waits for the first (on two cores they
 would share the cores anyway). Its threads follow the host as the transformers engine's do
 (every core while the host is quiet, one while another process keeps it busy; `--threads N`
-fixes them). Left out: models other than the embedded GGUF (a Hugging Face
+fixes them). The weights are the GGUF's own 4-bit blocks, or, under --quantize none, the same
+weights unquantized in --dtype (chatbot/gguf_weights.py), which llama.cpp computes in float32
+or bf16 as the learner does. Left out: models other than the embedded GGUF (a Hugging Face
 folder would need converting first), GPUs (the GPU path is the transformers engine's CUDA
 graphs, or vLLM), and llama.cpp's own samplers.
 """
@@ -99,6 +101,11 @@ class LlamaCppModel:
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
         params.use_mmap = True
+        # No weights repacked into llama.cpp's "extra" buffers: on a CPU with AMX (Sapphire
+        # Rapids) the GGUF's Q4_1 blocks went to its AMX buffer and the first decode crashed
+        # the process in ggml_backend_amx_mul_mat (llama.cpp issue 20824, still open). The
+        # other repacks are for block types this GGUF does not use.
+        params.use_extra_bufts = False
         self.model = lib.llama_model_load_from_file(str(gguf_path).encode(), params)
         if not self.model:
             raise ModelLoadError(f"llama.cpp could not load {gguf_path}")
@@ -369,14 +376,28 @@ class LlamaCppGenerator(StreamingGenerator):
         return version, replies
 
 
-def embedded_gguf(config: Config) -> Path:
-    """The GGUF llama.cpp loads: the embedded model's own file; other models are refused."""
-    from chatbot.model import EMBEDDED_GGUF, EMBEDDED_MODEL, embedded_gguf_dir
+def engine_gguf(config: Config) -> Path:
+    """The GGUF llama.cpp loads: the embedded model's own file (its Q4_1 blocks) under
+    --quantize auto or int4; under --quantize none the same weights unquantized in --dtype
+    (chatbot/gguf_weights.py; auto: bfloat16 on a CPU with native bf16, float32 on others), so
+    the log-probs are the learner's float32 model's. Other models are refused."""
+    from chatbot.gguf_weights import unquantized_gguf
+    from chatbot.model import EMBEDDED_GGUF, EMBEDDED_MODEL, embedded_gguf_dir, resolve_dtype
 
     if config.model != EMBEDDED_MODEL:
         raise ModelLoadError(f"--engine llama-cpp serves the embedded model only, not "
                              f"{config.model!r}: run it with --engine transformers")
-    return embedded_gguf_dir() / EMBEDDED_GGUF
+    if config.quantize in ("4bit", "8bit"):
+        raise ModelLoadError(f"--quantize {config.quantize} is bitsandbytes', for --engine "
+                             "transformers; llama.cpp computes on the GGUF's own 4-bit blocks "
+                             "(--quantize auto) or on its weights unquantized (--quantize none "
+                             "with --dtype)")
+    source = embedded_gguf_dir() / EMBEDDED_GGUF
+    if config.quantize == "none":
+        dtype = resolve_dtype(config.dtype, torch.device("cpu"))
+        return unquantized_gguf(source, str(dtype).removeprefix("torch."),
+                                Path(config.cache_dir))
+    return source
 
 
 def connect(config: Config, store: Store, cpu_share: CpuShare | None = None
@@ -389,7 +410,7 @@ def connect(config: Config, store: Store, cpu_share: CpuShare | None = None
     from chatbot.model import load_tokenizer
     from chatbot.vllm_engine import end_of_turn_ids
 
-    gguf_path = embedded_gguf(config)
+    gguf_path = engine_gguf(config)
     tokenizer, path, model_id = load_tokenizer(config)
     engine = LlamaCppModel(gguf_path, rows=max(2, config.pair_candidates),
                            max_prompt=config.max_prompt_tokens,

@@ -177,7 +177,7 @@ def embedded_gguf_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -196,7 +196,7 @@ def embedded_checkpoint(cache_dir: Path) -> Path:
     target = cache_dir / "SmolLM2-135M-Instruct"
     if (target / "config.json").is_file():
         return target
-    with _file_lock(cache_dir / ".convert.lock"):
+    with file_lock(cache_dir / ".convert.lock"):
         if (target / "config.json").is_file():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
