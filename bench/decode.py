@@ -179,10 +179,10 @@ def variants(dtypes: list[str], device: torch.device, compare_pair_kernels: bool
     """Every dtype unquantized. On a CPU, when asked, each again with --pair-kernels off
     (chatbot/pair_kernels.py), bf16 with 4-bit weights as the server loads them (--quantize
     int4) and with a compiled step, and with `llama_engine` the llama.cpp engine on the GGUF's
-    own blocks and on its weights unquantized in each dtype. On a GPU, each dtype and the 4-bit NF4 base the server
-    loads by default (bf16 compute), each through `generate` and through CUDA graphs (what the
-    server runs). With `adapter`, each way the server samples again with a live adapter
-    version on it."""
+    own blocks and on its weights unquantized in each dtype. On a GPU, each dtype and the
+    4-bit NF4 base the server loads by default (bf16 compute), each through `generate` and
+    through CUDA graphs (what the server runs). With `adapter`, each way the server samples
+    again with a live adapter version on it."""
     if device.type == "cuda":
         models = [(dtype, dtype, "none") for dtype in dtypes]
         models.append(("4-bit NF4, bf16", "bfloat16", "4bit"))

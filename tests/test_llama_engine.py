@@ -16,7 +16,8 @@ that fails its manifest, or that llama.cpp cannot set, is never served; llama.cp
 follow the host's share; `python app.py --engine llama-cpp` through the openai client; a model
 other than the embedded one, bitsandbytes' quantization, or no llama-cpp-python, is a one-line
 error. Under --quantize none (the GGUF's weights unquantized) the log-probs are the learner's
-float32 model's, with a published version on it too: a mean gap of 0.001-0.002 nats in float32, 0.02 in bf16, measured here.
+float32 model's, with a published version on it too: a mean gap of 0.001-0.002 nats a token
+in float32 and 0.02 in bf16, measured here.
 
 In CI (CI or DUET_REQUIRE_LLAMA set) a llama-cpp-python that will not import fails these
 tests; elsewhere they are skipped with the reason.
