@@ -33,7 +33,8 @@ every other thread's team (chatbot/sampling.py, "Threads").
                            [--adapter] [--llama-cpp] [--llama-engine]
 
 With `--llama-cpp` it also times llama.cpp on the same GGUF, built once from PyPI's sdist
-(bench/llama_cpp.py), in the same run: the anchor a CPU user would otherwise pick. With
+(bench/llama_cpp.py), in the same run: the anchor a CPU user would otherwise pick; and on the
+same weights unquantized in each dtype (chatbot/gguf_weights.py). With
 `--llama-engine` it times Duet's own llama.cpp engine (`--engine llama-cpp`,
 chatbot/llama_engine.py: the same library through llama-cpp-python, Duet's sampling on its
 logits) as the server runs it, one reply and the pair, streamed too, and with `--adapter`
@@ -452,19 +453,27 @@ def run(args: argparse.Namespace) -> Path:
                             if getattr(timer.generator, "decoder", None) else None),
             "runs_seconds": times,
         }
-    anchor = None
+    anchor, unquantized = None, {}
     if args.llama_cpp:  # after Duet's runs, alone: the same threads, nothing else running
         from bench import llama_cpp
+        from chatbot.gguf_weights import unquantized_gguf
         from chatbot.model import EMBEDDED_GGUF, embedded_gguf_dir
 
         if base.model != Config().model:
             raise SystemExit("--llama-cpp times the embedded GGUF: leave --model at its default")
-        anchor = llama_cpp.time_decode(llama_cpp.build(), Path(embedded_gguf_dir()) / EMBEDDED_GGUF,
-                                       threads=torch.get_num_threads(), tokens=n,
-                                       repeats=args.repeats)
+        binary, source = llama_cpp.build(), Path(embedded_gguf_dir()) / EMBEDDED_GGUF
+        anchor = llama_cpp.time_decode(binary, source, threads=torch.get_num_threads(),
+                                       tokens=n, repeats=args.repeats)
         anchor["over_limit_of_bf16"] = (anchor["ms_per_token"] / per_dtype["bfloat16"][
             "limit_ms_per_token"] if "bfloat16" in per_dtype else None)
+        for dtype in dtypes:  # the same weights unquantized, as --quantize none serves them
+            unquantized[dtype] = llama_cpp.time_decode(
+                binary, unquantized_gguf(source, dtype, Path(base.cache_dir)),
+                threads=torch.get_num_threads(), tokens=n, repeats=args.repeats)
+            unquantized[dtype]["over_limit"] = (unquantized[dtype]["ms_per_token"]
+                                                / per_dtype[dtype]["limit_ms_per_token"])
     results = {"bandwidth": bandwidth, "dtypes": per_dtype, "llama_cpp": anchor,
+               "llama_cpp_unquantized": unquantized,
                "device": str(device),
                "torch_threads": torch.get_num_threads(),
                # other work on the machine: 1-minute load averages at the start and the end
