@@ -370,6 +370,7 @@ def run(args: argparse.Namespace) -> Path:
     base = dataclasses.replace(Config.from_args(args), max_new_tokens=args.new_tokens)
     if base.threads:
         torch.set_num_threads(base.threads)
+    threads = torch.get_num_threads()  # llama-bench's too
     load_before = os.getloadavg()
     device = resolve_device(base.device)
     dtypes = args.dtypes.split(",") if args.dtypes else default_dtypes(device)
@@ -462,20 +463,20 @@ def run(args: argparse.Namespace) -> Path:
         if base.model != Config().model:
             raise SystemExit("--llama-cpp times the embedded GGUF: leave --model at its default")
         binary, source = llama_cpp.build(), Path(embedded_gguf_dir()) / EMBEDDED_GGUF
-        anchor = llama_cpp.time_decode(binary, source, threads=torch.get_num_threads(),
+        anchor = llama_cpp.time_decode(binary, source, threads=threads,
                                        tokens=n, repeats=args.repeats)
         anchor["over_limit_of_bf16"] = (anchor["ms_per_token"] / per_dtype["bfloat16"][
             "limit_ms_per_token"] if "bfloat16" in per_dtype else None)
         for dtype in dtypes:  # the same weights unquantized, as --quantize none serves them
             unquantized[dtype] = llama_cpp.time_decode(
                 binary, unquantized_gguf(source, dtype, Path(base.cache_dir)),
-                threads=torch.get_num_threads(), tokens=n, repeats=args.repeats)
+                threads=threads, tokens=n, repeats=args.repeats)
             unquantized[dtype]["over_limit"] = (unquantized[dtype]["ms_per_token"]
                                                 / per_dtype[dtype]["limit_ms_per_token"])
     results = {"bandwidth": bandwidth, "dtypes": per_dtype, "llama_cpp": anchor,
                "llama_cpp_unquantized": unquantized,
                "device": str(device),
-               "torch_threads": torch.get_num_threads(),
+               "torch_threads": threads, "torch_threads_after": torch.get_num_threads(),
                # other work on the machine: 1-minute load averages at the start and the end
                "load_average_before_after": [load_before[0], os.getloadavg()[0]],
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}

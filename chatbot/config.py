@@ -135,7 +135,8 @@ class Config:
         "weight quantization: 4bit and 8bit are bitsandbytes'; int4 is the server's linear "
         "layers in 4-bit blocks through torch's CPU kernel (the learner keeps float weights); "
         "auto = 4bit on CUDA, int4 on a CPU with native bf16 that samples in bf16 (--dtype), "
-        "none on other CPUs (default: {default})",
+        "none on other CPUs; under --engine llama-cpp, auto and int4 are the GGUF's own 4-bit "
+        "blocks and none its weights unquantized in --dtype (default: {default})",
         "model", choices=QUANTIZE_CHOICES))
     dtype: str = field(default="auto", metadata=setting(  # chatbot.model.resolve_dtype
         "dtype of the unquantized weights, in the server and the learner: auto = bfloat16 on "

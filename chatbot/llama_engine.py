@@ -56,7 +56,7 @@ from chatbot.hotswap import LiveAdapter
 from chatbot.replies import PairStream, Reply, SampledPair, StreamingGenerator, decode_reply
 from chatbot.sampling import row_temperatures
 from chatbot.store import Store
-from chatbot.threads import CpuShare
+from chatbot.threads import CpuShare, one_torch_thread
 from chatbot.warp import draw_tokens
 
 log = logging.getLogger(__name__)
@@ -334,14 +334,13 @@ class LlamaCppGenerator(StreamingGenerator):
         """(the adapter version, `n` replies to `prompt`), decoded in one batch a step.
         `on_step(tokens)` gets every row's tokens so far after each step."""
         engine = self.engine
-        # torch only draws here (a few rows of 49,152 logits): on one thread, or its OpenMP
-        # workers spin beside llama.cpp's and beside a neighbour's (for this thread only)
-        torch.set_num_threads(1)
         rows_temperature = (torch.tensor(temperatures, dtype=torch.float32)[:, None]
                             if len(set(temperatures)) > 1 else temperatures[0])
         tokens: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
-        with engine.lock:
+        # torch only draws here (a few rows of 49,152 logits): on one thread, or its OpenMP
+        # workers spin beside llama.cpp's and beside a neighbour's
+        with one_torch_thread(), engine.lock:
             version, adapter = (0, None) if base else self.live.serving()
             engine.use(adapter)
             if self.cpu_share:

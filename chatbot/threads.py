@@ -30,12 +30,13 @@ quotas (a container's share of the host is read as the host's).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,21 @@ class CpuShare:
         if getattr(self._applied, "threads", None) != threads:
             torch.set_num_threads(threads)
             self._applied.threads = threads
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread while the block runs, then on the count it had. The count is the
+    process's, not the thread's: a thread that starts torch work later starts with the last
+    count set anywhere, so a count left at 1 would slow every later thread's work."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def host_share(every_core: int, own_pids: Callable[[], list[int]], *,

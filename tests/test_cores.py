@@ -20,6 +20,7 @@ from chatbot.threads import (
     host_cpu_seconds,
     host_share,
     in_fresh_thread_on_cpu,
+    one_torch_thread,
     process_cpu_seconds,
 )
 from learner.cores import BUSY_CORES, QUIET_S, learner_share
@@ -95,6 +96,32 @@ def test_apply_sets_torchs_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def threads_of_a_new_thread() -> int:
+    """The torch thread count a thread started now works with."""
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append((torch.ones(4).sum(),
+                                                          torch.get_num_threads())[1]))
+    worker.start()
+    worker.join()
+    return seen[0]
+
+
+def test_one_torch_thread_gives_the_count_back_for_threads_started_later():
+    """torch's count is the process's: a thread started after another set 1 works on one
+    thread. The llama.cpp engine's draw runs on one; the threads after it must not."""
+    torch.set_num_threads(2)
+    try:
+        assert threads_of_a_new_thread() == 2
+        with one_torch_thread():
+            assert torch.get_num_threads() == 1 and threads_of_a_new_thread() == 1
+        assert threads_of_a_new_thread() == 2
+        with pytest.raises(RuntimeError), one_torch_thread():
+            raise RuntimeError("the draw failed")
+        assert threads_of_a_new_thread() == 2
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
 
 
 def test_the_learners_share_is_half_the_cores_this_process_may_use(tmp_path, monkeypatch):

@@ -295,6 +295,25 @@ def test_its_threads_follow_the_hosts_share(engine):
 
 
 @pytest.mark.slow
+def test_its_draw_leaves_torchs_thread_count_as_it_was(engine):
+    """The draw runs torch on one thread; torch's count is the process's, so threads started
+    after a pair (a benchmark's next timer, a transformers model beside it) keep theirs."""
+    from tests.test_cores import threads_of_a_new_thread
+
+    _, generator, _ = engine
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        generator.engine.decode = (lambda decode: lambda *a: seen.append(
+            torch.get_num_threads()) or decode(*a))(generator.engine.decode)
+        generator.sample(MESSAGES)
+        assert seen and set(seen) == {1}  # the sampling thread's draw: one thread
+        assert threads_of_a_new_thread() == 2
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+@pytest.mark.slow
 def test_a_published_version_is_converted_served_replaced_and_rolled_back(engine, config,
                                                                          local_base):
     from peft import PeftModel
