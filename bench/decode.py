@@ -40,7 +40,8 @@ chatbot/llama_engine.py: the same library through llama-cpp-python, Duet's sampl
 logits) as the server runs it, one reply and the pair, streamed too, and with `--adapter`
 again with a LoRA version on it: on the GGUF's own 4-bit blocks (its default) and on the same
 weights unquantized in each dtype (--quantize none, chatbot/gguf_weights.py); its weight bytes
-are the GGUF's tensors.
+are the GGUF's tensors. These are timed after every transformers variant: llama.cpp's
+OpenMP team, once started, would slow torch's (see `run`).
 
 Left out: the KV cache's reads (~5 MB per row at 100 tokens of context for the 135M model,
 under 1% of its weights) and the prefill.
@@ -366,6 +367,25 @@ class Timer:
         return time.perf_counter() - started
 
 
+def make_timer(variant: Variant, base: Config, new_tokens: int) -> Timer | LlamaTimer:
+    """The variant's model loaded as the server would load it, ready to time."""
+    config = dataclasses.replace(base, dtype=variant.dtype, pair_kernels=variant.pair_kernels,
+                                 quantize=variant.quantize,
+                                 cuda_graphs="auto" if variant.graphs else "off")
+    if variant.engine == "llama-cpp":
+        return LlamaTimer(config, new_tokens, variant.adapter)
+    loaded = load_model(config)
+    if variant.adapter:
+        attach_adapter(loaded.model, config.lora_r, config.lora_alpha)
+    # The stream stops at the end-of-turn token; forced to full length like the others, every
+    # path writes the same tokens.
+    loaded.model.generation_config.min_new_tokens = new_tokens
+    timer = Timer(loaded, config, new_tokens, compiled=variant.compiled)
+    if variant.graphs:  # the graphs' loop reads the stop tokens from the generator
+        timer.generator.stop_ids = set()
+    return timer
+
+
 def run(args: argparse.Namespace) -> Path:
     base = dataclasses.replace(Config.from_args(args), max_new_tokens=args.new_tokens)
     if base.threads:
@@ -378,48 +398,42 @@ def run(args: argparse.Namespace) -> Path:
         lambda: memory_bandwidth(device, args.bandwidth_mb, max(args.repeats, 5)))
     bytes_per_second = bandwidth["read_gb_per_s"] * 1e9
 
-    timers = {}
-    for variant in variants(dtypes, device, args.compare_pair_kernels, args.int4, args.adapter,
-                            args.llama_engine):
-        config = dataclasses.replace(base, dtype=variant.dtype, pair_kernels=variant.pair_kernels,
-                                     quantize=variant.quantize,
-                                     cuda_graphs="auto" if variant.graphs else "off")
-        if variant.engine == "llama-cpp":
-            timers[variant] = LlamaTimer(config, args.new_tokens, variant.adapter)
-            continue
-        loaded = load_model(config)
-        if variant.adapter:
-            attach_adapter(loaded.model, config.lora_r, config.lora_alpha)
-        # The stream stops at the end-of-turn token; forced to full length like the others,
-        # every path writes the same tokens.
-        loaded.model.generation_config.min_new_tokens = args.new_tokens
-        timers[variant] = Timer(loaded, config, args.new_tokens, compiled=variant.compiled)
-        if variant.graphs:  # the graphs' loop reads the stop tokens from the generator
-            timers[variant].generator.stop_ids = set()
-    compile_seconds = {}
-    for variant, timer in timers.items():  # warm-up; a compiled step compiles once per shape
-        started = time.perf_counter()
-        for n, tokens in ([(1, 1), (1, args.new_tokens), (2, 1), (2, args.new_tokens)]
-                          if variant.compiled else [(1, 2), (2, 2)]):
-            timer.plain(n, tokens)
-        compile_seconds[variant.label] = time.perf_counter() - started
-
-    runs: dict = {variant: {k: [] for k in ("single_long", "single_short", "pair_long",
-                                            "pair_short", "pair_hooked", "pair_streamed")}
-                  for variant in timers}
     n = args.new_tokens
-    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
-        for variant, timer in timers.items():
-            times = runs[variant]
-            times["single_short"].append(timer.plain(1, 1))
-            times["single_long"].append(timer.plain(1, n))
-            times["pair_short"].append(timer.plain(2, 1))
-            times["pair_long"].append(timer.plain(2, n))
-            if not variant.served:
-                continue
-            if not variant.graphs and variant.engine == "transformers":  # generate's hooks
-                times["pair_hooked"].append(timer.hooked(2))
-            times["pair_streamed"].append(timer.streamed(2))
+    timers: dict = {}
+    runs: dict = {}
+    compile_seconds: dict = {}
+    every = variants(dtypes, device, args.compare_pair_kernels, args.int4, args.adapter,
+                     args.llama_engine)
+    # The llama.cpp engine's variants after every torch one, not among them: its decodes run
+    # on an OpenMP team (ggml's) in a thread that lives on, and once a process holds more
+    # OpenMP threads than cores libgomp makes every team sleep between parallel regions: the
+    # transformers engine's steps took 1.6x as long beside it.
+    for engine in ("transformers", "llama-cpp"):
+        group = {}
+        for variant in (v for v in every if v.engine == engine):
+            group[variant] = make_timer(variant, base, args.new_tokens)
+        for variant, timer in group.items():  # warm-up; a compiled step compiles per shape
+            started = time.perf_counter()
+            for size, tokens in ([(1, 1), (1, n), (2, 1), (2, n)]
+                                 if variant.compiled else [(1, 2), (2, 2)]):
+                timer.plain(size, tokens)
+            compile_seconds[variant.label] = time.perf_counter() - started
+        for variant in group:
+            runs[variant] = {k: [] for k in ("single_long", "single_short", "pair_long",
+                                             "pair_short", "pair_hooked", "pair_streamed")}
+        for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
+            for variant, timer in group.items():
+                times = runs[variant]
+                times["single_short"].append(timer.plain(1, 1))
+                times["single_long"].append(timer.plain(1, n))
+                times["pair_short"].append(timer.plain(2, 1))
+                times["pair_long"].append(timer.plain(2, n))
+                if not variant.served:
+                    continue
+                if not variant.graphs and variant.engine == "transformers":  # generate's hooks
+                    times["pair_hooked"].append(timer.hooked(2))
+                times["pair_streamed"].append(timer.streamed(2))
+        timers.update(group)
 
     per_dtype = {}
     for variant, times in runs.items():
