@@ -23,7 +23,8 @@ at close to the memory's speed, where eager PyTorch pays per op. What stays Duet
   place of the old one, which is freed. Version 0 is the context without adapters.
 
 One context serves one pair at a time: a second pair waits for the first (on two cores they
-would share the cores anyway). Its threads follow the host as the transformers engine's do
+would share the cores anyway), and every pair is decoded in one thread of the generator's, so
+llama.cpp's OpenMP team is the process's only one. Its threads follow the host as the transformers engine's do
 (every core while the host is quiet, one while another process keeps it busy; `--threads N`
 fixes them). The weights are the GGUF's own 4-bit blocks, or, under --quantize none, the same
 weights unquantized in --dtype (chatbot/gguf_weights.py), which llama.cpp computes in float32
@@ -34,6 +35,7 @@ graphs, or vLLM), and llama.cpp's own samplers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import logging
@@ -272,6 +274,8 @@ class LlamaCppGenerator(StreamingGenerator):
         self._sides = random.Random(config.seed)  # which reply explores (--explore-temperature)
         self._draws = torch.Generator().manual_seed(
             config.seed if config.seed is not None else random.SystemRandom().getrandbits(62))
+        # Every decode runs in this one thread (see `_sample`).
+        self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama")
 
     def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
                     ) -> list[SampledPair]:
@@ -302,7 +306,7 @@ class LlamaCppGenerator(StreamingGenerator):
 
         def work() -> None:
             try:
-                outcome["version"], outcome["replies"] = self._sample(
+                outcome["version"], outcome["replies"] = self._decode_replies(
                     prompt, n, max_new_tokens, temperatures, on_step=steps.put,
                     cancel=stream.cancel)
             except BaseException as exc:  # re-raised in the consuming thread
@@ -310,8 +314,7 @@ class LlamaCppGenerator(StreamingGenerator):
             finally:
                 steps.put(None)
 
-        worker = threading.Thread(target=work, name="llama-sampler", daemon=True)
-        worker.start()
+        worker = self._decoder.submit(work)
         first_token = None
         try:
             while (tokens := steps.get()) is not None:
@@ -319,7 +322,7 @@ class LlamaCppGenerator(StreamingGenerator):
                 yield tuple(decode_reply(self.tokenizer, row) for row in tokens)
         finally:  # also reached when the consumer stops early: end the sampling with it
             stream.cancel.set()
-            worker.join()
+            worker.result()  # `work` keeps its own errors
         if "error" in outcome:
             raise outcome["error"]
         stream.result = SampledPair(
@@ -329,10 +332,20 @@ class LlamaCppGenerator(StreamingGenerator):
             seconds=time.perf_counter() - started, first_token_seconds=first_token)
 
     def _sample(self, prompt: list[int], n: int, max_new_tokens: int,
-                temperatures: tuple[float, ...], *, base: bool = False, on_step=None,
-                cancel: threading.Event | None = None) -> tuple[int, tuple[Reply, ...]]:
-        """(the adapter version, `n` replies to `prompt`), decoded in one batch a step.
-        `on_step(tokens)` gets every row's tokens so far after each step."""
+                temperatures: tuple[float, ...], *, base: bool = False
+                ) -> tuple[int, tuple[Reply, ...]]:
+        """`_decode_replies` in the engine's decode thread, waited for. llama.cpp's threads are
+        an OpenMP team that lives as long as the thread that started it; a second team in the
+        process (a pair decoded in a caller's long-lived thread, then one in another) made
+        libgomp put both to sleep between parallel regions: pairs with an adapter 3x slower."""
+        return self._decoder.submit(self._decode_replies, prompt, n, max_new_tokens,
+                                    temperatures, base=base).result()
+
+    def _decode_replies(self, prompt: list[int], n: int, max_new_tokens: int,
+                        temperatures: tuple[float, ...], *, base: bool = False, on_step=None,
+                        cancel: threading.Event | None = None) -> tuple[int, tuple[Reply, ...]]:
+        """(the adapter version, `n` replies to `prompt`), decoded in one batch a step, in the
+        decode thread. `on_step(tokens)` gets every row's tokens so far after each step."""
         engine = self.engine
         rows_temperature = (torch.tensor(temperatures, dtype=torch.float32)[:, None]
                             if len(set(temperatures)) > 1 else temperatures[0])
