@@ -23,14 +23,15 @@ at close to the memory's speed, where eager PyTorch pays per op. What stays Duet
   place of the old one, which is freed. Version 0 is the context without adapters.
 
 One context serves one pair at a time: a second pair waits for the first (on two cores they
-would share the cores anyway), and every pair is decoded in one thread of the generator's, so
-llama.cpp's OpenMP team is the process's only one. Its threads follow the host as the transformers engine's do
-(every core while the host is quiet, one while another process keeps it busy; `--threads N`
-fixes them). The weights are the GGUF's own 4-bit blocks, or, under --quantize none, the same
-weights unquantized in --dtype (chatbot/gguf_weights.py), which llama.cpp computes in float32
-or bf16 as the learner does. Left out: models other than the embedded GGUF (a Hugging Face
-folder would need converting first), GPUs (the GPU path is the transformers engine's CUDA
-graphs, or vLLM), and llama.cpp's own samplers.
+would share the cores anyway), and every pair of every engine in the process is decoded in one
+thread (`decode_thread`), so llama.cpp's OpenMP team is the process's only one. Its threads
+follow the host as the transformers engine's do (every core while the host is quiet, one while
+another process keeps it busy; `--threads N` fixes them). The weights are the GGUF's own 4-bit
+blocks, or, under --quantize none, the same weights unquantized in --dtype
+(chatbot/gguf_weights.py), which llama.cpp computes in float32 or bf16 as the learner does.
+Left out: models other than the embedded GGUF (a Hugging Face folder would need converting
+first), GPUs (the GPU path is the transformers engine's CUDA graphs, or vLLM), and llama.cpp's
+own samplers.
 """
 
 from __future__ import annotations
@@ -259,6 +260,24 @@ class LlamaCppLiveAdapter(LiveAdapter):
                  self.last_blocking_ms)
 
 
+_DECODER: concurrent.futures.ThreadPoolExecutor | None = None
+_DECODER_LOCK = threading.Lock()
+
+
+def decode_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's one thread that runs llama.cpp's decodes, for every engine in it.
+    llama.cpp's threads are an OpenMP team that lives as long as the thread that started it;
+    with two teams in a process libgomp finds more OpenMP threads than cores and makes every
+    team sleep at each of ggml's barriers: a streamed pair with an adapter took 3x as long
+    after one decoded in another thread, and six engines with a thread each (a benchmark)
+    3-6x."""
+    global _DECODER
+    with _DECODER_LOCK:
+        if _DECODER is None:
+            _DECODER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama")
+        return _DECODER
+
+
 class LlamaCppGenerator(StreamingGenerator):
     """PairGenerator's interface on llama.cpp (see the module docstring)."""
 
@@ -274,8 +293,7 @@ class LlamaCppGenerator(StreamingGenerator):
         self._sides = random.Random(config.seed)  # which reply explores (--explore-temperature)
         self._draws = torch.Generator().manual_seed(
             config.seed if config.seed is not None else random.SystemRandom().getrandbits(62))
-        # Every decode runs in this one thread (see `_sample`).
-        self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llama")
+        self._decoder = decode_thread()
 
     def sample_many(self, conversations: list[list[dict]], n: int = 2, base: bool = False
                     ) -> list[SampledPair]:
@@ -334,10 +352,7 @@ class LlamaCppGenerator(StreamingGenerator):
     def _sample(self, prompt: list[int], n: int, max_new_tokens: int,
                 temperatures: tuple[float, ...], *, base: bool = False
                 ) -> tuple[int, tuple[Reply, ...]]:
-        """`_decode_replies` in the engine's decode thread, waited for. llama.cpp's threads are
-        an OpenMP team that lives as long as the thread that started it; a second team in the
-        process (a pair decoded in a caller's long-lived thread, then one in another) made
-        libgomp put both to sleep between parallel regions: pairs with an adapter 3x slower."""
+        """`_decode_replies` in the process's decode thread (`decode_thread`), waited for."""
         return self._decoder.submit(self._decode_replies, prompt, n, max_new_tokens,
                                     temperatures, base=base).result()
 

@@ -297,10 +297,12 @@ def test_its_threads_follow_the_hosts_share(engine):
 
 @pytest.mark.slow
 def test_every_pair_is_decoded_in_one_thread(engine):
-    """Streamed or not, every decode runs in the generator's one decode thread: llama.cpp's
+    """Streamed or not, every decode runs in the process's one decode thread: llama.cpp's
     OpenMP team lives as long as the thread that started it, and two teams in one process made
-    libgomp put both to sleep between regions (a streamed pair with an adapter 3x slower after
+    libgomp put both to sleep at every barrier (a streamed pair with an adapter 3x slower after
     one decoded in the caller's thread, measured here)."""
+    from chatbot import llama_engine
+
     _, generator, _ = engine
     threads = set()
     decode = generator.engine.decode
@@ -309,6 +311,7 @@ def test_every_pair_is_decoded_in_one_thread(engine):
     list(generator.stream(MESSAGES))
     generator.sample_many([MESSAGES, MESSAGES], n=1)
     assert len(threads) == 1 and threading.get_ident() not in threads
+    assert generator._decoder is llama_engine.decode_thread()  # every engine's, one thread
 
 
 @pytest.mark.slow
