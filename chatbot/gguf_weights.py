@@ -75,10 +75,8 @@ def write_unquantized(source: Path, path: Path, dtype: str) -> None:
         writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32"
                          else gguf.LlamaFileType.MOSTLY_BF16)
-    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                   gguf.GGMLQuantizationType.BF16}
     for tensor in reader.tensors:
-        if tensor.tensor_type in float_types and len(tensor.shape) == 1:
+        if tensor.tensor_type == gguf.GGMLQuantizationType.F32 and len(tensor.shape) == 1:
             writer.add_tensor(tensor.name, np.asarray(tensor.data))  # norms: kept float32
             continue
         weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
