@@ -1,5 +1,7 @@
 """The pair's decode-step kernels (chatbot/pair_kernels.py): same numbers, chosen per shape."""
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,3 +173,25 @@ def test_the_server_model_is_switched_by_default_and_the_learners_never(tiny_mod
     assert kinds(load_model(off).model) == {"Linear"}
     args = learner_parser().parse_args(["--pair-kernels", "off"])
     assert Config.from_args(args).pair_kernels == "off"
+
+
+def test_a_kernel_clearly_slower_on_its_first_timed_pass_is_decided_there(monkeypatch):
+    layers = [torch.nn.Linear(64, 32) for _ in range(3)]
+    calls = {"torch": 0, "batched": 0}
+    real_linear, real_two_rows = F.linear, pair_kernels.two_rows
+
+    def counted_linear(*args):
+        calls["torch"] += 1
+        return real_linear(*args)
+
+    def slow_two_rows(*args):  # 10 ms a layer: far past CLEARLY_SLOWER times torch's
+        calls["batched"] += 1
+        time.sleep(0.01)
+        return real_two_rows(*args)
+
+    monkeypatch.setattr(pair_kernels.F, "linear", counted_linear)
+    monkeypatch.setattr(pair_kernels, "two_rows", slow_two_rows)
+    torch_s, batched_s = pair_kernels.time_kernels(layers)
+    assert batched_s > pair_kernels.CLEARLY_SLOWER * torch_s
+    # the warm-up and one timed pass of each, not REPEATS + 1
+    assert calls == {"torch": 2 * len(layers), "batched": 2 * len(layers)}

@@ -16,7 +16,7 @@ from tests.serving import running_server
 pytestmark = pytest.mark.slow
 
 CLIENTS = 16
-SECONDS = 60
+SECONDS = 30
 
 
 def rss_mb(pid: int) -> float:
