@@ -96,6 +96,7 @@ def test_learn_runs_with_corrections(tiny_model_dir, tmp_path):
     assert [r["new_votes"] for r in results["rounds"]] == [3, 3]
 
 
+@pytest.mark.slow
 def test_learn_vs_trl_runs(tiny_model_dir, tmp_path):
     pytest.importorskip("trl")
     bench(["learn", "--model", str(tiny_model_dir), "--device", "cpu", "--votes", "4",
@@ -105,6 +106,7 @@ def test_learn_vs_trl_runs(tiny_model_dir, tmp_path):
     assert [e["votes"] for e in results["trl_evaluations"]] == [0, 4]
 
 
+@pytest.mark.slow
 def test_learn_suite_runs_and_caches_the_trl_side(tiny_model_dir, tmp_path):
     pytest.importorskip("trl")
     argv = ["learn", "--suite", "quick", "--votes-cap", "4", "--model", str(tiny_model_dir),
@@ -133,6 +135,9 @@ def test_learn_suite_runs_and_caches_the_trl_side(tiny_model_dir, tmp_path):
     assert "| numbers | 0 |" in third["table"]
     with pytest.raises(SystemExit, match="no kept runs"):  # other settings: none match
         bench(argv + ["--lr", "0.002", "--summarize"])
+
+
+@pytest.mark.slow
 def test_learn_suite_runs_the_offline_dpo_anchor(tiny_model_dir, tmp_path):
     argv = ["learn", "--suite", "quick", "--votes-cap", "4", "--sides", "duet,dpo",
             "--model", str(tiny_model_dir), "--device", "cpu", "--eval-prompts", "2",
@@ -327,6 +332,7 @@ def test_shared_prompts_runs(tiny_model_dir, tmp_path):
                for r in rows)
 
 
+@pytest.mark.slow
 def test_swap_runs(tiny_model_dir, tmp_path):
     bench(["swap", "--model", str(tiny_model_dir), "--device", "cpu", "--swaps", "3",
            "--memory-swaps", "4", "--versions", "2", "--load-swaps", "10", "--load-clients", "2",
@@ -633,6 +639,7 @@ def test_store_bench_times_both_databases(tmp_path, postgres_url):
     assert results["postgresql_over_sqlite_median"]["vote"] > 0
 
 
+@pytest.mark.slow
 def test_sweep_runs_variants_on_the_same_users_and_pairs_them(tiny_model_dir, tmp_path):
     assert bench(["sweep", "--model", str(tiny_model_dir), "--device", "cpu",
                   "--variant", "plain=", "--variant", "noreplay=--replay 0 --lr 0.002",

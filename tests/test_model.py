@@ -207,6 +207,7 @@ def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
         load_model(Config(model="no-such-org/no-such-model", device="cpu"))
 
 
+@pytest.mark.processes
 def test_cli_prints_one_line_not_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "app.py", "--model", str(tmp_path / "missing"), "--no-learner",
