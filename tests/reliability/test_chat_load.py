@@ -64,7 +64,8 @@ def test_sixteen_clients_chat_at_once(tmp_path):
 
 def test_a_full_queue_says_so_quickly(tmp_path):
     data = tmp_path / "data"
-    with running_server("--data-dir", str(data), "--no-learner", "--max-new-tokens", "64",
+    # 16-token replies: the first request still runs long after all 8 are in the queue
+    with running_server("--data-dir", str(data), "--no-learner", "--max-new-tokens", "16",
                         "--concurrency", "1", "--queue-size", "2",
                         log_path=tmp_path / "server.log", timeout=300) as (url, _):
         def ask(i):
