@@ -315,11 +315,24 @@ def _load(config: Config, training: bool) -> LoadedModel:
         model.to(dtype)  # the layers left (embeddings, norms, the output layer)
     if quantize in ("none", "int4") and not training and config.pair_kernels == "auto":
         pair_kernels.install(model)  # a no-op off the CPU; the plain layers int4 leaves
+    if quantize in ("none", "int4") and not training and device.type == "cpu":
+        _time_lora_update(model, config.lora_r)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     log.info("loaded %s on %s (quantize=%s, dtype=%s)", model_id, device, quantize,
              str(dtype).removeprefix("torch."))
     return LoadedModel(model, tokenizer, model_id, path, device, quantize, dtype)
+
+
+def _time_lora_update(model, r: int) -> None:
+    """Pick the server's LoRA update form for a pair's rows on this CPU (chatbot/serving_lora);
+    a failed timing leaves the elementwise form and says why."""
+    from chatbot import serving_lora
+
+    try:
+        in_fresh_thread(lambda: serving_lora.time_small_batch(model, r), name="lora-timing")
+    except Exception as exc:  # noqa: BLE001 - a slower update, never a model that fails
+        log.warning("LoRA update: could not time its forms (%s); elementwise throughout", exc)
 
 
 def _to_int4(model, name: str) -> None:

@@ -78,3 +78,44 @@ def test_4bit_layers_take_it_and_gpu_or_bitsandbytes_models_keep_peft_s_own():
     quantized.up = Linear8bitLt(64, 128)
     assert set(serving_lora.lora_config(LoraConfig(), quantized)._custom_modules) == {
         int4.Int4Linear}
+
+
+def counted(kernel, name: str, calls: list[str]):
+    def run(*args):
+        calls.append(name)
+        return kernel(*args)
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_two_small_batch_forms_give_peft_s_update(dtype, monkeypatch):
+    torch.manual_seed(0)
+    base = TwoLayers().to(dtype)
+    ours, peft_s = adapted(copy.deepcopy(base), True), adapted(copy.deepcopy(base), False)
+    x = torch.randn(1, 2, 64).to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    outputs = {}
+    for form in ("elementwise", "products"):
+        monkeypatch.setattr(serving_lora, "SMALL_BATCH_FORMS",
+                            {(64, 128, 4): form, (128, 64, 4): form})
+        calls: list[str] = []
+        for name in ("elementwise", "products"):
+            monkeypatch.setattr(serving_lora, name, counted(getattr(serving_lora, name), name,
+                                                            calls))
+        with torch.inference_mode():
+            outputs[form], expected = ours(x), peft_s(x)
+        monkeypatch.undo()
+        assert calls == [form, form]  # both layers took the form recorded for their shape
+        assert torch.allclose(outputs[form], expected, atol=tolerance, rtol=tolerance)
+
+
+def test_time_small_batch_records_a_form_for_each_adapted_shape(monkeypatch):
+    monkeypatch.setattr(serving_lora, "SMALL_BATCH_FORMS", {})
+    model = TwoLayers()
+    report = serving_lora.time_small_batch(model, r=4)
+    assert set(report) == {(64, 128, 4), (128, 64, 4)}
+    for shape, numbers in report.items():
+        assert numbers["elementwise_us"] > 0 and numbers["products_us"] > 0
+        faster = numbers["products_us"] < serving_lora.MARGIN * numbers["elementwise_us"]
+        assert numbers["form"] == ("products" if faster else "elementwise")
+        assert serving_lora.SMALL_BATCH_FORMS[shape] == numbers["form"]
