@@ -144,8 +144,9 @@ class Config:
         "(default: {default})", "model", choices=DTYPE_CHOICES))
     pair_kernels: str = field(default="auto", metadata=setting(  # chatbot.pair_kernels
         "a pair's decode step on a CPU: auto = time the model's layers at load and compute two "
-        "rows as two matrix-vector products where that is faster; off = torch's kernels "
-        "throughout (default: {default})", "model", choices=PAIR_KERNEL_CHOICES))
+        "rows as two matrix-vector products, and a live version's update as matrix products, "
+        "where that is faster; off = torch's kernels and the elementwise update throughout "
+        "(default: {default})", "model", choices=PAIR_KERNEL_CHOICES))
     cuda_graphs: str = field(default="auto", metadata=setting(  # chatbot.graph_decode
         "a streamed reply's decode steps on a GPU: auto = replayed as CUDA graphs over a "
         "static KV cache; off = transformers' generate (default: {default})", "model",

@@ -315,8 +315,7 @@ def _load(config: Config, training: bool) -> LoadedModel:
         model.to(dtype)  # the layers left (embeddings, norms, the output layer)
     if quantize in ("none", "int4") and not training and config.pair_kernels == "auto":
         pair_kernels.install(model)  # a no-op off the CPU; the plain layers int4 leaves
-    if quantize in ("none", "int4") and not training and device.type == "cpu":
-        _time_lora_update(model, config.lora_r)
+        _time_lora_update(model, config.lora_r)  # likewise; every layer a version goes on
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     log.info("loaded %s on %s (quantize=%s, dtype=%s)", model_id, device, quantize,

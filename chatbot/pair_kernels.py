@@ -72,24 +72,38 @@ def _plain_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return [m for m in model.modules() if type(m) is torch.nn.Linear]
 
 
+def median_seconds(first: Callable[[], object], second: Callable[[], object]
+                   ) -> tuple[float, float]:
+    """Median seconds of a call of `first` and of `second`, timed in turn over REPEATS passes
+    after a warm-up; where `second` takes over CLEARLY_SLOWER times `first` on the first timed
+    pass, that pass decides."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for repeat in range(REPEATS + 1):  # the first is a warm-up
+        for kernel, kept in zip((first, second), times):
+            started = time.perf_counter()
+            kernel()
+            if repeat:
+                kept.append(time.perf_counter() - started)
+        if repeat and times[1][-1] > CLEARLY_SLOWER * times[0][-1]:
+            break  # no median of the rest would make it win
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def time_kernels(layers: list[torch.nn.Linear]) -> tuple[float, float]:
     """Median seconds of a two-row product through every one of `layers` (all of one shape)
     by torch's kernel and by the batched one (PairLinear's), the two alternating."""
     weight = layers[0].weight
     x = torch.randn(2, 1, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    kernels = (lambda w, b: F.linear(x, w, b), lambda w, b: two_rows(x, w, b))
-    times: tuple[list[float], list[float]] = ([], [])
+
+    def through_layers(kernel):
+        def run() -> None:
+            for layer in layers:
+                kernel(layer.weight, layer.bias)
+        return run
+
     with torch.inference_mode():
-        for repeat in range(REPEATS + 1):  # the first is a warm-up
-            for kernel, kept in zip(kernels, times):
-                started = time.perf_counter()
-                for layer in layers:
-                    kernel(layer.weight, layer.bias)
-                if repeat:
-                    kept.append(time.perf_counter() - started)
-            if repeat and times[1][-1] > CLEARLY_SLOWER * times[0][-1]:
-                break  # no median of the rest would make it win
-    return statistics.median(times[0]), statistics.median(times[1])
+        return median_seconds(through_layers(lambda w, b: F.linear(x, w, b)),
+                              through_layers(lambda w, b: two_rows(x, w, b)))
 
 
 def install(model: torch.nn.Module, choose: Callable[[torch.nn.Linear], bool] | None = None

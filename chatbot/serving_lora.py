@@ -11,8 +11,8 @@ products for more (a prompt's prefill, training-sized batches), in the adapter's
 Which is faster for a few rows depends on the CPU: on an AMX Xeon two matrix products
 (`F.linear`) took 89 us for a whole 576->1536 layer against 127-132 us elementwise.
 `time_small_batch` times both on each of a model's layer shapes when the server loads it on a
-CPU (chatbot/model.py) and records the faster per shape; a shape not timed keeps the
-elementwise form.
+CPU with `--pair-kernels auto` (chatbot/model.py, beside the pair kernels) and marks each
+layer with the faster for the rank timed; a layer not marked keeps the elementwise form.
 
 `lora_config` registers it through PEFT's experimental custom-layer hook
 (`LoraConfig._register_custom_module`): on 4-bit layers always (PEFT has no LoRA of its own
@@ -30,8 +30,6 @@ own layers.
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 import warnings
 
 import torch
@@ -40,16 +38,15 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from chatbot.int4 import Int4Linear
+from chatbot.pair_kernels import MARGIN, median_seconds
 
 log = logging.getLogger(__name__)
 
 SMALL_BATCH = 8  # rows up to which the update takes the small-batch form
-# The small-batch form of each (in, out, r) timed on this process's CPU: "products" or
-# "elementwise" (the default for a shape not timed).
-SMALL_BATCH_FORMS: dict[tuple[int, int, int], str] = {}
-MARGIN = 0.9  # the products must beat the elementwise form by this factor on a shape
-REPEATS = 5  # timed passes of each form, alternating
-CALLS = 20  # calls in a timed pass
+# A base layer's small-batch forms by rank, {r: "products" or "elementwise"}, as
+# time_small_batch marks them; a rank not there takes the elementwise form.
+FORMS = "lora_small_batch_forms"
+CALLS = 20  # calls of a form in one timed pass
 
 # PEFT reads a 4-bit layer's in_features and out_features but warns on every layer of a type it
 # has no built-in support for; this one it has, through the hook.
@@ -91,8 +88,8 @@ class ServingLora(nn.Module, LoraLayer):
             if name not in self.lora_A:
                 continue
             a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in), (out, r)
-            if rows.shape[0] <= SMALL_BATCH and SMALL_BATCH_FORMS.get(
-                    (a.shape[1], b.shape[0], a.shape[0])) != "products":
+            if rows.shape[0] <= SMALL_BATCH and vars(self.base_layer).get(
+                    FORMS, {}).get(a.shape[0]) != "products":
                 update = elementwise(rows, a, b, self.scaling[name])
             else:
                 update = products(rows, a, b, self.scaling[name])
@@ -122,35 +119,39 @@ def products(rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: floa
     return F.linear(F.linear(rows.to(a.dtype), a), b) * scaling
 
 
+def _calls(form, *args):
+    """CALLS calls of `form` on `args`, as one callable to time."""
+    def run() -> None:
+        for _ in range(CALLS):
+            form(*args, 2.0)
+    return run
+
+
 def time_small_batch(model: nn.Module, r: int, rows: int = 2) -> dict[tuple[int, int, int], dict]:
     """Time both forms of a `rows`-row update of rank `r` on each shape of `model`'s plain and
     4-bit linear layers (the output layer left out: no adapter goes there), in float32 like
-    an adapter's weights, and record the faster in SMALL_BATCH_FORMS. Returns, per shape,
-    the form and the median seconds of a pass of each. Call it where torch work belongs in a
-    fresh thread (chatbot/threads.py)."""
+    an adapter's weights, and mark each layer with the faster (FORMS). Returns, per shape, the
+    form and the microseconds of a call of each; nothing off the CPU. Call it where torch work
+    belongs in a fresh thread (chatbot/threads.py)."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return {}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    shapes = sorted({(m.in_features, m.out_features) for m in model.modules()
-                     if type(m) in (nn.Linear, Int4Linear) and m is not output})
+    by_shape: dict[tuple[int, int], list[nn.Module]] = {}
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, Int4Linear)) and m is not output:
+            by_shape.setdefault((m.in_features, m.out_features), []).append(m)
     report = {}
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for n_in, n_out in shapes:
+        for (n_in, n_out), layers in sorted(by_shape.items()):
             x = torch.randn(rows, n_in, generator=generator)
             a = torch.randn(r, n_in, generator=generator)
             b = torch.randn(n_out, r, generator=generator)
-            times: dict[str, list[float]] = {"elementwise": [], "products": []}
-            for repeat in range(REPEATS + 1):  # the first is a warm-up
-                for form, kept in times.items():
-                    kernel = elementwise if form == "elementwise" else products
-                    started = time.perf_counter()
-                    for _ in range(CALLS):
-                        kernel(x, a, b, 2.0)
-                    if repeat:
-                        kept.append(time.perf_counter() - started)
-            elementwise_s = statistics.median(times["elementwise"])
-            products_s = statistics.median(times["products"])
+            elementwise_s, products_s = median_seconds(_calls(elementwise, x, a, b),
+                                                       _calls(products, x, a, b))
             form = "products" if products_s < MARGIN * elementwise_s else "elementwise"
-            SMALL_BATCH_FORMS[(n_in, n_out, r)] = form
+            for layer in layers:
+                vars(layer).setdefault(FORMS, {})[r] = form
             report[(n_in, n_out, r)] = {"form": form, "elementwise_us": 1e6 * elementwise_s / CALLS,
                                         "products_us": 1e6 * products_s / CALLS}
     log.info("LoRA update for %d rows: %s", rows, ", ".join(

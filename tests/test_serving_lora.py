@@ -96,8 +96,8 @@ def test_the_two_small_batch_forms_give_peft_s_update(dtype, monkeypatch):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     outputs = {}
     for form in ("elementwise", "products"):
-        monkeypatch.setattr(serving_lora, "SMALL_BATCH_FORMS",
-                            {(64, 128, 4): form, (128, 64, 4): form})
+        for layer in (ours.base_model.model.up, ours.base_model.model.down):
+            vars(layer.base_layer)[serving_lora.FORMS] = {4: form}  # as time_small_batch marks
         calls: list[str] = []
         for name in ("elementwise", "products"):
             monkeypatch.setattr(serving_lora, name, counted(getattr(serving_lora, name), name,
@@ -105,17 +105,17 @@ def test_the_two_small_batch_forms_give_peft_s_update(dtype, monkeypatch):
         with torch.inference_mode():
             outputs[form], expected = ours(x), peft_s(x)
         monkeypatch.undo()
-        assert calls == [form, form]  # both layers took the form recorded for their shape
+        assert calls == [form, form]  # both layers took the form marked on them
         assert torch.allclose(outputs[form], expected, atol=tolerance, rtol=tolerance)
 
 
-def test_time_small_batch_records_a_form_for_each_adapted_shape(monkeypatch):
-    monkeypatch.setattr(serving_lora, "SMALL_BATCH_FORMS", {})
+def test_time_small_batch_marks_each_layer_with_its_shapes_form():
     model = TwoLayers()
     report = serving_lora.time_small_batch(model, r=4)
     assert set(report) == {(64, 128, 4), (128, 64, 4)}
-    for shape, numbers in report.items():
+    for (n_in, n_out, r), numbers in report.items():
         assert numbers["elementwise_us"] > 0 and numbers["products_us"] > 0
         faster = numbers["products_us"] < serving_lora.MARGIN * numbers["elementwise_us"]
         assert numbers["form"] == ("products" if faster else "elementwise")
-        assert serving_lora.SMALL_BATCH_FORMS[shape] == numbers["form"]
+        layer = model.up if (n_in, n_out) == (64, 128) else model.down
+        assert vars(layer)[serving_lora.FORMS] == {r: numbers["form"]}
