@@ -31,6 +31,7 @@ import random
 import statistics
 import tempfile
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -103,6 +104,14 @@ def run(args: argparse.Namespace) -> Path:
             def learner() -> str:
                 return client.predict(api_name="/status")["learner"]["state"]
 
+            def served() -> int:
+                """The adapter version the server samples from, by /v1/models: a plain GET.
+                Gradio's /status through its queue cost the host ~0.2 of a core at four
+                looks a second, enough for the learner to count the host busy and keep to
+                its share while nobody chats (learner/cores.py)."""
+                with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=30) as r:
+                    return json.load(r)["data"][0]["adapter_version"]
+
             def ask() -> tuple[dict, tuple[float, int]]:
                 """A pair, with its seconds and decode steps (the longer reply's tokens)."""
                 started = time.perf_counter()
@@ -123,7 +132,7 @@ def run(args: argparse.Namespace) -> Path:
                     wait_for(lambda: learner() == LearnerState.IDLE, args.timeout, every=0.5)
                     time.sleep(1.0)
                 idle_asks.append(timed_ask())
-                live = client.predict(api_name="/status")["registry_live_version"]
+                live = store.live_adapter_version()
                 steps_before = [s["id"] for s in store.learner_steps(limit=1)]
                 for _ in range(args.learn_every):
                     pair, timed = ask()
@@ -138,20 +147,19 @@ def run(args: argparse.Namespace) -> Path:
                     # would look not yet served.
                     step = store.learner_steps(limit=1)
                     done = step if step and [step[-1]["id"]] != steps_before else None
-                    status = client.predict(api_name="/status")
-                    serving = status["live_adapter_version"]
+                    serving = served()
                     if first_live is None and serving != live:  # the preview, or the round's
                         first_live = time.perf_counter() - voted
                         first_version = serving
                     if done and done[-1]["status"] != "promoted" and \
-                            serving == status["registry_live_version"]:
+                            serving == store.live_adapter_version():
                         outcome = done[-1]["status"]  # rejected (or failed): the version the
                         break  # round started from is served (its preview withdrawn)
                     if done and serving == done[-1]["adapter_version"]:
                         outcome = "live"
                         break
-                    if chatting and status["learner"]["state"] == LearnerState.TRAINING and \
-                            (not args.chat_pairs or asked < args.chat_pairs):
+                    if chatting and (not args.chat_pairs or asked < args.chat_pairs) and \
+                            learner() == LearnerState.TRAINING:
                         timed = timed_ask()
                         asked += 1
                         if learner() == LearnerState.TRAINING:  # the round ran all along
@@ -176,7 +184,7 @@ def run(args: argparse.Namespace) -> Path:
                                  round_latency if outcome == "live" else None,
                              "learner_round_seconds": step[-1]["seconds"] if step else None,
                              "vote_to_round_start_seconds": start_gap,
-                             "version": status["live_adapter_version"],
+                             "version": serving,
                              "new_votes": step[-1]["new_votes"] if step else None,
                              "replayed_votes": step[-1]["replayed_votes"] if step else None,
                              # where the round's time went, and the threads it ran on

@@ -23,7 +23,8 @@ became a default; `defaults-reader-64`, both its arms at 64 interactions, agains
 adds --length-neutral-rescale to votes only, against it too; `bounded-instant-64`, which
 bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
 `rounds-of-4-instant-64`, which trains the instant voter's votes in rounds of 4, and
-`self-samples-instant-64`, `judge-new-instant-64` and `steps-4-instant-64`).
+`self-samples-instant-64`, `judge-new-instant-64` and `steps-4-instant-64`;
+`rerun-instant-64-wide`, the same rule on later code, against `defaults-instant-64-wide`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -192,6 +193,12 @@ SUITES = {
     "varied-instant-64-more": Suite(("contractions", "can"), (0, 1), (8,), paces=("instant",),
                                     interactions=64, varied=True,
                                     reads_before_of="defaults-reader-64"),
+    # defaults-instant-64-wide again, on later code (the server's LoRA update form chosen per
+    # CPU, the pair kernels' early decision) and another CPU: whether the instant voter's half
+    # of the bar holds on the code as it is. Paired with it on the same replies before.
+    "rerun-instant-64-wide": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
+                                   interactions=64, eval_replies=8,
+                                   against="defaults-instant-64-wide"),
     # defaults-reader-64-wide with the server sampling in llama.cpp (--engine llama-cpp,
     # chatbot/llama_engine.py): its pairs and its held-out replies drawn there, the learner
     # unchanged. Seed 0, every user: whether the loop learns as well through the faster engine.

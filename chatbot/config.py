@@ -26,6 +26,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 PAIR_KERNEL_CHOICES = ("auto", "off")  # chatbot.pair_kernels
 CUDA_GRAPH_CHOICES = ("auto", "off")  # chatbot.graph_decode
 OBJECTIVES = ("pg", "dpo")
+LEARNER_SCHEDS = ("idle", "normal")  # the learner child's scheduling class
 ENGINES = ("transformers", "vllm", "llama-cpp")  # where the server's replies are generated
 # The longest reply when --max-new-tokens is not given, by where the model runs: a GPU writes
 # 256 tokens in about the time a CPU takes for 64 (chatbot.model.default_max_new_tokens).
@@ -211,6 +212,12 @@ class Config:
     start_learner: bool = field(default=True, metadata=setting(
         "do not start the learner as a child process", "server", flag="--no-learner",
         kind="off"))
+    learner_sched: str = field(default="idle", metadata=setting(
+        "how the learner child is scheduled beside the server: idle = Linux's SCHED_IDLE class, "
+        "it runs only on CPU time nothing else wants, so a reply never waits on training (a "
+        "server busy on every core pauses learning until it rests); normal = the usual "
+        "scheduler at --learner-nice (default: {default}; normal where SCHED_IDLE is missing)",
+        "server", choices=LEARNER_SCHEDS))
     learner_nice: int = field(default=10, metadata=setting(
         "how much lower the learner child's scheduling priority is than the server's, so chat "
         "stays quick while it trains (0-19, default: {default})", "server", type=int))

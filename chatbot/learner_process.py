@@ -1,12 +1,13 @@
 """Start the learner as a child process of the server and report how it is doing.
 
 The child is `python -m learner` with the same data folder and the model and learner flags of
-the server's Config, at a lower scheduling priority (`--learner-nice`) and, while the server
-works, with fewer torch threads (`--learner-threads`, default half the cores; while the server
-is idle `--learner-idle-threads`, default every core: learner/cores.py): chat first, learning
-second, when they share a CPU. Its output goes to `data/learner.log`. The server never waits
-on it: if it dies, chat goes on and `state()` says so, with the exit code and the last error
-the learner wrote to the DB.
+the server's Config, in Linux's idle scheduling class (`--learner-sched idle`: it runs on the
+CPU time the server and everything else leave) or at a lower priority (`--learner-nice`) and,
+while the server works, with fewer torch threads (`--learner-threads`, default half the cores;
+while the server is idle `--learner-idle-threads`, default every core: learner/cores.py): chat
+first, learning second, when they share a CPU. Its output goes to `data/learner.log`. The
+server never waits on it: if it dies, chat goes on and `state()` says so, with the exit code
+and the last error the learner wrote to the DB.
 """
 
 from __future__ import annotations
@@ -31,12 +32,23 @@ HEARTBEAT_STALE_S = 120.0
 PR_SET_PDEATHSIG = 1
 
 
-def _child_setup(nice: int) -> None:
-    """In the child, before exec: a lower scheduling priority than the server's (chat first,
-    learning second, when they share the CPU), and ask Linux to send SIGTERM when the server
-    dies, so a killed server never leaves an orphan learner holding the learner lock."""
+def _child_setup(nice: int, sched: str = "idle") -> None:
+    """In the child, before exec: chat first, learning second, when they share the CPU - the
+    idle scheduling class (`sched` "idle") or a lower priority than the server's (`nice`) -
+    and ask Linux to send SIGTERM when the server dies, so a killed server never leaves an
+    orphan learner holding the learner lock.
+
+    Why the idle class: a niced learner still takes a core's time slices while the server
+    samples, and each of the server's OpenMP workers it holds up delays a whole decode step
+    (`python -m bench latency`, 2-core Xeon: 1.82x idle per decode step during a round at
+    nice 10 alone, 1.03x in the idle class; docs/performance.md)."""
     if nice > 0:
         os.nice(nice)
+    if sched == "idle" and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:  # not allowed here (a seccomp profile): the nice level alone
+            pass
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the child may outlive a killed server
@@ -72,7 +84,8 @@ class LearnerProcess:
                                             stdin=subprocess.DEVNULL,
                                             cwd=Path(__file__).resolve().parent.parent,
                                             preexec_fn=lambda: _child_setup(
-                                                self.config.learner_nice))
+                                                self.config.learner_nice,
+                                                self.config.learner_sched))
         log.info("learner started (pid %d), log in %s", self.process.pid, self.log_path)
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -1,7 +1,8 @@
 """Thread counts that follow the CPU: the learner's share (its own share of threads while the
 server works, every core while the server has been idle for a while, its share when the server
 cannot be read) and the server's (every core while the rest of the host is quiet, one thread
-while another process keeps it busy, and each sampler thread set to the answer)."""
+while another process keeps it busy, and each sampler thread set to the answer), and the
+learner child's scheduling class."""
 
 from __future__ import annotations
 
@@ -135,6 +136,27 @@ def test_the_learners_share_is_half_the_cores_this_process_may_use(tmp_path, mon
     assert LearnerProcess(Config(data_dir=tmp_path), store=None).threads() == 3
     config = Config(data_dir=tmp_path, learner_threads=5)
     assert LearnerProcess(config, store=None).threads() == 5
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="no SCHED_IDLE: not Linux")
+@pytest.mark.parametrize("sched, policy", [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
+def test_the_learner_child_runs_in_the_scheduling_class_asked(tmp_path, monkeypatch, sched,
+                                                              policy):
+    """--learner-sched idle (the default) puts the child in SCHED_IDLE: it runs on the time
+    the server leaves; normal keeps the usual class. --learner-nice applies either way."""
+    from chatbot.config import Config
+    from chatbot.learner_process import LearnerProcess
+
+    config = Config(data_dir=tmp_path, learner_sched=sched, learner_nice=7)
+    learner = LearnerProcess(config, store=None)
+    monkeypatch.setattr(learner, "argv", lambda: [
+        sys.executable, "-c", "import os; print(os.sched_getscheduler(0), os.nice(0))"])
+    learner.start()
+    assert learner.process.wait(timeout=60) == 0
+    got_policy, got_nice = map(int, learner.log_path.read_text().split()[-2:])
+    assert got_policy == getattr(os, policy)
+    assert got_nice == min(19, os.nice(0) + 7)
+    assert Config().learner_sched == "idle"
 
 
 # The server's share: the rest of the host.
