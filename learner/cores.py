@@ -2,18 +2,19 @@
 its share (`--learner-threads`, default half the cores) while the server beside it - or any
 other process on the host - works.
 
-The server starts the learner at a lower priority on the same CPU, with `--share-cpu-with`
-its own pid. Before each micro batch (and at each idle poll) the learner reads the CPU time
-of every process but itself (Linux: /proc/stat less /proc/self/stat; the server's own
-/proc/<pid>/stat where the host cannot be read); if they used more than `BUSY_CORES` of a
-core since the last look, or did within the last `QUIET_S` seconds, the learner keeps to its
-share, else it takes every core (`--learner-idle-threads`; the same as --learner-threads: a
-fixed count). A fixed share leaves cores idle while nobody chats; every core all the time
-slows the chat more. Measured with `python -m bench latency` (docs/performance.md). Other
-processes count as well as the server because every core's spinning OpenMP workers collapse
-beside any busy process of the same or a higher priority, and the learner's priority is
-lower than everyone's (chatbot/threads.py). The rule itself is chatbot/threads.py's
-`CpuShare`, which the server uses too, towards the rest of the host.
+The server starts the learner in the idle scheduling class (or at a lower priority: its
+`--learner-sched`) on the same CPU, with `--share-cpu-with` its own pid. Before each micro
+batch (and at each idle poll) the learner reads the CPU time of every process but itself
+(Linux: /proc/stat less /proc/self/stat; the server's own /proc/<pid>/stat where the host
+cannot be read); if they used more than `BUSY_CORES` of a core since the last look, or did
+within the last `QUIET_S` seconds, the learner keeps to its share, else it takes every core
+(`--learner-idle-threads`; the same as --learner-threads: a fixed count). A fixed share leaves
+cores idle while nobody chats; every core all the time slows the chat more. Measured with
+`python -m bench latency` (docs/performance.md). Other processes count as well as the server
+because every core's spinning OpenMP workers collapse beside any busy process of the same or
+a higher priority, and the learner's is lower than everyone's (chatbot/threads.py,
+chatbot/learner_process.py). The rule itself is chatbot/threads.py's `CpuShare`, which the
+server uses too, towards the rest of the host.
 
 Left out: platforms without /proc (the share stays fixed), a learner started on its own (no
 --share-cpu-with: torch's own thread count or --threads, fixed).
