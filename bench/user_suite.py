@@ -24,7 +24,9 @@ adds --length-neutral-rescale to votes only, against it too; `bounded-instant-64
 bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
 `rounds-of-4-instant-64`, which trains the instant voter's votes in rounds of 4, and
 `self-samples-instant-64`, `judge-new-instant-64` and `steps-4-instant-64`;
-`rerun-instant-64-wide`, the same rule on later code, against `defaults-instant-64-wide`).
+`rerun-instant-64-wide`, the same rule on later code, against `defaults-instant-64-wide`,
+and `rerun-instant-64-wide-normal`, the learner child niced instead of in the idle class,
+against it).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -199,6 +201,13 @@ SUITES = {
     "rerun-instant-64-wide": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
                                    interactions=64, eval_replies=8,
                                    against="defaults-instant-64-wide"),
+    # The same with the learner child in the usual scheduling class at nice 10, as before
+    # 0245ba7 (chatbot/learner_process.py): whether the idle class, which leaves the learner
+    # only the time between an instant voter's pairs, changes what it learns.
+    "rerun-instant-64-wide-normal": Suite(("you", "noisy-numbers"), (0, 1), (0,),
+                                          paces=("instant",), interactions=64, eval_replies=8,
+                                          extra=("--learner-sched", "normal"),
+                                          against="rerun-instant-64-wide"),
     # defaults-reader-64-wide with the server sampling in llama.cpp (--engine llama-cpp,
     # chatbot/llama_engine.py): its pairs and its held-out replies drawn there, the learner
     # unchanged. Seed 0, every user: whether the loop learns as well through the faster engine.
