@@ -14,10 +14,10 @@ step (seconds ÷ the longer reply's tokens: replies that stop early make a pair 
 compared with a pair asked while the learner was idle (one before each round). So is each pair
 the user asks for while voting (the learner starts on the next round as each vote comes in:
 learner/head_start.py). The user votes as soon as a pair is there, or after --read-seconds: the
-learner's start on the next round runs in its idle scheduling class, so it gets nothing done
-while the server samples the next pair. The first pair (warm-up) is not counted. Non-stop chat
-(--chat-pairs 0) starves the learner, which runs on the time the server leaves: such a round
-may not go live within --timeout.
+learner's start on the next round runs at its low priority, so it gets little done while
+the server samples the next pair. The first pair (warm-up) is not counted. Non-stop chat
+(--chat-pairs 0) starves the learner, which runs at a lower priority: such a round may not
+go live within --timeout.
 
 Left out: several users at once (tests/reliability/test_storm.py), the browser.
 """

@@ -212,12 +212,12 @@ class Config:
     start_learner: bool = field(default=True, metadata=setting(
         "do not start the learner as a child process", "server", flag="--no-learner",
         kind="off"))
-    learner_sched: str = field(default="idle", metadata=setting(
-        "how the learner child is scheduled beside the server: idle = Linux's SCHED_IDLE class, "
-        "it runs only on CPU time nothing else wants, so a reply never waits on training (a "
-        "server busy on every core pauses learning until it rests); normal = the usual "
-        "scheduler at --learner-nice (default: {default}; normal where SCHED_IDLE is missing)",
-        "server", choices=LEARNER_SCHEDS))
+    learner_sched: str = field(default="normal", metadata=setting(
+        "how the learner child is scheduled beside the server: normal = the usual scheduler at "
+        "--learner-nice, the learner keeps up with a fast voter and chat slows while it trains; "
+        "idle = Linux's SCHED_IDLE class, it runs only on CPU time nothing else wants, so a "
+        "reply never waits on training, but a server busy on every core pauses learning until "
+        "it rests (default: {default}; docs/performance.md)", "server", choices=LEARNER_SCHEDS))
     learner_nice: int = field(default=10, metadata=setting(
         "how much lower the learner child's scheduling priority is than the server's, so chat "
         "stays quick while it trains (0-19, default: {default})", "server", type=int))

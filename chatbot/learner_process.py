@@ -1,13 +1,13 @@
 """Start the learner as a child process of the server and report how it is doing.
 
 The child is `python -m learner` with the same data folder and the model and learner flags of
-the server's Config, in Linux's idle scheduling class (`--learner-sched idle`: it runs on the
-CPU time the server and everything else leave) or at a lower priority (`--learner-nice`) and,
-while the server works, with fewer torch threads (`--learner-threads`, default half the cores;
-while the server is idle `--learner-idle-threads`, default every core: learner/cores.py): chat
-first, learning second, when they share a CPU. Its output goes to `data/learner.log`. The
-server never waits on it: if it dies, chat goes on and `state()` says so, with the exit code
-and the last error the learner wrote to the DB.
+the server's Config, at a lower scheduling priority (`--learner-nice`; or in Linux's idle
+scheduling class, `--learner-sched idle`: it runs on the CPU time the server and everything
+else leave) and, while the server works, with fewer torch threads (`--learner-threads`,
+default half the cores; while the server is idle `--learner-idle-threads`, default every
+core: learner/cores.py): chat first, learning second, when they share a CPU. Its output goes
+to `data/learner.log`. The server never waits on it: if it dies, chat goes on and `state()`
+says so, with the exit code and the last error the learner wrote to the DB.
 """
 
 from __future__ import annotations
@@ -32,16 +32,18 @@ HEARTBEAT_STALE_S = 120.0
 PR_SET_PDEATHSIG = 1
 
 
-def _child_setup(nice: int, sched: str = "idle") -> None:
-    """In the child, before exec: chat first, learning second, when they share the CPU - the
-    idle scheduling class (`sched` "idle") or a lower priority than the server's (`nice`) -
-    and ask Linux to send SIGTERM when the server dies, so a killed server never leaves an
-    orphan learner holding the learner lock.
+def _child_setup(nice: int, sched: str = "normal") -> None:
+    """In the child, before exec: chat first, learning second, when they share the CPU - a
+    lower priority than the server's (`nice`) and, with `sched` "idle", the idle scheduling
+    class - and ask Linux to send SIGTERM when the server dies, so a killed server never
+    leaves an orphan learner holding the learner lock.
 
-    Why the idle class: a niced learner still takes a core's time slices while the server
-    samples, and each of the server's OpenMP workers it holds up delays a whole decode step
-    (`python -m bench latency`, 2-core Xeon: 1.82x idle per decode step during a round at
-    nice 10 alone, 1.03x in the idle class; docs/performance.md)."""
+    The trade (`python -m bench latency` and the API suites rerun-instant-64-wide and its
+    -normal, 2-core Xeon; docs/performance.md): a niced learner still takes time slices while
+    the server samples, and each of the server's OpenMP workers it holds up delays a decode
+    step - 1.82x idle per step during a round, against 1.03x in the idle class - but in the
+    idle class a user who votes the moment each pair appears leaves it nothing until they
+    stop, and what it learns for them suffered (the share's gain +0.12 against +0.19)."""
     if nice > 0:
         os.nice(nice)
     if sched == "idle" and hasattr(os, "SCHED_IDLE"):

@@ -2,7 +2,7 @@
 its share (`--learner-threads`, default half the cores) while the server beside it - or any
 other process on the host - works.
 
-The server starts the learner in the idle scheduling class (or at a lower priority: its
+The server starts the learner at a lower priority (or in the idle scheduling class: its
 `--learner-sched`) on the same CPU, with `--share-cpu-with` its own pid. Before each micro
 batch (and at each idle poll) the learner reads the CPU time of every process but itself
 (Linux: /proc/stat less /proc/self/stat; the server's own /proc/<pid>/stat where the host

@@ -142,8 +142,8 @@ def test_the_learners_share_is_half_the_cores_this_process_may_use(tmp_path, mon
 @pytest.mark.parametrize("sched, policy", [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
 def test_the_learner_child_runs_in_the_scheduling_class_asked(tmp_path, monkeypatch, sched,
                                                               policy):
-    """--learner-sched idle (the default) puts the child in SCHED_IDLE: it runs on the time
-    the server leaves; normal keeps the usual class. --learner-nice applies either way."""
+    """--learner-sched idle puts the child in SCHED_IDLE: it runs on the time the server
+    leaves; normal (the default) keeps the usual class. --learner-nice applies either way."""
     from chatbot.config import Config
     from chatbot.learner_process import LearnerProcess
 
@@ -156,7 +156,7 @@ def test_the_learner_child_runs_in_the_scheduling_class_asked(tmp_path, monkeypa
     got_policy, got_nice = map(int, learner.log_path.read_text().split()[-2:])
     assert got_policy == getattr(os, policy)
     assert got_nice == min(19, os.nice(0) + 7)
-    assert Config().learner_sched == "idle"
+    assert Config().learner_sched == "normal"
 
 
 # The server's share: the rest of the host.
