@@ -43,7 +43,7 @@ def _child_setup(nice: int, sched: str = "normal") -> None:
     the server samples, and each of the server's OpenMP workers it holds up delays a decode
     step - 1.82x idle per step during a round, against 1.03x in the idle class - but in the
     idle class a user who votes the moment each pair appears leaves it nothing until they
-    stop, and what it learns for them suffered (the share's gain +0.12 against +0.19)."""
+    stop, and what it learned for them suffered (the share's gain +0.13 against +0.20)."""
     if nice > 0:
         os.nice(nice)
     if sched == "idle" and hasattr(os, "SCHED_IDLE"):
