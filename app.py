@@ -117,10 +117,10 @@ def read_credentials(pairs: list[str] | None, path: str | None) -> list[tuple[st
     return credentials
 
 
-def server_share(config: Config, device, learner) -> CpuShare | None:
+def server_share(config: Config, device) -> CpuShare | None:
     """The thread count of the server's pairs on a CPU: every core while the rest of the host
-    is quiet, one while another process keeps it busy (chatbot/threads.py); none - a fixed
-    count - with --threads or on a GPU."""
+    is quiet, one while another process - its own learner child in a round included - keeps
+    it busy (chatbot/threads.py); none - a fixed count - with --threads or on a GPU."""
     import torch
 
     from chatbot.threads import host_share
@@ -128,10 +128,11 @@ def server_share(config: Config, device, learner) -> CpuShare | None:
     if config.threads or device.type != "cpu":
         return None
     every_core = torch.get_num_threads()  # OMP_NUM_THREADS, if set, or every core
-    log.info("torch threads: %d while the host is quiet, 1 while another process keeps it "
-             "busy (--threads N: a fixed count)", every_core)
-    return host_share(every_core, lambda: [os.getpid()] + (
-        [learner.process.pid] if learner and learner.process else []))
+    log.info("torch threads: %d while the host is quiet, 1 while another process (the "
+             "learner in a round too) keeps it busy (--threads N: a fixed count)", every_core)
+    share = host_share(every_core, lambda: [os.getpid()])
+    share.watch()  # a pair's first step judges the last half second, not the pause before it
+    return share
 
 
 def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
@@ -165,13 +166,13 @@ def serve(config: Config, credentials: list[tuple[str, str]]) -> None:
         from chatbot import llama_engine
 
         generator, live, model_id = llama_engine.connect(
-            config, store, cpu_share=server_share(config, torch.device("cpu"), learner))
+            config, store, cpu_share=server_share(config, torch.device("cpu")))
     else:
         loaded = load_model(config)
         live = LiveAdapter(loaded.model, loaded.model_id, store, config.adapters_dir)
         generator = PairGenerator(loaded, config, adapter_context=live.reading,
                                   base_context=live.base,
-                                  cpu_share=server_share(config, loaded.device, learner))
+                                  cpu_share=server_share(config, loaded.device))
         model_id = loaded.model_id
     live.start(config.swap_poll_seconds)
     service = ChatService(config, store, generator, model_id=model_id, live=live,

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> Path:
                 for _ in range(2):
                     wait_for(lambda: learner() == LearnerState.IDLE, args.timeout, every=0.5)
                     time.sleep(1.0)
+                print(f"{time.strftime('%H:%M:%S')} asking the idle pair of round {round_no}")
                 idle_asks.append(timed_ask())
                 live = store.live_adapter_version()
                 steps_before = [s["id"] for s in store.learner_steps(limit=1)]
@@ -193,6 +194,11 @@ def run(args: argparse.Namespace) -> Path:
                                  metrics.get("micro_batches_by_threads"),
                              "preview": metrics.get("preview")})
                 print(json.dumps(rows[-1]))
+            # The server's changes of thread count (chatbot/threads.py logs each), to read
+            # beside the rounds: which pairs ran on one thread and why.
+            thread_changes = [line.strip() for line in
+                              (data / "server.log").read_text(errors="replace").splitlines()
+                              if "torch threads" in line and "->" in line]
     quiet = [r["vote_to_live_seconds"] for r in rows
              if r["outcome"] == "live" and not r["chat_during_round"]]
     quiet_round = [r["vote_to_round_live_seconds"] for r in rows
@@ -200,7 +206,7 @@ def run(args: argparse.Namespace) -> Path:
     idle_ms = [1000 * t / n for t, n in idle_asks]
     round_ms = [1000 * t / n for t, n in round_asks]
     voting_ms = [1000 * t / n for t, n in voting_asks]
-    results = {"rounds": rows,
+    results = {"rounds": rows, "server_thread_changes": thread_changes,
                "vote_to_live_seconds_median": statistics.median(quiet) if quiet else None,
                "vote_to_live_seconds_max": max(quiet) if quiet else None,
                "vote_to_round_live_seconds_median":

@@ -26,7 +26,8 @@ bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
 `self-samples-instant-64`, `judge-new-instant-64` and `steps-4-instant-64`;
 `rerun-instant-64-wide`, the same rule on later code, against `defaults-instant-64-wide`,
 and `rerun-instant-64-wide-normal`, the learner child niced instead of in the idle class,
-against it).
+against it; `final-instant-64-wide`, the server on one thread while its learner trains,
+against that, and `final-reader-64-wide` against `defaults-reader-64-wide`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -208,6 +209,18 @@ SUITES = {
                                           paces=("instant",), interactions=64, eval_replies=8,
                                           extra=("--learner-sched", "normal"),
                                           against="rerun-instant-64-wide"),
+    # The server on one thread while its learner trains (app.py server_share: the learner
+    # child counts as a busy neighbour, as any process does), the defaults otherwise: the
+    # learner gets a core of its own while the instant voter's pairs stream. Paired with
+    # rerun-instant-64-wide-normal, the same defaults before that change.
+    "final-instant-64-wide": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
+                                   interactions=64, eval_replies=8,
+                                   against="rerun-instant-64-wide-normal"),
+    # defaults-reader-64-wide again on the code as it is (the change above, the server's LoRA
+    # update form per CPU, the bench's polling), on the same replies before.
+    "final-reader-64-wide": Suite(("you", "noisy-numbers", "contractions", "can"), (0, 1),
+                                  (0,), paces=("reader",), interactions=64, eval_replies=8,
+                                  against="defaults-reader-64-wide"),
     # defaults-reader-64-wide with the server sampling in llama.cpp (--engine llama-cpp,
     # chatbot/llama_engine.py): its pairs and its held-out replies drawn there, the learner
     # unchanged. Seed 0, every user: whether the loop learns as well through the faster engine.

@@ -31,11 +31,12 @@ thread that loaded the model (1.7x: chatbot/model.py `load_model`). The spinning
 price where other processes of the same or a higher priority keep the cores busy: a spinning
 worker then holds a core its partner needs, and on this project's shared 2-core machine a
 pair took 10x longer or more; `OMP_WAIT_POLICY=PASSIVE` in the environment makes the workers
-sleep at once, for such hosts. (The learner child runs at a lower priority, which should keep
-it out of this; not measured.) So the server gives its generator a `CpuShare`
-(chatbot/threads.py `host_share`): each pair starts on every core while the rest of the host is
-quiet and on one thread while another process keeps the CPU busy, and follows a change within
-half a second, at a decode step. `sample_many` runs in the caller's thread: the learner and the
+sleep at once, for such hosts. A lower priority does not keep a process out of this: beside
+the niced learner child in a round a team of two took 1.82x its idle time per step. So the
+server gives its generator a `CpuShare` (chatbot/threads.py `host_share`): each pair starts on
+every core while the rest of the host is quiet and on one thread while another process - its
+learner in a round included - keeps the CPU busy, and follows a change within half a second,
+at a decode step. `sample_many` runs in the caller's thread: the learner and the
 benchmarks call it from the thread that does their other torch work, with the caller's threads.
 On a GPU the opposite holds: every new thread that runs the model there kept host memory after
 it ended (on an H200, 1.75 MB a pair through CUDA graphs and 11 MB through `generate`, while

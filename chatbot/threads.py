@@ -19,7 +19,12 @@ of small parallel regions; that is what makes a lone server fast (71 ms per step
 against 99 ms with sleeping workers), and what makes it collapse beside a process of the same
 priority that wants the cores too: a spinning worker holds the core its partner needs, 8-10x
 slower per step. A team of one has nobody to wait for: 1.2-1.3x beside such a neighbour
-(`python -m bench neighbours`, docs/performance.md).
+(`python -m bench neighbours`, docs/performance.md). The server's own learner child counts as
+such a neighbour too, though it runs niced: a team of two beside a training learner waits at
+every barrier for the worker whose core the learner holds for a time slice (a decode step
+1.82x its idle time during a round on a 2-core Xeon), where one thread beside it is 1.20x and
+leaves the learner a core of its own (its rounds 2.5x shorter while the user chats;
+`python -m bench latency`, docs/performance.md).
 
 `in_fresh_thread_on_cpu` does that on a CPU only: on a GPU a thread per use keeps host memory,
 so there the work stays in the caller's (long-lived) thread.
@@ -110,7 +115,12 @@ class CpuShare:
 
     Looks closer together than `min_interval_s` reuse the last answer, so `apply` may be
     called at every decode step. `apply` sets the count for the calling thread: torch keeps
-    an OpenMP thread count per thread, so every thread that runs torch work calls it."""
+    an OpenMP thread count per thread, so every thread that runs torch work calls it.
+
+    A look judges the average since the one before, so the first look after a pause judges
+    the pause: a server's first step after a learner's 20 s round took one thread, though
+    the round had ended seconds before. `watch` keeps looking in a thread of its own, every
+    `min_interval_s`, so that a look is never older than that."""
 
     def __init__(self, busy_threads: int, idle_threads: int,
                  neighbour_seconds: Callable[[], float | None], *, busy_cores: float,
@@ -155,6 +165,19 @@ class CpuShare:
             self._answer = answer
             return answer
 
+    def watch(self, stop: threading.Event | None = None) -> threading.Thread:
+        """Look every `min_interval_s` (at least every 0.1 s) in a daemon thread, until `stop`
+        is set."""
+        stop = stop or threading.Event()
+
+        def look() -> None:
+            while not stop.wait(max(self.min_interval_s, 0.1)):
+                self.threads()
+
+        thread = threading.Thread(target=look, name="cpu-share-watch", daemon=True)
+        thread.start()
+        return thread
+
     def apply(self) -> None:
         """Set torch's thread count for what follows in this thread."""
         import torch
@@ -187,10 +210,9 @@ def host_share(every_core: int, own_pids: Callable[[], list[int]], *,
                ) -> CpuShare:
     """The server's thread count: `every_core` threads while the rest of the host is quiet,
     one while the host's other processes - everything but the processes `own_pids()` names,
-    the server first, then its learner child - kept more than half a core busy within the
-    last two seconds. Looked at no more than twice a second. A learner that has gone (or
-    been replaced) leaves its CPU seconds in the host's count: one false alarm, two seconds
-    on one thread."""
+    the server first - kept more than half a core busy within the last two seconds. Looked
+    at no more than twice a second. A process named in `own_pids()` that has gone leaves its
+    CPU seconds in the host's count: one false alarm, two seconds on one thread."""
 
     def others() -> float | None:
         host = host_seconds()

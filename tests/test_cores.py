@@ -203,6 +203,30 @@ def test_a_neighbour_seen_within_half_a_second_is_acted_on_at_the_next_look():
     assert share.threads() == 1
 
 
+def test_a_watched_share_judges_the_last_moments_not_the_pause_before_a_look():
+    """A neighbour busy on two cores for its first second, quiet after: three seconds later
+    a share looked at only now averages the whole pause (0.67 cores: busy), a watched one
+    has seen it quiet for two seconds (every core)."""
+    start = time.monotonic()
+
+    def neighbour_seconds() -> float:
+        return 2.0 * min(time.monotonic() - start, 1.0)
+
+    def share() -> CpuShare:
+        return CpuShare(1, 4, neighbour_seconds, busy_cores=0.5, quiet_s=1.0,
+                        min_interval_s=0.2)
+
+    looked_at_once, watched, stop = share(), share(), threading.Event()
+    watcher = watched.watch(stop)
+    try:
+        time.sleep(3.0)
+        assert looked_at_once.threads() == 1
+        assert watched.threads() == 4
+    finally:
+        stop.set()
+        watcher.join()
+
+
 def test_a_host_that_cannot_be_read_leaves_the_server_every_core():
     host = FakeHost()
     share = host_share(4, lambda: [1234], clock=lambda: host.now, host_seconds=lambda: None)
@@ -227,10 +251,10 @@ def test_each_thread_that_applies_the_share_sets_its_own_count(monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="no /proc: not Linux")
-def test_the_server_sees_a_busy_neighbour_but_not_its_own_learner():
-    """On the real /proc: a busy process counts as a neighbour unless it is one of the
-    server's own (its learner). Compared as CPU seconds over the same window, so whatever
-    else the host runs meanwhile counts the same on both sides."""
+def test_the_server_sees_a_busy_neighbour_unless_it_is_named_as_its_own():
+    """On the real /proc: a busy process counts as a neighbour unless `own_pids` names it.
+    Compared as CPU seconds over the same window, so whatever else the host runs meanwhile
+    counts the same on both sides."""
     assert host_cpu_seconds() > 0
     child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -298,10 +322,27 @@ def test_the_server_follows_the_host_only_on_a_cpu_and_without_threads(tiny_conf
     from app import server_share
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    share = server_share(tiny_config, cpu, learner=None)
+    share = server_share(tiny_config, cpu)
     assert (share.busy_threads, share.idle_threads) == (1, torch.get_num_threads())
-    assert server_share(dataclasses.replace(tiny_config, threads=2), cpu, None) is None
-    assert server_share(tiny_config, cuda, None) is None
+    assert server_share(dataclasses.replace(tiny_config, threads=2), cpu) is None
+    assert server_share(tiny_config, cuda) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="no /proc: not Linux")
+def test_the_server_takes_one_thread_while_its_own_learner_trains(tiny_config):
+    """A child of the server's that keeps a core busy - its learner in a round - is a
+    neighbour like any other, niced or not: a team of two would wait at each barrier for the
+    core the child holds (chatbot/threads.py)."""
+    from app import server_share
+
+    share = server_share(tiny_config, torch.device("cpu"))
+    learner = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.5)
+        assert share.threads() == 1
+    finally:
+        learner.kill()
+        learner.wait()
 
 
 def test_torch_work_leaves_the_callers_thread_on_a_cpu_only():
