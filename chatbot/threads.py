@@ -22,8 +22,8 @@ slower per step. A team of one has nobody to wait for: 1.2-1.3x beside such a ne
 (`python -m bench neighbours`, docs/performance.md). The server's own learner child counts as
 such a neighbour too, though it runs niced: a team of two beside a training learner waits at
 every barrier for the worker whose core the learner holds for a time slice (a decode step
-1.82x its idle time during a round on a 2-core Xeon), where one thread beside it is 1.20x and
-leaves the learner a core of its own (its rounds 2.5x shorter while the user chats;
+1.82x its idle time during a round on a 2-core Xeon), where one thread beside it is 1.37x and
+leaves the learner a core of its own (it trains about twice as fast while the user chats;
 `python -m bench latency`, docs/performance.md).
 
 `in_fresh_thread_on_cpu` does that on a CPU only: on a GPU a thread per use keeps host memory,
