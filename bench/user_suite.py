@@ -27,7 +27,8 @@ bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
 `rerun-instant-64-wide`, the same rule on later code, against `defaults-instant-64-wide`,
 and `rerun-instant-64-wide-normal`, the learner child niced instead of in the idle class,
 against it; `final-instant-64-wide`, the server on one thread while its learner trains,
-against that, and `final-reader-64-wide` against `defaults-reader-64-wide`).
+against that, and `final-reader-64-wide` against `defaults-reader-64-wide`;
+`bounded-instant-64-wide`, the bounded loss, against `final-instant-64-wide`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -216,6 +217,14 @@ SUITES = {
     "final-instant-64-wide": Suite(("you", "noisy-numbers"), (0, 1), (0,), paces=("instant",),
                                    interactions=64, eval_replies=8,
                                    against="rerun-instant-64-wide-normal"),
+    # bounded-instant-64's flags on final-instant-64-wide's runs, read on 8 replies a prompt:
+    # in that suite the same token of one rejected reply took a round's whole step twice
+    # (a ratio of e^8 past the clip, then 16 nats below the base: terms 5,288 and 640,461),
+    # and bounded-instant-64, read on 2, could not see a gain of +0.05.
+    "bounded-instant-64-wide": Suite(("you", "noisy-numbers"), (0, 1), (0,),
+                                     paces=("instant",), interactions=64, eval_replies=8,
+                                     extra=("--dual-clip", "3", "--kl-linear-beyond", "3"),
+                                     against="final-instant-64-wide"),
     # defaults-reader-64-wide again on the code as it is (the change above, the server's LoRA
     # update form per CPU, the bench's polling), on the same replies before.
     "final-reader-64-wide": Suite(("you", "noisy-numbers", "contractions", "can"), (0, 1),
