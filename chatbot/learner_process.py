@@ -40,10 +40,11 @@ def _child_setup(nice: int, sched: str = "normal") -> None:
 
     The trade (`python -m bench latency` and the API suites rerun-instant-64-wide and its
     -normal, 2-core Xeon; docs/performance.md): a niced learner still takes time slices while
-    the server samples, and each of the server's OpenMP workers it holds up delays a decode
-    step - 1.82x idle per step during a round, against 1.03x in the idle class - but in the
-    idle class a user who votes the moment each pair appears leaves it nothing until they
-    stop, and what it learned for them suffered (the share's gain +0.13 against +0.20)."""
+    the server samples - 1.82x idle per decode step during a round while the server sampled on
+    every core, 1.37x since it takes one thread while the learner trains (app.py
+    `server_share`), against 1.03x in the idle class - but in the idle class a user who votes
+    the moment each pair appears leaves it nothing until they stop, and what it learned for
+    them suffered (the share's gain +0.13 against +0.20)."""
     if nice > 0:
         os.nice(nice)
     if sched == "idle" and hasattr(os, "SCHED_IDLE"):
