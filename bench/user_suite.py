@@ -28,7 +28,8 @@ bounds the loss's two unbounded terms, against `defaults-instant-64`, as does
 and `rerun-instant-64-wide-normal`, the learner child niced instead of in the idle class,
 against it; `final-instant-64-wide`, the server on one thread while its learner trains,
 against that, and `final-reader-64-wide` against `defaults-reader-64-wide`;
-`bounded-instant-64-wide`, the bounded loss, against `final-instant-64-wide`).
+`bounded-instant-64-wide`, the bounded loss, against `final-instant-64-wide`, and
+`bounded-reader-64-wide` against `final-reader-64-wide`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -230,6 +231,13 @@ SUITES = {
     "final-reader-64-wide": Suite(("you", "noisy-numbers", "contractions", "can"), (0, 1),
                                   (0,), paces=("reader",), interactions=64, eval_replies=8,
                                   against="defaults-reader-64-wide"),
+    # The bounded loss at a reader's pace, seed 0, paired with final-reader-64-wide's runs on
+    # the same replies before: whether the bounds that tame the instant voter's spikes cost
+    # the reader anything, before they become the default for both.
+    "bounded-reader-64-wide": Suite(("you", "noisy-numbers", "contractions", "can"), (0,),
+                                    (0,), paces=("reader",), interactions=64, eval_replies=8,
+                                    extra=("--dual-clip", "3", "--kl-linear-beyond", "3"),
+                                    against="final-reader-64-wide"),
     # defaults-reader-64-wide with the server sampling in llama.cpp (--engine llama-cpp,
     # chatbot/llama_engine.py): its pairs and its held-out replies drawn there, the learner
     # unchanged. Seed 0, every user: whether the loop learns as well through the faster engine.
