@@ -271,16 +271,17 @@ class Config:
     clip_eps: float = field(default=0.2, metadata=setting(
         "PPO clip of each token's ratio to the weights the round started from (default: "
         "{default})", "learner", type=float))
-    dual_clip: float = field(default=0.0, metadata=setting(
+    dual_clip: float = field(default=3.0, metadata=setting(
         "bound a rejected reply's (negative advantage's) token term at this many times its "
         "advantage, the dual clip of Ye et al. 2020: a token whose ratio rose past it within a "
         "round passes no gradient; 0 = off, the term grows with the ratio (default: "
         "{default:g})", "learner", type=_dual_clip))
-    kl_linear_beyond: float = field(default=0.0, metadata=setting(
+    kl_linear_beyond: float = field(default=3.0, metadata=setting(
         "make a token's k3 KL penalty grow linearly, not exponentially, once its log-prob is "
         "this many nats below the base model's, so that one token pushed far down cannot swamp "
         "a step's gradient (whose norm is clipped at 1: every other token's share shrinks "
-        "with it); 0 = off (default: {default:g})", "learner", type=_kl_linear_point))
+        "with it); 0 = off, exponential (default: {default:g})", "learner",
+        type=_kl_linear_point))
     steps_per_round: int = field(default=2, metadata=setting(
         "optimizer steps per --learn-every new votes in a round (default: {default})",
         "learner", type=_positive_int))

@@ -20,6 +20,12 @@ guards around it:
   exp(ref - logp) - (ref - logp) - 1 (Schulman 2020, "Approximating KL divergence"), weighted
   by beta, which a proportional controller raises when the KL passes a budget (Ziegler et
   al. 2019's controller, with the initial beta as its floor).
+* Bounds on the two terms that have none: a ratio past the clip on a negative advantage
+  (the dual clip, Ye et al. 2020) and the k3 of a token pushed far below the reference
+  (linear past a point). One AdamW step can move a token by several nats, past where the
+  PPO clip stops its gradient, and with the step's gradient norm clipped at 1 a single such
+  token then takes the whole step. Off here by default (0: the plain estimator); the
+  product's config turns both on (chatbot/config.py, docs/learning.md).
 * A correction (a person's rewrite, learner/data.py) trains with -A log pi, no ratio and no
   clip: see `policy_gradient_loss`.
 * Length-neutral votes (optional, `--length-neutral`): a pair vote's advantages less what

@@ -267,6 +267,30 @@ def test_the_dual_clip_bounds_a_rejected_token_whose_ratio_rose():
     assert up.item() == plain.item()
 
 
+def test_the_defaults_bound_the_two_spikes_an_instant_voters_round_logged():
+    """The tokens that took whole rounds in final-instant-64-wide (docs/results.md): a rejected
+    reply's token whose ratio to the round's anchor reached e^8.2 on an advantage of -1.76,
+    and one pushed 16.4 nats below the base. Under the product's defaults each term stays
+    under 20 (a vote's token term is about |A|); with the bounds off they are in the
+    thousands and the hundreds of thousands."""
+    from chatbot.config import Config
+
+    config = Config()
+    logp = torch.tensor([[8.2 - 20.0, -20.0]])  # the rejected token, then a plain one
+    anchor = torch.tensor([[-20.0, -20.0]])
+    ref = torch.tensor([[8.2 - 20.0, -20.0 + 16.4]])  # 0 and 16.4 nats above the policy
+    mask = torch.ones(1, 2)
+    adv = torch.tensor([-1.76])
+    _, bounded = policy_gradient_loss(logp, anchor, ref, adv, mask, beta=config.beta,
+                                      clip_eps=config.clip_eps, dual_clip=config.dual_clip,
+                                      kl_linear_beyond=config.kl_linear_beyond)
+    _, unbounded = policy_gradient_loss(logp, anchor, ref, adv, mask, beta=config.beta,
+                                        clip_eps=config.clip_eps)
+    assert unbounded["largest"]["term"] > 3000  # e^8.2 x 1.76, and 0.05 x e^16.4
+    assert bounded["largest"]["term"] < 20  # 0.05 x (e^3 - 4 + (e^3 - 1) x 13.4) + 1.76
+    assert bounded["dual_clip_fraction"] == pytest.approx(0.5)
+
+
 def test_the_largest_token_term_is_the_policys_own_not_a_persons_rewrite():
     logp = torch.tensor([[-15.0, -15.0], [-1.0, -2.0]])  # row 0: a rewrite the policy finds odd
     mask = torch.ones(2, 2)
