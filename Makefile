@@ -42,16 +42,28 @@ vllm:
 
 # llama.cpp for the llama.cpp engine (--engine llama-cpp), compiled for this CPU: built again
 # when the CPU's flags differ from the ones it was built for (a wheel for AVX-512 would stop
-# with an illegal instruction on a CPU without it).
-LLAMA_STAMP := $(VENV)/.llama-$(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-8)
+# with an illegal instruction on a CPU without it). The wheel is kept in ~/.cache/duet under
+# the CPU's flags and requirements-llama.txt, so another clone on the same machine installs
+# it in seconds instead of compiling for minutes; pip's own wheel cache is not used, since
+# it would hand a wheel built for one CPU to another.
+LLAMA_KEY := $(shell { grep -m1 '^flags' /proc/cpuinfo 2>/dev/null; cat requirements-llama.txt; } | md5sum | cut -c1-8)
+LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_KEY)
+LLAMA_WHEELS ?= $(HOME)/.cache/duet/llama-wheels/$(LLAMA_KEY)
 llama: $(LLAMA_STAMP)
 
 $(LLAMA_STAMP): requirements-llama.txt $(VENV)/.installed
 	rm -f $(VENV)/.llama-*
 	$(PY) -m pip uninstall --quiet -y llama-cpp-python
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(PY) -m pip install --quiet --no-cache-dir -r requirements-llama.txt || \
-	  { echo "could not build llama-cpp-python: the llama.cpp engine tests will be skipped"; exit 0; }
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || { \
+	  echo "compiling llama-cpp-python for this CPU into $(LLAMA_WHEELS) (minutes, once)"; \
+	  CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(PY) -m pip wheel --quiet --no-cache-dir --no-deps -w $(LLAMA_WHEELS).tmp \
+	    -r requirements-llama.txt && rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); } || \
+	  { rm -rf $(LLAMA_WHEELS).tmp; \
+	    echo "could not build llama-cpp-python: the llama.cpp engine tests will be skipped"; exit 0; }
+	$(PY) -m pip install --quiet --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python \
+	  -r requirements-llama.txt || \
+	  { echo "could not install llama-cpp-python: the llama.cpp engine tests will be skipped"; exit 0; }
 	touch $@
 
 run: install
