@@ -229,8 +229,11 @@ class Simulation:
         self.generator = PairGenerator(self.server, self.config, adapter_context=self.live.reading)
         self.service = ChatService(self.config, self.store, self.generator,
                                    model_id=self.server.model_id, live=self.live)
-        self.learner = Learner(self.config, self.store, load_model(self.config, training=True),
-                               seed=self.seed)
+        # No preview: a round runs here between two votes, so no pair is sampled while it
+        # runs and its preview would never be served; the round's candidate is the same
+        # without it (tests/test_preview.py), and it costs a KL pass a round.
+        self.learner = Learner(dataclasses.replace(self.config, preview=False), self.store,
+                               load_model(self.config, training=True), seed=self.seed)
         self.evaluator = Evaluator(self.config, self.oracle, self.eval_prompts,
                                    self.server.tokenizer, self.server.device, self.seed)
         self.vote_seconds: list[float] = []
