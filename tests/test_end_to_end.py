@@ -15,12 +15,15 @@ from tests.serving import running_server, wait_for
 pytestmark = pytest.mark.processes  # the server and its learner child
 
 
-@pytest.fixture
-def live_server(tiny_model_dir, tmp_path):
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def live_server(tiny_model_dir, tmp_path_factory):
+    """One server for the module's tests, in file order: the first reads a fresh database,
+    the last kills the learner (a server start is ~7 s of a test's time)."""
+    folder = tmp_path_factory.mktemp("end-to-end")
+    data = folder / "data"
     with running_server("--model", str(tiny_model_dir), "--data-dir", str(data),
                         "--max-new-tokens", "8", "--learn-every", "2",
-                        "--swap-poll-seconds", "0.5", log_path=tmp_path / "server.log") as (url, p):
+                        "--swap-poll-seconds", "0.5", log_path=folder / "server.log") as (url, p):
         yield Client(url, verbose=False), data, p
 
 

@@ -16,7 +16,7 @@ from tests.serving import running_server
 pytestmark = pytest.mark.slow
 
 CLIENTS = 16
-SECONDS = 30
+SECONDS = 15
 
 
 def rss_mb(pid: int) -> float:
