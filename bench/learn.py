@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> Path:
     if trl_evaluations is not None:
         results["trl_evaluations"] = [as_dict(e) for e in trl_evaluations]
         results["trl_seconds_total"] = trl_seconds
-    settings = {**config.as_dict(), "votes": args.votes, "checkpoints": checkpoints,
+    # the learner's own settings: the simulation runs it without previews (bench/simulate.py)
+    settings = {**sim.learner.config.as_dict(), "votes": args.votes, "checkpoints": checkpoints,
                 "oracle": args.oracle, "correct_every": args.correct_every,
                 "correction_text": args.correction_text}
     out = Path(args.out) if args.out else RESULTS

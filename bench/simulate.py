@@ -22,7 +22,9 @@ repeated word trigrams, the base model's per-token log-prob of the reply).
 With `correct_every`, the user also rewrites a reply now and then (a correction, sent with the
 vote), as bench/api_user.py's users do through the API.
 
-Left out: several simulated users at once, real network traffic.
+Left out: several simulated users at once, real network traffic, and the preview (a round's
+first step served while it takes the others): a round runs here between two votes, so no pair
+could be served from it, and the round's candidate is the same without it.
 """
 
 from __future__ import annotations
