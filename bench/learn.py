@@ -18,7 +18,7 @@ from pathlib import Path
 from bench.common import RESULTS, slug, write_result
 from bench.oracles import ORACLES, make_oracle
 from bench.simulate import Simulation, as_dict, load_prompts, split_prompts
-from bench.suite import SUITES, run_suite
+from bench.suite import SUITES, run_suite, sources_loaded
 from chatbot.config import Config, add_learner_args, add_model_args
 
 
@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> Path:
         "seconds_per_vote_median": sorted(sim.vote_seconds)[len(sim.vote_seconds) // 2]
         if sim.vote_seconds else None,
         "prompts": {"train": len(train), "eval": len(held_out)},
+        "sources_loaded": sorted(sources_loaded()),  # what the suite's keys may leave out
     }
     if trl_evaluations is not None:
         results["trl_evaluations"] = [as_dict(e) for e in trl_evaluations]

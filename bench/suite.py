@@ -19,7 +19,8 @@ runs two runs at once, one torch thread each.
 
 A full suite takes longer than one sitting on two cores, so it resumes: each finished run is
 kept in bench/results/learn-suite-NAME/runs/ under a key of what decides Duet's side (settings,
-oracle, seed, votes, and the source of learner/, chatbot/ and the simulation), and a later
+oracle, seed, votes, and the source of learner/, chatbot/ and the simulation, less the serving
+engines and command lines a simulated run never loads: checked after each run), and a later
 `--suite NAME` reuses every kept run whose key still matches - a changed learner re-runs all
 of them. `--summarize` writes the suite's JSON, table and plot from the kept runs alone.
 
@@ -67,6 +68,13 @@ ROOT = Path(__file__).parent.parent
 # What Duet's side of a run executes: a change to any of these re-runs the kept runs.
 DUET_SOURCES = ("learner/*.py", "chatbot/*.py", "bench/simulate.py", "bench/oracles.py",
                 "bench/data/prompts.txt")
+# ... but for these, which a simulated run never loads: the other serving engines and what only
+# a server or the learner's command line runs. run_duet checks it after every run, so a file
+# left out here that a run did load fails that run instead of letting a stale one be reused.
+NOT_IN_SIMULATION = ("chatbot/llama_engine.py", "chatbot/vllm_engine.py", "chatbot/gguf_lora.py",
+                     "chatbot/gguf_weights.py", "chatbot/api_keys.py", "chatbot/backup.py",
+                     "chatbot/export.py", "chatbot/learner_process.py", "learner/__main__.py",
+                     "learner/cores.py")
 # Config fields that do not change what a run learns.
 NOT_LEARNING = ("data_dir", "cache_dir", "host", "port", "share", "admins", "threads",
                 "learner_nice", "start_learner", "swap_poll_seconds", "learner_poll_seconds")
@@ -120,12 +128,33 @@ def dpo_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: in
 def duet_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: int) -> str:
     """A key of everything that decides Duet's side of one run."""
     settings = {k: v for k, v in config.as_dict().items() if k not in NOT_LEARNING}
-    files = sorted(f for pattern in DUET_SOURCES for f in ROOT.glob(pattern))
+    files = sorted(f for pattern in DUET_SOURCES for f in ROOT.glob(pattern)
+                   if f.relative_to(ROOT).as_posix() not in NOT_IN_SIMULATION)
     digest = hashlib.sha256(json.dumps([settings, oracle, seed, votes, eval_prompts],
                                        sort_keys=True, default=str).encode())
     for f in files:
         digest.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def sources_loaded() -> set[str]:
+    """The project's source files (relative paths) of the modules this process has loaded."""
+    import sys
+
+    loaded = set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and Path(path).resolve().is_relative_to(ROOT.resolve()):
+            loaded.add(Path(path).resolve().relative_to(ROOT.resolve()).as_posix())
+    return loaded
+
+
+def check_left_out_of_key(loaded: set[str]) -> None:
+    """Refuse a run that loaded a file its key leaves out (NOT_IN_SIMULATION)."""
+    used = sorted(loaded & set(NOT_IN_SIMULATION))
+    if used:
+        raise RuntimeError(f"a simulated run loaded {', '.join(used)}, which its key leaves "
+                           "out (bench/suite.py, NOT_IN_SIMULATION): take them out of that list")
 
 
 def _worker_setup(threads: int | None) -> None:
@@ -154,6 +183,7 @@ def run_duet(config: Config, oracle_name: str, seed: int, votes: int, eval_promp
         run["duet"] = [as_dict(e) for e in sim.run(votes, checkpoints_for(votes))]
         run["duet_seconds"] = time.perf_counter() - started
         run["duet_rounds"] = sim.round_steps
+    check_left_out_of_key(sources_loaded())
     duet_path(kept, oracle_name, seed, votes, key).write_text(
         json.dumps(run, indent=1, default=str) + "\n")
     return run

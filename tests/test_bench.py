@@ -188,6 +188,38 @@ def test_offline_dpo_moves_the_policy_toward_the_chosen_replies(tiny_model_dir, 
     assert (after - before).mean().item() > 0.5  # the chosen replies gained on the rejected
 
 
+def test_the_suites_key_leaves_out_only_files_a_simulated_run_never_loads(tmp_path,
+                                                                          monkeypatch):
+    """A change to a serving engine keeps the kept runs; a change to what a run executes does
+    not; a run that loaded a left-out file is refused. (The learning test checks, on a real
+    run, that none of them is loaded.)"""
+    import shutil
+
+    from bench import suite
+    from chatbot.config import Config
+
+    assert all((suite.ROOT / name).is_file() for name in suite.NOT_IN_SIMULATION)
+    assert {"bench/suite.py", "chatbot/config.py"} <= suite.sources_loaded()
+    for folder in ("chatbot", "learner", "bench"):  # a copy of the sources to edit
+        shutil.copytree(suite.ROOT / folder, tmp_path / folder,
+                        ignore=shutil.ignore_patterns("results", "__pycache__"))
+    monkeypatch.setattr(suite, "ROOT", tmp_path)
+
+    def key():
+        return suite.duet_key(Config(), "numbers", 0, 64, 16)
+
+    before = key()
+    with open(tmp_path / "chatbot" / "llama_engine.py", "a") as f:
+        f.write("# an engine change\n")
+    assert key() == before
+    with open(tmp_path / "chatbot" / "sampling.py", "a") as f:
+        f.write("# a sampling change\n")
+    assert key() != before
+    suite.check_left_out_of_key({"chatbot/sampling.py", "learner/worker.py"})
+    with pytest.raises(RuntimeError, match="chatbot/llama_engine.py"):
+        suite.check_left_out_of_key({"chatbot/sampling.py", "chatbot/llama_engine.py"})
+
+
 def test_mean_ci_over_runs():
     from bench.suite import mean_ci
 

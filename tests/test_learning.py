@@ -28,6 +28,7 @@ import sys
 import pytest
 
 from bench.api_user import one_sided_p
+from bench.suite import NOT_IN_SIMULATION
 from chatbot.config import Config
 from tests.serving import ROOT
 
@@ -74,3 +75,6 @@ def test_a_content_preference_moves_the_held_out_share(tmp_path):
     assert after["repeated_trigrams"] < 0.2
     assert after["mean_words"] > 0.3 * base["mean_words"]
     assert after["kl_per_token"] < Config().kl_tripwire
+    # the learning suite's key leaves these files out: a simulated run must not load them
+    assert not set(results["sources_loaded"]) & set(NOT_IN_SIMULATION)
+    assert {"learner/worker.py", "chatbot/sampling.py"} <= set(results["sources_loaded"])
