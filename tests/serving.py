@@ -57,7 +57,7 @@ def running_server(*args: str, log_path: Path, timeout: float = 180.0):
                 if time.monotonic() > deadline:
                     raise TimeoutError("server did not start:\n"
                                        + log_path.read_text()[-3000:]) from None
-                time.sleep(0.5)
+                time.sleep(0.1)
         yield url, process
     except BaseException:
         # A failing test shows why the server failed: its traceback is in this log, which the

@@ -114,7 +114,7 @@ def wait_until_serving(server: VllmProcess) -> None:
         if time.monotonic() > deadline:
             unavailable("the vLLM server did not start in 900 s:\n"
                         + server.log_path.read_text()[-3000:])
-        time.sleep(1)
+        time.sleep(0.25)
     httpx.post(f"{server.url}/v1/completions", timeout=600, json={
         "model": str(embedded_checkpoint(Config().cache_dir)), "prompt": [1, 2, 3],
         "max_tokens": 2})

@@ -56,7 +56,7 @@ def server(tiny_model_dir, tmp_path_factory):
         while not ((s := client.predict(api_name="/status"))["votes_pending"] == 0
                    and s["live_adapter_version"] == s["registry_live_version"] >= 1):
             assert time.monotonic() < deadline
-            time.sleep(0.5)
+            time.sleep(0.2)
         yield url, process, data
 
 

@@ -9,10 +9,17 @@ from its claims to its publishing, where independent draws could bunch. SQLite a
 draw their moments from different seeds, so the two runs kill at 12 different moments (with 8
 kills each from one seed they had killed at the same 8). Each kill costs a learner process's
 start, ~5 s of imports (the test took ~21 s a kill, 425-475 s with 20). The two windows a
-random kill rarely hits are hit on purpose by `test_a_kill_inside_publish_loses_nothing`."""
+random kill rarely hits are hit on purpose by `test_a_kill_inside_publish_loses_nothing`.
+
+The learners that are killed are forked from a server process that imported the learner's
+modules once (multiprocessing's forkserver): each then runs `python -m learner`'s own `main`
+from its first line, so a kill still lands in a real learner process, but its ~5 s of imports
+(torch, transformers, peft) are paid once instead of at every kill. The learner that recovers
+after the last kill is a `python -m learner` of its own, as the server starts it."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import signal
@@ -45,15 +52,47 @@ def kill_delays(rng: random.Random, kills: int = KILLS, window: float = KILL_WIN
     return delays
 
 
-def start_learner(config: Config, model_dir, log):
+def learner_argv(config: Config, model_dir) -> list[str]:
     db_args = ["--db", config.db] if config.db else []
+    return ["--data-dir", str(config.data_dir), *db_args, "--model", str(model_dir),
+            "--max-new-tokens", str(config.max_new_tokens), "--learn-every", "1",
+            "--max-batch-votes", "2", "--judge-new", "--keep-versions", "3",
+            "--steps-per-round", "2"]
+
+
+def start_learner(config: Config, model_dir, log):
+    """`python -m learner` in a process of its own."""
     return subprocess.Popen(
-        [sys.executable, "-m", "learner", "--data-dir", str(config.data_dir), *db_args,
-         "--model", str(model_dir), "--max-new-tokens", str(config.max_new_tokens),
-         "--learn-every", "1", "--max-batch-votes", "2", "--judge-new",
-         "--keep-versions", "3", "--steps-per-round", "2"],
+        [sys.executable, "-m", "learner", *learner_argv(config, model_dir)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def run_learner(argv: list[str], log_path: str) -> None:
+    """A forked learner's life: its output into the log, then `python -m learner`'s main."""
+    from learner.__main__ import main
+
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    sys.exit(main(argv))
+
+
+@pytest.fixture(scope="module")
+def learner_forks():
+    """Forks learners from a process that has imported their modules (no torch work done
+    there, so a fork is safe: no OpenMP team exists yet)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["learner.__main__", "learner.worker", "chatbot.model",
+                                    "chatbot.store", "peft", "transformers", __name__])
+    return context
+
+
+def fork_learner(forks, config: Config, model_dir, log_path) -> multiprocessing.Process:
+    learner = forks.Process(target=run_learner,
+                            args=(learner_argv(config, model_dir), str(log_path)))
+    learner.start()
+    return learner
 
 
 def wait_until_running(store: Store, pid: int, timeout: float = 90.0) -> None:
@@ -96,7 +135,7 @@ def db_of(db_target: str) -> str | None:
     return db_target if "://" in db_target else None
 
 
-def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path, db_target):
+def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path, db_target, learner_forks):
     config = Config(model=str(tiny_model_dir), data_dir=tmp_path / "data", device="cpu",
                     max_new_tokens=8, max_votes_per_minute=0, db=db_of(db_target))
     store = Store(config.db_url)
@@ -123,12 +162,13 @@ def test_kill_the_learner_at_random_moments(tiny_model_dir, tmp_path, db_target)
                     corrected.add(turn["pair_id"])
             elif service.vote("ann", turn["pair_id"], choice)["ok"]:
                 acked.add(turn["pair_id"])
-        learner = start_learner(config, tiny_model_dir, log)
+        learner = fork_learner(learner_forks, config, tiny_model_dir, tmp_path / "learner.log")
         wait_until_running(store, learner.pid)
         time.sleep(delay)
         seen[store.learner_status()["state"]] = seen.get(store.learner_status()["state"], 0) + 1
-        learner.send_signal(signal.SIGKILL)
-        learner.wait()
+        os.kill(learner.pid, signal.SIGKILL)
+        learner.join()
+        assert learner.exitcode == -signal.SIGKILL
         names = [p.name for p in config.adapters_dir.iterdir()] if config.adapters_dir.exists() \
             else []
         registered = {a["path"] for a in store.adapters()}
