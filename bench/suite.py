@@ -138,14 +138,19 @@ def duet_key(config: Config, oracle: str, seed: int, votes: int, eval_prompts: i
 
 
 def sources_loaded() -> set[str]:
-    """The project's source files (relative paths) of the modules this process has loaded."""
+    """The project's source files (paths from its root) of the modules this process has
+    loaded: its packages' and its top-level scripts', not its environment's."""
     import sys
 
-    loaded = set()
+    root, loaded = ROOT.resolve(), set()
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if path and Path(path).resolve().is_relative_to(ROOT.resolve()):
-            loaded.add(Path(path).resolve().relative_to(ROOT.resolve()).as_posix())
+        if not path or not Path(path).is_absolute() or not Path(path).resolve().is_relative_to(
+                root):  # (some of torch's modules name a bare file)
+            continue
+        relative = Path(path).resolve().relative_to(root)
+        if relative.parts[0] in ("bench", "chatbot", "learner") or len(relative.parts) == 1:
+            loaded.add(relative.as_posix())
     return loaded
 
 
