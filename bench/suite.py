@@ -155,7 +155,9 @@ def sources_loaded() -> set[str]:
 
 
 def check_left_out_of_key(loaded: set[str]) -> None:
-    """Refuse a run that loaded a file its key leaves out (NOT_IN_SIMULATION)."""
+    """Refuse a run that loaded a file its key leaves out (NOT_IN_SIMULATION): `loaded` is
+    what the run loaded (in a process that had loaded some before, e.g. a test's, the modules
+    it loaded itself)."""
     used = sorted(loaded & set(NOT_IN_SIMULATION))
     if used:
         raise RuntimeError(f"a simulated run loaded {', '.join(used)}, which its key leaves "
@@ -181,6 +183,7 @@ def run_duet(config: Config, oracle_name: str, seed: int, votes: int, eval_promp
     key = duet_key(config, oracle_name, seed, votes, eval_prompts)
     run = {"oracle": oracle_name, "seed": seed, "votes": votes, "key": key,
            "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    loaded_before = sources_loaded()
     with tempfile.TemporaryDirectory(prefix="duet-suite-") as data_dir:
         run_config = dataclasses.replace(config, data_dir=Path(data_dir), seed=seed)
         started = time.perf_counter()
@@ -188,7 +191,7 @@ def run_duet(config: Config, oracle_name: str, seed: int, votes: int, eval_promp
         run["duet"] = [as_dict(e) for e in sim.run(votes, checkpoints_for(votes))]
         run["duet_seconds"] = time.perf_counter() - started
         run["duet_rounds"] = sim.round_steps
-    check_left_out_of_key(sources_loaded())
+    check_left_out_of_key(sources_loaded() - loaded_before)
     duet_path(kept, oracle_name, seed, votes, key).write_text(
         json.dumps(run, indent=1, default=str) + "\n")
     return run
