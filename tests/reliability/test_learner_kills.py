@@ -19,6 +19,7 @@ after the last kill is a `python -m learner` of its own, as the server starts it
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import random
@@ -72,9 +73,11 @@ def run_learner(argv: list[str], log_path: str) -> None:
     """A forked learner's life: its output into the log, then `python -m learner`'s main."""
     from learner.__main__ import main
 
+    os.chdir(ROOT)
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    sys.stdout.reconfigure(line_buffering=True)  # as PYTHONUNBUFFERED for a `python -m learner`
     sys.exit(main(argv))
 
 
@@ -82,14 +85,20 @@ def run_learner(argv: list[str], log_path: str) -> None:
 def learner_forks():
     """Forks learners from a process that has imported their modules (no torch work done
     there, so a fork is safe: no OpenMP team exists yet)."""
+    from multiprocessing import forkserver
+
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["learner.__main__", "learner.worker", "chatbot.model",
                                     "chatbot.store", "peft", "transformers", __name__])
+    with contextlib.chdir(ROOT):  # its imports find the project from its working folder
+        forkserver.ensure_running()
     return context
 
 
 def fork_learner(forks, config: Config, model_dir, log_path) -> multiprocessing.Process:
-    learner = forks.Process(target=run_learner,
+    """A learner forked from `learner_forks`; a daemon, so that a test that fails before
+    killing it does not leave pytest waiting for it at exit."""
+    learner = forks.Process(target=run_learner, daemon=True,
                             args=(learner_argv(config, model_dir), str(log_path)))
     learner.start()
     return learner
