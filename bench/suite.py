@@ -144,10 +144,12 @@ def sources_loaded() -> set[str]:
     root, loaded = ROOT.resolve(), set()
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if not path or not Path(path).is_absolute() or not Path(path).resolve().is_relative_to(
-                root):  # (some of torch's modules name a bare file)
+        if not path or not Path(path).is_absolute():  # (some of torch's name a bare file)
             continue
-        relative = Path(path).resolve().relative_to(root)
+        path = Path(path).resolve()
+        if not path.is_relative_to(root):
+            continue
+        relative = path.relative_to(root)
         if relative.parts[0] in ("bench", "chatbot", "learner") or len(relative.parts) == 1:
             loaded.add(relative.as_posix())
     return loaded

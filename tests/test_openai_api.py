@@ -17,7 +17,7 @@ import app
 from chatbot.config import Config
 from chatbot.service import ChatService
 from chatbot.store import Store
-from tests.serving import free_port, running_server
+from tests.serving import free_port, running_server, wait_for
 from ui.app import build_ui
 from ui.common import LOCAL_USER
 from ui.openai_api import openai_routes
@@ -361,8 +361,5 @@ def test_real_server_pair_to_vote_to_learner(tiny_model_dir, tmp_path):
             assert time.monotonic() < deadline, "the learner never used the vote and rating"
             time.sleep(0.2)
         assert used >= 1 and store.adapter(used) is not None
-        for _ in range(150):  # 30 s
-            if client.models.list().data[0].adapter_version == store.live_adapter_version():
-                break
-            time.sleep(0.2)
-        assert client.models.list().data[0].adapter_version == store.live_adapter_version()
+        wait_for(lambda: client.models.list().data[0].adapter_version
+                 == store.live_adapter_version(), 30, every=0.2)

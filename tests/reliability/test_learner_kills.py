@@ -11,7 +11,7 @@ kills each from one seed they had killed at the same 8). Each kill costs a learn
 start, ~5 s of imports (the test took ~21 s a kill, 425-475 s with 20). The two windows a
 random kill rarely hits are hit on purpose by `test_a_kill_inside_publish_loses_nothing`.
 
-The learners that are killed are forked from a server process that imported the learner's
+The learners that are killed are forked from a fork server that imported the learner's
 modules once (multiprocessing's forkserver): each then runs `python -m learner`'s own `main`
 from its first line, so a kill still lands in a real learner process, but its ~5 s of imports
 (torch, transformers, peft) are paid once instead of at every kill. The learner that recovers
