@@ -246,8 +246,8 @@ SUITES = {
     # at 1 in the mean over six runs (not resolved: paired +0.06 [-0.19, +0.30] at 64) and
     # let a brevity preference shorten replies (docs/results.md); whether the users
     # of these suites, whose tie-break taught brevity in place of their feature at 0, keep
-    # their gain at 0.5. Seed 0's first runs (docs/results.md): all significant, the gain
-    # lower on two of three, the replies shorter and the KL near the tripwire.
+    # their gain at 0.5. Seed 0 (docs/results.md): all four significant, the gain lower on
+    # three, the replies shorter on two and the KL at the tripwire; seed 1 not run.
     "half-neutral-reader-64-wide": Suite(("you", "noisy-numbers", "contractions", "can"),
                                          (0, 1), (0,), paces=("reader",), interactions=64,
                                          eval_replies=8, extra=("--length-neutral", "0.5"),
