@@ -80,9 +80,34 @@ USERS = {
     "numbers": ("numbers", ("There are two sides to this.", "Here are three points.",
                             "First, the main idea.", "Let me give one example.",
                             "It comes down to 2 things.", "The answer has four parts.")),
+    # Users picked after the rule was set, from features no run had tried (the unseen-* suites):
+    # a word of 12 letters or more, a reply that opens with "The", "This" or "It", the first
+    # person, and the word "for".
+    "long-word": (r"re:\b\w{12,}\b", ("Here is a straightforward answer.",
+                                      "Understanding this takes a little background.",
+                                      "Communication matters here.", "The relationship is simple.",
+                                      "Unfortunately there is no single answer.",
+                                      "Here is a comprehensive overview.")),
+    "opener": (r"re:^(The|This|It)\b", ("The short answer is yes.",
+                                        "This depends on a few things.",
+                                        "It helps to start simple.", "The main idea is simple.",
+                                        "This is a common question.",
+                                        "It comes down to practice.")),
+    "first-person": (r"re:\b(I|me|my|we|our|us)\b", ("I can explain this.", "Let me explain.",
+                                                    "In my view, it is simple.",
+                                                    "We can look at it together.",
+                                                    "Here is our answer.",
+                                                    "Let us start with the basics.")),
+    "for": (r"re:\bfor\b", ("Thanks for asking.", "Here is a tip for beginners.",
+                             "For example, consider this.", "This works for most people.",
+                             "Here is what to look for.", "For a start, keep it simple.")),
 }
 SHARE_RANGE = (0.2, 0.5)  # the learning claim's range of base-model feature shares
-FEATURE_SHARES = RESULTS / "feature-share.json"
+# Where the base model's feature shares were measured: the first users' run, and the run that
+# picked the unseen-* suites' users: of 41 features tried in two runs (the other run, of 18
+# rarer ones, is feature-share-unseen-rare.json), these four fell in SHARE_RANGE. A feature
+# in both files takes the first file's share.
+FEATURE_SHARES = (RESULTS / "feature-share.json", RESULTS / "feature-share-unseen.json")
 
 
 @dataclass(frozen=True)
@@ -262,18 +287,28 @@ SUITES = {
     "llama-reader-64-wide": Suite(("you", "noisy-numbers", "contractions", "can"), (0,), (0,),
                                   paces=("reader",), interactions=64, eval_replies=8,
                                   extra=("--engine", "llama-cpp")),
+    # The product's defaults for users picked after the rule was set (USERS' last four), as
+    # the issue's check with preferences nobody has seen will be: scored on the same held-out
+    # replies before as defaults-reader-64-wide and the suites paired with it.
+    "unseen-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"), (0, 1),
+                                   (0,), paces=("reader",), interactions=64, eval_replies=8,
+                                   reads_before_of="defaults-reader-64-wide"),
 }
 
 
-def check_user(name: str, shares_file: Path = FEATURE_SHARES) -> tuple[str, tuple[str, ...]]:
+def check_user(name: str, shares_files: Path | tuple[Path, ...] = FEATURE_SHARES
+               ) -> tuple[str, tuple[str, ...]]:
     """The user's (oracle name, correction sentences), if their feature's base share was
-    measured and lies in SHARE_RANGE; else ValueError saying why."""
+    measured (in one of `shares_files`, the first that has it) and lies in SHARE_RANGE; else
+    ValueError saying why."""
     base = name.removeprefix("noisy-")
     if base not in USERS:
         raise ValueError(f"no suite user {name!r}: one of {', '.join(USERS)} (or noisy-NAME)")
     oracle, sentences = USERS[base]
-    features = (json.loads(shares_file.read_text())["results"]["features"]
-                if shares_file.exists() else {})
+    features = {}
+    for path in reversed((shares_files,) if isinstance(shares_files, Path) else shares_files):
+        if path.exists():
+            features.update(json.loads(path.read_text())["results"]["features"])
     if oracle not in features:
         raise ValueError(f"the share of {base!r} among the base model's replies was not "
                          f"measured: python -m bench feature-share --pattern '{oracle}'")
