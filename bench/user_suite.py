@@ -289,7 +289,9 @@ SUITES = {
                                   extra=("--engine", "llama-cpp")),
     # The product's defaults for users picked after the rule was set (USERS' last four), as
     # the issue's check with preferences nobody has seen will be: scored on the same held-out
-    # replies before as defaults-reader-64-wide and the suites paired with it.
+    # replies before as defaults-reader-64-wide and the suites paired with it. Seed 0
+    # (docs/results.md): 3 of 4 significant, 4 of 4 by prompt (long-word at p = 0.0504, its
+    # replies 0.84 of the base's words); seed 1 not run.
     "unseen-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"), (0, 1),
                                    (0,), paces=("reader",), interactions=64, eval_replies=8,
                                    reads_before_of="defaults-reader-64-wide"),
