@@ -298,7 +298,7 @@ SUITES = {
 }
 
 
-def check_user(name: str, shares_files: Path | tuple[Path, ...] = FEATURE_SHARES
+def check_user(name: str, shares_files: tuple[Path, ...] = FEATURE_SHARES
                ) -> tuple[str, tuple[str, ...]]:
     """The user's (oracle name, correction sentences), if their feature's base share was
     measured (in one of `shares_files`, the first that has it) and lies in SHARE_RANGE; else
@@ -308,7 +308,7 @@ def check_user(name: str, shares_files: Path | tuple[Path, ...] = FEATURE_SHARES
         raise ValueError(f"no suite user {name!r}: one of {', '.join(USERS)} (or noisy-NAME)")
     oracle, sentences = USERS[base]
     features = {}
-    for path in reversed((shares_files,) if isinstance(shares_files, Path) else shares_files):
+    for path in reversed(shares_files):
         if path.exists():
             features.update(json.loads(path.read_text())["results"]["features"])
     if oracle not in features:

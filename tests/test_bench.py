@@ -477,9 +477,10 @@ def test_a_suite_takes_only_users_in_the_claims_range(tmp_path):
     from bench.oracles import corrected
     from bench.user_suite import USERS, check_user
 
-    shares = tmp_path / "feature-share.json"
-    shares.write_text(json.dumps({"results": {"features": {
+    first = tmp_path / "feature-share.json"
+    first.write_text(json.dumps({"results": {"features": {
         "can": {"reply_share": 0.29}, "you": {"reply_share": 0.08}}}}))
+    shares = (first, tmp_path / "not-measured.json")
     oracle, sentences = check_user("can", shares)
     assert oracle == "can" and sentences[0] == "Here is what I can tell you."
     for name, (feature, sentences) in USERS.items():  # every sentence a user may write fits
@@ -493,6 +494,13 @@ def test_a_suite_takes_only_users_in_the_claims_range(tmp_path):
         check_user("numbers", shares)
     with pytest.raises(ValueError, match="no suite user"):
         check_user("tall", shares)
+    # a second file adds features; where both have one, the first file's share counts
+    second = tmp_path / "feature-share-more.json"
+    second.write_text(json.dumps({"results": {"features": {
+        "you": {"reply_share": 0.30}, "numbers": {"reply_share": 0.31}}}}))
+    assert check_user("numbers", (first, second))[0] == "numbers"
+    with pytest.raises(ValueError, match="8% of the base model's replies, outside"):
+        check_user("you", (first, second))
 
 
 def test_feature_share_counts_replies_and_differing_pairs(tiny_model_dir, tmp_path):
