@@ -19,6 +19,7 @@ BENCHMARKS = {
     "latency": "bench.latency",
     "api-user": "bench.api_user",
     "feature-share": "bench.feature_share",
+    "length-shift": "bench.length_shift",
     "pair-choice": "bench.choice",
     "sweep": "bench.sweep",
     "store": "bench.store",

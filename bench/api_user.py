@@ -81,6 +81,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summarize", action="store_true",
                         help="with --suite: write its table, plot and JSON from the runs kept "
                              "so far, run nothing")
+    parser.add_argument("--read-base", action="store_true",
+                        help="with --suite: read the base model's held-out replies of each of "
+                             "its seeds again on this machine, learner off, and compare them "
+                             "with those its runs were scored on (did the engine or the "
+                             "learning change the replies?); run nothing else")
     parser.add_argument("--eval-prompts", type=int, default=32,
                         help="held-out prompts asked before and after (default: 32)")
     parser.add_argument("--eval-replies", type=int, default=2,
@@ -152,6 +157,34 @@ def held_out_texts(client, prompts: list[str], per_prompt: int = 2, pairs: bool 
                 model="duet", messages=[{"role": "user", "content": prompt}], n=n)
             texts += [choice.message.content for choice in completion.choices]
     return texts
+
+
+def server_flags(model: str, data: Path, max_new_tokens: int, seed: int,
+                 extra: list[str]) -> list[str]:
+    """app.py's flags for a run: the product's defaults but for the model, a data folder of
+    the run's own, the reply length, the sampling seed and no vote rate limit (the simulated
+    user votes faster than a person may), then `extra`."""
+    return ["--model", model, "--data-dir", str(data), "--max-new-tokens", str(max_new_tokens),
+            "--seed", str(seed), "--max-votes-per-minute", "0", *extra]
+
+
+def read_held_out(*, seed: int, eval_prompts: int, eval_replies: int, max_new_tokens: int,
+                  model: str, extra: list[str], prompts_file: str | None = None) -> list[str]:
+    """The base model's held-out replies of `seed`, read as a run reads them before its first
+    vote (the same server flags, prompts and order), from a server whose learner is off."""
+    from openai import OpenAI
+
+    from tests.serving import running_server
+
+    prompts = load_prompts(Path(prompts_file)) if prompts_file else load_prompts()
+    _, held_out = split_prompts(prompts, eval_prompts, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="duet-api-base-") as data_dir:
+        data = Path(data_dir)
+        with running_server(*server_flags(model, data, max_new_tokens, seed,
+                                          [*extra, "--no-learner"]),
+                            log_path=data / "server.log", timeout=600) as (url, _):
+            client = OpenAI(base_url=url + "v1", api_key="local", max_retries=0, timeout=600)
+            return held_out_texts(client, held_out, eval_replies, not chooses_pairs(extra))
 
 
 def scored(texts: list[str], oracle, per_prompt: int = 2) -> dict:
@@ -258,9 +291,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="duet-api-user-") as data_dir:
         data = Path(data_dir)
-        with running_server("--model", model, "--data-dir", str(data),
-                            "--max-new-tokens", str(max_new_tokens), "--seed", str(seed),
-                            "--max-votes-per-minute", "0", *extra,
+        with running_server(*server_flags(model, data, max_new_tokens, seed, extra),
                             log_path=data / "server.log", timeout=600) as (url, _):
             client = OpenAI(base_url=url + "v1", api_key="local", max_retries=0, timeout=600)
             status = Client(url, verbose=False).predict
@@ -395,6 +426,8 @@ def run(args: argparse.Namespace) -> Path:
         from bench.user_suite import run_suite
 
         return run_suite(args)
+    if args.read_base:
+        raise ValueError("--read-base reads a suite's replies before: give --suite NAME")
     results = run_one(oracle_name=args.oracle, seed=args.seed, interactions=args.votes,
                       correct_every=args.correct_every, correction_text=args.correction_text,
                       pace=args.pace, reader_seconds=args.reader_seconds,

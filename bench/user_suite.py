@@ -58,8 +58,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.api_user import run_one, run_settings, summary
-from bench.common import RESULTS, write_result
+from bench.api_user import one_sided_p, read_held_out, run_one, run_settings, scored, summary
+from bench.common import RESULTS, git_commit, machine, write_result
+from bench.oracles import make_oracle
 
 CONTRACTIONS = (r"re:\b(\w+n't|I'm|I'd|I'll|I've|you're|you'll|you've|we're|we'll|they're|"
                 r"it's|that's|there's|here's|let's|what's)\b")
@@ -323,6 +324,8 @@ def check_user(name: str, shares_files: tuple[Path, ...] = FEATURE_SHARES
 
 
 def run_suite(args: argparse.Namespace) -> Path:
+    if getattr(args, "read_base", False):
+        return read_base(args)
     suite = SUITES[args.suite]
     args = argparse.Namespace(**{**vars(args), "eval_replies": suite.eval_replies})
     users = {name: check_user(name) for name in suite.users}  # refuse before any run
@@ -364,6 +367,88 @@ def run_suite(args: argparse.Namespace) -> Path:
         "eval_prompts": args.eval_prompts, "max_new_tokens": args.max_new_tokens,
         "model": args.model, "extra": args.extra, "against": suite.against},
         lines, Path(args.out or RESULTS))
+
+
+def sampling_form(extra: list[str] = ()) -> str:
+    """What app.py samples the base model's replies with on this machine, given `extra`, as
+    part of a file name: its dtype, its quantization where it has one (int4: 4-bit layers on
+    a CPU), and the CPU's class (avx2, avx512, avx512-bf16) or cuda: float32-avx2,
+    bfloat16-int4-avx512-bf16; another --engine by its name and the CPU's class:
+    llama-cpp-avx2."""
+    import app
+    from chatbot import model
+
+    settings = app.build_parser().parse_args(list(extra))
+    device = model.resolve_device(settings.device)
+    flags = model.cpu_flags()
+    cpu = ("cuda" if device.type == "cuda" else "avx512-bf16"
+           if flags & model.NATIVE_BF16_FLAGS else "avx512" if "avx512f" in flags
+           else "avx2" if "avx2" in flags else "cpu")
+    if settings.engine != "transformers":
+        return f"{settings.engine}-{cpu}"
+    dtype = model.resolve_dtype(settings.dtype, device)
+    quantize = model.resolve_quantization(settings.quantize, device, dtype)
+    return "-".join([str(dtype).removeprefix("torch."),
+                     *([] if quantize == "none" else [quantize]), cpu])
+
+
+def read_base(args: argparse.Namespace) -> Path:
+    """`--read-base`: the base model's held-out replies of each of the suite's seeds read again
+    on this machine with the learner off (kept as base-sSEED-FORM.json in the suite's folder,
+    FORM from `sampling_form`; a kept file is read, not sampled again), each user's share and
+    the mean words in them beside those of the replies before that the suite's runs were
+    scored on (read once per seed, maybe on another machine, dtype or quantization), with a
+    two-sided two-proportion p. Where a run's replies after differ from its replies before,
+    this says how much of that this machine's engine alone would give. Written to
+    base-reread-FORM.md in the suite's folder."""
+    suite = SUITES[args.suite]
+    users = {name: check_user(name)[0] for name in suite.users}
+    extra = [*args.extra, *suite.extra]
+    folder = suite_folder(args, args.suite)
+    folder.mkdir(parents=True, exist_ok=True)
+    kept_folder = suite_folder(args, baseline_of(args.suite))
+    form = sampling_form(extra)
+    lines = [f"Held-out replies before as the suite's runs were scored on them (`kept`: "
+             f"{kept_folder.name}/before-sSEED.json) and read again here ({form}, learner "
+             f"off: base-sSEED-{form}.json); share with the feature (replies with it / all), "
+             f"mean words, two-sided p of the pooled two-proportion test.", "",
+             "| seed | user | kept | read here | p |", "|---|---|---|---|---|"]
+    for seed in suite.seeds:
+        path = folder / f"base-s{seed}-{form}.json"
+        if not path.exists():
+            texts = read_held_out(seed=seed, eval_prompts=args.eval_prompts,
+                                  eval_replies=suite.eval_replies,
+                                  max_new_tokens=args.max_new_tokens, model=args.model,
+                                  extra=extra, prompts_file=args.prompts)
+            path.write_text(json.dumps({
+                "texts": texts, "machine": machine(), "commit": git_commit(),
+                "read_by": f"python -m bench api-user --suite {args.suite} --read-base: "
+                           f"app.py with the suite's flags and --no-learner, seed {seed}'s "
+                           f"{args.eval_prompts} held-out prompts x {suite.eval_replies} "
+                           f"replies, as a run reads its replies before"}, indent=1) + "\n")
+        here = json.loads(path.read_text())["texts"]
+        kept_path = kept_folder / f"before-s{seed}.json"
+        if not kept_path.exists():
+            lines.append(f"| {seed} | (no kept replies before: {kept_path.name} is not in "
+                         f"{kept_folder.name}) | | | |")
+            continue
+        kept = json.loads(kept_path.read_text())["texts"]
+        if len(kept) != len(here):
+            raise ValueError(f"{kept_path} holds {len(kept)} replies and {path} {len(here)}: "
+                             "read with other --eval-prompts?")
+        for name, oracle in users.items():
+            truth = make_oracle(oracle, seed)
+            a, b = scored(kept, truth), scored(here, truth)
+            n = len(here)
+            p = min(1.0, 2 * min(one_sided_p(a["satisfied"], b["satisfied"], n),
+                                 one_sided_p(b["satisfied"], a["satisfied"], n)))
+            lines.append(f"| {seed} | {name} | {a['satisfied']}/{n} ({a['mean_words']:.1f} "
+                         f"words) | {b['satisfied']}/{n} ({b['mean_words']:.1f} words) | "
+                         f"{p:.2g} |")
+    out = folder / f"base-reread-{form}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
 
 
 def baseline_of(name: str) -> str:

@@ -437,6 +437,13 @@ def test_api_user_runs(tiny_model_dir, tmp_path):
     # and the rest of its adapter metrics: the length-neutral rate it used; no reward model
     assert all(isinstance(r["shorter_wins"], float) for r in promoted)
     assert all(r["reward_model_cv_acc"] is None for r in promoted)
+    # the base's held-out replies read again, learner off, as `--read-base` reads them: the
+    # same server flags, prompts and order give the very replies the run read before
+    from bench.api_user import read_held_out
+
+    again = read_held_out(seed=0, eval_prompts=2, eval_replies=2, max_new_tokens=4,
+                          model=str(tiny_model_dir), extra=["--learn-every", "2"])
+    assert again == results["before"]["sample"]
 
 
 def test_the_share_of_votes_the_shorter_reply_won():
@@ -887,6 +894,102 @@ def test_a_paired_suite_reads_the_baselines_replies_before_and_writes_only_its_o
     assert json.loads((ours / "before-s1.json").read_text())["texts"] == ["sampled here"]
     first = json.loads((ours / "u-s0-reader-every0.json").read_text())["results"]
     assert first["before_from"] == "theirs/x"
+
+
+def test_length_shift_weighs_the_feature_and_the_tie_break_votes(tmp_path):
+    from bench.length_shift import weigh, within_prompt_pairs
+
+    texts = ["Short one.", "A much longer reply for you here.",  # "you" decides: longer wins
+             "Tiny.", "Somewhat longer reply.",  # the tie-break: the shorter
+             "Yes.", "No way man.",
+             "It goes on and on", "It goes"]  # two replies cut at the limit: the shorter
+    pairs = within_prompt_pairs(texts, 2)
+    plain = weigh("you", pairs, 0.0)
+    assert plain["votes"] == 4 and plain["feature_votes"] == 1
+    assert plain["feature"] == plain["tie_break"] == 1.0
+    # shorter won 3 of 4 votes: (3 + 2) / (4 + 4) with the learner's prior, taste 0.25
+    shifted = weigh("you", pairs, 1.0)
+    assert shifted["shorter_wins"] == pytest.approx(5 / 8)
+    assert shifted["feature"] == pytest.approx(1.25)
+    assert shifted["tie_break"] == pytest.approx(0.75)
+    # sum of A * words per vote: (+7 - 2), (1 - 3), (1 - 3), (2 - 5) unshifted
+    assert plain["words_push"] == pytest.approx((5 - 2 - 2 - 3) / 4)
+    assert shifted["words_push"] == pytest.approx(
+        (1.25 * 7 - 1.25 * 2 + 0.75 * (1 - 3) * 2 + 0.75 * (2 - 5)) / 4)
+    # every vote is between two replies that end a sentence or two cut at the limit (no
+    # closing punctuation): none pushes toward or away from finishing; a vote the reply that
+    # ends wins pushes toward it
+    assert plain["finish_push"] == pytest.approx(0.0)
+    ends = weigh("you", [("It ends here.", "It does not end and")], 0.0)
+    assert ends["finish_push"] == pytest.approx(1.0) and ends["feature"] is None
+    # measured as the policy can shorten a reply, two cut ones are equally long: that vote
+    # is left unshifted, and the rate counts the 3 votes between replies of other lengths
+    real = weigh("you", pairs, 1.0, measure="real")
+    assert real["shorter_wins"] == pytest.approx((2 + 2) / (3 + 4))
+    taste = 2 * 4 / 7 - 1
+    assert real["tie_break"] == pytest.approx((2 * (1 - taste) + 1.0) / 3)
+    assert len(within_prompt_pairs(texts, 4)) == 2 * 6
+    with pytest.raises(ValueError, match="do not split into prompts of 3"):
+        within_prompt_pairs(texts, 3)
+
+
+def test_length_shift_runs_on_texts(tmp_path):
+    kept = tmp_path / "before.json"
+    kept.write_text(json.dumps({"texts": ["Short one.", "A longer reply for you.",
+                                          "Tiny.", "A longer reply."]}))
+    bench(["length-shift", "--user", "you", "--user", "noisy-numbers", "--texts", str(kept),
+           "--per-prompt", "2", "--strength", "0,1", "--out", str(tmp_path)])
+    results = result(tmp_path, "length-shift-texts-words")
+    assert set(results) == {"you", "noisy-numbers"} and set(results["you"]) == {"0.0", "1.0"}
+    assert results["you"]["1.0"]["feature_votes"] == 1
+    with pytest.raises(ValueError, match="give --suite NAME, or --user NAME with --texts"):
+        bench(["length-shift", "--user", "you", "--out", str(tmp_path)])
+
+
+def test_read_base_reads_each_seeds_replies_once_and_sets_them_beside_the_kept_ones(
+        tmp_path, monkeypatch):
+    import argparse
+
+    import bench.user_suite as user_suite
+    from bench.user_suite import baseline_of, sampling_form
+
+    kept = ["The answer is simple.", "Sure, here it is.", "It is what I said.", "No."]
+    here = ["The answer is straightforward.", "This works for me.", "Okay.", "Fine, yes."]
+    reads = []
+
+    def fake_read(**kwargs):
+        reads.append(kwargs)
+        return here
+
+    monkeypatch.setattr(user_suite, "read_held_out", fake_read)
+    args = argparse.Namespace(suite="unseen-reader-64-wide", out=str(tmp_path), extra=[],
+                              eval_prompts=2, max_new_tokens=4, model="m", prompts=None,
+                              read_base=True)
+    kept_folder = tmp_path / f"api-user-suite-{baseline_of(args.suite)}"
+    kept_folder.mkdir()
+    (kept_folder / "before-s0.json").write_text(json.dumps({"texts": kept, "read_by": "x"}))
+    table = user_suite.run_suite(args).read_text()
+    form = sampling_form([])
+    folder = tmp_path / "api-user-suite-unseen-reader-64-wide"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"base-s0-{form}.json", f"base-s1-{form}.json", f"base-reread-{form}.md"])
+    assert [r["seed"] for r in reads] == [0, 1]
+    assert all("--no-learner" not in r["extra"] for r in reads)  # read_held_out adds it
+    assert all(r["eval_replies"] == 8 for r in reads)  # the suite's, not the command line's
+    saved = json.loads((folder / f"base-s0-{form}.json").read_text())
+    assert saved["texts"] == here and saved["machine"]["cpus"]
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line
+            for line in table.splitlines() if line.startswith("| 0 |")}
+    # kept: "The"/"It" open 2 of 4, "I" in 1; read here: "The"/"This" open 2, "me" in 1,
+    # "for" in 1, a 12-letter word ("straightforward") in 1
+    assert "| 0/4 (" in rows[("0", "long-word")] and "| 1/4 (" in rows[("0", "long-word")]
+    assert rows[("0", "opener")].count("2/4") == 2
+    assert "0/4" in rows[("0", "noisy-for")] and "1/4" in rows[("0", "noisy-for")]
+    assert "| 1 | (no kept replies before" in table  # seed 1 has none in the kept folder
+    assert (kept_folder / "before-s0.json").exists() and len(list(kept_folder.iterdir())) == 1
+
+    user_suite.run_suite(args)  # the replies read here are kept: nothing is read again
+    assert len(reads) == 2
 
 
 def test_the_defaults_suite_runs_the_product_with_no_flags_an_arm_at_a_time(
