@@ -16,10 +16,10 @@ the votes it used). Per user and strength:
 * tie-break: the mean |advantage| over the other A/B votes (they teach the tie-break, which is
   noise to the preference and spends KL);
 * words push: the mean over votes of sum_i A_i * words_i (below 0: the votes push toward
-  fewer words); finish push: the same with 1 for a reply that ends a sentence (below 0:
-  toward replies cut at the length limit). A reply counts as cut when its text does not end
-  with sentence punctuation: a reading of the text, as the learner has the finish reason but
-  a kept text does not.
+  fewer words); finish push: the same with 1 for a reply that ends its last sentence (below
+  0: toward replies cut at the length limit). A reply counts as cut when its text does not
+  end a sentence, as the "finished" oracle reads it (bench/oracles.py): a reading of the
+  text, as the learner has each reply's finish reason but a kept text does not.
 
 `--measure real` measures a reply's length as what the policy can shorten: its words if it
 ended, unbounded if it was cut (two cut replies are then equally long and their vote is not
@@ -38,19 +38,17 @@ import argparse
 import itertools
 import json
 import math
-import re
 from pathlib import Path
 
 from bench.common import RESULTS, write_result
-from bench.oracles import make_oracle, words
+from bench.oracles import ORACLES, make_oracle, words
 from learner.objectives import length_neutral, shorter_win_rate
-
-ENDED = re.compile(r"""[.!?)"'*:]\s*$""")
 
 
 def ended(text: str) -> bool:
-    """Whether the reply ends a sentence (read from its text: see the module docstring)."""
-    return ENDED.search(text.strip()) is not None
+    """Whether the reply ends its last sentence, read from its text as the "finished" oracle
+    reads it (see the module docstring)."""
+    return ORACLES["finished"].satisfied(text)
 
 
 def length(text: str, measure: str) -> float:
@@ -107,11 +105,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="weigh this API suite's users on its kept replies before, every "
                              "seed's")
     parser.add_argument("--user", action="append", default=None,
-                        help="a suite user (bench/user_suite.py USERS) instead of a suite's; "
-                             "repeatable; needs --texts")
+                        help="a suite user (bench/user_suite.py USERS) or any oracle (bench "
+                             "api-user --oracle's names), with or in place of a suite's users; "
+                             "repeatable")
     parser.add_argument("--texts", action="append", default=None,
-                        help="a JSON file with the replies under `texts`, per_prompt "
-                             "consecutive replies a prompt (with --user); repeatable")
+                        help="a JSON file with the replies under `texts`, --per-prompt "
+                             "consecutive replies a prompt, in place of a suite's; repeatable")
     parser.add_argument("--per-prompt", type=int, default=None,
                         help="replies a prompt in --texts (default: the suite's, else 8)")
     parser.add_argument("--strength", default="0,0.5,1",
@@ -125,16 +124,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     from bench.user_suite import SUITES, USERS, baseline_of, suite_folder
 
+    if not args.suite and not (args.user and args.texts):
+        raise ValueError("give --suite NAME, or --user NAME with --texts FILE")
+    users, files, per_prompt = [], [Path(t) for t in args.texts or []], args.per_prompt
     if args.suite:
         suite = SUITES[args.suite]
         users = list(suite.users)
         folder = suite_folder(argparse.Namespace(out=None), baseline_of(args.suite))
-        files = [folder / f"before-s{seed}.json" for seed in suite.seeds]
-        per_prompt = args.per_prompt or suite.eval_replies
-    elif args.user and args.texts:
-        users, files, per_prompt = args.user, [Path(t) for t in args.texts], args.per_prompt or 8
-    else:
-        raise ValueError("give --suite NAME, or --user NAME with --texts FILE")
+        files = files or [folder / f"before-s{seed}.json" for seed in suite.seeds]
+        per_prompt = per_prompt or suite.eval_replies
+    users += [name for name in args.user or [] if name not in users]
+    per_prompt = per_prompt or 8
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise ValueError(f"no kept replies: {', '.join(missing)}")
@@ -144,10 +144,9 @@ def run(args: argparse.Namespace) -> Path:
     results = {}
     for name in users:
         base = name.removeprefix("noisy-")
-        if base not in USERS:
-            raise ValueError(f"no suite user {name!r}: one of {', '.join(USERS)}")
-        results[name] = {str(s): weigh(USERS[base][0], pairs, s, args.measure)
-                         for s in strengths}
+        oracle = USERS[base][0] if base in USERS else base
+        make_oracle(oracle)  # a clear error for a name that is neither
+        results[name] = {str(s): weigh(oracle, pairs, s, args.measure) for s in strengths}
         for s in strengths:
             r = results[name][str(s)]
             print(f"{name:14s} strength {s:g}: shorter won {r['shorter_wins']:.2f}; feature "
