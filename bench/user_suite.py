@@ -4,6 +4,7 @@ headline.
 
     python -m bench api-user --suite corrections-reader
     python -m bench api-user --suite length-neutral-reader --summarize
+    python -m bench api-user --suite unseen-reader-64-wide --read-base
 
 A suite's users are preferences in a fifth to a half of the base model's replies, as
 `python -m bench feature-share` measured them (bench/results/feature-share.json); it refuses
@@ -12,6 +13,9 @@ folder as it finishes, and a rerun skips the runs already there (`--summarize` w
 table from the runs kept so far). The base model's held-out replies of a seed are read once,
 by the seed's first run, and every user of that seed is scored on the same texts (the arms
 are then compared on one baseline); a run's `before_from` says which run read them.
+`--read-base` reads them again on this machine with the learner off and sets them beside the
+kept ones (`read_base`): a suite run on another CPU than the one that read its replies before
+sees the engine's part of a change there.
 
 A suite may try a rule: `extra` flags for app.py, and `against`, a suite without the rule
 (with fewer flags) whose runs it is read beside, user by user and seed by seed, on the same
@@ -36,10 +40,12 @@ Every suite of a chain of `against` reads its held-out replies before from the s
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
 and `varied-instant-64` and `varied-instant-64-more`, users correcting every 8, read
-`defaults-reader-64`'s), and is not paired with it. A server that chooses its pairs from
-candidates is asked for its held-out replies one at a time: its pairs are not two samples of
-its policy. A suite with more held-out replies a prompt (`eval_replies`: the `-wide` suites,
-8 where the rest have 2) reads its own replies before and is read beside the others by hand.
+`defaults-reader-64`'s; `unseen-reader-64-wide` and `unseen-instant-64-wide`, users picked
+after the rule was set, read `defaults-reader-64-wide`'s), and is not paired with it. A
+server that chooses its pairs from candidates is asked for its held-out replies one at a
+time: its pairs are not two samples of its policy. A suite with more held-out replies a
+prompt (`eval_replies`: the `-wide` suites, 8 where the rest have 2) reads its own replies
+before and is read beside the others by hand.
 
 The headline: per arm and pace, the share of runs significant at 5% (by the pooled test, and
 with each held-out prompt a stratum) and the mean gain with its 95% t-interval (for an arm
@@ -296,6 +302,12 @@ SUITES = {
     "unseen-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"), (0, 1),
                                    (0,), paces=("reader",), interactions=64, eval_replies=8,
                                    reads_before_of="defaults-reader-64-wide"),
+    # The bar's instant half for them: two of the four, the one the reader's pace learnt least
+    # (long-word, seed 0) and the noisy annotator, voting as soon as a pair appears; the same
+    # held-out replies before.
+    "unseen-instant-64-wide": Suite(("long-word", "noisy-for"), (0, 1), (0,),
+                                    paces=("instant",), interactions=64, eval_replies=8,
+                                    reads_before_of="defaults-reader-64-wide"),
 }
 
 
