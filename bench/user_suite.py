@@ -411,8 +411,11 @@ def read_base(args: argparse.Namespace) -> Path:
     the mean words in them beside those of the replies before that the suite's runs were
     scored on (read once per seed, maybe on another machine, dtype or quantization), with a
     two-sided two-proportion p. Where a run's replies after differ from its replies before,
-    this says how much of that this machine's engine alone would give. Written to
-    base-reread-FORM.md in the suite's folder."""
+    this says how much of that this machine's engine alone would give. Then each of the
+    suite's kept runs of those seeds is judged again against the replies read here: its share
+    after beside theirs, one-sided p (pooled, and by prompt), and its words after ÷ theirs.
+    Both tables go to base-reread-FORM.md in the suite's folder; the second is the one to read
+    for runs made on this machine whose replies before were read on another."""
     suite = SUITES[args.suite]
     users = {name: check_user(name)[0] for name in suite.users}
     extra = [*args.extra, *suite.extra]
@@ -425,6 +428,9 @@ def read_base(args: argparse.Namespace) -> Path:
              f"off: base-sSEED-{form}.json); share with the feature (replies with it / all), "
              f"mean words, two-sided p of the pooled two-proportion test.", "",
              "| seed | user | kept | read here | p |", "|---|---|---|---|---|"]
+    against_here = ["", f"The suite's runs judged against the replies read here ({form}):",
+                    "", "| run | read here → after | p (pooled; by prompt) | words after ÷ "
+                    "read here |", "|---|---|---|---|"]
     for seed in suite.seeds:
         path = folder / f"base-s{seed}-{form}.json"
         if not path.exists():
@@ -439,6 +445,7 @@ def read_base(args: argparse.Namespace) -> Path:
                            f"{args.eval_prompts} held-out prompts x {suite.eval_replies} "
                            f"replies, as a run reads its replies before"}, indent=1) + "\n")
         here = json.loads(path.read_text())["texts"]
+        against_here += judged_again(folder, seed, here, users, suite.eval_replies)
         kept_path = kept_folder / f"before-s{seed}.json"
         if not kept_path.exists():
             lines.append(f"| {seed} | (no kept replies before: {kept_path.name} is not in "
@@ -457,10 +464,34 @@ def read_base(args: argparse.Namespace) -> Path:
             lines.append(f"| {seed} | {name} | {a['satisfied']}/{n} ({a['mean_words']:.1f} "
                          f"words) | {b['satisfied']}/{n} ({b['mean_words']:.1f} words) | "
                          f"{p:.2g} |")
+    lines += against_here
     out = folder / f"base-reread-{form}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
+
+
+def judged_again(folder: Path, seed: int, base: list[str], users: dict[str, str],
+                 per_prompt: int) -> list[str]:
+    """Table rows: each kept run of `seed` in `folder`, its replies after against `base` (the
+    base model's held-out replies of that seed, read on this machine)."""
+    from bench.api_user import stratified_p
+
+    rows = []
+    for path in sorted(folder.glob(f"*-s{seed}-*-every*.json")):
+        record = json.loads(path.read_text())
+        after = record["results"].get("after_texts")
+        name = record["settings"].get("user")
+        if not after or name not in users or len(after) != len(base):
+            continue
+        truth = make_oracle(users[name], seed)
+        a, b = scored(base, truth, per_prompt), scored(after, truth, per_prompt)
+        n = len(base)
+        pooled = one_sided_p(a["satisfied"], b["satisfied"], n)
+        strata = stratified_p(a["satisfied_by_prompt"], b["satisfied_by_prompt"], per_prompt)
+        rows.append(f"| {path.stem} | {a['satisfied']}/{n} → {b['satisfied']}/{n} | "
+                    f"{pooled:.2g}; {strata:.2g} | {b['mean_words'] / a['mean_words']:.2f} |")
+    return rows
 
 
 def baseline_of(name: str) -> str:

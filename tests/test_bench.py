@@ -953,8 +953,9 @@ def test_read_base_reads_each_seeds_replies_once_and_sets_them_beside_the_kept_o
     import bench.user_suite as user_suite
     from bench.user_suite import baseline_of, sampling_form
 
-    kept = ["The answer is simple.", "Sure, here it is.", "It is what I said.", "No."]
-    here = ["The answer is straightforward.", "This works for me.", "Okay.", "Fine, yes."]
+    # one held-out prompt of the suite's 8 replies
+    kept = ["The answer is simple.", "Sure, here it is.", "It is what I said.", "No."] * 2
+    here = ["The answer is straightforward.", "This works for me.", "Okay.", "Fine, yes."] * 2
     reads = []
 
     def fake_read(**kwargs):
@@ -963,15 +964,23 @@ def test_read_base_reads_each_seeds_replies_once_and_sets_them_beside_the_kept_o
 
     monkeypatch.setattr(user_suite, "read_held_out", fake_read)
     args = argparse.Namespace(suite="unseen-reader-64-wide", out=str(tmp_path), extra=[],
-                              eval_prompts=2, max_new_tokens=4, model="m", prompts=None,
+                              eval_prompts=1, max_new_tokens=4, model="m", prompts=None,
                               read_base=True)
     kept_folder = tmp_path / f"api-user-suite-{baseline_of(args.suite)}"
     kept_folder.mkdir()
     (kept_folder / "before-s0.json").write_text(json.dumps({"texts": kept, "read_by": "x"}))
+    folder = tmp_path / "api-user-suite-unseen-reader-64-wide"
+    folder.mkdir()
+    runs = {"long-word-s0-reader-every0": ("long-word", ["A comprehensive answer."] * 6
+                                           + ["Short.", "Also short."]),
+            "opener-s1-reader-every0": ("opener", ["It is."] * 8),
+            "noisy-for-s0-reader-every0": ("noisy-for", ["Fewer replies."] * 4)}
+    for stem, (user, after) in runs.items():
+        (folder / f"{stem}.json").write_text(json.dumps(
+            {"settings": {"user": user}, "results": {"after_texts": after}}))
     table = user_suite.run_suite(args).read_text()
     form = sampling_form([])
-    folder = tmp_path / "api-user-suite-unseen-reader-64-wide"
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
+    assert sorted(p.name for p in folder.iterdir() if not p.stem.endswith("every0")) == sorted(
         [f"base-s0-{form}.json", f"base-s1-{form}.json", f"base-reread-{form}.md"])
     assert [r["seed"] for r in reads] == [0, 1]
     assert all("--no-learner" not in r["extra"] for r in reads)  # read_held_out adds it
@@ -980,13 +989,19 @@ def test_read_base_reads_each_seeds_replies_once_and_sets_them_beside_the_kept_o
     assert saved["texts"] == here and saved["machine"]["cpus"]
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line
             for line in table.splitlines() if line.startswith("| 0 |")}
-    # kept: "The"/"It" open 2 of 4, "I" in 1; read here: "The"/"This" open 2, "me" in 1,
-    # "for" in 1, a 12-letter word ("straightforward") in 1
-    assert "| 0/4 (" in rows[("0", "long-word")] and "| 1/4 (" in rows[("0", "long-word")]
-    assert rows[("0", "opener")].count("2/4") == 2
-    assert "0/4" in rows[("0", "noisy-for")] and "1/4" in rows[("0", "noisy-for")]
+    # kept: "The"/"It" open 4 of 8, "I" in 2; read here: "The"/"This" open 4, "me" in 2,
+    # "for" in 2, a 12-letter word ("straightforward") in 2
+    assert "| 0/8 (" in rows[("0", "long-word")] and "| 2/8 (" in rows[("0", "long-word")]
+    assert rows[("0", "opener")].count("4/8") == 2
+    assert "0/8" in rows[("0", "noisy-for")] and "2/8" in rows[("0", "noisy-for")]
     assert "| 1 | (no kept replies before" in table  # seed 1 has none in the kept folder
     assert (kept_folder / "before-s0.json").exists() and len(list(kept_folder.iterdir())) == 1
+    # each kept run judged again against the replies read here, whether or not its seed has
+    # kept replies before; a run with another number of replies is left out
+    judged = [line for line in table.splitlines() if "-every0 |" in line]
+    assert len(judged) == 2
+    assert judged[0].startswith("| long-word-s0-reader-every0 | 2/8 → 6/8 |")
+    assert judged[1].startswith("| opener-s1-reader-every0 | 4/8 → 8/8 |")
 
     user_suite.run_suite(args)  # the replies read here are kept: nothing is read again
     assert len(reads) == 2
