@@ -64,7 +64,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.api_user import one_sided_p, read_held_out, run_one, run_settings, scored, summary
+from bench.api_user import (
+    one_sided_p,
+    read_held_out,
+    run_one,
+    run_settings,
+    scored,
+    stratified_p,
+    summary,
+)
 from bench.common import RESULTS, git_commit, machine, write_result
 from bench.oracles import make_oracle
 
@@ -296,9 +304,9 @@ SUITES = {
                                   extra=("--engine", "llama-cpp")),
     # The product's defaults for users picked after the rule was set (USERS' last four), as
     # the issue's check with preferences nobody has seen will be: scored on the same held-out
-    # replies before as defaults-reader-64-wide and the suites paired with it. Seed 0
-    # (docs/results.md): 3 of 4 significant, 4 of 4 by prompt (long-word at p = 0.0504, its
-    # replies 0.84 of the base's words); seed 1 not run.
+    # replies before as defaults-reader-64-wide and the suites paired with it. Both seeds
+    # (docs/results.md): 6 of 8 significant, 7 of 8 by prompt; long-word missed on both
+    # (p = 0.050 and 0.079, +0.06 each).
     "unseen-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"), (0, 1),
                                    (0,), paces=("reader",), interactions=64, eval_replies=8,
                                    reads_before_of="defaults-reader-64-wide"),
@@ -475,8 +483,6 @@ def judged_again(folder: Path, seed: int, base: list[str], users: dict[str, str]
                  per_prompt: int) -> list[str]:
     """Table rows: each kept run of `seed` in `folder`, its replies after against `base` (the
     base model's held-out replies of that seed, read on this machine)."""
-    from bench.api_user import stratified_p
-
     rows = []
     for path in sorted(folder.glob(f"*-s{seed}-*-every*.json")):
         record = json.loads(path.read_text())
@@ -683,8 +689,6 @@ def p_by_prompt(result: dict) -> float | None:
     """The run's one-sided p with each held-out prompt a stratum (bench/api_user.py
     `stratified_p`), computed from its per-prompt counts (so runs kept before the exact test
     are read with it too); None for a run made before the counts were kept."""
-    from bench.api_user import stratified_p
-
     before, after = result.get("before", {}), result.get("after", {})
     if "satisfied_by_prompt" not in before or "satisfied_by_prompt" not in after:
         return None
