@@ -335,7 +335,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
             steps = store.learner_steps()
             metrics = {a["version"]: a["metrics"] or {} for a in store.adapters()}
             seconds_to_live = vote_to_live(store)
-            voted = store.used_vote_texts()
+            voted = [row[1:] for row in store.used_vote_texts()]  # (choice, text A, text B)
             store.close()
         learner_lines = learner_log_lines(data / "learner.log")
     if len(before_texts) != len(after_texts):
@@ -392,7 +392,7 @@ def learner_log_lines(path: Path) -> list[str]:
 def shorter_won(voted: list[tuple[str, str, str]]) -> float | None:
     """The share of A-or-B votes between replies of different lengths that the shorter reply
     won (Store.used_vote_texts): how much of what the user taught was length."""
-    outcomes = shorter_reply_won(voted)
+    outcomes = [won for won in (shorter_reply_won(*vote) for vote in voted) if won is not None]
     return sum(outcomes) / len(outcomes) if outcomes else None
 
 

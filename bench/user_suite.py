@@ -35,7 +35,8 @@ against that, and `final-reader-64-wide` against `defaults-reader-64-wide`;
 `bounded-instant-64-wide`, the bounded loss, against `final-instant-64-wide`, and
 `bounded-reader-64-wide` against `final-reader-64-wide`; `half-neutral-reader-64-wide`
 and `half-neutral-instant-64-wide`, length-neutral votes at half strength, against the
-bounded ones).
+bounded ones; `window-reader-64-wide`, the length rate over each vote's 16 newest
+predecessors, against `unseen-reader-64-wide`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -316,6 +317,14 @@ SUITES = {
     "unseen-instant-64-wide": Suite(("long-word", "noisy-for"), (0, 1), (0,),
                                     paces=("instant",), interactions=64, eval_replies=8,
                                     reads_before_of="defaults-reader-64-wide"),
+    # A rule on trial (docs/learning.md): the length-neutral shift's rate counted over the 16
+    # newest used votes cast before each vote, not all of them (--length-window), against
+    # the defaults on the same users, seeds and held-out replies before. Why: in opener s0 the
+    # rate over all votes climbed 0.55 -> 0.82 over the run and its replies shortened to 0.86.
+    "window-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"), (0, 1),
+                                   (0,), paces=("reader",), interactions=64, eval_replies=8,
+                                   extra=("--length-window", "16"),
+                                   against="unseen-reader-64-wide"),
 }
 
 

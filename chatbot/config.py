@@ -50,6 +50,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -312,6 +319,11 @@ class Config:
         "(divided by the mean the shift leaves, at most 4 times): a person whose votes length "
         "mostly explains is then held no closer to the base than anyone else (default: off)",
         "learner", kind="switch"))
+    length_window: int = field(default=0, metadata=setting(
+        "count the share of votes the shorter reply won (what --length-neutral takes out) over "
+        "the N newest used votes cast before each vote, not over all of them: the share drifts "
+        "as the policy learns, and a rate over all votes lags the newest; 0 = all (default: "
+        "{default})", "learner", type=_non_negative_int))
     judge_new: bool = field(default=False, metadata=setting(
         "test-then-train: each new vote first judges the round's candidate against the live "
         "adapter and trains from the next round on; off (default), it trains at once and the "

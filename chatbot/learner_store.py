@@ -37,16 +37,17 @@ class LearnerVerbs(RegistryVerbs):
             "as corrections_pending")
         return {key: int(value) for key, value in row.items()}
 
-    def used_vote_texts(self) -> list[tuple[str, str, str]]:
-        """(choice, reply A's text, reply B's text) of every A-or-B vote a finished round has
-        used, oldest first: what the learner measures its voters' taste for length on
-        (learner/data.py)."""
+    def used_vote_texts(self) -> list[tuple[int, str, str, str]]:
+        """(vote id, choice, reply A's text, reply B's text) of every A-or-B vote a finished
+        round has used, oldest first: what the learner measures its voters' taste for length
+        on (learner/data.py)."""
         rows = self.db.query(
-            "select v.choice, a.text as a_text, b.text as b_text from votes v "
+            "select v.id, v.choice, a.text as a_text, b.text as b_text from votes v "
             "join replies a on a.pair_id = v.pair_id and a.side = 'A' "
             "join replies b on b.pair_id = v.pair_id and b.side = 'B' "
             "where v.choice in ('A', 'B') and v.used_by_version is not null order by v.id")
-        return [(row["choice"], row["a_text"] or "", row["b_text"] or "") for row in rows]
+        return [(int(row["id"]), row["choice"], row["a_text"] or "", row["b_text"] or "")
+                for row in rows]
 
     def feedback_users(self) -> int:
         """How many users have ever voted, rated or corrected."""

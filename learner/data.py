@@ -42,7 +42,9 @@ Under `--length-neutral` a pair vote's advantages lose what the replies' lengths
 predict, from the share of the pair votes finished rounds used that the shorter reply won
 (objectives.length_neutral): a person who picks the shorter of two replies that differ in
 nothing they care about otherwise teaches length, not what they prefer. With
-`--length-neutral-rescale` the shifted advantages are scaled back to a vote's usual weight.
+`--length-neutral-rescale` the shifted advantages are scaled back to a vote's usual weight;
+with `--length-window N` each vote's rate is counted over the N newest used votes cast before
+it, not over all of them.
 
 Left out: prioritised replay, weighting users by how much they agree with others, a taste for
 length per user.
@@ -70,7 +72,7 @@ from learner.objectives import (
     rloo_advantages,
     running_baseline_advantages,
     shorter_reply_won,
-    shorter_win_rate,
+    trailing_shorter_win_rate,
 )
 
 PAIRWISE = ("A", "B")
@@ -110,7 +112,7 @@ class RoundData:
     rewards: list[float] = field(default_factory=list)  # FEEDBACK_REWARD of each new item
     replayed_items: int = 0  # earlier votes and ratings trained on this round
     slices: int = 1  # the rounds of `learn_every` new items this round stands for
-    shorter_wins: float | None = None  # under --length-neutral: RoundBuilder._shorter_wins
+    shorter_wins: float | None = None  # under --length-neutral: the newest votes' rate
 
     @property
     def new_samples(self) -> list[Sample]:
@@ -158,10 +160,12 @@ class RoundBuilder:
                  max_user_share: float = 1.0, rng: random.Random | None = None,
                  negative_weight: float = 1.0, learn_every: int | None = None,
                  encode_reply: Callable[[str], list[int]] | None = None,
-                 length_neutral: float = 0.0, length_neutral_rescale: bool = False) -> None:
+                 length_neutral: float = 0.0, length_neutral_rescale: bool = False,
+                 length_window: int = 0) -> None:
         self.store = store
         self.length_neutral = length_neutral  # 0: a pair vote's advantages as they are
         self.length_neutral_rescale = length_neutral_rescale  # see objectives.length_neutral
+        self.length_window = length_window  # see objectives.trailing_shorter_win_rate
         self.encode_reply = encode_reply  # a rewrite's text -> its reply token ids
         self.learn_every = learn_every  # None: a round is one slice, however many items
         self.negative_weight = negative_weight
@@ -175,14 +179,16 @@ class RoundBuilder:
         self._drawn: tuple[tuple, list[tuple[str, int]]] | None = None  # see _draw
         # correction id -> (token ids, reference log-probs or None) of the rewrite
         self._rewrites: dict[int, tuple[list[int], list[float] | None]] = {}
-        self._shorter_wins_of: tuple[tuple, float] | None = None  # (used vote ids, the rate)
+        # (used vote ids, (vote id, did the shorter reply win) of those of different lengths)
+        self._length_outcomes_of: tuple[tuple, list[tuple[int, bool]]] | None = None
 
     def build(self, claimed: dict[str, list[int]]) -> RoundData:
         absolute = self._absolute_advantages()
         data = RoundData()
         earlier = self.store.used_feedback("votes")
         if self.length_neutral:
-            data.shorter_wins = self._shorter_wins(earlier)
+            self._read_length_outcomes(earlier)
+            data.shorter_wins = self._shorter_wins(None)
         judge = self.judge_new and any(v["choice"] in PAIRWISE for v in earlier)
         data.judge_only = judge
         for vote in self.store.feedback_by_id("votes", claimed["votes"]):
@@ -341,8 +347,9 @@ class RoundBuilder:
             advantages = rloo_advantages(torch.tensor([pair_rewards(row["choice"])]))[0].tolist()
             if data.shorter_wins is not None:
                 texts = [reply["text"] or "" for reply in self._pair(row["pair_id"])["replies"]]
+                shorter_wins = self._shorter_wins(row["id"])
                 advantages = length_neutral(tuple(advantages), tuple(map(reply_words, texts)),
-                                            data.shorter_wins, self.length_neutral,
+                                            shorter_wins, self.length_neutral,
                                             rescale=self.length_neutral_rescale)
             adv_a, adv_b = (damp_negative(a, self.negative_weight) for a in advantages)
             items.append([self._sample(row["pair_id"], "A", adv_a),
@@ -350,17 +357,26 @@ class RoundBuilder:
             data.pairs.append(self._preference(row))
         # a tie: both replies equally good, no policy-gradient term
 
-    def _shorter_wins(self, used_votes: list[dict]) -> float:
-        """The share of the pair votes finished rounds used (between replies of different
-        lengths) that the shorter reply won, shrunk toward a half (objectives.shorter_win_rate).
-        Used votes only: the rate stays the same from the end of one round to the next, so the
-        draft the learner starts on between rounds (learner/head_start.py) has the advantages
-        the round will have; and it is counted again only when they change."""
+    def _read_length_outcomes(self, used_votes: list[dict]) -> None:
+        """Whether the shorter reply won each pair vote finished rounds used (between replies
+        of different lengths): what `_shorter_wins` counts. Used votes only: the rates stay
+        the same from the end of one round to the next, so the draft the learner starts on
+        between rounds (learner/head_start.py) has the advantages the round will have; and
+        the votes are read again only when they change."""
         key = tuple(vote["id"] for vote in used_votes)
-        if self._shorter_wins_of is None or self._shorter_wins_of[0] != key:
-            outcomes = shorter_reply_won(self.store.used_vote_texts())
-            self._shorter_wins_of = (key, shorter_win_rate(outcomes))
-        return self._shorter_wins_of[1]
+        if self._length_outcomes_of is None or self._length_outcomes_of[0] != key:
+            outcomes = [(vote_id, won) for vote_id, *vote in self.store.used_vote_texts()
+                        if (won := shorter_reply_won(*vote)) is not None]
+            self._length_outcomes_of = (key, outcomes)
+
+    def _shorter_wins(self, vote_id: int | None) -> float:
+        """The share of the used pair votes the shorter reply won, shrunk toward a half, as
+        vote `vote_id`'s shift reads it: over all of them, or with --length-window over the
+        newest cast before it (objectives.trailing_shorter_win_rate; None: before any vote no
+        round has used yet)."""
+        assert self._length_outcomes_of is not None, "build reads the outcomes first"
+        return trailing_shorter_win_rate(self._length_outcomes_of[1], vote_id,
+                                         self.length_window)
 
     def _absolute_advantages(self) -> dict[tuple, float]:
         """Running-baseline advantages of every absolute reward, in the order they were given."""

@@ -75,11 +75,12 @@ def reply_words(text: str) -> int:
     return len(text.split())
 
 
-def shorter_reply_won(votes: list[tuple[str, str, str]]) -> list[bool]:
-    """For each pair vote (choice "A" or "B", reply A's text, reply B's text) between replies
-    of different lengths: did the shorter reply win?"""
-    return [(choice == "A") == (reply_words(a) < reply_words(b)) for choice, a, b in votes
-            if reply_words(a) != reply_words(b)]
+def shorter_reply_won(choice: str, a: str, b: str) -> bool | None:
+    """Did the shorter reply win the pair vote `choice` ("A" or "B") between replies with
+    texts `a` and `b`? None where they are of the same length."""
+    if reply_words(a) == reply_words(b):
+        return None
+    return (choice == "A") == (reply_words(a) < reply_words(b))
 
 
 def shorter_win_rate(outcomes: list[bool], prior_count: float = 4.0) -> float:
@@ -87,6 +88,25 @@ def shorter_win_rate(outcomes: list[bool], prior_count: float = 4.0) -> float:
     vote between replies of different lengths), counting `prior_count` extra votes split
     evenly, so that a few votes do not read as a rule."""
     return (sum(outcomes) + prior_count / 2) / (len(outcomes) + prior_count)
+
+
+def trailing_shorter_win_rate(outcomes: list[tuple[int, bool]], vote_id: int | None,
+                              window: int) -> float:
+    """The shorter-won rate (`shorter_win_rate`) a pair vote's length-neutral shift reads.
+
+    `outcomes`: (vote id, did the shorter reply win) of the used votes between replies of
+    different lengths, oldest first. With `window` 0, over all of them: one rate for every
+    vote. Otherwise over the `window` newest of those cast before vote `vote_id` (before any
+    for None: a vote no round has used yet is newer than those): the rate at the time the
+    vote was cast. The share of votes that length decides drifts as the policy learns (once
+    most replies have the feature a person wants, their ties to the shorter reply decide
+    more votes), and a rate over all votes then lags the newest ones; a vote's own outcome is
+    never in its rate.
+    """
+    if window <= 0:
+        return shorter_win_rate([won for _, won in outcomes])
+    before = [won for other, won in outcomes if vote_id is None or other < vote_id]
+    return shorter_win_rate(before[-window:])
 
 
 RESCALE_MAX = 4.0  # the most a length-neutral vote's advantages are multiplied by

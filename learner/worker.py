@@ -67,6 +67,7 @@ class Learner:
                                     learn_every=config.learn_every,
                                     length_neutral=config.length_neutral,
                                     length_neutral_rescale=config.length_neutral_rescale,
+                                    length_window=config.length_window,
                                     encode_reply=functools.partial(
                                         reply_token_ids, loaded.tokenizer,
                                         end_of_turn_id(loaded.model, loaded.tokenizer)))

@@ -16,6 +16,7 @@ from chatbot.config import (
     _fraction,
     _kl_linear_point,
     _non_negative,
+    _non_negative_int,
     _positive_int,
     command_line,
     flag_of,
@@ -39,7 +40,7 @@ def _another_value(f, s, default, tmp_path):
         return ("ann", "bob")
     if f.name in ("data_dir", "cache_dir"):
         return (tmp_path / f.name).resolve()
-    if s.type in (int, _positive_int, _candidates):
+    if s.type in (int, _positive_int, _non_negative_int, _candidates):
         return (default or 0) + 3
     if s.type is _fraction:  # within [0, 1]
         return default - 0.25 if default >= 0.5 else default + 0.25
@@ -133,6 +134,7 @@ def test_bounded_settings_refuse_values_out_of_range_and_say_so(capsys):
     for flag, value, message in [("--pair-candidates", "1", "between 2 and 8, got 1"),
                                  ("--pair-candidates", "9", "between 2 and 8, got 9"),
                                  ("--length-neutral", "1.5", "between 0 and 1, got 1.5"),
+                                 ("--length-window", "-4", "must be 0 or more, got -4"),
                                  ("--explore-temperature", "-0.5", "0 or more, got -0.5"),
                                  ("--explore-temperature", "nan", "0 or more, got nan"),
                                  ("--dual-clip", "0.8", "0 (off) or more than 1, got 0.8"),

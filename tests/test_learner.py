@@ -685,8 +685,9 @@ def test_length_neutral_votes_lose_what_length_alone_predicts(tmp_path):
         store.db.execute(f"update votes set used_by_version = 1 where id in "
                          f"({', '.join(map(str, ids))})")
 
-    use([vote("A", short, long), vote("A", short, long), vote("B", short, long),
-         vote("B", long, short)])
+    used = [vote("A", short, long), vote("A", short, long), vote("B", short, long),
+            vote("B", long, short)]
+    use(used)
     new = [vote("B", short, long),  # the longer won
            vote("A", long, short),  # the longer won
            vote("B", long, short)]  # the shorter won
@@ -712,6 +713,20 @@ def test_length_neutral_votes_lose_what_length_alone_predicts(tmp_path):
     use(new[:2])  # two more votes the longer reply won: 3 of 6, (3 + 2) / (6 + 4) = 1/2
     assert builder.build({"votes": new[2:], "ratings": [], "corrections": []}
                          ).shorter_wins == pytest.approx(0.5)
+    # --length-window 2: each vote reads the two newest used votes cast before it. The new
+    # vote reads new[0] and new[1] (both won by the longer): (0 + 2) / (2 + 4) = 1/3, a shift
+    # of -1/3; a replayed vote, the third used, reads the first two, which the shorter won:
+    # (2 + 2) / (2 + 4) = 2/3, a shift of +1/3, where the rate over all six (1/2) shifts none.
+    windowed = data.RoundBuilder(store, replay=8, length_neutral=1.0, length_window=2)
+    round_data = windowed.build({"votes": new[2:], "ratings": [], "corrections": []})
+    assert round_data.shorter_wins == pytest.approx(1 / 3)
+    assert advantages(round_data) == [pytest.approx([-1 - 1 / 3, 1 + 1 / 3])]
+    replayed = {item[0].reply_id: [s.advantage for s in item]
+                for item in round_data.replay_items}
+    third = store.pair(None, store.feedback_by_id("votes", [used[2]])[0]["pair_id"])
+    # the third used vote: B, the longer, won between ("short", "a longer reply")
+    assert replayed[third["replies"][0]["id"]] == pytest.approx([-1 - 1 / 3, 1 + 1 / 3])
+    assert len(replayed) == 6  # every used vote, each with its own rate
 
 
 def test_the_learner_command_seeds_the_learner_with_seed(tmp_path, monkeypatch, capsys):

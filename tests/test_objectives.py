@@ -136,6 +136,24 @@ def test_length_neutral_votes_teach_no_length_on_average():
     assert length_neutral((1.0, -1.0), (10, 30), 0.5) == (1.0, -1.0)  # no taste: unchanged
 
 
+def test_a_trailing_length_rate_counts_the_newest_votes_cast_before_each_vote():
+    """Window 0: one rate over every used vote, as before. A window of 4: for each vote the 4
+    newest used votes cast before it (never its own), shrunk like any rate; a vote no round
+    used yet (None) reads the 4 newest of all; before any used vote, no taste (a half)."""
+    from learner.objectives import shorter_win_rate, trailing_shorter_win_rate
+
+    # the shorter reply lost the first four votes and won the next six: a rising rate
+    outcomes = [(vote_id, vote_id > 4) for vote_id in range(1, 11)]
+    pooled = shorter_win_rate([won for _, won in outcomes])
+    assert pooled == pytest.approx((6 + 2) / (10 + 4))
+    assert all(trailing_shorter_win_rate(outcomes, v, 0) == pooled for v in (None, 1, 7))
+    assert trailing_shorter_win_rate(outcomes, None, 4) == pytest.approx((4 + 2) / (4 + 4))
+    assert trailing_shorter_win_rate(outcomes, 7, 4) == pytest.approx((2 + 2) / (4 + 4))
+    assert trailing_shorter_win_rate(outcomes, 3, 4) == pytest.approx((0 + 2) / (2 + 4))
+    assert trailing_shorter_win_rate(outcomes, 1, 4) == 0.5
+    assert trailing_shorter_win_rate(outcomes, 99, 4) == pytest.approx(6 / 8)  # all before
+
+
 def test_rescaled_length_neutral_votes_keep_a_votes_usual_weight():
     """At full strength the shift leaves a vote a mean |advantage| of 4p(1 - p) (0.75 at
     p = 0.75); rescaled, it is 1 again, still with no length on average, and never scaled by

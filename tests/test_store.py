@@ -218,8 +218,8 @@ def test_claim_release_and_finish_round(store):
 
 
 def test_the_used_votes_texts_are_what_the_length_rate_counts(store):
-    """Store.used_vote_texts: each A-or-B vote a finished round used, with both replies'
-    texts in side order; ties and pending votes are not among them."""
+    """Store.used_vote_texts: each A-or-B vote a finished round used, its id first, with both
+    replies' texts in side order; ties and pending votes are not among them."""
     for i, (a, b, choice) in enumerate([("one", "one two", "A"), ("x y z", "x", "B"),
                                         ("p", "q", "tie"), ("r", "s t", "B")]):
         _, pair_id = add_turn(store, message=f"m{i}", a=a, b=b)
@@ -228,7 +228,10 @@ def test_the_used_votes_texts_are_what_the_length_rate_counts(store):
     store.finish_round("r1", {"version": 1, "path": "v1", "parent_version": 0,
                               "base_model": "m", "sha256": "x", "status": "live"},
                        {"adapter_version": 1, "status": "promoted", "loss": 0.1})
-    assert store.used_vote_texts() == [("A", "one", "one two"), ("B", "x y z", "x")]
+    assert [row[1:] for row in store.used_vote_texts()] == [("A", "one", "one two"),
+                                                            ("B", "x y z", "x")]
+    ids = [row[0] for row in store.used_vote_texts()]
+    assert ids == sorted(ids) and len(set(ids)) == 2
 
 
 def test_writers_in_two_connections_wait_instead_of_failing(tmp_path):
