@@ -9,7 +9,9 @@ the same oracle, prompts, model, LoRA shape and number of labelled pairs: TRL's 
 for several epochs on the labelled pairs (bench/dpo_baseline.py); all are judged by the same
 Evaluator against the base model's replies. The result is one JSON with every run's curves
 and, at 32, 64 and 128 votes, the mean Duet - anchor win-rate difference over runs with a 95%
-t-interval.
+t-interval, and each side's rise in the share of replies with the preferred feature, also
+counted only where its replies keep 70% of the base model's words (`gain_at_length`: the
+claim's floor; offline DPO's largest rises came with replies cut to a fifth of the base's).
 
 Cost is kept in check: 48-token replies, 16 held-out prompts (two replies each, sampled in one
 batched call), and each anchor's side cached in bench/results/trl-cache/ (dpo-cache/) under a
@@ -59,6 +61,9 @@ SUITES = {
              ("finished", 1, 64), ("noisy-numbers", 1, 64), ("numbers", 0, 128), ("you", 0, 128)],
 }
 REPORT_AT = (32, 64, 128)
+# The claim's floor on length: a side's rise in the preferred feature counts where its replies
+# keep this share of the base model's words (`gain_at_length`).
+LENGTH_FLOOR = 0.7
 TRL_CACHE = "trl-cache"  # a folder beside the suite's result
 TRL_SOURCES = ("trl_baseline.py", "simulate.py", "oracles.py")
 DPO_CACHE = "dpo-cache"
@@ -243,6 +248,28 @@ def at(curve: list[dict], votes: int) -> dict | None:
     return next((e for e in curve if e["votes"] == votes), None)
 
 
+def words_ratio(evaluation: dict) -> float:
+    """Mean words of the held-out replies after over the base model's."""
+    return evaluation["mean_words"] / evaluation["base_mean_words"]
+
+
+def gain_at_length(evaluation: dict) -> float:
+    """The rise in the share of held-out replies with the user's feature, counted only where
+    the replies keep LENGTH_FLOOR of the base's words: a rise bought by cutting the replies
+    short counts as none (a fall still counts)."""
+    gain = evaluation["satisfied_share"] - evaluation["base_satisfied_share"]
+    return gain if words_ratio(evaluation) >= LENGTH_FLOOR else min(gain, 0.0)
+
+
+def length_fields(side: str, evaluations: list[dict]) -> dict:
+    """A side's words after / before, its runs under LENGTH_FLOOR and its gain at length."""
+    return {f"{side}_words_ratio": mean_ci([words_ratio(e) for e in evaluations]),
+            f"{side}_under_length_floor": sum(words_ratio(e) < LENGTH_FLOOR
+                                              for e in evaluations),
+            f"{side}_satisfied_gain_at_length": mean_ci([gain_at_length(e)
+                                                         for e in evaluations])}
+
+
 def anchor_summary(runs: list[dict], votes: int, side: str) -> tuple[list, dict]:
     """The runs with Duet's and `side`'s evaluation at `votes`, and that anchor's fields."""
     pairs = [(at(r["duet"], votes), at(r.get(side) or [], votes)) for r in runs]
@@ -255,6 +282,9 @@ def anchor_summary(runs: list[dict], votes: int, side: str) -> tuple[list, dict]
         f"{side}_satisfied_gain": mean_ci([a["satisfied_share"] - a["base_satisfied_share"]
                                            for _, a in pairs]),
         f"{side}_kl": mean_ci([a["kl_per_token"] for _, a in pairs]),
+        **length_fields(side, [a for _, a in pairs]),
+        f"duet_minus_{side}_gain_at_length": mean_ci([gain_at_length(d) - gain_at_length(a)
+                                                      for d, a in pairs]),
     }
 
 
@@ -269,6 +299,7 @@ def summarize(runs: list[dict]) -> dict:
                 "duet_satisfied_gain": mean_ci([d["satisfied_share"] - d["base_satisfied_share"]
                                                 for d, _ in pairs]),
                 "duet_kl": mean_ci([d["kl_per_token"] for d, _ in pairs]),
+                **length_fields("duet", [d for d, _ in pairs]),
                 **trl,
             })
         pairs, dpo = anchor_summary(runs, votes, "dpo")

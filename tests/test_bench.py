@@ -188,6 +188,33 @@ def test_offline_dpo_moves_the_policy_toward_the_chosen_replies(tiny_model_dir, 
     assert (after - before).mean().item() > 0.5  # the chosen replies gained on the rejected
 
 
+def test_a_rise_bought_by_cutting_the_replies_short_counts_as_none():
+    """The learning suite's gain at length: a side whose replies fall under 70% of the base's
+    words keeps a fall in the feature's share but not a rise; the summary counts such runs and
+    pairs Duet's gain at length with each anchor's."""
+    from bench.suite import LENGTH_FLOOR, gain_at_length, summarize
+
+    def curve(share: float, words: float) -> list[dict]:
+        base = {"base_satisfied_share": 0.25, "base_mean_words": 40.0, "win_rate": 0.5,
+                "kl_per_token": 0.1}
+        return [{**base, "votes": 0, "satisfied_share": 0.25, "mean_words": 40.0},
+                {**base, "votes": 32, "satisfied_share": share, "mean_words": words}]
+
+    cut = curve(0.75, 8.0)[1]  # +0.5 with replies at a fifth of the base's words
+    assert gain_at_length(cut) == 0.0
+    assert gain_at_length({**cut, "satisfied_share": 0.125}) == -0.125  # a fall counts
+    assert gain_at_length({**cut, "mean_words": 40.0 * LENGTH_FLOOR}) == 0.5  # at the floor
+    runs = [{"duet": curve(0.5, 36.0), "trl": curve(0.25, 40.0), "dpo": curve(0.75, 8.0)},
+            {"duet": curve(0.375, 30.0), "trl": curve(0.375, 44.0), "dpo": curve(0.5, 32.0)}]
+    at32 = summarize(runs)["32"]
+    assert at32["dpo_satisfied_gain"]["mean"] == pytest.approx(0.375)
+    assert at32["dpo_satisfied_gain_at_length"]["mean"] == pytest.approx(0.125)
+    assert at32["dpo_under_length_floor"] == 1 and at32["duet_under_length_floor"] == 0
+    assert at32["duet_satisfied_gain_at_length"]["mean"] == pytest.approx(0.1875)
+    assert at32["duet_minus_dpo_gain_at_length"]["mean"] == pytest.approx(0.0625)
+    assert at32["duet_words_ratio"]["mean"] == pytest.approx((0.9 + 0.75) / 2)
+
+
 def test_the_suites_key_leaves_out_only_files_a_simulated_run_never_loads(tmp_path,
                                                                           monkeypatch):
     """A change to a serving engine keeps the kept runs; a change to what a run executes does
