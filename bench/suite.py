@@ -249,8 +249,10 @@ def at(curve: list[dict], votes: int) -> dict | None:
 
 
 def words_ratio(evaluation: dict) -> float:
-    """Mean words of the held-out replies after over the base model's."""
-    return evaluation["mean_words"] / evaluation["base_mean_words"]
+    """Mean words of the held-out replies after over the base model's (1 where the base
+    model's were all empty: nothing to fall short of)."""
+    base = evaluation["base_mean_words"]
+    return evaluation["mean_words"] / base if base else 1.0
 
 
 def gain_at_length(evaluation: dict) -> float:
@@ -299,12 +301,14 @@ def summarize(runs: list[dict]) -> dict:
                 "duet_satisfied_gain": mean_ci([d["satisfied_share"] - d["base_satisfied_share"]
                                                 for d, _ in pairs]),
                 "duet_kl": mean_ci([d["kl_per_token"] for d, _ in pairs]),
-                **length_fields("duet", [d for d, _ in pairs]),
                 **trl,
             })
         pairs, dpo = anchor_summary(runs, votes, "dpo")
         if pairs:
             entry.update({"dpo_runs": len(pairs), **dpo})
+        duet = [d for d in (at(r["duet"], votes) for r in runs) if d is not None]
+        if entry and duet:  # over every run of Duet's at this count, anchors or not
+            entry.update(length_fields("duet", duet))
         if entry:
             summary[str(votes)] = entry
     return summary

@@ -320,10 +320,11 @@ class Config:
         "mostly explains is then held no closer to the base than anyone else (default: off)",
         "learner", kind="switch"))
     length_window: int = field(default=0, metadata=setting(
-        "count the share of votes the shorter reply won (what --length-neutral takes out) over "
-        "the N newest used votes cast before each vote, not over all of them: the share drifts "
-        "as the policy learns, and a rate over all votes lags the newest; 0 = all (default: "
-        "{default})", "learner", type=_non_negative_int))
+        "count the share of votes the shorter reply won (what --length-neutral takes out) for "
+        "each vote over the N used votes between replies of different lengths cast just before "
+        "it, not over all of them: the share drifts as the policy learns, and a rate over all "
+        "votes lags the newest; 0 = all (default: {default})", "learner",
+        type=_non_negative_int))
     judge_new: bool = field(default=False, metadata=setting(
         "test-then-train: each new vote first judges the round's candidate against the live "
         "adapter and trains from the next round on; off (default), it trains at once and the "
