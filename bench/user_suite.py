@@ -313,8 +313,8 @@ SUITES = {
                                    reads_before_of="defaults-reader-64-wide"),
     # The bar's instant half for them: two of the four, the one the reader's pace learnt least
     # (long-word, seed 0) and the noisy annotator, voting as soon as a pair appears; the same
-    # held-out replies before. Three runs of four (docs/results.md): 2 of 3 significant;
-    # long-word +0.05 on seed 0 and +0.11 (p = 0.005) on seed 1; noisy-for s1 still to run.
+    # held-out replies before. Both seeds (docs/results.md): 3 of 4 significant; long-word
+    # +0.05 on seed 0 and +0.11 (p = 0.005) on seed 1.
     "unseen-instant-64-wide": Suite(("long-word", "noisy-for"), (0, 1), (0,),
                                     paces=("instant",), interactions=64, eval_replies=8,
                                     reads_before_of="defaults-reader-64-wide"),
