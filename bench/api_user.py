@@ -31,6 +31,11 @@ A run with corrections also scores the replies after with the user's correction 
 taken out (`less_correction`): a model that learns to write a sentence the user put first in
 rewrite after rewrite satisfies the preference by copying it.
 
+Each run also reads how much of its change the replies' lengths alone explain
+(`share_at_length`): the share the replies after would have at the replies before's rate for
+their lengths. Where the replies shorten and the feature comes with longer replies (a long
+word, a number), the share falls by that much whatever the model learnt of the feature.
+
 Left out: the browser (tests/test_browser.py drives the page), several users on one server.
 """
 
@@ -223,6 +228,42 @@ def less_correction(texts: list[str], sentences: str | list[str], oracle,
                                                     for text in texts)}
 
 
+def share_at_length(before_texts: list[str], after_texts: list[str], oracle) -> float:
+    """The share of the replies after that would have the feature if only their lengths had
+    changed: a logistic regression of the feature on log(1 + words) over the replies before,
+    averaged over the replies after. With the same lengths as before it is the share before
+    (at the fit, the fitted chances average to the observed share); the share after minus it
+    is what the lengths do not explain. Left out: everything but length (the prompt, where
+    in the reply the feature sits); the replies before are the fit's only data, and a slope
+    kept small (a ridge of 1 on it) where the feature separates short from long replies."""
+    xs = [math.log1p(words(text)) for text in before_texts]
+    hits = [float(oracle.truth.satisfied(text)) for text in before_texts]
+    share = sum(hits) / len(hits)
+    if share in (0.0, 1.0):
+        return share  # no reply with (or without) the feature: no rate to tell apart by length
+    a, b = math.log(share / (1 - share)), 0.0
+    for _ in range(50):  # Newton's method on the ridge-penalised log-likelihood
+        g_a = g_b = h_aa = h_ab = 0.0
+        h_bb = 1.0
+        g_b -= b
+        for x, hit in zip(xs, hits):
+            p = 1.0 / (1.0 + math.exp(-(a + b * x)))
+            g_a += hit - p
+            g_b += (hit - p) * x
+            w = p * (1.0 - p)
+            h_aa += w
+            h_ab += w * x
+            h_bb += w * x * x
+        det = h_aa * h_bb - h_ab * h_ab
+        step_a = (h_bb * g_a - h_ab * g_b) / det
+        step_b = (h_aa * g_b - h_ab * g_a) / det
+        a, b = a + step_a, b + step_b
+        if abs(step_a) + abs(step_b) < 1e-10:
+            break
+    return sum(1.0 / (1.0 + math.exp(-(a + b * math.log1p(words(text)))))
+               for text in after_texts) / len(after_texts)
+
+
 def learner_done(status: dict) -> bool:
     """Every vote and correction used, and no round running."""
     return (status["votes_pending"] == 0 and status.get("corrections_pending", 0) == 0
@@ -356,6 +397,7 @@ def run_one(*, oracle_name: str, seed: int, interactions: int, correct_every: in
                                            after["satisfied_by_prompt"], eval_replies),
         "eval_replies": eval_replies,
         "length_ratio": after["mean_words"] / before["mean_words"],
+        "satisfied_share_at_length": share_at_length(before_texts, after_texts, oracle),
         "live_adapter_version": final["live_adapter_version"],
         "votes_pending_when_measured": final["votes_pending"],
         "corrections_pending_when_measured": final.get("corrections_pending"),

@@ -48,6 +48,10 @@ time: its pairs are not two samples of its policy. A suite with more held-out re
 prompt (`eval_replies`: the `-wide` suites, 8 where the rest have 2) reads its own replies
 before and is read beside the others by hand.
 
+The table also splits each run's gain into what the replies' lengths alone explain and the
+rest (`gain_by_length`, from bench/api_user.py's `share_at_length`; computed from the kept
+replies for runs made before it was).
+
 The headline: per arm and pace, the share of runs significant at 5% (by the pooled test, and
 with each held-out prompt a stratum) and the mean gain with its 95% t-interval (for an arm
 with corrections, also with the user's correction sentence taken out of the replies after: a
@@ -71,6 +75,7 @@ from bench.api_user import (
     run_one,
     run_settings,
     scored,
+    share_at_length,
     stratified_p,
     summary,
 )
@@ -377,7 +382,7 @@ def run_suite(args: argparse.Namespace) -> Path:
                         runs.append(json.loads(path.read_text()))
     if not runs:
         raise ValueError(f"no runs of the suite {args.suite!r} in {folder} yet")
-    table_text = table(runs)
+    table_text = table(runs, folder)
     lines = headline(runs)
     if suite.against:
         baseline = [json.loads(path.read_text()) for path in
@@ -623,6 +628,28 @@ def less_correction_of(run: dict) -> dict | None:
                            round(r["satisfied_share_before"] * n))
 
 
+def gain_by_length(run: dict, folder: Path | None = None) -> tuple[float, float] | None:
+    """A run's gain split in two: the share its replies after would have at the replies
+    before's rate for their lengths, minus the share before (what the lengths alone explain),
+    and the share after minus that (the rest). Kept in the run, or computed from its replies
+    after and the replies before kept in `folder`, the run's suite folder (or in the folder
+    beside it that `before_from` names); None where either is not kept."""
+    s, r = run["settings"], run["results"]
+    at_length = r.get("satisfied_share_at_length")
+    if at_length is None:
+        source = r.get("before_from")
+        if folder is None or not source or "after_texts" not in r:
+            return None
+        kept_in = folder.parent / Path(source).parent.name if "/" in source else folder
+        before_path = kept_in / f"before-s{s['seed']}.json"
+        if not before_path.exists():
+            return None
+        at_length = share_at_length(json.loads(before_path.read_text())["texts"],
+                                    r["after_texts"], make_oracle(s["oracle"], s["seed"]))
+    return (at_length - r["satisfied_share_before"],
+            r["satisfied_share_after"] - at_length)
+
+
 def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -668,13 +695,14 @@ def paired_table(runs: list[dict], baseline: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table(runs: list[dict]) -> str:
+def table(runs: list[dict], folder: Path | None = None) -> str:
     lines = ["| user | seed | pace | corrections every | share before → after | p | p by prompt "
              "| after less the user's correction sentences (p; replies with one) "
-             "| words after ÷ before | shorter reply won "
+             "| words after ÷ before | of the gain: the lengths', the rest "
+             "| shorter reply won "
              "| votes the feature decided (won by it; it in the shorter reply) "
              "| corrections | rounds (new items) | vote-to-live median s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         s, r = run["settings"], run["results"]
         live = r["vote_to_live_seconds_median"]
@@ -685,12 +713,14 @@ def table(runs: list[dict]) -> str:
             f"{scored['satisfied_share_after_less_correction']:.2f} "
             f"({scored['p_value_less_correction']:.3g}; "
             f"{scored['replies_with_correction_sentence']})")
+        split = gain_by_length(run, folder)
+        by_length = "-" if split is None else f"{split[0]:+.2f}, {split[1]:+.2f}"
         lines.append(
             f"| {s['user']} | {s['seed']} | {s['pace']} | {s['correct_every'] or '-'} | "
             f"{r['satisfied_share_before']:.2f} → {r['satisfied_share_after']:.2f} | "
             f"{r['p_value_one_sided']:.3g} | {stratified} | {less} | {r['length_ratio']:.2f} | "
-            f"{_share(r.get('shorter_won'))} | {_decided(r.get('feature_decided'))} | "
-            f"{r['corrections']} | "
+            f"{by_length} | {_share(r.get('shorter_won'))} | "
+            f"{_decided(r.get('feature_decided'))} | {r['corrections']} | "
             f"{r['round_sizes']} | {'-' if live is None else f'{live:.0f}'} |")
     return "\n".join(lines) + "\n"
 

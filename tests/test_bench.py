@@ -841,8 +841,46 @@ def test_the_suite_table_has_a_row_per_run_and_reads_runs_from_before_shorter_wo
                                              "feature_in_shorter": 9}
     header, rule, old, new, last = table([run("a", None), run("b", 0.8), decided]).splitlines()
     assert header.count("|") == rule.count("|") == old.count("|") == new.count("|")
-    assert "| 0.90 | - | - | 0 |" in old and "| 0.90 | 0.80 | - | 0 |" in new
+    assert "| 0.90 | - | - | - | 0 |" in old and "| 0.90 | - | 0.80 | - | 0 |" in new
     assert "| 0.80 | 20 (15; 9) | 0 |" in last
+
+
+def test_a_runs_gain_is_split_into_what_the_lengths_explain_and_the_rest(tmp_path):
+    """Replies before of 10 words have a long word in 20 of 100, of 40 words in 60 of 100
+    (share 0.4); replies after of 10 words have it in 12 of 40 (0.3). At the rate before,
+    10-word replies have it about 0.2 of the time (a little more: the fit keeps its slope
+    small): the lengths took about 0.2 from the share and the rest added about 0.1."""
+    from bench.api_user import share_at_length
+    from bench.user_suite import gain_by_length, table
+
+    oracle = make_oracle(r"re:\b\w{12,}\b")
+
+    def replies(n_words, with_it, total):
+        return [" ".join(["word"] * (n_words - 1) + ["extraordinary" if i < with_it else "plain"])
+                for i in range(total)]
+
+    before = replies(10, 20, 100) + replies(40, 60, 100)
+    after = replies(10, 12, 40)
+    assert share_at_length(before, before, oracle) == pytest.approx(0.4)
+    assert share_at_length(before, after, oracle) == pytest.approx(0.2, abs=0.02)
+    assert share_at_length(replies(10, 0, 4), after, oracle) == 0.0  # no rate to read
+
+    kept = tmp_path / "api-user-suite-base"
+    kept.mkdir()
+    (kept / "before-s0.json").write_text(json.dumps({"texts": before, "read_by": "a.json"}))
+    run = {"settings": {"user": "long-word", "seed": 0, "pace": "reader", "correct_every": 0,
+                        "oracle": oracle.name},
+           "results": {"satisfied_share_before": 0.4, "satisfied_share_after": 0.3,
+                       "after_texts": after, "before_from": "api-user-suite-base/a.json",
+                       "p_value_one_sided": 0.9, "length_ratio": 0.4, "corrections": 0,
+                       "round_sizes": [4], "vote_to_live_seconds_median": 30.0}}
+    lengths, rest = gain_by_length(run, tmp_path / "api-user-suite-rule")
+    assert lengths == pytest.approx(-0.2, abs=0.02) and rest == pytest.approx(0.1, abs=0.02)
+    assert gain_by_length(run) is None  # no folder to find the replies before in
+    row = table([run], tmp_path / "api-user-suite-rule").splitlines()[2]
+    assert f"| 0.40 | {lengths:+.2f}, {rest:+.2f} |" in row
+    run["results"]["satisfied_share_at_length"] = 0.35  # kept by the run itself
+    assert gain_by_length(run) == pytest.approx((-0.05, -0.05))
 
 
 def test_a_run_with_corrections_is_also_scored_without_the_users_sentence():
