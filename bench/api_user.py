@@ -236,18 +236,30 @@ def share_at_length(before_texts: list[str], after_texts: list[str], oracle) -> 
     is what the lengths do not explain. Left out: everything but length (the prompt, where
     in the reply the feature sits); the replies before are the fit's only data, and a slope
     kept small (a ridge of 1 on it) where the feature separates short from long replies."""
-    xs = [math.log1p(words(text)) for text in before_texts]
     hits = [float(oracle.truth.satisfied(text)) for text in before_texts]
     share = sum(hits) / len(hits)
     if share in (0.0, 1.0):
         return share  # no reply with (or without) the feature: no rate to tell apart by length
-    a, b = math.log(share / (1 - share)), 0.0
-    for _ in range(50):  # Newton's method on the ridge-penalised log-likelihood
-        g_a = g_b = h_aa = h_ab = 0.0
-        h_bb = 1.0
-        g_b -= b
+    a, b = _fit_logistic([math.log1p(words(text)) for text in before_texts], hits,
+                         math.log(share / (1 - share)))
+    return sum(_sigmoid(a + b * math.log1p(words(text))) for text in after_texts) / len(after_texts)
+
+
+def _fit_logistic(xs: list[float], hits: list[float], a: float) -> tuple[float, float]:
+    """Intercept and slope of P(hit) = sigmoid(a + b x), maximising the log-likelihood less
+    b^2 / 2: Newton's steps, each halved until the objective rises (a plain Newton step
+    overshoots where the hits separate small x from large)."""
+
+    def objective(a: float, b: float) -> float:
+        return -sum(_softplus(-(a + b * x)) if hit else _softplus(a + b * x)
+                    for x, hit in zip(xs, hits)) - b * b / 2
+
+    b = 0.0
+    value = objective(a, b)
+    for _ in range(100):
+        g_a, g_b, h_aa, h_ab, h_bb = 0.0, -b, 0.0, 0.0, 1.0
         for x, hit in zip(xs, hits):
-            p = 1.0 / (1.0 + math.exp(-(a + b * x)))
+            p = _sigmoid(a + b * x)
             g_a += hit - p
             g_b += (hit - p) * x
             w = p * (1.0 - p)
@@ -255,13 +267,32 @@ def share_at_length(before_texts: list[str], after_texts: list[str], oracle) -> 
             h_ab += w * x
             h_bb += w * x * x
         det = h_aa * h_bb - h_ab * h_ab
+        if det <= 0.0:  # every fitted chance at 0 or 1 already: nothing left to move
+            break
         step_a = (h_bb * g_a - h_ab * g_b) / det
         step_b = (h_aa * g_b - h_ab * g_a) / det
-        a, b = a + step_a, b + step_b
-        if abs(step_a) + abs(step_b) < 1e-10:
+        t = 1.0
+        while t > 1e-6 and objective(a + t * step_a, b + t * step_b) < value:
+            t /= 2
+        a, b = a + t * step_a, b + t * step_b
+        new_value = objective(a, b)
+        if new_value - value < 1e-12:
             break
-    return sum(1.0 / (1.0 + math.exp(-(a + b * math.log1p(words(text)))))
-               for text in after_texts) / len(after_texts)
+        value = new_value
+    return a, b
+
+
+def _sigmoid(z: float) -> float:
+    """1 / (1 + e^-z), without overflow for z far below 0."""
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def _softplus(z: float) -> float:
+    """log(1 + e^z), without overflow."""
+    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
 
 
 def learner_done(status: dict) -> bool:
