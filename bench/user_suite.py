@@ -327,6 +327,8 @@ SUITES = {
     # newest used votes cast before each vote, not all of them (--length-window), against
     # the defaults on the same users, seeds and held-out replies before. Why: in opener s0 the
     # rate over all votes climbed 0.55 -> 0.82 over the run and its replies shortened to 0.86.
+    # Stopped after seed 0's first two runs (docs/results.md): opener 0.32 -> 0.91 at 0.97 of
+    # the words, long-word 0.27 -> 0.25 at 0.77; the rule stays off.
     "window-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"), (0, 1),
                                    (0,), paces=("reader",), interactions=64, eval_replies=8,
                                    extra=("--length-window", "16"),
