@@ -49,6 +49,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from bench.common import RESULTS, slug, write_result
 from bench.oracles import ORACLES, Oracle, corrected, make_oracle, words
 from bench.simulate import load_prompts, split_prompts
@@ -235,64 +238,33 @@ def share_at_length(before_texts: list[str], after_texts: list[str], oracle) -> 
     (at the fit, the fitted chances average to the observed share); the share after minus it
     is what the lengths do not explain. Left out: everything but length (the prompt, where
     in the reply the feature sits); the replies before are the fit's only data, and a slope
-    kept small (a ridge of 1 on it) where the feature separates short from long replies."""
-    hits = [float(oracle.truth.satisfied(text)) for text in before_texts]
-    share = sum(hits) / len(hits)
+    kept small (a ridge of 1 on it) where the feature separates short from long replies. The
+    fit is learner/reward.py's way: LBFGS on the penalised log-loss."""
+    hits = torch.tensor([float(oracle.truth.satisfied(text)) for text in before_texts],
+                        dtype=torch.float64)
+    share = hits.mean().item()
     if share in (0.0, 1.0):
         return share  # no reply with (or without) the feature: no rate to tell apart by length
-    a, b = _fit_logistic([math.log1p(words(text)) for text in before_texts], hits,
-                         math.log(share / (1 - share)))
-    return sum(_sigmoid(a + b * math.log1p(words(text))) for text in after_texts) / len(after_texts)
 
+    def log_words(texts: list[str]) -> torch.Tensor:
+        return torch.tensor([math.log1p(words(text)) for text in texts], dtype=torch.float64)
 
-def _fit_logistic(xs: list[float], hits: list[float], a: float) -> tuple[float, float]:
-    """Intercept and slope of P(hit) = sigmoid(a + b x), maximising the log-likelihood less
-    b^2 / 2: Newton's steps, each halved until the objective rises (a plain Newton step
-    overshoots where the hits separate small x from large)."""
+    x = log_words(before_texts)
+    a = torch.tensor(math.log(share / (1 - share)), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([a, b], max_iter=200, tolerance_grad=1e-10,
+                                  tolerance_change=1e-14, line_search_fn="strong_wolfe")
 
-    def objective(a: float, b: float) -> float:
-        return -sum(_softplus(-(a + b * x)) if hit else _softplus(a + b * x)
-                    for x, hit in zip(xs, hits)) - b * b / 2
+    def closure():
+        optimizer.zero_grad()
+        loss = (F.binary_cross_entropy_with_logits(a + b * x, hits, reduction="sum")
+                + b.square() / 2)
+        loss.backward()
+        return loss
 
-    b = 0.0
-    value = objective(a, b)
-    for _ in range(100):
-        g_a, g_b, h_aa, h_ab, h_bb = 0.0, -b, 0.0, 0.0, 1.0
-        for x, hit in zip(xs, hits):
-            p = _sigmoid(a + b * x)
-            g_a += hit - p
-            g_b += (hit - p) * x
-            w = p * (1.0 - p)
-            h_aa += w
-            h_ab += w * x
-            h_bb += w * x * x
-        det = h_aa * h_bb - h_ab * h_ab
-        if det <= 0.0:  # every fitted chance at 0 or 1 already: nothing left to move
-            break
-        step_a = (h_bb * g_a - h_ab * g_b) / det
-        step_b = (h_aa * g_b - h_ab * g_a) / det
-        t = 1.0
-        while t > 1e-6 and objective(a + t * step_a, b + t * step_b) < value:
-            t /= 2
-        a, b = a + t * step_a, b + t * step_b
-        new_value = objective(a, b)
-        if new_value - value < 1e-12:
-            break
-        value = new_value
-    return a, b
-
-
-def _sigmoid(z: float) -> float:
-    """1 / (1 + e^-z), without overflow for z far below 0."""
-    if z >= 0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
-
-
-def _softplus(z: float) -> float:
-    """log(1 + e^z), without overflow."""
-    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+    optimizer.step(closure)
+    with torch.no_grad():
+        return torch.sigmoid(a + b * log_words(after_texts)).mean().item()
 
 
 def learner_done(status: dict) -> bool:

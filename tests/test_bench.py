@@ -864,7 +864,7 @@ def test_a_runs_gain_is_split_into_what_the_lengths_explain_and_the_rest(tmp_pat
     assert share_at_length(before, before, oracle) == pytest.approx(0.4)
     assert share_at_length(before, after, oracle) == pytest.approx(0.2, abs=0.02)
     assert share_at_length(replies(10, 0, 4), after, oracle) == 0.0  # no rate to read
-    # the feature only in the longest replies: a plain Newton step overshoots here
+    # the feature only in the longest replies: the ridge keeps the slope finite
     separated = replies(5, 0, 100) + replies(400, 3, 3)
     assert share_at_length(separated, separated, oracle) == pytest.approx(3 / 103)
     assert share_at_length(separated, replies(5, 0, 10), oracle) < 0.01
