@@ -52,5 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """main(), with a bad request (a ValueError: an unknown suite user, a user outside the
+    claim's range, nothing kept to summarize) said in one line instead of a traceback."""
+    try:
+        return main()
+    except ValueError as error:
+        print(f"python -m bench: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -86,6 +86,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="a reader's time per pair (default: 10)")
     parser.add_argument("--suite", choices=sorted(SUITES), default=None,
                         help="run a suite of users x seeds x arms instead of one run")
+    parser.add_argument("--suite-users", default=None, metavar="NAME[,NAME...]",
+                        help="with --suite: run only these of its users (the table still shows "
+                             "every run kept), e.g. to run one user's seeds first")
     parser.add_argument("--summarize", action="store_true",
                         help="with --suite: write its table, plot and JSON from the runs kept "
                              "so far, run nothing")

@@ -329,6 +329,17 @@ SUITES = {
     # rate over all votes climbed 0.55 -> 0.82 over the run and its replies shortened to 0.86.
     # Stopped after seed 0's first two runs (docs/results.md): opener 0.32 -> 0.91 at 0.97 of
     # the words, long-word 0.27 -> 0.25 at 0.77; the rule stays off.
+    # The corrections arm for them at a reader's pace: a correction every 8 interactions, each
+    # rewrite putting one of the user's six sentences first (varied-reader-64's arm, which
+    # was 8 of 8 on the first four users), scored on the same held-out replies before as
+    # unseen-reader-64-wide, whose votes-only runs it is read beside by hand (another arm:
+    # not paired by the suite). Why: votes alone missed the word of 12+ letters on both
+    # seeds, a feature spread over thousands of words, and a rewrite is the one label that
+    # shows the model such a word in a reply of its own.
+    "unseen-varied-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"),
+                                          (0, 1), (8,), paces=("reader",), interactions=64,
+                                          eval_replies=8, varied=True,
+                                          reads_before_of="defaults-reader-64-wide"),
     "window-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"), (0, 1),
                                    (0,), paces=("reader",), interactions=64, eval_replies=8,
                                    extra=("--length-window", "16"),
@@ -360,12 +371,25 @@ def check_user(name: str, shares_files: tuple[Path, ...] = FEATURE_SHARES
     return ("noisy-" if name.startswith("noisy-") else "") + oracle, sentences
 
 
+def suite_users(suite: Suite, names: str | None) -> set[str]:
+    """The users of `suite` whose runs to make: all, or those named (comma-separated); a name
+    the suite has not is a ValueError that says which it has."""
+    if not names:
+        return set(suite.users)
+    wanted = {name.strip() for name in names.split(",") if name.strip()}
+    if unknown := sorted(wanted - set(suite.users)):
+        raise ValueError(f"not a user of this suite: {', '.join(unknown)} (its users: "
+                         f"{', '.join(suite.users)})")
+    return wanted
+
+
 def run_suite(args: argparse.Namespace) -> Path:
     if getattr(args, "read_base", False):
         return read_base(args)
     suite = SUITES[args.suite]
     args = argparse.Namespace(**{**vars(args), "eval_replies": suite.eval_replies})
     users = {name: check_user(name) for name in suite.users}  # refuse before any run
+    to_run = suite_users(suite, getattr(args, "suite_users", None))
     args = argparse.Namespace(**{**vars(args), "extra": [*args.extra, *suite.extra]})
     folder = suite_folder(args, args.suite)
     folder.mkdir(parents=True, exist_ok=True)
@@ -377,7 +401,7 @@ def run_suite(args: argparse.Namespace) -> Path:
                 text = list(sentences) if suite.varied else sentences[0]
                 for pace in suite.paces:
                     path = folder / f"{name}-s{seed}-{pace}-every{every}.json"
-                    if not path.exists() and not args.summarize:
+                    if not path.exists() and not args.summarize and name in to_run:
                         run_to_file(args, path, folder, name, oracle, text, seed, pace, every,
                                     suite.interactions, before_folder)
                     if path.exists():
