@@ -5,12 +5,14 @@ headline.
     python -m bench api-user --suite corrections-reader
     python -m bench api-user --suite length-neutral-reader --summarize
     python -m bench api-user --suite unseen-reader-64-wide --read-base
+    python -m bench api-user --suite unseen-varied-reader-64-wide --suite-users long-word
 
 A suite's users are preferences in a fifth to a half of the base model's replies, as
 `python -m bench feature-share` measured them (bench/results/feature-share.json); it refuses
 a user outside that range, or not measured, and says why. Each run is kept in the suite's
 folder as it finishes, and a rerun skips the runs already there (`--summarize` writes the
-table from the runs kept so far). The base model's held-out replies of a seed are read once,
+table from the runs kept so far; `--suite-users` makes only the named users' runs, so that
+one user's seeds can come first). The base model's held-out replies of a seed are read once,
 by the seed's first run, and every user of that seed is scored on the same texts (the arms
 are then compared on one baseline); a run's `before_from` says which run read them.
 `--read-base` reads them again on this machine with the learner off and sets them beside the
@@ -42,7 +44,8 @@ chain's end; a suite at another pace names the suite whose replies before it rea
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
 and `varied-instant-64` and `varied-instant-64-more`, users correcting every 8, read
 `defaults-reader-64`'s; `unseen-reader-64-wide` and `unseen-instant-64-wide`, users picked
-after the rule was set, read `defaults-reader-64-wide`'s), and is not paired with it. A
+after the rule was set, and `unseen-varied-reader-64-wide`, the same users correcting every 8,
+read `defaults-reader-64-wide`'s), and is not paired with it. A
 server that chooses its pairs from candidates is asked for its held-out replies one at a
 time: its pairs are not two samples of its policy. A suite with more held-out replies a
 prompt (`eval_replies`: the `-wide` suites, 8 where the rest have 2) reads its own replies
@@ -335,7 +338,10 @@ SUITES = {
     # unseen-reader-64-wide, whose votes-only runs it is read beside by hand (another arm:
     # not paired by the suite). Why: votes alone missed the word of 12+ letters on both
     # seeds, a feature spread over thousands of words, and a rewrite is the one label that
-    # shows the model such a word in a reply of its own.
+    # shows the model such a word in a reply of its own. Three runs of eight so far
+    # (docs/results.md): long-word 0.27 -> 0.43 on seed 0 (0.35 less the sentences: one was
+    # copied into 36 replies) and 0.30 -> 0.30 on seed 1; opener s0 0.32 -> 0.88. The learner
+    # fell 2-3 rounds behind (vote-to-live 98-132 s) on the AVX2-only EPYC.
     "unseen-varied-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"),
                                           (0, 1), (8,), paces=("reader",), interactions=64,
                                           eval_replies=8, varied=True,
