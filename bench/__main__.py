@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from bench.common import remember_commit
+from bench.common import BadRequest, remember_commit
 
 BENCHMARKS = {
     "learn": "bench.learn",
@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> int:
-    """main(), with a bad request (a ValueError: an unknown suite user, a user outside the
-    claim's range, nothing kept to summarize) said in one line instead of a traceback."""
+    """main(), with a bad request (bench.common.BadRequest) said in one line instead of a
+    traceback."""
     try:
         return main()
-    except ValueError as error:
+    except BadRequest as error:
         print(f"python -m bench: error: {error}", file=sys.stderr)
         return 2
 

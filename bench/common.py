@@ -11,6 +11,12 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+
+
+class BadRequest(ValueError):
+    """A benchmark was asked for something it cannot do (a suite user it has not, a user
+    outside the claim's range, nothing kept to summarize): `python -m bench` says it in one
+    line. Any other error keeps its traceback."""
 # The CPU flags that decide which kernels torch and bitsandbytes take (and --dtype auto).
 SIMD_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
                         "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve"})

@@ -82,7 +82,7 @@ from bench.api_user import (
     stratified_p,
     summary,
 )
-from bench.common import RESULTS, git_commit, machine, write_result
+from bench.common import RESULTS, BadRequest, git_commit, machine, write_result
 from bench.oracles import make_oracle
 
 CONTRACTIONS = (r"re:\b(\w+n't|I'm|I'd|I'll|I've|you're|you'll|you've|we're|we'll|they're|"
@@ -360,19 +360,19 @@ def check_user(name: str, shares_files: tuple[Path, ...] = FEATURE_SHARES
     ValueError saying why."""
     base = name.removeprefix("noisy-")
     if base not in USERS:
-        raise ValueError(f"no suite user {name!r}: one of {', '.join(USERS)} (or noisy-NAME)")
+        raise BadRequest(f"no suite user {name!r}: one of {', '.join(USERS)} (or noisy-NAME)")
     oracle, sentences = USERS[base]
     features = {}
     for path in reversed(shares_files):
         if path.exists():
             features.update(json.loads(path.read_text())["results"]["features"])
     if oracle not in features:
-        raise ValueError(f"the share of {base!r} among the base model's replies was not "
+        raise BadRequest(f"the share of {base!r} among the base model's replies was not "
                          f"measured: python -m bench feature-share --pattern '{oracle}'")
     share = features[oracle]["reply_share"]
     low, high = SHARE_RANGE
     if not low <= share <= high:
-        raise ValueError(f"{base!r} is in {share:.0%} of the base model's replies, outside "
+        raise BadRequest(f"{base!r} is in {share:.0%} of the base model's replies, outside "
                          f"the claim's range {low:.0%}-{high:.0%}")
     return ("noisy-" if name.startswith("noisy-") else "") + oracle, sentences
 
@@ -384,7 +384,7 @@ def suite_users(suite: Suite, names: str | None) -> set[str]:
         return set(suite.users)
     wanted = {name.strip() for name in names.split(",") if name.strip()}
     if unknown := sorted(wanted - set(suite.users)):
-        raise ValueError(f"not a user of this suite: {', '.join(unknown)} (its users: "
+        raise BadRequest(f"not a user of this suite: {', '.join(unknown)} (its users: "
                          f"{', '.join(suite.users)})")
     return wanted
 
@@ -413,7 +413,7 @@ def run_suite(args: argparse.Namespace) -> Path:
                     if path.exists():
                         runs.append(json.loads(path.read_text()))
     if not runs:
-        raise ValueError(f"no runs of the suite {args.suite!r} in {folder} yet")
+        raise BadRequest(f"no runs of the suite {args.suite!r} in {folder} yet")
     table_text = table(runs, folder)
     lines = headline(runs)
     if suite.against:

@@ -517,22 +517,33 @@ def test_a_suite_runs_only_the_users_named_and_says_which_it_has(tmp_path, monke
     made = []
     monkeypatch.setattr(user_suite, "run_to_file",
                         lambda args, path, folder, name, *rest, **kw: made.append(path.name))
-    argv = ["api-user", "--suite", "unseen-varied-reader-64-wide", "--suite-users",
-            "long-word", "--out", str(tmp_path)]
+    def argv(users: str) -> list[str]:
+        return ["api-user", "--suite", "unseen-varied-reader-64-wide", "--suite-users", users,
+                "--out", str(tmp_path)]
+
     with pytest.raises(ValueError, match="no runs of the suite"):  # the stub kept none
-        user_suite.run_suite(build_parser()[0].parse_args(argv))
+        user_suite.run_suite(build_parser()[0].parse_args(argv("long-word")))
     assert made == ["long-word-s0-reader-every8.json", "long-word-s1-reader-every8.json"]
     suite = user_suite.SUITES["unseen-varied-reader-64-wide"]
     assert user_suite.suite_users(suite, None) == set(suite.users)
     assert user_suite.suite_users(suite, " opener,long-word ") == {"opener", "long-word"}
     # a name the suite has not: one line on stderr that names its users, exit 2, nothing run
     made.clear()
-    monkeypatch.setattr(sys, "argv", ["bench", *argv[:-3], "long-word,tall", *argv[-2:]])
+    monkeypatch.setattr(sys, "argv", ["bench", *argv("long-word,tall")])
     assert cli() == 2
     error = capsys.readouterr().err
     assert error.startswith("python -m bench: error: not a user of this suite: tall")
     assert "long-word, opener, first-person, noisy-for" in error and "Traceback" not in error
     assert made == []
+    # any other error (a bug) keeps its traceback
+    import bench.__main__ as bench_main
+
+    def broken():
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(bench_main, "main", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli()
 
 
 def test_a_suite_takes_only_users_in_the_claims_range(tmp_path):
