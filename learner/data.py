@@ -32,8 +32,11 @@ behaviour log-probs (no sampler made it), and no trust region: its term is the s
 
 A round that claims more than `learn_every` new items (the learner fell behind: votes came in
 faster than rounds finish) stands for several rounds: it is cut into slices of `learn_every`
-new items in the order they came, each with the `replay` earlier items a round of its own
-would draw, and the worker trains them slice by slice.
+new items in the order they came, and the worker trains them slice by slice. It replays one
+round's worth of earlier items (`replay` votes and ratings, `replay` corrections), shared
+among its slices: a late round that replayed as much per slice as a round of its own would
+took as long as all the rounds it stood for, so a learner that fell behind a person who
+corrects fell further behind with every round (docs/results.md).
 
 No user holds more than `max_user_share` of the fresh or of the replayed items (see
 chatbot/limits.py).
@@ -205,9 +208,8 @@ class RoundBuilder:
             data.rewards.append(FEEDBACK_REWARD["correction"])
         if self.learn_every:
             data.slices = max(1, math.ceil(len(data.rewards) / self.learn_every))
-        # Each slice replays as many earlier items as a round of its own would.
-        for kind, row in self._earlier_items(earlier, fresh_too=judge,
-                                             replay=self.replay * data.slices):
+        # One round's worth of replay, however many slices (see the module's docstring).
+        for kind, row in self._earlier_items(earlier, fresh_too=judge, replay=self.replay):
             self._add(data, data.replay_items, kind, row, absolute)
             data.replayed_items += 1
         return data

@@ -326,8 +326,9 @@ def test_a_round_with_more_new_votes_takes_more_steps(learner_config):
 
 def test_a_round_that_fell_behind_trains_slice_by_slice(learner_config, monkeypatch):
     """Five votes at learn_every=2 are three slices (1, 2, 2 votes in the order they came),
-    each with the replay a round of its own would take and a trust region of its own."""
-    config = dataclasses.replace(learner_config, learn_every=2, steps_per_round=2, replay=1)
+    each with a trust region of its own, sharing one round's replay: a late round that
+    replayed as much per slice as a round of its own would fell further behind."""
+    config = dataclasses.replace(learner_config, learn_every=2, steps_per_round=2, replay=3)
     store = Store(config.db_path)
     collect_votes(config, store, ["A", "B", "A", "B"])
     learner = make_learner(config, store)
