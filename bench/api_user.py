@@ -61,7 +61,7 @@ from learner.objectives import shorter_reply_won
 # Each round's adapter metrics kept beside its learner_steps row (the run's data folder is
 # deleted): where its loss came from, and with --self-samples what the reward model knew.
 ROUND_METRICS = ("kl_loss", "largest_term", "shorter_wins", "reward_model_cv_acc",
-                 "reward_model_new_acc", "self_samples")
+                 "reward_model_new_acc", "self_samples", "step_fraction", "kl_full_step")
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

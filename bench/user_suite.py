@@ -38,7 +38,8 @@ against that, and `final-reader-64-wide` against `defaults-reader-64-wide`;
 `bounded-reader-64-wide` against `final-reader-64-wide`; `half-neutral-reader-64-wide`
 and `half-neutral-instant-64-wide`, length-neutral votes at half strength, against the
 bounded ones; `window-reader-64-wide`, the length rate over each vote's 16 newest
-predecessors, against `unseen-reader-64-wide`).
+predecessors, against `unseen-reader-64-wide`; `backtrack-varied-reader-64-wide`, the line
+search on the KL tripwire, against `unseen-varied-reader-64-wide`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -350,6 +351,17 @@ SUITES = {
                                    (0,), paces=("reader",), interactions=64, eval_replies=8,
                                    extra=("--length-window", "16"),
                                    against="unseen-reader-64-wide"),
+    # The line search on the KL tripwire (--kl-backtrack: a candidate over it goes live at
+    # half or a quarter of its step, and beta doubles), against the corrections arm above on
+    # the same users, seeds and held-out replies before. Why: the users who correct spend KL
+    # fast, and whole rounds were rejected at the tripwire, each dropping the first look at
+    # its votes: in first-person s0 (on the replay of one round per late round) four of 14,
+    # the last three in a row, so its last 16 interactions taught nothing.
+    "backtrack-varied-reader-64-wide": Suite(("long-word", "opener", "first-person",
+                                              "noisy-for"), (0, 1), (8,), paces=("reader",),
+                                             interactions=64, eval_replies=8, varied=True,
+                                             extra=("--kl-backtrack",),
+                                             against="unseen-varied-reader-64-wide"),
 }
 
 

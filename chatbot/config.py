@@ -333,6 +333,11 @@ class Config:
     kl_tripwire: float = field(default=0.5, metadata=setting(
         "reject a candidate whose per-token KL to the base exceeds this (default: {default})",
         "learner", type=float))
+    kl_backtrack: bool = field(default=False, metadata=setting(
+        "a candidate whose KL passes --kl-tripwire is not thrown away with its round's votes: "
+        "half, then a quarter of its step is tried, and the first under the tripwire goes "
+        "live; the KL coefficient doubles, as the round showed it too weak (default: off)",
+        "learner", kind="switch"))
     gate_z: float = field(default=1.64, metadata=setting(
         "reject a candidate only if it is worse than the live adapter on the held-out votes by "
         "this many standard errors (default: {default}, one-sided 5%%)", "learner",

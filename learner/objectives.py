@@ -302,3 +302,9 @@ class AdaptiveKLController:
             self.beta *= 1.0 + error * n_steps / self.horizon
             self.beta = min(max(self.beta, self.bounds[0]), self.bounds[1])
         return self.beta
+
+    def tripped(self, factor: float = 2.0) -> float:
+        """The KL passed the tripwire: the proportional step (a few percent a round) is far
+        too slow for that, so beta jumps by `factor`."""
+        self.beta = min(self.beta * factor, self.bounds[1])
+        return self.beta

@@ -19,6 +19,14 @@ is rejected (or the round fails, or the learner dies during it: checked at start
 the round started from is live again. The cost: one more pass of the policy over
 PREVIEW_KL_REPLIES replies.
 
+Under --kl-backtrack a candidate over the KL tripwire is not rejected outright, which drops
+the first look at its round's votes: like TRPO's line search (Schulman et al. 2015), the
+learner moves its weights back to half, then a quarter of the round's step and checks each in
+turn; the first to pass goes live, and the round's metrics say which (`step_fraction`,
+`kl_full_step`). The KL coefficient then doubles (steps.PolicyGradient.after_round): a round
+that passed the tripwire shows the proportional control too slow to keep the policy off it.
+The cost: a KL check per fraction tried, only in such rounds.
+
 Left out: what happens between rounds (learner/worker.py `prepare`, learner/loop.py).
 """
 
@@ -41,6 +49,9 @@ log = logging.getLogger(__name__)
 # ones its one step trained on (in a round that fell behind, its first slice's). That pass is
 # most of the time between its step and its going live.
 PREVIEW_KL_REPLIES = 8
+# Under --kl-backtrack: the fractions of a round's step tried, in turn, when the whole of it
+# passes the KL tripwire.
+BACKTRACK_FRACTIONS = (0.5, 0.25)
 
 
 @dataclass
@@ -59,6 +70,7 @@ class RoundResult:
     beta: float
     preview: dict = field(default_factory=dict)
     reward_stats: dict = field(default_factory=dict)
+    backtrack: dict = field(default_factory=dict)  # step_fraction, kl_full_step
     phase_seconds: dict = field(default_factory=dict)
     micro_batches_by_threads: dict = field(default_factory=dict)
 
@@ -75,7 +87,8 @@ class RoundResult:
                                              sorted(self.micro_batches_by_threads.items())},
                 **({"preview": self.preview} if self.preview else {}),
                 **({"shorter_wins": round(self.data.shorter_wins, 3)}
-                   if self.data.shorter_wins is not None else {}), **self.reward_stats}
+                   if self.data.shorter_wins is not None else {}), **self.backtrack,
+                **self.reward_stats}
 
     def step(self, seconds: float) -> dict:
         """The learner_steps row, as the gate decided (the registry may still refuse to
@@ -124,6 +137,7 @@ def _round(learner, round_id: str, claimed: dict, started: float) -> dict:
     with clock.phase("sync_to_live"):
         adapter.sync_to_live()
     parent = adapter.version
+    start = adapter.snapshot() if learner.config.kl_backtrack else None
     data = learner.builder.build(claimed)
     reward_stats = objective.add_samples(data)
     judged_samples = data.judged_samples
@@ -149,8 +163,12 @@ def _round(learner, round_id: str, claimed: dict, started: float) -> dict:
         live_list = live_margins(learner, data, live_totals, stepped=bool(stats["steps"]))
     with clock.phase("kl_check"):
         kl, candidate_list, decision = check(learner, data, live_list)
+        full_kl, backtrack = kl, {}
+        if start is not None and stats["steps"] and kl > learner.config.kl_tripwire:
+            kl, candidate_list, decision, backtrack = shorten_step(
+                learner, data, live_list, start, (kl, candidate_list, decision))
     scorer.reference_distributions.clear()
-    objective.after_round(kl, stats["steps"])
+    objective.after_round(full_kl, stats["steps"])
     if learner.live_preview is not None:  # the preview is live: it is this version's parent
         parent = learner.live_preview[0]
     result = RoundResult(
@@ -159,6 +177,7 @@ def _round(learner, round_id: str, claimed: dict, started: float) -> dict:
         live_acc=gate.preference_accuracy(live_list),
         candidate_acc=gate.preference_accuracy(candidate_list),
         beta=learner.kl_control.beta, preview=preview, reward_stats=reward_stats,
+        backtrack=backtrack,
         phase_seconds=clock.seconds, micro_batches_by_threads=clock.micro_batches_by_threads)
     metrics = result.metrics()
     with clock.phase("publish"):  # in the log line; the metrics are written before it
@@ -208,6 +227,27 @@ def check(learner, data: RoundData, live_list: list[float], replies: int = KL_RE
     kl = kl_sum / tokens if tokens else 0.0
     return kl, candidate_list, gate.decide(candidate_list, live_list, kl, config.kl_tripwire,
                                            config.gate_z)
+
+
+def shorten_step(learner, data: RoundData, live_list: list[float], start: list,
+                 full: tuple[float, list[float], gate.GateDecision]
+                 ) -> tuple[float, list[float], gate.GateDecision, dict]:
+    """The line search of --kl-backtrack (see the module's docstring): the weights moved back
+    to each of BACKTRACK_FRACTIONS of the round's step from `start`, checked in turn; the
+    first that passes the gate stays. If none does, the whole step's weights and check `full`
+    stand (the candidate is rejected as before). Also returns the round's metrics of it."""
+    end = learner.adapter.snapshot()
+    full_kl = full[0]
+    for fraction in BACKTRACK_FRACTIONS:
+        learner.adapter.move_between(start, end, fraction)
+        kl, candidate_list, decision = check(learner, data, live_list)
+        if decision.promote:
+            reason = (f"KL {full_kl:.3f} per token over the tripwire "
+                      f"{learner.config.kl_tripwire}; {fraction} of the step: {decision.reason}")
+            return kl, candidate_list, gate.GateDecision(True, reason), {
+                "step_fraction": fraction, "kl_full_step": full_kl}
+    learner.adapter.move_between(start, end, 1.0)
+    return (*full, {"step_fraction": 0.0, "kl_full_step": full_kl})
 
 
 def run_preview(learner, round_id: str, data: RoundData, live_totals: dict[int, float],

@@ -88,6 +88,18 @@ class TrainableAdapter:
                                                weight_decay=0.0)
         return self.optimizer
 
+    def snapshot(self) -> list[torch.Tensor]:
+        """A copy of the trainable weights as they are now."""
+        return [p.detach().clone() for p in self.parameters()]
+
+    @torch.no_grad()
+    def move_between(self, start: list[torch.Tensor], end: list[torch.Tensor],
+                     fraction: float) -> None:
+        """Set the trainable weights `fraction` of the way from `start` to `end` (snapshots),
+        each LoRA matrix on its own: the step a round took, shortened."""
+        for param, a, b in zip(self.parameters(), start, end, strict=True):
+            param.copy_(torch.lerp(a, b, fraction))
+
     def went_live(self, version: int) -> None:
         """The weights it holds are now the live `version`, and the moments grew to them."""
         self.version = version

@@ -324,6 +324,55 @@ def test_a_round_with_more_new_votes_takes_more_steps(learner_config):
     assert len(beats) == 9, "a long round must beat once per step, or it looks dead"
 
 
+@pytest.mark.parametrize("kls, fraction, status", [
+    ((0.9, 0.6, 0.3), 0.25, "promoted"),  # half the step is still over: a quarter goes live
+    ((0.9, 0.8, 0.7), 0.0, "rejected"),  # no fraction passes: rejected, as without the switch
+])
+def test_kl_backtrack_shortens_a_step_over_the_tripwire(learner_config, monkeypatch, kls,
+                                                        fraction, status):
+    """Under --kl-backtrack a candidate over the tripwire is moved back to half, then a quarter
+    of its step; the first to pass goes live with those weights, and beta doubles. The KL each
+    check reads is set here (the real check runs, and so does the real gate on it)."""
+    from learner import gate, rounds
+
+    config = dataclasses.replace(learner_config, kl_backtrack=True, kl_tripwire=0.5,
+                                 preview=False)
+    store = Store(config.db_path)
+    collect_votes(config, store, ["A", "B", "A"])
+    learner = make_learner(config, store)
+    read = iter(kls)
+    real_check = rounds.check
+
+    def check(learner, data, live_list, replies=rounds.KL_REPLIES):
+        _, candidate_list, _ = real_check(learner, data, live_list, replies)
+        kl = next(read)
+        return kl, candidate_list, gate.decide(candidate_list, live_list, kl,
+                                               config.kl_tripwire, config.gate_z)
+
+    monkeypatch.setattr(rounds, "check", check)
+    snapshots = []  # the weights at the round's start, then its whole step's
+    real_snapshot = learner.adapter.snapshot
+    monkeypatch.setattr(learner.adapter, "snapshot",
+                        lambda: snapshots.append(real_snapshot()) or snapshots[-1])
+    beta = learner.kl_control.beta
+    step = learner.round()
+    assert next(read, None) is None, "every fraction up to the one that passed is checked"
+    assert step["status"] == status
+    metrics = store.adapter(step["adapter_version"])["metrics"]
+    assert (metrics["step_fraction"], metrics["kl_full_step"]) == (fraction, 0.9)
+    assert step["kl"] == (0.3 if status == "promoted" else 0.9)
+    start, end = snapshots
+    assert not all(torch.equal(a, b) for a, b in zip(start, end)), "the round took a step"
+    kept = fraction or 1.0  # a rejected candidate keeps its whole step, for the record
+    for param, a, b in zip(learner.adapter.parameters(), start, end):
+        assert torch.allclose(param, a + kept * (b - a), atol=1e-7)
+    # the proportional step on the whole step's KL (0.9: its error clipped to +0.2), doubled
+    assert learner.kl_control.beta == pytest.approx(
+        beta * (1 + 0.2 * metrics["steps"] / learner.kl_control.horizon) * 2)
+    assert store.live_adapter_version() == (step["adapter_version"]
+                                            if status == "promoted" else 0)
+
+
 def test_a_round_that_fell_behind_trains_slice_by_slice(learner_config, monkeypatch):
     """Five votes at learn_every=2 are three slices (1, 2, 2 votes in the order they came),
     each with a trust region of its own, sharing one round's replay: a late round that
