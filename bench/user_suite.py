@@ -339,10 +339,13 @@ SUITES = {
     # unseen-reader-64-wide, whose votes-only runs it is read beside by hand (another arm:
     # not paired by the suite). Why: votes alone missed the word of 12+ letters on both
     # seeds, a feature spread over thousands of words, and a rewrite is the one label that
-    # shows the model such a word in a reply of its own. Three runs of eight so far
+    # shows the model such a word in a reply of its own. Five runs of eight so far
     # (docs/results.md): long-word 0.27 -> 0.43 on seed 0 (0.35 less the sentences: one was
-    # copied into 36 replies) and 0.30 -> 0.30 on seed 1; opener s0 0.32 -> 0.88. The learner
-    # fell 2-3 rounds behind (vote-to-live 98-132 s) on the AVX2-only EPYC.
+    # copied into 36 replies) and 0.30 -> 0.30 on seed 1; opener s0 0.32 -> 0.88; the learner
+    # fell 2-3 rounds behind (vote-to-live 98-132 s) on the AVX2-only EPYC. Then, on the
+    # one-round replay of a late round and the AVX-512 BF16 EPYC: first-person s0 0.24 -> 0.68
+    # and noisy-for s0 0.24 -> 0.57, both below votes alone, five rounds of each rejected at
+    # the KL tripwire.
     "unseen-varied-reader-64-wide": Suite(("long-word", "opener", "first-person", "noisy-for"),
                                           (0, 1), (8,), paces=("reader",), interactions=64,
                                           eval_replies=8, varied=True,
@@ -355,8 +358,11 @@ SUITES = {
     # half or a quarter of its step, and beta doubles), against the corrections arm above on
     # the same users, seeds and held-out replies before. Why: the users who correct spend KL
     # fast, and whole rounds were rejected at the tripwire, each dropping the first look at
-    # its votes: in first-person s0 (on the replay of one round per late round) four of 14,
-    # the last three in a row, so its last 16 interactions taught nothing.
+    # its votes: in first-person s0 (on the replay of one round per late round) five of 14,
+    # the last three in a row, so its last 16 interactions taught nothing. Two runs
+    # (docs/results.md): first-person s0 +0.09 against it (0.24 -> 0.77), noisy-for s0 -0.27
+    # (0.24 -> 0.30: two doublings left beta at 0.31-0.39 and the KL fell back to 0.22). Off;
+    # the doubling is what to change before more runs.
     "backtrack-varied-reader-64-wide": Suite(("long-word", "opener", "first-person",
                                               "noisy-for"), (0, 1), (8,), paces=("reader",),
                                              interactions=64, eval_replies=8, varied=True,
