@@ -39,7 +39,8 @@ against that, and `final-reader-64-wide` against `defaults-reader-64-wide`;
 and `half-neutral-instant-64-wide`, length-neutral votes at half strength, against the
 bounded ones; `window-reader-64-wide`, the length rate over each vote's 16 newest
 predecessors, against `unseen-reader-64-wide`; `backtrack-varied-reader-64-wide`, the line
-search on the KL tripwire, against `unseen-varied-reader-64-wide`).
+search on the KL tripwire with beta doubled at each trip, and `line-search-varied-reader-64-wide`,
+the line search alone, against `unseen-varied-reader-64-wide`).
 Every suite of a chain of `against` reads its held-out replies before from the suite at the
 chain's end; a suite at another pace names the suite whose replies before it reads in
 `reads_before_of` instead (`defaults-instant-64`, votes only from a user who votes at once,
@@ -361,13 +362,21 @@ SUITES = {
     # its votes: in first-person s0 (on the replay of one round per late round) five of 14,
     # the last three in a row, so its last 16 interactions taught nothing. Two runs
     # (docs/results.md): first-person s0 +0.09 against it (0.24 -> 0.77), noisy-for s0 -0.27
-    # (0.24 -> 0.30: two doublings left beta at 0.31-0.39 and the KL fell back to 0.22). Off;
-    # the doubling is what to change before more runs.
+    # (0.24 -> 0.30: two doublings left beta at 0.31-0.39 and the KL fell back to 0.22). Off.
+    # Its runs were made at 9822efe, where --kl-backtrack also doubled beta at each trip: that
+    # jump is --kl-trip-factor 2 since, and the suite names it.
     "backtrack-varied-reader-64-wide": Suite(("long-word", "opener", "first-person",
                                               "noisy-for"), (0, 1), (8,), paces=("reader",),
                                              interactions=64, eval_replies=8, varied=True,
-                                             extra=("--kl-backtrack",),
+                                             extra=("--kl-backtrack", "--kl-trip-factor", "2"),
                                              against="unseen-varied-reader-64-wide"),
+    # The line search alone (beta follows the whole step's KL by its proportional step, no
+    # jump), against the same runs: not run yet.
+    "line-search-varied-reader-64-wide": Suite(("long-word", "opener", "first-person",
+                                                "noisy-for"), (0, 1), (8,), paces=("reader",),
+                                               interactions=64, eval_replies=8, varied=True,
+                                               extra=("--kl-backtrack",),
+                                               against="unseen-varied-reader-64-wide"),
 }
 
 

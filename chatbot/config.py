@@ -85,6 +85,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _trip_factor(text: str) -> float:
+    value = float(text)
+    if not 1.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"must be between 1 (no jump) and 100, got {value:g}")
+    return value
+
+
 MAX_PAIR_CANDIDATES = 8
 
 
@@ -336,8 +343,11 @@ class Config:
     kl_backtrack: bool = field(default=False, metadata=setting(
         "a candidate whose KL passes --kl-tripwire is not thrown away with its round's votes: "
         "half, then a quarter of its step is tried, and the first under the tripwire goes "
-        "live; the KL coefficient doubles, as the round showed it too weak (default: off)",
-        "learner", kind="switch"))
+        "live (default: off)", "learner", kind="switch"))
+    kl_trip_factor: float = field(default=1.0, metadata=setting(
+        "multiply the KL coefficient by this when a round's step passes --kl-tripwire, on "
+        "top of its proportional step; 1 = the proportional step alone (default: {default})",
+        "learner", type=_trip_factor))
     gate_z: float = field(default=1.64, metadata=setting(
         "reject a candidate only if it is worse than the live adapter on the held-out votes by "
         "this many standard errors (default: {default}, one-sided 5%%)", "learner",

@@ -303,8 +303,8 @@ class AdaptiveKLController:
             self.beta = min(max(self.beta, self.bounds[0]), self.bounds[1])
         return self.beta
 
-    def tripped(self, factor: float = 2.0) -> float:
-        """The KL passed the tripwire: the proportional step (a few percent a round) is far
-        too slow for that, so beta jumps by `factor`."""
-        self.beta = min(self.beta * factor, self.bounds[1])
+    def tripped(self, factor: float) -> float:
+        """The KL passed the tripwire: beta jumps by `factor` on top of the proportional step
+        (a few percent a round), within its bounds."""
+        self.beta = min(max(self.beta * factor, self.bounds[0]), self.bounds[1])
         return self.beta

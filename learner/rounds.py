@@ -23,9 +23,9 @@ Under --kl-backtrack a candidate over the KL tripwire is not rejected outright, 
 the first look at its round's votes: like TRPO's line search (Schulman et al. 2015), the
 learner moves its weights back to half, then a quarter of the round's step and checks each in
 turn; the first to pass goes live, and the round's metrics say which (`step_fraction`,
-`kl_full_step`). The KL coefficient then doubles (steps.PolicyGradient.after_round): a round
-that passed the tripwire shows the proportional control too slow to keep the policy off it.
-The cost: a KL check per fraction tried, only in such rounds.
+`kl_full_step`). The KL coefficient follows the whole step's KL, as without it (and jumps by
+--kl-trip-factor, steps.PolicyGradient.after_round). The cost: a KL check per fraction tried,
+only in such rounds.
 
 Left out: what happens between rounds (learner/worker.py `prepare`, learner/loop.py).
 """

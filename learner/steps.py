@@ -331,12 +331,12 @@ class PolicyGradient(Objective):
         return Terms(loss_sum, kl_tokens, clipped, found, totals, kl_loss, largest)
 
     def after_round(self, kl: float, steps: int) -> None:
-        """The round's exact KL is known (its full step's): the KL coefficient follows it (a
-        budget), and under --kl-backtrack jumps where it passed the tripwire."""
+        """The round's exact KL is known (its whole step's): the KL coefficient follows it (a
+        budget), and jumps by --kl-trip-factor where it passed the tripwire."""
         if steps:
             self.kl_control.update(kl, n_steps=steps)
-            if self.config.kl_backtrack and kl > self.config.kl_tripwire:
-                self.kl_control.tripped()
+            if kl > self.config.kl_tripwire:
+                self.kl_control.tripped(self.config.kl_trip_factor)
 
 
 class DirectPreference(Objective):

@@ -18,6 +18,7 @@ from chatbot.config import (
     _non_negative,
     _non_negative_int,
     _positive_int,
+    _trip_factor,
     command_line,
     flag_of,
     learner_argv,
@@ -44,7 +45,7 @@ def _another_value(f, s, default, tmp_path):
         return (default or 0) + 3
     if s.type is _fraction:  # within [0, 1]
         return default - 0.25 if default >= 0.5 else default + 0.25
-    if s.type in (float, _non_negative):
+    if s.type in (float, _non_negative, _trip_factor):  # _trip_factor: within [1, 100]
         return (default or 0) + 0.25
     if s.type is _dual_clip:  # 0 (off) or more than 1
         return 3.0 if default == 0 else 0.0
@@ -139,7 +140,9 @@ def test_bounded_settings_refuse_values_out_of_range_and_say_so(capsys):
                                  ("--explore-temperature", "nan", "0 or more, got nan"),
                                  ("--dual-clip", "0.8", "0 (off) or more than 1, got 0.8"),
                                  ("--kl-linear-beyond", "-1", "between 0 (off) and 20 nats"),
-                                 ("--kl-linear-beyond", "90", "and 20 nats, got 90")]:
+                                 ("--kl-linear-beyond", "90", "and 20 nats, got 90"),
+                                 ("--kl-trip-factor", "0.5", "1 (no jump) and 100, got 0.5"),
+                                 ("--kl-trip-factor", "nan", "1 (no jump) and 100, got nan")]:
         with pytest.raises(SystemExit):
             app.build_parser().parse_args([flag, value])
         assert message in capsys.readouterr().err

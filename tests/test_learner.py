@@ -324,19 +324,20 @@ def test_a_round_with_more_new_votes_takes_more_steps(learner_config):
     assert len(beats) == 9, "a long round must beat once per step, or it looks dead"
 
 
-@pytest.mark.parametrize("kls, fraction, status", [
-    ((0.9, 0.6, 0.3), 0.25, "promoted"),  # half the step is still over: a quarter goes live
-    ((0.9, 0.8, 0.7), 0.0, "rejected"),  # no fraction passes: rejected, as without the switch
+@pytest.mark.parametrize("kls, fraction, status, factor", [
+    ((0.9, 0.6, 0.3), 0.25, "promoted", 1.0),  # half the step is still over: a quarter goes
+    ((0.9, 0.8, 0.7), 0.0, "rejected", 2.0),  # none passes: rejected, as without the switch
 ])
 def test_kl_backtrack_shortens_a_step_over_the_tripwire(learner_config, monkeypatch, kls,
-                                                        fraction, status):
+                                                        fraction, status, factor):
     """Under --kl-backtrack a candidate over the tripwire is moved back to half, then a quarter
-    of its step; the first to pass goes live with those weights, and beta doubles. The KL each
-    check reads is set here (the real check runs, and so does the real gate on it)."""
+    of its step; the first to pass goes live with those weights. Beta follows the whole step's
+    KL, times --kl-trip-factor. The KL each check reads is set here (the real check runs, and
+    so does the real gate on it)."""
     from learner import gate, rounds
 
     config = dataclasses.replace(learner_config, kl_backtrack=True, kl_tripwire=0.5,
-                                 preview=False)
+                                 kl_trip_factor=factor, preview=False)
     store = Store(config.db_path)
     collect_votes(config, store, ["A", "B", "A"])
     learner = make_learner(config, store)
@@ -366,9 +367,9 @@ def test_kl_backtrack_shortens_a_step_over_the_tripwire(learner_config, monkeypa
     kept = fraction or 1.0  # a rejected candidate keeps its whole step, for the record
     for param, a, b in zip(learner.adapter.parameters(), start, end):
         assert torch.allclose(param, a + kept * (b - a), atol=1e-7)
-    # the proportional step on the whole step's KL (0.9: its error clipped to +0.2), doubled
+    # the proportional step on the whole step's KL (0.9: its error clipped to +0.2), jumped
     assert learner.kl_control.beta == pytest.approx(
-        beta * (1 + 0.2 * metrics["steps"] / learner.kl_control.horizon) * 2)
+        beta * (1 + 0.2 * metrics["steps"] / learner.kl_control.horizon) * factor)
     assert store.live_adapter_version() == (step["adapter_version"]
                                             if status == "promoted" else 0)
 

@@ -100,10 +100,11 @@ def test_adaptive_kl_controller_moves_beta_toward_the_target():
     assert control.update(float("nan")) == pytest.approx(0.05 * 0.98)
 
 
-def test_a_tripped_kl_controller_doubles_beta_within_its_bounds():
+def test_a_tripped_kl_controller_jumps_beta_within_its_bounds():
     control = AdaptiveKLController(beta=0.05, target=0.1, bounds=(0.05, 0.15))
-    assert control.tripped() == pytest.approx(0.1)
-    assert control.tripped() == pytest.approx(0.15)  # the upper bound holds
+    assert control.tripped(1.0) == pytest.approx(0.05)  # the default: no jump
+    assert control.tripped(2.0) == pytest.approx(0.1)
+    assert control.tripped(2.0) == pytest.approx(0.15)  # the upper bound holds
 
 
 def test_running_baseline_lets_both_bad_teach():
