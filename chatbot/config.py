@@ -340,10 +340,10 @@ class Config:
     kl_tripwire: float = field(default=0.5, metadata=setting(
         "reject a candidate whose per-token KL to the base exceeds this (default: {default})",
         "learner", type=float))
-    kl_backtrack: bool = field(default=False, metadata=setting(
+    kl_backtrack: bool = field(default=True, metadata=setting(
         "a candidate whose KL passes --kl-tripwire is not thrown away with its round's votes: "
         "half, then a quarter of its step is tried, and the first under the tripwire goes "
-        "live (default: off)", "learner", kind="switch"))
+        "live (default: on)", "learner", kind="switch"))
     kl_trip_factor: float = field(default=1.0, metadata=setting(
         "multiply the KL coefficient by this when a round's step passes --kl-tripwire, on "
         "top of its proportional step; 1 = the proportional step alone (default: {default})",

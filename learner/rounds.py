@@ -19,15 +19,17 @@ is rejected (or the round fails, or the learner dies during it: checked at start
 the round started from is live again. The cost: one more pass of the policy over
 PREVIEW_KL_REPLIES replies.
 
-Under --kl-backtrack a candidate over the KL tripwire is not rejected outright, which drops
-the first look at its round's votes: like TRPO's line search (Schulman et al. 2015), the
-learner moves its weights back to half, then a quarter of the round's step and checks each in
-turn; the first to pass goes live, and the round's metrics say which (`step_fraction`,
-`kl_full_step`). The KL coefficient follows the whole step's KL, as without it (and jumps by
---kl-trip-factor, steps.PolicyGradient.after_round). The cost: a KL check per fraction tried,
-only in such rounds.
+Under --kl-backtrack (on by default) a candidate over the KL tripwire is not rejected
+outright, which drops the first look at its round's votes: like TRPO's line search (Schulman
+et al. 2015), the learner moves its weights back to half, then a quarter of the round's step
+and checks each in turn; the first to pass goes live, and the round's metrics say which
+(`step_fraction`, `kl_full_step`). The KL coefficient follows the whole step's KL, as without
+it (and jumps by --kl-trip-factor, steps.PolicyGradient.after_round). The cost: a KL check
+per fraction tried, only in such rounds.
 
-Left out: what happens between rounds (learner/worker.py `prepare`, learner/loop.py).
+Left out: what happens between rounds (learner/worker.py `prepare`, learner/loop.py), and a
+way out for a live version that itself sits at the tripwire, from which every fraction of a
+step passes it too (docs/learning.md).
 """
 
 from __future__ import annotations

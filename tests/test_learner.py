@@ -327,6 +327,7 @@ def test_a_round_with_more_new_votes_takes_more_steps(learner_config):
 @pytest.mark.parametrize("kls, fraction, status, factor", [
     ((0.9, 0.6, 0.3), 0.25, "promoted", 1.0),  # half the step is still over: a quarter goes
     ((0.9, 0.8, 0.7), 0.0, "rejected", 2.0),  # none passes: rejected, as without the switch
+    ((0.3,), None, "promoted", 2.0),  # the whole step passes: one check, as without it
 ])
 def test_kl_backtrack_shortens_a_step_over_the_tripwire(learner_config, monkeypatch, kls,
                                                         fraction, status, factor):
@@ -360,8 +361,15 @@ def test_kl_backtrack_shortens_a_step_over_the_tripwire(learner_config, monkeypa
     assert next(read, None) is None, "every fraction up to the one that passed is checked"
     assert step["status"] == status
     metrics = store.adapter(step["adapter_version"])["metrics"]
-    assert (metrics["step_fraction"], metrics["kl_full_step"]) == (fraction, 0.9)
     assert step["kl"] == (0.3 if status == "promoted" else 0.9)
+    if fraction is None:  # nothing to search: no second snapshot, no metrics of it, no jump
+        assert len(snapshots) == 1 and "step_fraction" not in metrics
+        assert learner.kl_control.beta == pytest.approx(
+            beta * (1 + 0.2 * metrics["steps"] / learner.kl_control.horizon))
+        assert not all(torch.equal(a, b) for a, b in
+                       zip(snapshots[0], learner.adapter.parameters())), "the round took a step"
+        return
+    assert (metrics["step_fraction"], metrics["kl_full_step"]) == (fraction, 0.9)
     start, end = snapshots
     assert not all(torch.equal(a, b) for a, b in zip(start, end)), "the round took a step"
     kept = fraction or 1.0  # a rejected candidate keeps its whole step, for the record
